@@ -1,0 +1,252 @@
+//! The wire protocol between the CrowNest host and `crownest-agent`.
+//!
+//! The agent is PID 1 inside every sandbox and the host reaches it over one
+//! bidirectional byte stream: a unix socket for the `oci` runtime, a
+//! virtio-console port for a microVM. The stream carries, in order:
+//!
+//! 1. a **handshake** on the raw bytes ([`handshake`]): the host sends a
+//!    magic-prefixed [`Hello`], the agent answers a magic-prefixed
+//!    [`HelloAck`]. Both sides scan for the magic, so a host that restarts on
+//!    a transport that still holds stale bytes of an earlier session (a serial
+//!    line has no "connect") can resynchronise without a fresh transport.
+//! 2. a **yamux** session (the host is the client). Every logical stream
+//!    (one exec, one file transfer, …) is one yamux stream.
+//! 3. on each logical stream, length-prefixed **frames** ([`frame`]) holding
+//!    postcard-encoded messages: the first frame from the host is an
+//!    [`Open`], the rest depend on what was opened.
+//!
+//! Every frame is bounded by [`MAX_FRAME_LEN`]. The host treats every byte
+//! that comes from the agent as untrusted: decoding never panics and never
+//! allocates more than one bounded frame (see the fuzz target in `fuzz/`).
+
+pub mod frame;
+pub mod handshake;
+
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. Bump on any incompatible change to
+/// a message below; the handshake picks the highest version both sides know.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// The oldest protocol version this build still accepts from its peer.
+pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// Upper bound of one frame's payload, in bytes. Output chunks are split to
+/// fit, so a peer announcing more is broken or hostile.
+pub const MAX_FRAME_LEN: usize = 256 * 1024;
+
+/// Largest data chunk (stdout, stderr, stdin) carried in one frame; leaves
+/// room in [`MAX_FRAME_LEN`] for the message envelope.
+pub const MAX_CHUNK_LEN: usize = 64 * 1024;
+
+/// First message of the session, host to agent, on the raw transport.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Hello {
+    /// Highest protocol version the host speaks.
+    pub max_version: u16,
+    /// Lowest protocol version the host accepts.
+    pub min_version: u16,
+    /// Random per host session; echoed in the ack so that a host scanning a
+    /// reused transport can tell its own ack from a stale one.
+    pub session_nonce: u64,
+}
+
+/// The agent's answer to [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloAck {
+    /// The version both sides will speak from now on.
+    pub version: u16,
+    /// Echo of [`Hello::session_nonce`].
+    pub session_nonce: u64,
+    /// The agent's crate version, for logs.
+    pub agent_version: String,
+    /// Random per agent start: lets the host see that a sandbox rebooted.
+    pub boot_id: u64,
+}
+
+/// Sent by the agent instead of [`HelloAck`] when it cannot speak any version
+/// the host offered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HelloReject {
+    pub session_nonce: u64,
+    pub min_version: u16,
+    pub max_version: u16,
+}
+
+/// What the agent answers on the raw transport after a [`Hello`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum HelloReply {
+    Ack(HelloAck),
+    Reject(HelloReject),
+}
+
+/// The first frame the host writes on a new logical stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Open {
+    /// Liveness and latency probe; the agent answers [`Pong`] and closes.
+    Ping,
+    /// Start a process; the stream then carries [`ExecInput`] from the host
+    /// and [`ExecEvent`] from the agent.
+    Exec(ExecRequest),
+}
+
+/// The agent's answer to [`Open::Ping`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Pong {
+    pub boot_id: u64,
+    /// Processes the agent is supervising right now.
+    pub running: u32,
+}
+
+/// A process to start inside the sandbox.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecRequest {
+    /// argv; `argv[0]` is looked up in `PATH` when it has no slash.
+    pub argv: Vec<String>,
+    /// Working directory inside the sandbox (absolute).
+    pub cwd: String,
+    /// The whole environment of the process (nothing is inherited from the
+    /// agent, which runs with an empty environment).
+    pub env: Vec<(String, String)>,
+    /// Run as this uid/gid; `None` runs as the agent's user (root of the
+    /// sandbox's user namespace).
+    pub user: Option<ExecUser>,
+    /// Kill the process group after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Keep stdin open for [`ExecInput::Stdin`]; otherwise it is /dev/null.
+    pub stdin: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Host to agent, on an exec stream after the [`Open::Exec`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecInput {
+    Stdin(#[serde(with = "serde_bytes")] Vec<u8>),
+    CloseStdin,
+    /// Deliver this signal number to the process group.
+    Signal(i32),
+}
+
+/// Agent to host, on an exec stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ExecEvent {
+    Started {
+        pid: u32,
+    },
+    Stdout(#[serde(with = "serde_bytes")] Vec<u8>),
+    Stderr(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The process ended: `code` when it exited, `signal` when a signal
+    /// killed it. `timed_out` when the agent killed it for its timeout.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        timed_out: bool,
+    },
+    /// The process could not be started (bad cwd, missing binary, …).
+    SpawnFailed {
+        message: String,
+    },
+}
+
+/// Errors of encoding and decoding.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtoError {
+    #[error("frame of {len} bytes exceeds the limit of {max}")]
+    FrameTooLarge { len: usize, max: usize },
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+    #[error("peer speaks protocol versions {min}..={max}, this side {our_min}..={our_max}")]
+    VersionMismatch {
+        min: u16,
+        max: u16,
+        our_min: u16,
+        our_max: u16,
+    },
+    #[error("handshake: {0}")]
+    Handshake(String),
+    #[error("i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Encodes one message as a postcard payload (without the frame header).
+pub fn encode<T: Serialize>(message: &T) -> Result<Vec<u8>, ProtoError> {
+    let bytes = postcard::to_stdvec(message)?;
+    if bytes.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge {
+            len: bytes.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Decodes one message from a frame payload. Trailing bytes are an error: a
+/// frame holds exactly one message.
+pub fn decode<'a, T: Deserialize<'a>>(payload: &'a [u8]) -> Result<T, ProtoError> {
+    if payload.len() > MAX_FRAME_LEN {
+        return Err(ProtoError::FrameTooLarge {
+            len: payload.len(),
+            max: MAX_FRAME_LEN,
+        });
+    }
+    let (message, rest) = postcard::take_from_bytes(payload)?;
+    if !rest.is_empty() {
+        return Err(ProtoError::Malformed(
+            postcard::Error::DeserializeBadEncoding,
+        ));
+    }
+    Ok(message)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exec_event_round_trips() {
+        let events = [
+            ExecEvent::Started { pid: 7 },
+            ExecEvent::Stdout(b"42\n".to_vec()),
+            ExecEvent::Exited {
+                code: Some(3),
+                signal: None,
+                timed_out: false,
+            },
+        ];
+        for event in events {
+            let bytes = encode(&event).expect("encode");
+            assert_eq!(decode::<ExecEvent>(&bytes).expect("decode"), event);
+        }
+    }
+
+    #[test]
+    fn decode_rejects_trailing_bytes() {
+        let mut bytes = encode(&Open::Ping).expect("encode");
+        bytes.push(0);
+        assert!(decode::<Open>(&bytes).is_err());
+    }
+
+    #[test]
+    fn decode_of_arbitrary_bytes_never_panics() {
+        // A cheap deterministic generator; the fuzz target covers this properly.
+        let mut state = 0x2545_f491_4f6c_dd1du64;
+        for len in 0..2048 {
+            let bytes: Vec<u8> = (0..len % 97)
+                .map(|_| {
+                    state ^= state << 13;
+                    state ^= state >> 7;
+                    state ^= state << 17;
+                    state as u8
+                })
+                .collect();
+            let _ = decode::<ExecEvent>(&bytes);
+            let _ = decode::<HelloReply>(&bytes);
+            let _ = decode::<Pong>(&bytes);
+        }
+    }
+}
