@@ -1,0 +1,57 @@
+//! One host session: a yamux server over an already handshaken transport,
+//! dispatching each inbound logical stream by its [`Open`] frame.
+
+use std::future::poll_fn;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use crownest_proto::frame::{read_message, write_message};
+use crownest_proto::{Open, Pong};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+use crate::{Shared, exec};
+
+/// Serves logical streams until the session ends (clean close: `Ok`).
+/// Streams already handed out keep running as tasks; their processes outlive
+/// the session.
+pub async fn serve<T>(io: T, shared: Arc<Shared>) -> Result<(), yamux::ConnectionError>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+{
+    let mut connection =
+        yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Server);
+    loop {
+        match poll_fn(|cx| connection.poll_next_inbound(cx)).await {
+            Some(Ok(stream)) => {
+                tokio::spawn(handle_stream(stream, shared.clone()));
+            }
+            Some(Err(e)) => return Err(e),
+            None => return Ok(()),
+        }
+    }
+}
+
+async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
+    let (mut reader, mut writer) = tokio::io::split(stream.compat());
+    let open = match read_message::<Open, _>(&mut reader).await {
+        Ok(Some(open)) => open,
+        Ok(None) => return,
+        Err(e) => {
+            eprintln!("crownest-agent: bad open frame, dropping stream: {e}");
+            return;
+        }
+    };
+    match open {
+        Open::Ping => {
+            let pong = Pong {
+                boot_id: shared.boot_id,
+                running: shared.running.load(Ordering::Relaxed),
+            };
+            if write_message(&mut writer, &pong).await.is_ok() {
+                let _ = writer.shutdown().await;
+            }
+        }
+        Open::Exec(request) => exec::run(request, reader, writer, shared).await,
+    }
+}
