@@ -1,0 +1,201 @@
+//! Runtime drivers: boot a sandbox (an isolation instance whose PID 1 is
+//! `crownest-agent`), hand back where its agent listens, destroy it, and list
+//! what is running so the host can reconcile after a restart.
+//!
+//! The rest of the host only sees [`Runtime`], [`SandboxSpec`] and
+//! [`Started`]; nothing outside this module builds a runc command line or an
+//! OCI config.
+//!
+//! **Architecture Invariant**: every sandbox runs in its own user namespace
+//! whose root maps to an unprivileged host id range
+//! ([`host_id_base`]`(uid_slot)`, 65536 ids) that no host account and no
+//! other live sandbox uses.
+
+pub mod oci;
+
+use std::path::{Path, PathBuf};
+
+pub use oci::OciRuntime;
+
+/// First host uid/gid handed to sandboxes. Far above normal accounts
+/// (< 60000), `nobody` (65534) and the usual `/etc/subuid` ranges
+/// (100000 + 65536·n for the first few thousand users).
+pub const HOST_ID_BASE: u32 = 1_000_000_000;
+
+/// Ids per sandbox: a full 16-bit range, so every uid a Debian rootfs uses
+/// (0..=65534) is mapped.
+pub const IDS_PER_SANDBOX: u32 = 65_536;
+
+/// Number of distinct uid slots: `HOST_ID_BASE + MAX_UID_SLOTS * 65536` stays
+/// below `u32::MAX` (4294967295, which the kernel reserves as "invalid").
+pub const MAX_UID_SLOTS: u32 = 49_000;
+
+/// Where the agent listens inside every sandbox.
+pub const AGENT_SOCKET_IN_SANDBOX: &str = "/run/crownest/agent.sock";
+
+/// Longest unix socket path `connect(2)` accepts (`sun_path` is 108 bytes,
+/// one of which is the terminating NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// First host uid (and gid) of a slot's range: sandbox root maps to this.
+pub fn host_id_base(uid_slot: u32) -> u32 {
+    HOST_ID_BASE + uid_slot.min(MAX_UID_SLOTS - 1) * IDS_PER_SANDBOX
+}
+
+/// Resource limits of one sandbox (cgroup limits plus the /workspace size).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resources {
+    /// CPU quota in whole CPUs (CFS quota = vcpus × period).
+    pub vcpus: u32,
+    /// Memory limit; swap is disabled (memory+swap = memory).
+    pub memory_mib: u64,
+    /// Maximum number of tasks (processes and threads).
+    pub pids: i64,
+    /// Size of the writable /workspace tmpfs. tmpfs pages are charged to the
+    /// sandbox's memory cgroup, so this is also bounded by `memory_mib`.
+    pub disk_mib: u64,
+}
+
+/// Network policy of a sandbox.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NetworkMode {
+    /// A fresh network namespace with only `lo` (brought up by runc).
+    None,
+}
+
+/// The default unprivileged user commands run as (ids inside the sandbox).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SandboxUser {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Everything a runtime needs to boot one sandbox.
+#[derive(Debug, Clone)]
+pub struct SandboxSpec {
+    /// `sbx_…`; also the runc container id.
+    pub id: String,
+    /// Template rootfs (absolute path), mounted read-only and shared by all
+    /// sandboxes of the template. Every parent directory must be searchable by "others"
+    /// (`o+x`): the user-namespaced container root has to reach it.
+    pub rootfs: PathBuf,
+    /// Per-sandbox directory under the data dir (absolute); the runtime owns its
+    /// content (`bundle/`, `run/`, logs) and removes it on destroy. Keep it
+    /// short: `<state_dir>/run/agent.sock` must fit in [`MAX_SOCKET_PATH`].
+    pub state_dir: PathBuf,
+    /// Host path of the static `crownest-agent`, bind-mounted read-only.
+    pub agent_binary: PathBuf,
+    pub resources: Resources,
+    pub network: NetworkMode,
+    /// Distinct per live sandbox, `< MAX_UID_SLOTS`: host uid/gid range is
+    /// `HOST_ID_BASE + slot * 65536`, size 65536.
+    pub uid_slot: u32,
+    pub user: SandboxUser,
+}
+
+/// What a successful start hands back.
+#[derive(Debug, Clone)]
+pub struct Started {
+    /// Host path of the agent's unix socket (`<state_dir>/run/agent.sock`).
+    /// It appears once the agent is up; the caller polls/connects.
+    pub agent_socket: PathBuf,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error("invalid sandbox id `{id}`: {reason}")]
+    InvalidId { id: String, reason: &'static str },
+    #[error("uid slot {slot} is out of range (max {max})", max = MAX_UID_SLOTS - 1)]
+    InvalidUidSlot { slot: u32 },
+    #[error(
+        "agent socket path {path} is {len} bytes, longer than the unix socket limit of {MAX_SOCKET_PATH}; use a shorter data dir"
+    )]
+    SocketPathTooLong { path: PathBuf, len: usize },
+    #[error(
+        "rootfs {rootfs} is not reachable from the sandbox user namespace: {dir} is not searchable by others (chmod o+x, or keep the rootfs cache elsewhere)"
+    )]
+    RootfsUnreachable { rootfs: PathBuf, dir: PathBuf },
+    #[error("rootfs {path} does not exist or is not a directory")]
+    RootfsMissing { path: PathBuf },
+    #[error("agent binary {path} does not exist")]
+    AgentMissing { path: PathBuf },
+    #[error("container `{id}` already exists")]
+    AlreadyExists { id: String },
+    #[error("cannot build the oci config for `{id}`: {message}")]
+    Config { id: String, message: String },
+    #[error("{action} {path}: {source}")]
+    Io {
+        action: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot run {binary}: {source}")]
+    Spawn {
+        binary: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("`{command}` failed ({status}): {stderr}")]
+    Command {
+        command: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("cannot parse `{command}` output: {message}")]
+    Output { command: String, message: String },
+}
+
+/// A sandbox runtime driver.
+#[async_trait::async_trait]
+pub trait Runtime: Send + Sync {
+    fn name(&self) -> &'static str;
+    /// Boots the sandbox. On error nothing is left behind (no container, no
+    /// state dir).
+    async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError>;
+    /// Idempotent: destroying something already gone is Ok.
+    async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
+    /// Ids of containers this runtime instance owns (for start-up reconciliation).
+    async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+}
+
+/// runc accepts `^[\w+-\.]+$`; we are stricter (no `+`, no leading `-` or
+/// `.`) because the id also names files and cgroups.
+pub(crate) fn validate_id(id: &str) -> Result<(), RuntimeError> {
+    let invalid = |reason| RuntimeError::InvalidId {
+        id: id.to_owned(),
+        reason,
+    };
+    if id.is_empty() || id.len() > 128 {
+        return Err(invalid("must be 1 to 128 characters"));
+    }
+    if !id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || c == '.')
+    {
+        return Err(invalid("only a-z, A-Z, 0-9, '_', '-' and '.' are allowed"));
+    }
+    if id.starts_with(['-', '.']) {
+        return Err(invalid("must not start with '-' or '.'"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_id_ranges_of_slots_do_not_overlap_and_fit_in_u32() {
+        assert_eq!(host_id_base(0), 1_000_000_000);
+        assert_eq!(host_id_base(1) - host_id_base(0), IDS_PER_SANDBOX);
+        let last = u64::from(host_id_base(MAX_UID_SLOTS - 1)) + u64::from(IDS_PER_SANDBOX);
+        assert!(last < u64::from(u32::MAX));
+    }
+
+    #[test]
+    fn ids_that_could_inject_options_or_paths_are_rejected() {
+        assert!(validate_id("sbx_0123abcd").is_ok());
+        for bad in ["", "-rf", "../x", "a/b", "a b", ".hidden"] {
+            assert!(validate_id(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+}

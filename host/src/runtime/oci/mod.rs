@@ -1,0 +1,457 @@
+//! The `oci` runtime: each sandbox is a runc container (any runc-compatible
+//! CLI can be configured) over a bundle in `<state_dir>/bundle`.
+//!
+//! State dir layout (the runtime owns all of it):
+//!
+//! ```text
+//! <state_dir>/bundle/config.json   the OCI config (see bundle.rs)
+//! <state_dir>/run/                 /run/crownest inside; agent.sock appears here
+//! <state_dir>/console.log          PID 1's stdout and stderr
+//! <state_dir>/runc.log             runc's own log (errors end up here)
+//! <state_dir>/container.pid        host pid of PID 1
+//! ```
+//!
+//! Reaping: `runc run -d` exits once the container runs, so PID 1 of the
+//! container is re-parented to the nearest child subreaper, or to host PID 1.
+//! Host PID 1 here is not an init and never reaps, so killed sandboxes would
+//! stay zombies forever. [`OciRuntime::new`] therefore makes this process a
+//! child subreaper, and [`Runtime::destroy`] reaps the container's PID 1
+//! after killing it.
+
+pub mod bundle;
+pub mod runc;
+pub mod seccomp;
+
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::wait::{WaitPidFlag, WaitStatus, waitpid};
+use nix::unistd::Pid;
+
+use self::runc::Runc;
+use super::{
+    MAX_SOCKET_PATH, MAX_UID_SLOTS, Runtime, RuntimeError, SandboxSpec, Started, host_id_base,
+    validate_id,
+};
+
+/// The `oci` runtime driver.
+#[derive(Debug, Clone)]
+pub struct OciRuntime {
+    runc: Runc,
+}
+
+impl OciRuntime {
+    /// `binary` is the OCI runtime CLI (`runc` or a path); `root` is its
+    /// `--root` state dir. Put `root` under the host's data dir: then
+    /// `runc --root <root> list` shows only this host's sandboxes, and two
+    /// hosts with different data dirs never see each other's containers.
+    ///
+    /// Also makes the calling process a child subreaper (see the module
+    /// docs), so that killed sandboxes can be reaped.
+    pub fn new(binary: PathBuf, root: PathBuf) -> Self {
+        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+            tracing::warn!(error = %e, "cannot become a child subreaper; destroyed sandboxes may stay zombies");
+        }
+        Self {
+            runc: Runc { binary, root },
+        }
+    }
+
+    /// Like [`Runtime::start`] but with `args` as PID 1 instead of the agent
+    /// (for tests and diagnostics).
+    pub async fn start_with_init(
+        &self,
+        spec: &SandboxSpec,
+        args: Vec<String>,
+    ) -> Result<Started, RuntimeError> {
+        validate_id(&spec.id)?;
+        if spec.uid_slot >= MAX_UID_SLOTS {
+            return Err(RuntimeError::InvalidUidSlot {
+                slot: spec.uid_slot,
+            });
+        }
+        for (what, path) in [
+            ("rootfs", &spec.rootfs),
+            ("state dir", &spec.state_dir),
+            ("agent binary", &spec.agent_binary),
+        ] {
+            if !path.is_absolute() {
+                return Err(RuntimeError::Config {
+                    id: spec.id.clone(),
+                    message: format!("{what} {} is not an absolute path", path.display()),
+                });
+            }
+        }
+        let agent_socket = spec.state_dir.join("run").join("agent.sock");
+        let len = agent_socket.as_os_str().len();
+        if len > MAX_SOCKET_PATH {
+            return Err(RuntimeError::SocketPathTooLong {
+                path: agent_socket,
+                len,
+            });
+        }
+        if !spec.rootfs.is_dir() {
+            return Err(RuntimeError::RootfsMissing {
+                path: spec.rootfs.clone(),
+            });
+        }
+        check_reachable(&spec.rootfs)?;
+        if !spec.agent_binary.is_file() {
+            return Err(RuntimeError::AgentMissing {
+                path: spec.agent_binary.clone(),
+            });
+        }
+        // Never touch a container (or state dir) we did not create here.
+        if self.exists(&spec.id).await? {
+            return Err(RuntimeError::AlreadyExists {
+                id: spec.id.clone(),
+            });
+        }
+        let config = bundle::config(spec, args)?;
+
+        let result = self.create_and_run(spec, &config).await;
+        if let Err(e) = result {
+            // Leave nothing half-done: no container, no state dir.
+            if let Err(cleanup) = self.destroy(&spec.id, &spec.state_dir).await {
+                tracing::warn!(id = %spec.id, error = %cleanup, "cleanup after failed start failed");
+            }
+            return Err(e);
+        }
+        Ok(Started { agent_socket })
+    }
+
+    async fn create_and_run(
+        &self,
+        spec: &SandboxSpec,
+        config: &oci_spec::runtime::Spec,
+    ) -> Result<(), RuntimeError> {
+        let io = |action, path: &Path| {
+            let path = path.to_owned();
+            move |source| RuntimeError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let bundle_dir = spec.state_dir.join("bundle");
+        let run_dir = spec.state_dir.join("run");
+        std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create", &bundle_dir))?;
+        std::fs::create_dir_all(&run_dir).map_err(io("cannot create", &run_dir))?;
+        // The agent runs as the sandbox's root, an unprivileged host uid:
+        // give it the run dir so it can create its socket there.
+        let root_id = host_id_base(spec.uid_slot);
+        std::os::unix::fs::chown(&run_dir, Some(root_id), Some(root_id))
+            .map_err(io("cannot chown", &run_dir))?;
+        std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o750))
+            .map_err(io("cannot chmod", &run_dir))?;
+        std::fs::create_dir_all(&self.runc.root).map_err(io("cannot create", &self.runc.root))?;
+        bundle::write(&bundle_dir, config)?;
+
+        let console_path = spec.state_dir.join("console.log");
+        let console = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&console_path)
+            .map_err(io("cannot open", &console_path))?;
+        self.runc
+            .run_detached(
+                &spec.id,
+                &bundle_dir,
+                &spec.state_dir.join("container.pid"),
+                &spec.state_dir.join("runc.log"),
+                console,
+            )
+            .await
+            .map_err(|e| match e {
+                RuntimeError::Command {
+                    command,
+                    status,
+                    stderr,
+                } => {
+                    let console = std::fs::read_to_string(&console_path).unwrap_or_default();
+                    let console = console.trim();
+                    let stderr = if console.is_empty() || stderr.contains(console) {
+                        stderr
+                    } else {
+                        format!("{stderr}; console: {console}")
+                    };
+                    RuntimeError::Command {
+                        command,
+                        status,
+                        stderr,
+                    }
+                }
+                other => other,
+            })
+    }
+
+    async fn exists(&self, id: &str) -> Result<bool, RuntimeError> {
+        Ok(self.state_pid(id).await?.is_some())
+    }
+
+    /// `Some(pid)` (0 when stopped) if runc knows the container.
+    async fn state_pid(&self, id: &str) -> Result<Option<i32>, RuntimeError> {
+        let out = self.runc.run(&["state", id]).await?;
+        if !out.success {
+            return Ok(None);
+        }
+        let state: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| RuntimeError::Output {
+                command: format!("runc state {id}"),
+                message: e.to_string(),
+            })?;
+        let pid = state["pid"]
+            .as_i64()
+            .and_then(|p| i32::try_from(p).ok())
+            .unwrap_or(0);
+        Ok(Some(pid))
+    }
+}
+
+#[async_trait::async_trait]
+impl Runtime for OciRuntime {
+    fn name(&self) -> &'static str {
+        "oci"
+    }
+
+    async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError> {
+        self.start_with_init(spec, bundle::agent_args()).await
+    }
+
+    async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
+        validate_id(id)?;
+        if let Some(pid) = self.state_pid(id).await? {
+            // "container not running" and friends are fine: delete --force
+            // below is what must succeed.
+            let _ = self.runc.run(&["kill", id, "KILL"]).await?;
+            if pid > 0 {
+                reap(Pid::from_raw(pid)).await;
+            } else if let Some(pid) = read_pid_file(&state_dir.join("container.pid")) {
+                // PID 1 exited on its own: reap its zombie if it is ours.
+                let _ = waitpid(pid, Some(WaitPidFlag::WNOHANG));
+            }
+            let out = self.runc.run(&["delete", "--force", id]).await?;
+            if !out.success && !out.stderr.contains("does not exist") {
+                return Err(RuntimeError::Command {
+                    command: format!("runc delete --force {id}"),
+                    status: out.status,
+                    stderr: out.stderr,
+                });
+            }
+        }
+        match std::fs::remove_dir_all(state_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(RuntimeError::Io {
+                action: "cannot remove",
+                path: state_dir.to_owned(),
+                source: e,
+            }),
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<String>, RuntimeError> {
+        if !self.runc.root.exists() {
+            return Ok(Vec::new());
+        }
+        let out = self.runc.run_ok(&["list", "--format", "json"]).await?;
+        // runc prints `null` when there are no containers.
+        let entries: Option<Vec<serde_json::Value>> =
+            serde_json::from_str(&out.stdout).map_err(|e| RuntimeError::Output {
+                command: "runc list --format json".to_owned(),
+                message: e.to_string(),
+            })?;
+        Ok(entries
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|c| c["id"].as_str().map(str::to_owned))
+            .collect())
+    }
+}
+
+/// Waits (up to 5 s) for the killed container init `pid` to exit and reaps
+/// it if it is our child (we are a subreaper; see the module docs). A pid
+/// that is not our child (e.g. a container of a previous host process) is
+/// left alone.
+async fn reap(pid: Pid) {
+    for _ in 0..100 {
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => tokio::time::sleep(Duration::from_millis(50)).await,
+            // Exited and reaped, not our child, or gone: nothing left to do.
+            Ok(_) | Err(_) => return,
+        }
+    }
+    tracing::warn!(
+        pid = pid.as_raw(),
+        "container init did not exit within 5 s of SIGKILL"
+    );
+}
+
+fn read_pid_file(path: &Path) -> Option<Pid> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let pid: i32 = text.trim().parse().ok()?;
+    (pid > 1).then(|| Pid::from_raw(pid))
+}
+
+/// The container's root (an unprivileged host uid) must be able to walk to
+/// the rootfs: runc bind-mounts it from inside the user namespace.
+fn check_reachable(rootfs: &Path) -> Result<(), RuntimeError> {
+    for dir in rootfs.ancestors() {
+        let Ok(meta) = std::fs::metadata(dir) else {
+            continue;
+        };
+        if meta.permissions().mode() & 0o001 == 0 {
+            return Err(RuntimeError::RootfsUnreachable {
+                rootfs: rootfs.to_owned(),
+                dir: dir.to_owned(),
+            });
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::rootfs::tests::{test_cache, tiny_template};
+    use crate::runtime::{NetworkMode, Resources, SandboxUser};
+
+    struct Fixture {
+        runtime: OciRuntime,
+        spec: SandboxSpec,
+        _dir: tempfile::TempDir,
+    }
+
+    /// A real runc runtime with its own `--root`, the tiny rootfs (built
+    /// when absent) and, as "agent", a script that ignores its arguments
+    /// and sleeps: the real agent is tested end to end elsewhere.
+    async fn fixture(name: &str, agent_script: &str, agent_mode: u32) -> Fixture {
+        let rootfs = test_cache()
+            .build(&tiny_template(), false)
+            .await
+            .expect("tiny rootfs");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let agent = dir.path().join("agent");
+        std::fs::write(&agent, agent_script).expect("write agent");
+        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(agent_mode))
+            .expect("chmod agent");
+        let pid = std::process::id();
+        let spec = SandboxSpec {
+            id: format!("sbx_{name}{pid}"),
+            rootfs,
+            state_dir: dir.path().join("sandboxes").join(name),
+            agent_binary: agent,
+            resources: Resources {
+                vcpus: 1,
+                memory_mib: 128,
+                pids: 64,
+                disk_mib: 16,
+            },
+            network: NetworkMode::None,
+            uid_slot: 40_000 + pid % 4_000,
+            user: SandboxUser {
+                uid: 1000,
+                gid: 1000,
+            },
+        };
+        let runtime = OciRuntime::new(PathBuf::from("runc"), dir.path().join("runc"));
+        Fixture {
+            runtime,
+            spec,
+            _dir: dir,
+        }
+    }
+
+    fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
+        ["memory", "pids", "cpu", "devices"]
+            .iter()
+            .map(|c| {
+                Path::new("/sys/fs/cgroup")
+                    .join(c)
+                    .join("crownest")
+                    .join(id)
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn started_sandbox_is_listed_and_destroy_leaves_nothing() {
+        let f = fixture("life", "#!/bin/sh\nexec sleep 1000\n", 0o755).await;
+
+        let started = f.runtime.start(&f.spec).await.expect("start");
+
+        assert_eq!(
+            started.agent_socket,
+            f.spec.state_dir.join("run/agent.sock")
+        );
+        assert_eq!(
+            f.runtime.list().await.expect("list"),
+            vec![f.spec.id.clone()]
+        );
+        let pid = read_pid_file(&f.spec.state_dir.join("container.pid")).expect("pid file");
+        let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).expect("uid_map");
+        let fields: Vec<u64> = uid_map
+            .split_whitespace()
+            .map(|n| n.parse().expect("number"))
+            .collect();
+        assert_eq!(
+            fields,
+            [0, u64::from(host_id_base(f.spec.uid_slot)), 65_536]
+        );
+        assert!(cgroup_dirs(&f.spec.id).iter().any(|d| d.is_dir()));
+
+        f.runtime
+            .destroy(&f.spec.id, &f.spec.state_dir)
+            .await
+            .expect("destroy");
+
+        assert!(f.runtime.list().await.expect("list").is_empty());
+        assert!(!f.spec.state_dir.exists());
+        for d in cgroup_dirs(&f.spec.id) {
+            assert!(!d.exists(), "{} left behind", d.display());
+        }
+        // Reaped, not a zombie (we are a subreaper).
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+        // Idempotent.
+        f.runtime
+            .destroy(&f.spec.id, &f.spec.state_dir)
+            .await
+            .expect("destroy again");
+    }
+
+    #[tokio::test]
+    async fn failed_start_returns_runc_error_and_leaves_nothing() {
+        // Not executable: runc fails to exec PID 1.
+        let f = fixture("fail", "#!/bin/sh\nexec sleep 1000\n", 0o644).await;
+
+        let err = f.runtime.start(&f.spec).await.expect_err("start must fail");
+
+        assert!(matches!(err, RuntimeError::Command { .. }), "{err}");
+        assert!(err.to_string().contains("permission denied"), "{err}");
+        assert!(f.runtime.list().await.expect("list").is_empty());
+        assert!(!f.spec.state_dir.exists());
+    }
+
+    #[tokio::test]
+    async fn start_refuses_an_unreachable_rootfs_and_a_long_socket_path() {
+        let mut f = fixture("bad", "#!/bin/sh\n", 0o755).await;
+        let private = f._dir.path().join("private");
+        std::fs::create_dir_all(private.join("rootfs")).expect("mkdir");
+        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
+        let mut spec = f.spec.clone();
+        spec.rootfs = private.join("rootfs");
+        let err = f.runtime.start(&spec).await.expect_err("unreachable");
+        assert!(
+            matches!(err, RuntimeError::RootfsUnreachable { .. }),
+            "{err}"
+        );
+
+        f.spec.state_dir = PathBuf::from(format!("/tmp/{}", "x".repeat(100)));
+        let err = f.runtime.start(&f.spec).await.expect_err("too long");
+        assert!(
+            matches!(err, RuntimeError::SocketPathTooLong { .. }),
+            "{err}"
+        );
+    }
+}
