@@ -1,0 +1,400 @@
+//! The host's client of `crownest-agent`, the PID 1 of every sandbox.
+//!
+//! One [`AgentClient`] per sandbox connection: it runs the handshake
+//! (`crownest_proto::handshake`), then a yamux client session whose
+//! connection is owned by one driver task. The driver opens outbound streams
+//! on request and rejects inbound ones (the agent never opens streams). Each
+//! operation is one logical stream: [`AgentClient::ping`], or
+//! [`AgentClient::exec`] which yields an [`ExecSession`] (events from the
+//! agent) and a cloneable [`ExecInput`] (stdin and signals to it).
+//!
+//! **Architecture Invariant:** nothing from the agent is trusted. Frames are
+//! bounded by `MAX_FRAME_LEN` before any allocation, a frame that does not
+//! decode ends that logical stream with [`AgentError::Protocol`], and no byte
+//! from the agent can panic the host.
+
+use std::future::poll_fn;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::Poll;
+use std::time::Duration;
+
+use crownest_proto::frame::{FrameDecoder, write_message};
+use crownest_proto::handshake::host_handshake;
+use crownest_proto::{ExecEvent, ExecRequest, MAX_CHUNK_LEN, Open, Pong, ProtoError};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
+
+#[cfg(test)]
+mod tests;
+
+/// How long to wait between attempts while the agent's socket does not
+/// accept connections yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+/// Failures talking to an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("cannot connect to agent socket {path}: {source}")]
+    Connect {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("agent handshake failed: {0}")]
+    Handshake(ProtoError),
+    #[error("agent connection closed")]
+    Closed,
+    #[error("agent protocol violation: {0}")]
+    Protocol(String),
+    #[error("timed out waiting for the agent")]
+    Timeout,
+    #[error("request cannot be sent to the agent: {0}")]
+    InvalidRequest(String),
+    #[error("agent i/o: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl AgentError {
+    /// Maps an error of writing to the agent.
+    fn from_write(error: ProtoError) -> Self {
+        match error {
+            ProtoError::Io(e) => Self::Io(e),
+            other => Self::InvalidRequest(other.to_string()),
+        }
+    }
+
+    /// Maps an error of reading from the agent.
+    fn from_read(error: ProtoError) -> Self {
+        match error {
+            ProtoError::Io(e) => Self::Io(e),
+            other => Self::Protocol(other.to_string()),
+        }
+    }
+}
+
+type StreamReader = ReadHalf<Compat<yamux::Stream>>;
+type StreamWriter = WriteHalf<Compat<yamux::Stream>>;
+
+/// A request to the driver for a new outbound stream.
+type OpenRequest = oneshot::Sender<Result<yamux::Stream, AgentError>>;
+
+/// A connected, handshaken agent. Cheap to clone.
+#[derive(Clone)]
+pub struct AgentClient {
+    inner: Arc<Inner>,
+}
+
+/// Shared by the client's clones and by every open [`ExecSession`] and
+/// [`ExecInput`]: the driver keeps the connection up while any holds it.
+struct Inner {
+    boot_id: u64,
+    agent_version: String,
+    opener: mpsc::UnboundedSender<OpenRequest>,
+    /// Set by the driver when the connection ended.
+    closed: Arc<AtomicBool>,
+}
+
+impl std::fmt::Debug for AgentClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentClient")
+            .field("boot_id", &self.inner.boot_id)
+            .field("agent_version", &self.inner.agent_version)
+            .field("closed", &self.is_closed())
+            .finish()
+    }
+}
+
+impl AgentClient {
+    /// Connects to the agent's unix socket, retrying (socket may not exist yet / refuse) until `timeout`, then handshakes.
+    pub async fn connect_unix(path: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let stream = loop {
+            match tokio::net::UnixStream::connect(path).await {
+                Ok(stream) => break stream,
+                Err(source) => {
+                    if tokio::time::Instant::now() + CONNECT_RETRY >= deadline {
+                        return Err(AgentError::Connect {
+                            path: path.to_owned(),
+                            source,
+                        });
+                    }
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+            }
+        };
+        tokio::time::timeout_at(deadline, Self::connect(stream))
+            .await
+            .map_err(|_| AgentError::Timeout)?
+    }
+
+    /// Handshake + yamux over any transport (serial, tests).
+    pub async fn connect<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        mut transport: T,
+    ) -> Result<AgentClient, AgentError> {
+        let nonce: u64 = rand::random();
+        let ack = host_handshake(&mut transport, nonce)
+            .await
+            .map_err(AgentError::Handshake)?;
+        let connection = yamux::Connection::new(
+            transport.compat(),
+            yamux::Config::default(),
+            yamux::Mode::Client,
+        );
+        let (opener, requests) = mpsc::unbounded_channel();
+        let closed = Arc::new(AtomicBool::new(false));
+        tokio::spawn(drive(connection, requests, closed.clone()));
+        Ok(AgentClient {
+            inner: Arc::new(Inner {
+                boot_id: ack.boot_id,
+                agent_version: ack.agent_version,
+                opener,
+                closed,
+            }),
+        })
+    }
+
+    /// Random per agent start: a change means the sandbox rebooted.
+    pub fn boot_id(&self) -> u64 {
+        self.inner.boot_id
+    }
+
+    /// The agent's crate version, for logs.
+    pub fn agent_version(&self) -> &str {
+        &self.inner.agent_version
+    }
+
+    /// Round trip to the agent; also reports how many processes it runs.
+    pub async fn ping(&self) -> Result<Pong, AgentError> {
+        let (mut reader, _writer) = self.open(&Open::Ping).await?;
+        let mut frames = FrameReader::default();
+        let payload = frames.next(&mut reader).await?.ok_or(AgentError::Closed)?;
+        crownest_proto::decode(&payload).map_err(AgentError::from_read)
+    }
+
+    /// Starts a process in the sandbox.
+    pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
+        let (reader, writer) = self.open(&Open::Exec(request)).await?;
+        Ok(ExecSession {
+            reader,
+            frames: FrameReader::default(),
+            done: false,
+            input: ExecInput {
+                writer: Arc::new(Mutex::new(writer)),
+                _client: self.inner.clone(),
+            },
+        })
+    }
+
+    /// Whether the connection to the agent has ended (a new client is needed).
+    pub fn is_closed(&self) -> bool {
+        self.inner.closed.load(Ordering::Acquire)
+    }
+
+    /// Opens a logical stream and writes its `Open` frame.
+    async fn open(&self, open: &Open) -> Result<(StreamReader, StreamWriter), AgentError> {
+        let (tx, rx) = oneshot::channel();
+        self.inner.opener.send(tx).map_err(|_| AgentError::Closed)?;
+        let stream = rx.await.map_err(|_| AgentError::Closed)??;
+        let (reader, mut writer) = tokio::io::split(stream.compat());
+        write_message(&mut writer, open)
+            .await
+            .map_err(AgentError::from_write)?;
+        Ok((reader, writer))
+    }
+}
+
+/// Why the driver stopped.
+enum DriveEnd {
+    /// Every client, session and input handle is gone.
+    Unused,
+    /// The agent closed the connection or it broke.
+    Ended(Option<yamux::ConnectionError>),
+}
+
+/// Owns the yamux connection: opens outbound streams on request, drops
+/// inbound ones, and keeps polling so that every stream makes progress.
+async fn drive<T>(
+    mut connection: yamux::Connection<T>,
+    mut requests: mpsc::UnboundedReceiver<OpenRequest>,
+    closed: Arc<AtomicBool>,
+) where
+    T: futures::AsyncRead + futures::AsyncWrite + Unpin,
+{
+    let mut pending: Option<OpenRequest> = None;
+    let end = poll_fn(|cx| {
+        loop {
+            if pending.is_none() {
+                match requests.poll_recv(cx) {
+                    Poll::Ready(Some(request)) => pending = Some(request),
+                    Poll::Ready(None) => return Poll::Ready(DriveEnd::Unused),
+                    Poll::Pending => {}
+                }
+            }
+            let Some(request) = pending.take() else {
+                break;
+            };
+            if request.is_closed() {
+                continue;
+            }
+            match connection.poll_new_outbound(cx) {
+                Poll::Ready(Ok(stream)) => {
+                    // The requester may have given up; the stream then drops.
+                    let _ = request.send(Ok(stream));
+                }
+                Poll::Ready(Err(e)) => {
+                    let _ = request.send(Err(AgentError::Closed));
+                    return Poll::Ready(DriveEnd::Ended(Some(e)));
+                }
+                Poll::Pending => {
+                    pending = Some(request);
+                    break;
+                }
+            }
+        }
+        loop {
+            match connection.poll_next_inbound(cx) {
+                // The agent never opens streams: drop (reset) any it tries.
+                Poll::Ready(Some(Ok(_inbound))) => continue,
+                Poll::Ready(Some(Err(e))) => return Poll::Ready(DriveEnd::Ended(Some(e))),
+                Poll::Ready(None) => return Poll::Ready(DriveEnd::Ended(None)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    })
+    .await;
+    closed.store(true, Ordering::Release);
+    if let Some(request) = pending {
+        let _ = request.send(Err(AgentError::Closed));
+    }
+    requests.close();
+    while let Ok(request) = requests.try_recv() {
+        let _ = request.send(Err(AgentError::Closed));
+    }
+    match end {
+        DriveEnd::Unused => {
+            let close = poll_fn(|cx| connection.poll_close(cx));
+            let _ = tokio::time::timeout(Duration::from_secs(1), close).await;
+        }
+        DriveEnd::Ended(Some(e)) => tracing::debug!(error = %e, "agent connection ended"),
+        DriveEnd::Ended(None) => tracing::debug!("agent connection closed"),
+    }
+}
+
+/// Cancel-safe reading of bounded frames from a logical stream.
+#[derive(Default)]
+struct FrameReader {
+    decoder: FrameDecoder,
+}
+
+impl FrameReader {
+    /// Next payload; `Ok(None)` at the end of the stream.
+    async fn next(&mut self, reader: &mut StreamReader) -> Result<Option<Vec<u8>>, AgentError> {
+        let mut buf = [0u8; 16 * 1024];
+        loop {
+            if let Some(payload) = self
+                .decoder
+                .next_frame()
+                .map_err(|e| AgentError::Protocol(e.to_string()))?
+            {
+                return Ok(Some(payload));
+            }
+            // Cancel safety: bytes are only consumed into `decoder`, which
+            // outlives this future.
+            let n = reader.read(&mut buf).await?;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.decoder.push(&buf[..n]);
+        }
+    }
+}
+
+/// A running process: events from the agent, in order.
+pub struct ExecSession {
+    reader: StreamReader,
+    frames: FrameReader,
+    /// Set after the last event (or an error): later calls return `None`.
+    done: bool,
+    input: ExecInput,
+}
+
+impl ExecSession {
+    /// A cloneable handle for stdin and signals, usable while
+    /// [`ExecSession::next_event`] is being awaited.
+    pub fn input(&self) -> ExecInput {
+        self.input.clone()
+    }
+
+    /// Next event from the agent; None after Exited/SpawnFailed or when the stream ends.
+    ///
+    /// Cancel safe: dropping the future loses no event.
+    pub async fn next_event(&mut self) -> Option<Result<ExecEvent, AgentError>> {
+        if self.done {
+            return None;
+        }
+        let result = match self.frames.next(&mut self.reader).await {
+            Ok(Some(payload)) => {
+                crownest_proto::decode::<ExecEvent>(&payload).map_err(AgentError::from_read)
+            }
+            Ok(None) => {
+                self.done = true;
+                return None;
+            }
+            Err(e) => Err(e),
+        };
+        match &result {
+            Ok(ExecEvent::Exited { .. } | ExecEvent::SpawnFailed { .. }) | Err(_) => {
+                self.done = true;
+            }
+            Ok(_) => {}
+        }
+        Some(result)
+    }
+}
+
+/// Sends stdin and signals to a running process. Cheap to clone.
+#[derive(Clone)]
+pub struct ExecInput {
+    writer: Arc<Mutex<StreamWriter>>,
+    /// Keeps the connection driver alive while input may still be sent.
+    _client: Arc<Inner>,
+}
+
+impl ExecInput {
+    /// Writes bytes to the process's stdin (the request must have set
+    /// `stdin`); large writes are split into bounded frames.
+    pub async fn stdin(&self, bytes: Vec<u8>) -> Result<(), AgentError> {
+        let mut writer = self.writer.lock().await;
+        if bytes.len() <= MAX_CHUNK_LEN {
+            return write_message(&mut *writer, &crownest_proto::ExecInput::Stdin(bytes))
+                .await
+                .map_err(AgentError::from_write);
+        }
+        for chunk in bytes.chunks(MAX_CHUNK_LEN) {
+            let message = crownest_proto::ExecInput::Stdin(chunk.to_vec());
+            write_message(&mut *writer, &message)
+                .await
+                .map_err(AgentError::from_write)?;
+        }
+        Ok(())
+    }
+
+    /// Closes the process's stdin once the bytes sent before are written.
+    pub async fn close_stdin(&self) -> Result<(), AgentError> {
+        self.send(&crownest_proto::ExecInput::CloseStdin).await
+    }
+
+    /// Delivers a signal (by number) to the process's process group.
+    pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
+        self.send(&crownest_proto::ExecInput::Signal(signal)).await
+    }
+
+    async fn send(&self, message: &crownest_proto::ExecInput) -> Result<(), AgentError> {
+        let mut writer = self.writer.lock().await;
+        write_message(&mut *writer, message)
+            .await
+            .map_err(AgentError::from_write)
+    }
+}

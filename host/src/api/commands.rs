@@ -1,0 +1,362 @@
+//! `/v1/sandboxes/{id}/commands`: run (blocking or background), read, list,
+//! stream logs over SSE with resume, stdin, signals, cancel.
+
+use std::convert::Infallible;
+
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
+use futures::Stream;
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::ErrorEnvelope;
+use super::pagination::{Page, PageQuery};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
+use crate::clock::rfc3339;
+use crate::core::commands::parse_signal;
+use crate::core::{LogEvent, RunCommand};
+use crate::store::{CommandRow, Cursor};
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(run_command, list_commands))
+        .routes(routes!(get_command))
+        .routes(routes!(command_logs))
+        .routes(routes!(command_stdin))
+        .routes(routes!(command_signal))
+        .routes(routes!(cancel_command))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct RunCommandBody {
+    /// Shell command line, run with `/bin/sh -c`.
+    pub command: String,
+    /// Working directory; relative paths are under /workspace (the default).
+    pub cwd: Option<String>,
+    /// Extra environment variables.
+    pub env: Option<std::collections::BTreeMap<String, String>>,
+    /// Kill the command after this many milliseconds (status `timed_out`).
+    pub timeout_ms: Option<i64>,
+    /// Return as soon as the command started instead of when it ended.
+    #[serde(default)]
+    pub background: bool,
+    /// Keep stdin open for `POST …/stdin` (otherwise it reads /dev/null).
+    #[serde(default)]
+    pub stdin: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CommandView {
+    /// `cmd_…`
+    pub id: String,
+    pub sandbox_id: String,
+    pub command: String,
+    pub cwd: String,
+    pub background: bool,
+    /// `running`, `completed` (any exit code), `failed` (could not run or
+    /// the sandbox went away), `timed_out` or `canceled`.
+    pub status: String,
+    /// Exit code when the process exited; null while running or when a
+    /// signal ended it.
+    pub exit_code: Option<i64>,
+    /// The signal that ended the process, if one did.
+    pub signal: Option<i64>,
+    /// Output (the tail when it exceeded the per-command limit).
+    pub stdout: String,
+    pub stderr: String,
+    /// True when the front of stdout was dropped to stay within the limit.
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_dropped_bytes: i64,
+    pub stderr_dropped_bytes: i64,
+    pub timeout_ms: Option<i64>,
+    pub created_at: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    pub cancel_requested_at: Option<String>,
+    /// Why the command failed, timed out or could not start.
+    pub error: Option<String>,
+}
+
+fn render(row: CommandRow) -> CommandView {
+    CommandView {
+        id: row.id,
+        sandbox_id: row.sandbox_id,
+        command: row.command,
+        cwd: row.cwd,
+        background: row.background,
+        status: row.status,
+        exit_code: row.exit_code,
+        signal: row.signal,
+        stdout: String::from_utf8_lossy(&row.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&row.stderr).into_owned(),
+        stdout_truncated: row.stdout_dropped > 0,
+        stderr_truncated: row.stderr_dropped > 0,
+        stdout_dropped_bytes: row.stdout_dropped,
+        stderr_dropped_bytes: row.stderr_dropped,
+        timeout_ms: row.timeout_ms,
+        created_at: rfc3339(row.created_at),
+        started_at: row.started_at.map(rfc3339),
+        ended_at: row.ended_at.map(rfc3339),
+        cancel_requested_at: row.cancel_requested_at.map(rfc3339),
+        error: row.error,
+    }
+}
+
+/// Runs a command. Blocks until it ends unless `background` is true. A
+/// non-zero exit is a result (200), not an error. Scope `commands:run`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = RunCommandBody,
+    responses(
+        (status = 200, description = "ended (or started, for background)", body = CommandView),
+        (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope)))]
+async fn run_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<RunCommandBody>,
+) -> Result<ApiJson<CommandView>, ApiError> {
+    let principal = caller.require("commands:run")?;
+    let request = RunCommand {
+        command: body.command,
+        cwd: body.cwd,
+        env: body.env.unwrap_or_default().into_iter().collect(),
+        timeout_ms: body.timeout_ms,
+        background: body.background,
+        stdin: body.stdin,
+    };
+    let row = state.host.run_command(principal, &id, request).await?;
+    Ok(ApiJson(render(row)))
+}
+
+/// Commands of a sandbox, newest first. Scope `commands:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), PageQuery),
+    responses((status = 200, body = Page<CommandView>), (status = 404, body = ErrorEnvelope)))]
+async fn list_commands(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PageQuery>,
+) -> Result<ApiJson<Page<CommandView>>, ApiError> {
+    let principal = caller.require("commands:read")?;
+    let limit = query.limit()?;
+    let rows = state
+        .host
+        .list_commands(principal, &id, query.cursor()?, limit + 1)
+        .await?;
+    Ok(ApiJson(Page::from_rows(
+        rows,
+        limit,
+        |r| Cursor {
+            created_at: r.created_at,
+            id: r.id.clone(),
+        },
+        render,
+    )))
+}
+
+/// One command record. Scope `commands:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{command_id}", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), ("command_id" = String, Path, description = "command id")),
+    responses((status = 200, body = CommandView), (status = 404, body = ErrorEnvelope)))]
+async fn get_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, command_id)): ApiPath<(String, String)>,
+) -> Result<ApiJson<CommandView>, ApiError> {
+    let principal = caller.require("commands:read")?;
+    let row = state.host.get_command(principal, &id, &command_id).await?;
+    Ok(ApiJson(render(row)))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LogQuery {
+    /// Resume after this event id (same as the `Last-Event-ID` header).
+    pub after: Option<i64>,
+}
+
+/// Streams a command's log as server-sent events: `stdout` and `stderr`
+/// events carry `{"data": text}`, the final `exit` event carries
+/// `{"status","exitCode","signal","error"}`. Every event has an id; send
+/// `Last-Event-ID` (or `?after=`) to resume without loss or repeats. A
+/// finished command's recorded log is replayed. Scope `commands:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/commands/{command_id}/logs", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), ("command_id" = String, Path, description = "command id"), LogQuery,
+        ("Last-Event-ID" = Option<String>, Header, description = "resume after this event id")),
+    responses((status = 200, content_type = "text/event-stream", description = "SSE stream"), (status = 404, body = ErrorEnvelope)))]
+async fn command_logs(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiPath((id, command_id)): ApiPath<(String, String)>,
+    ApiQuery(query): ApiQuery<LogQuery>,
+) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
+    let principal = caller.require("commands:read")?;
+    let header = match headers.get("last-event-id") {
+        None => None,
+        Some(value) => Some(
+            value
+                .to_str()
+                .ok()
+                .and_then(|v| v.trim().parse::<i64>().ok())
+                .filter(|n| *n >= 0)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "Last-Event-ID",
+                        "Last-Event-ID must be an event id this stream sent",
+                    )
+                })?,
+        ),
+    };
+    let after = match (header, query.after) {
+        (_, Some(n)) if n < 0 => return Err(ApiError::invalid("after", "after must be >= 0")),
+        (Some(h), Some(q)) => h.max(q),
+        (h, q) => h.or(q).unwrap_or(0),
+    };
+    let log = state
+        .host
+        .command_log(principal, &id, &command_id, after)
+        .await?;
+    let stream = tokio_stream::wrappers::ReceiverStream::new(log);
+    let events = futures::StreamExt::map(stream, |item| {
+        Ok::<_, Infallible>(match item {
+            Ok(event) => sse_event(event),
+            Err(e) => {
+                let error = ApiError::from(e);
+                Event::default()
+                    .event("error")
+                    .json_data(serde_json::json!({ "code": error.code, "message": error.message }))
+                    .unwrap_or_default()
+            }
+        })
+    });
+    Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(super::SSE_KEEPALIVE)))
+}
+
+fn sse_event(event: LogEvent) -> Event {
+    let data = if event.kind == "exit" {
+        serde_json::from_slice(&event.data).unwrap_or(serde_json::Value::Null)
+    } else {
+        serde_json::json!({ "data": String::from_utf8_lossy(&event.data) })
+    };
+    Event::default()
+        .id(event.seq.to_string())
+        .event(event.kind)
+        .json_data(data)
+        .unwrap_or_default()
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StdinBody {
+    /// Text to write to stdin.
+    pub data: Option<String>,
+    /// Bytes to write, base64-encoded (instead of `data`).
+    pub data_base64: Option<String>,
+    /// Close stdin after writing.
+    #[serde(default)]
+    pub close: bool,
+}
+
+/// Writes to a running command's stdin (started with `"stdin": true`).
+/// Scope `commands:run`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{command_id}/stdin", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), ("command_id" = String, Path, description = "command id")),
+    request_body = StdinBody,
+    responses((status = 200, body = CommandView), (status = 409, description = "command_not_running, stdin_not_open", body = ErrorEnvelope)))]
+async fn command_stdin(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, command_id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<StdinBody>,
+) -> Result<ApiJson<CommandView>, ApiError> {
+    let principal = caller.require("commands:run")?;
+    let data = match (body.data, body.data_base64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::invalid(
+                "data",
+                "send either data or dataBase64, not both",
+            ));
+        }
+        (Some(text), None) => text.into_bytes(),
+        (None, Some(encoded)) => BASE64
+            .decode(encoded.as_bytes())
+            .map_err(|_| ApiError::invalid("dataBase64", "dataBase64 is not valid base64"))?,
+        (None, None) => Vec::new(),
+    };
+    let row = state
+        .host
+        .command_stdin(principal, &id, &command_id, data, body.close)
+        .await?;
+    Ok(ApiJson(render(row)))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct SignalBody {
+    /// Signal name (`SIGTERM`, `TERM`) or number. Allowed: SIGHUP, SIGINT,
+    /// SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2, SIGTERM, SIGCONT, SIGSTOP,
+    /// SIGTSTP, SIGWINCH.
+    #[schema(value_type = String)]
+    pub signal: serde_json::Value,
+}
+
+/// Sends a signal to a running command's process group. Scope `commands:kill`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{command_id}/signal", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), ("command_id" = String, Path, description = "command id")),
+    request_body = SignalBody,
+    responses((status = 200, body = CommandView), (status = 409, description = "command_not_running", body = ErrorEnvelope)))]
+async fn command_signal(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, command_id)): ApiPath<(String, String)>,
+    ApiJson(body): ApiJson<SignalBody>,
+) -> Result<ApiJson<CommandView>, ApiError> {
+    let principal = caller.require("commands:kill")?;
+    let text = match &body.signal {
+        serde_json::Value::String(s) => s.clone(),
+        serde_json::Value::Number(n) => n.to_string(),
+        _ => String::new(),
+    };
+    let signal = parse_signal(&text).ok_or_else(|| {
+        ApiError::invalid(
+            "signal",
+            "unknown or disallowed signal; use one of SIGHUP, SIGINT, SIGQUIT, SIGKILL, SIGUSR1, SIGUSR2, SIGTERM, SIGCONT, SIGSTOP, SIGTSTP, SIGWINCH",
+        )
+    })?;
+    let row = state
+        .host
+        .command_signal(principal, &id, &command_id, signal)
+        .await?;
+    Ok(ApiJson(render(row)))
+}
+
+/// Cancels a running command: the request is recorded, its process group
+/// is killed, and it ends as `canceled`. Scope `commands:kill`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/commands/{command_id}/cancel", tag = "commands",
+    params(("id" = String, Path, description = "sandbox id"), ("command_id" = String, Path, description = "command id")),
+    responses((status = 200, body = CommandView), (status = 409, description = "command_not_running", body = ErrorEnvelope)))]
+async fn cancel_command(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, command_id)): ApiPath<(String, String)>,
+) -> Result<ApiJson<CommandView>, ApiError> {
+    let principal = caller.require("commands:kill")?;
+    let row = state
+        .host
+        .cancel_command(principal, &id, &command_id)
+        .await?;
+    Ok(ApiJson(render(row)))
+}

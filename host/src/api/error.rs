@@ -1,0 +1,242 @@
+//! The one error envelope: every failure the API returns, whatever produced
+//! it (a handler, a JSON or query rejection, an unknown route, a body over
+//! the limit, a panic), is `{"error":{"code","message","details"}}` with a
+//! stable snake_case code.
+
+use axum::Json;
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use serde_json::{Value, json};
+use utoipa::ToSchema;
+
+use crate::core::CoreError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub details: Value,
+}
+
+/// The error envelope, for the OpenAPI document.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorEnvelope {
+    pub error: ErrorBody,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Stable snake_case code, e.g. `not_found`, `sandbox_destroyed`.
+    pub code: String,
+    /// Human-readable explanation saying what to do.
+    pub message: String,
+    /// Structured context (ids, fields, limits); an object, maybe empty.
+    #[schema(value_type = Object)]
+    pub details: Value,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            details: json!({}),
+        }
+    }
+
+    pub fn with_details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+
+    pub fn unauthorized() -> Self {
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid API key is required: send it as `x-api-key: cn_live_…` or `Authorization: Bearer cn_live_…`",
+        )
+    }
+
+    pub fn forbidden(scope: &str) -> Self {
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!("this API key lacks the `{scope}` scope"),
+        )
+        .with_details(json!({ "requiredScope": scope }))
+    }
+
+    pub fn invalid(field: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+            .with_details(json!({ "field": field }))
+    }
+
+    pub fn internal() -> Self {
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "internal error; the server log has the details",
+        )
+    }
+
+    pub fn route_not_found() -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no such route; see GET /v1/openapi.json for the API",
+        )
+    }
+
+    pub fn method_not_allowed() -> Self {
+        Self::new(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "this route does not accept that method; see GET /v1/openapi.json",
+        )
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({
+            "error": { "code": self.code, "message": self.message, "details": self.details }
+        });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<CoreError> for ApiError {
+    fn from(error: CoreError) -> Self {
+        use CoreError as E;
+        match error {
+            E::NotFound { kind, id } => Self::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("{kind} `{id}` not found"),
+            )
+            .with_details(json!({ "resource": kind, "id": id })),
+            E::SandboxDestroyed(id) => Self::new(
+                StatusCode::GONE,
+                "sandbox_destroyed",
+                format!("sandbox `{id}` has been destroyed; create a new one"),
+            )
+            .with_details(json!({ "sandboxId": id })),
+            E::SandboxNotReady(id) => Self::new(
+                StatusCode::CONFLICT,
+                "sandbox_not_ready",
+                format!("sandbox `{id}` is still starting; retry shortly"),
+            )
+            .with_details(json!({ "sandboxId": id })),
+            E::UnknownTemplate { name, available } => Self::new(
+                StatusCode::NOT_FOUND,
+                "template_not_found",
+                format!("no template named `{name}`; available: {available}"),
+            )
+            .with_details(json!({ "template": name })),
+            E::Invalid { field, message } => Self::invalid(field, message),
+            E::CommandNotRunning(id) => Self::new(
+                StatusCode::CONFLICT,
+                "command_not_running",
+                format!("command `{id}` has already ended"),
+            )
+            .with_details(json!({ "commandId": id })),
+            E::StdinNotOpen(id) => Self::new(
+                StatusCode::CONFLICT,
+                "stdin_not_open",
+                format!("command `{id}` was not started with \"stdin\": true"),
+            )
+            .with_details(json!({ "commandId": id })),
+            E::Capacity(live) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "capacity_exhausted",
+                "this host runs as many sandboxes as it can; kill one or retry later",
+            )
+            .with_details(json!({ "liveSandboxes": live })),
+            E::TemplateBuild { template, message } => {
+                tracing::error!(%template, %message, "template build failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "template_unavailable",
+                    format!("template `{template}` could not be built; the operator can run `crownest template build {template}` to see why"),
+                )
+                .with_details(json!({ "template": template }))
+            }
+            E::StartFailed(message) => {
+                tracing::error!(%message, "sandbox start failed");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "sandbox_start_failed",
+                    "the sandbox could not be started; retry, and if it persists the server log has the cause",
+                )
+            }
+            other @ (E::Runtime(_) | E::Agent(_) | E::Store(_)) => {
+                tracing::error!(error = %other, "internal error");
+                Self::internal()
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        match rejection {
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "unsupported_media_type",
+                "send the body as JSON with `content-type: application/json`",
+            ),
+            JsonRejection::JsonSyntaxError(e) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_json",
+                format!("the body is not valid JSON: {}", e.body_text()),
+            ),
+            JsonRejection::JsonDataError(e) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                format!(
+                    "the body does not match the expected shape: {}",
+                    e.body_text()
+                ),
+            ),
+            _ if status == StatusCode::PAYLOAD_TOO_LARGE => payload_too_large(),
+            other => Self::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                other.body_text(),
+            ),
+        }
+    }
+}
+
+pub fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        "the request body is larger than this server accepts",
+    )
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_query",
+            format!("invalid query string: {}", rejection.body_text()),
+        )
+    }
+}
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            format!("invalid path parameter: {}", rejection.body_text()),
+        )
+    }
+}

@@ -1,0 +1,130 @@
+//! Host configuration: where things live and the product limits. Built from
+//! the command line and environment in `main`, from code in tests.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+/// Default listen address: loopback only, so a fresh install exposes nothing.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7420";
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    /// SQLite database, per-sandbox state, runc state.
+    pub data_dir: PathBuf,
+    /// Built template rootfs trees, keyed by recipe hash; shared between data
+    /// dirs because a rootfs build takes minutes.
+    pub cache_dir: PathBuf,
+    /// Operator template directory; files there replace or add to the
+    /// built-in templates.
+    pub templates_dir: Option<PathBuf>,
+    /// The OCI runtime binary (`runc`, or a path).
+    pub runtime_binary: PathBuf,
+    /// The static `crownest-agent` injected into every sandbox.
+    pub agent_binary: PathBuf,
+    pub limits: Limits,
+}
+
+/// Product limits enforced by API validation.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest JSON request body.
+    pub max_body_bytes: usize,
+    pub default_ttl_ms: i64,
+    pub min_ttl_ms: i64,
+    pub max_ttl_ms: i64,
+    /// Largest `metadata` object, serialized.
+    pub max_metadata_bytes: usize,
+    /// Largest command line.
+    pub max_command_bytes: usize,
+    pub max_command_timeout_ms: i64,
+    /// Tail of each output stream kept in a command record.
+    pub output_tail_bytes: usize,
+    /// Log bytes kept per command for replay; older events are dropped.
+    pub log_retention_bytes: usize,
+    /// How long to wait for a new sandbox's agent to answer.
+    pub agent_connect_timeout_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1024 * 1024,
+            default_ttl_ms: 10 * 60 * 1000,
+            min_ttl_ms: 1000,
+            max_ttl_ms: 24 * 60 * 60 * 1000,
+            max_metadata_bytes: 16 * 1024,
+            max_command_bytes: 64 * 1024,
+            max_command_timeout_ms: 24 * 60 * 60 * 1000,
+            output_tail_bytes: 1024 * 1024,
+            log_retention_bytes: 16 * 1024 * 1024,
+            agent_connect_timeout_ms: 10_000,
+        }
+    }
+}
+
+/// `CROWNEST_CACHE_DIR`, else `~/.cache/crownest` — except for root, whose
+/// home (`/root`, mode 0700) a sandbox's user namespace cannot traverse to
+/// reach its rootfs: root's default is `/var/cache/crownest`.
+pub fn default_cache_dir() -> PathBuf {
+    if let Some(dir) = std::env::var_os("CROWNEST_CACHE_DIR") {
+        return PathBuf::from(dir);
+    }
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from("/var/cache/crownest");
+    }
+    let home = std::env::var_os("HOME").map_or_else(|| PathBuf::from("/root"), PathBuf::from);
+    home.join(".cache").join("crownest")
+}
+
+/// Finds `crownest-agent`: `CROWNEST_AGENT_BIN`, else beside this
+/// executable, else in the musl target dir of the cargo build this
+/// executable came from (`target/<profile>/crownest` ->
+/// `target/x86_64-unknown-linux-musl/<profile>/crownest-agent`).
+pub fn default_agent_binary() -> PathBuf {
+    if let Some(path) = std::env::var_os("CROWNEST_AGENT_BIN") {
+        return PathBuf::from(path);
+    }
+    let Ok(exe) = std::env::current_exe() else {
+        return PathBuf::from("crownest-agent");
+    };
+    let Some(dir) = exe.parent() else {
+        return PathBuf::from("crownest-agent");
+    };
+    let beside = dir.join("crownest-agent");
+    if is_static_agent(&beside) {
+        return beside;
+    }
+    // target/debug/deps/<test> or target/debug/crownest.
+    let profile_dir = if dir.ends_with("deps") {
+        dir.parent().unwrap_or(dir)
+    } else {
+        dir
+    };
+    if let (Some(profile), Some(target)) = (profile_dir.file_name(), profile_dir.parent()) {
+        for p in [
+            profile,
+            std::ffi::OsStr::new("release"),
+            std::ffi::OsStr::new("debug"),
+        ] {
+            let candidate = target
+                .join("x86_64-unknown-linux-musl")
+                .join(p)
+                .join("crownest-agent");
+            if candidate.is_file() {
+                return candidate;
+            }
+        }
+    }
+    beside
+}
+
+/// The agent beside the host binary in a cargo target dir is the glibc build,
+/// which will not run inside an arbitrary rootfs; only use it when it is the
+/// installed (static) one, i.e. not inside a cargo target dir.
+fn is_static_agent(path: &Path) -> bool {
+    path.is_file()
+        && !path
+            .ancestors()
+            .any(|a| a.file_name().is_some_and(|n| n == "target"))
+}

@@ -1,0 +1,257 @@
+//! The core: what the host does, independent of how it is asked. The API
+//! layer turns HTTP into calls on [`Host`]; `Host` keeps live sandboxes and
+//! running commands in memory and everything durable in the store.
+//!
+//! **Architecture Invariant:** nothing here knows HTTP or JSON bodies, SQL,
+//! or runc. Sandboxes are started through the [`Runtime`] trait and reached
+//! through [`AgentClient`]; state goes through [`StoreHandle`].
+
+pub mod commands;
+pub mod sandboxes;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use tokio::sync::Mutex as AsyncMutex;
+use tokio_util::sync::CancellationToken;
+
+use crate::agent::{AgentClient, AgentError};
+use crate::clock::Clock;
+use crate::config::Config;
+use crate::rootfs::RootfsCache;
+use crate::runtime::{Runtime, RuntimeError};
+use crate::store::{StoreError, StoreHandle};
+use crate::templates::TemplateSet;
+
+pub use commands::{CommandLog, LogEvent, RunCommand};
+pub use sandboxes::CreateSandbox;
+
+/// Failures of core operations. The API layer maps each to a status and a
+/// stable error code; internal ones are logged in full and shown generically.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    #[error("{kind} `{id}` not found")]
+    NotFound { kind: &'static str, id: String },
+    #[error("sandbox `{0}` has been destroyed")]
+    SandboxDestroyed(String),
+    #[error("sandbox `{0}` is not running yet")]
+    SandboxNotReady(String),
+    #[error("unknown template `{name}`; available: {available}")]
+    UnknownTemplate { name: String, available: String },
+    #[error("{message}")]
+    Invalid {
+        field: &'static str,
+        message: String,
+    },
+    #[error("command `{0}` is not running")]
+    CommandNotRunning(String),
+    #[error("command `{0}` was not started with stdin open (pass \"stdin\": true)")]
+    StdinNotOpen(String),
+    #[error("no free sandbox slot: {0} sandboxes are live")]
+    Capacity(usize),
+    #[error("template `{template}` could not be built: {message}")]
+    TemplateBuild { template: String, message: String },
+    #[error("sandbox failed to start: {0}")]
+    StartFailed(String),
+    #[error("runtime: {0}")]
+    Runtime(#[from] RuntimeError),
+    #[error("agent: {0}")]
+    Agent(#[from] AgentError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+}
+
+impl CoreError {
+    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+        CoreError::Invalid {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+/// Host uid ranges available to sandboxes: slot `n` maps the sandbox's uids
+/// onto its own range, so two sandboxes never share a host uid.
+pub const MAX_SLOTS: i64 = 2048;
+
+/// A sandbox whose container is up, with the connection to its agent.
+pub struct LiveSandbox {
+    pub id: String,
+    pub agent: AgentClient,
+    pub state_dir: PathBuf,
+    /// Cancelled when the sandbox is being destroyed, so running commands
+    /// stop waiting on an agent that is going away.
+    pub stopping: CancellationToken,
+}
+
+/// The host's core service. One per process, shared behind an `Arc`.
+pub struct Host {
+    pub(crate) store: StoreHandle,
+    pub(crate) clock: Clock,
+    pub(crate) config: Config,
+    pub(crate) templates: TemplateSet,
+    pub(crate) rootfs: RootfsCache,
+    pub(crate) runtime: Arc<dyn Runtime>,
+    /// Sandboxes with a running container, by id.
+    live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
+    /// Commands whose process has not ended, by id.
+    running: Mutex<HashMap<String, Arc<commands::LiveCommand>>>,
+    /// Uid slots handed out but maybe not yet in the store.
+    reserved_slots: Mutex<Vec<i64>>,
+    /// One build at a time per template; a second create waits for the first.
+    builds: AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
+    /// Cancelled on shutdown: stops the reaper.
+    shutdown: CancellationToken,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // The maps stay consistent across a panic (single inserts/removes), so a
+    // poisoned lock is still usable.
+    mutex.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl Host {
+    pub fn new(
+        config: Config,
+        store: StoreHandle,
+        clock: Clock,
+        templates: TemplateSet,
+        runtime: Arc<dyn Runtime>,
+    ) -> Arc<Self> {
+        let rootfs = RootfsCache::new(config.cache_dir.clone());
+        Arc::new(Self {
+            store,
+            clock,
+            config,
+            templates,
+            rootfs,
+            runtime,
+            live: Mutex::new(HashMap::new()),
+            running: Mutex::new(HashMap::new()),
+            reserved_slots: Mutex::new(Vec::new()),
+            builds: AsyncMutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
+        })
+    }
+
+    pub fn store(&self) -> &StoreHandle {
+        &self.store
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub fn templates(&self) -> &TemplateSet {
+        &self.templates
+    }
+
+    pub fn rootfs(&self) -> &RootfsCache {
+        &self.rootfs
+    }
+
+    pub fn runtime_name(&self) -> &'static str {
+        self.runtime.name()
+    }
+
+    fn live_sandbox(&self, id: &str) -> Option<Arc<LiveSandbox>> {
+        lock(&self.live).get(id).cloned()
+    }
+
+    /// Brings the runtime in line with the store after a start: every
+    /// sandbox the store thinks is alive died with the previous host process
+    /// (its agent connection is gone and commands lost their streams), so it
+    /// is destroyed and tombstoned; containers the store does not know are
+    /// destroyed too. Nothing is left orphaned.
+    pub async fn reconcile(&self) -> Result<(), CoreError> {
+        let now = self.clock.now_ms();
+        let live = self.store.call(|s| s.live_sandboxes()).await?;
+        for sandbox in &live {
+            let state_dir = self.state_dir(&sandbox.id);
+            if let Err(e) = self.runtime.destroy(&sandbox.id, &state_dir).await {
+                tracing::warn!(sandbox = %sandbox.id, error = %e, "could not destroy leftover sandbox");
+            }
+            let id = sandbox.id.clone();
+            self.store
+                .call(move |s| {
+                    s.fail_running_commands(&id, "the host restarted while the command ran", now)?;
+                    s.end_sandbox(&id, "host_restart", now)
+                })
+                .await?;
+            tracing::info!(sandbox = %sandbox.id, "reconciled sandbox left by a previous host process");
+        }
+        for id in self.runtime.list().await? {
+            let state_dir = self.state_dir(&id);
+            tracing::info!(container = %id, "destroying unknown container");
+            if let Err(e) = self.runtime.destroy(&id, &state_dir).await {
+                tracing::warn!(container = %id, error = %e, "could not destroy unknown container");
+            }
+        }
+        Ok(())
+    }
+
+    /// Per-sandbox directory under the data dir.
+    pub fn state_dir(&self, id: &str) -> PathBuf {
+        self.config.data_dir.join("sandboxes").join(id)
+    }
+
+    /// Starts the TTL reaper: destroys expired sandboxes and sandboxes whose
+    /// agent went away, once a second.
+    pub fn spawn_reaper(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let host = self.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_millis(500));
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = host.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = host.reap_once().await {
+                    tracing::warn!(error = %e, "reaper pass failed");
+                }
+            }
+        })
+    }
+
+    async fn reap_once(&self) -> Result<(), CoreError> {
+        let now = self.clock.now_ms();
+        let live = self.store.call(|s| s.live_sandboxes()).await?;
+        for sandbox in live {
+            let reason = if sandbox.expires_at <= now {
+                Some("expired")
+            } else if sandbox.status == "running"
+                && self
+                    .live_sandbox(&sandbox.id)
+                    .is_some_and(|l| l.agent.is_closed())
+            {
+                Some("failed")
+            } else {
+                None
+            };
+            if let Some(reason) = reason {
+                tracing::info!(sandbox = %sandbox.id, reason, "reaping sandbox");
+                self.destroy_sandbox(&sandbox.id, reason).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stops background work and destroys every live sandbox: a host that
+    /// shuts down leaves no container behind.
+    pub async fn shutdown(&self) {
+        self.shutdown.cancel();
+        let ids: Vec<String> = lock(&self.live).keys().cloned().collect();
+        for id in ids {
+            if let Err(e) = self.destroy_sandbox(&id, "host_shutdown").await {
+                tracing::warn!(sandbox = %id, error = %e, "could not destroy sandbox on shutdown");
+            }
+        }
+    }
+}

@@ -1,0 +1,286 @@
+//! Sandbox lifecycle: create (build the template if needed, reserve a uid
+//! slot, start the container, connect to its agent), read, list, destroy.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::Mutex as AsyncMutex;
+use tokio_util::sync::CancellationToken;
+
+use super::{CoreError, Host, LiveSandbox, MAX_SLOTS, lock};
+use crate::agent::AgentClient;
+use crate::auth::Principal;
+use crate::clock::Millis;
+use crate::ids;
+use crate::runtime::SandboxSpec;
+use crate::store::{Cursor, SandboxRow};
+use crate::templates::Template;
+
+/// A validated request to create a sandbox.
+#[derive(Debug, Clone)]
+pub struct CreateSandbox {
+    pub template: String,
+    pub ttl_ms: Option<i64>,
+    /// A JSON object, already checked to be one.
+    pub metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Host {
+    /// Creates and starts a sandbox. Either it comes back `running`, or
+    /// nothing is left of it but a `destroyed` tombstone and the error.
+    pub async fn create_sandbox(
+        &self,
+        principal: &Principal,
+        request: CreateSandbox,
+    ) -> Result<SandboxRow, CoreError> {
+        let limits = &self.config.limits;
+        let ttl_ms = request.ttl_ms.unwrap_or(limits.default_ttl_ms);
+        if ttl_ms < limits.min_ttl_ms || ttl_ms > limits.max_ttl_ms {
+            return Err(CoreError::invalid(
+                "ttlMs",
+                format!(
+                    "ttlMs must be between {} and {} milliseconds, got {ttl_ms}",
+                    limits.min_ttl_ms, limits.max_ttl_ms
+                ),
+            ));
+        }
+        let metadata = serde_json::Value::Object(request.metadata).to_string();
+        if metadata.len() > limits.max_metadata_bytes {
+            return Err(CoreError::invalid(
+                "metadata",
+                format!(
+                    "metadata is {} bytes serialized; the limit is {}",
+                    metadata.len(),
+                    limits.max_metadata_bytes
+                ),
+            ));
+        }
+        let template = self.template(&request.template)?;
+        self.ensure_rootfs(&template).await?;
+
+        let slot = self.reserve_slot().await?;
+        let now = self.clock.now_ms();
+        let row = SandboxRow {
+            id: ids::new(ids::Kind::Sandbox),
+            org_id: principal.org_id.clone(),
+            project_id: principal.project_id.clone(),
+            template: template.name.clone(),
+            template_hash: template.recipe_hash(),
+            status: String::from("starting"),
+            metadata,
+            created_at: now,
+            expires_at: now + ttl_ms,
+            ended_at: None,
+            end_reason: None,
+            uid_slot: slot,
+            vcpus: i64::from(template.resources.vcpus),
+            memory_mib: template.resources.memory_mib as i64,
+            created_by_key: principal.key_id.clone(),
+        };
+        let inserted = {
+            let row = row.clone();
+            self.store.call(move |s| s.insert_sandbox(&row)).await
+        };
+        self.release_slot(slot);
+        inserted?;
+
+        match self.start_container(&row, &template).await {
+            Ok(live) => {
+                lock(&self.live).insert(row.id.clone(), Arc::new(live));
+                let id = row.id.clone();
+                self.store
+                    .call(move |s| s.set_sandbox_status(&id, "running"))
+                    .await?;
+                Ok(SandboxRow {
+                    status: String::from("running"),
+                    ..row
+                })
+            }
+            Err(e) => {
+                tracing::warn!(sandbox = %row.id, error = %e, "sandbox failed to start");
+                let state_dir = self.state_dir(&row.id);
+                if let Err(d) = self.runtime.destroy(&row.id, &state_dir).await {
+                    tracing::warn!(sandbox = %row.id, error = %d, "cleanup after failed start");
+                }
+                let id = row.id.clone();
+                let ended = self.clock.now_ms();
+                self.store
+                    .call(move |s| s.end_sandbox(&id, "failed", ended))
+                    .await?;
+                Err(e)
+            }
+        }
+    }
+
+    async fn start_container(
+        &self,
+        row: &SandboxRow,
+        template: &Template,
+    ) -> Result<LiveSandbox, CoreError> {
+        let state_dir = self.state_dir(&row.id);
+        let spec = SandboxSpec {
+            id: row.id.clone(),
+            rootfs: self.rootfs.path_for(template),
+            state_dir: state_dir.clone(),
+            agent_binary: self.config.agent_binary.clone(),
+            resources: template.resources.clone(),
+            network: template.network.clone(),
+            uid_slot: row.uid_slot as u32,
+            user: template.user.clone(),
+        };
+        let started = self.runtime.start(&spec).await?;
+        let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms);
+        let agent = AgentClient::connect_unix(&started.agent_socket, timeout)
+            .await
+            .map_err(|e| {
+                CoreError::StartFailed(format!("the sandbox agent did not answer: {e}"))
+            })?;
+        Ok(LiveSandbox {
+            id: row.id.clone(),
+            agent,
+            state_dir,
+            stopping: CancellationToken::new(),
+        })
+    }
+
+    pub(crate) fn template(&self, name: &str) -> Result<Template, CoreError> {
+        self.templates
+            .get(name)
+            .cloned()
+            .ok_or_else(|| CoreError::UnknownTemplate {
+                name: name.to_string(),
+                available: self.templates.names().collect::<Vec<_>>().join(", "),
+            })
+    }
+
+    /// Builds the template's rootfs if it is not in the cache yet. Concurrent
+    /// creates of one template wait for a single build.
+    pub async fn ensure_rootfs(&self, template: &Template) -> Result<(), CoreError> {
+        if self.rootfs.is_built(template) {
+            return Ok(());
+        }
+        let gate = {
+            let mut builds = self.builds.lock().await;
+            builds
+                .entry(template.name.clone())
+                .or_insert_with(|| Arc::new(AsyncMutex::new(())))
+                .clone()
+        };
+        let _building = gate.lock().await;
+        if self.rootfs.is_built(template) {
+            return Ok(());
+        }
+        tracing::info!(template = %template.name, "building template rootfs (first use)");
+        self.rootfs
+            .build(template, false)
+            .await
+            .map(|_| ())
+            .map_err(|e| CoreError::TemplateBuild {
+                template: template.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Picks the lowest uid slot that is neither live in the store nor
+    /// reserved by a create in flight.
+    async fn reserve_slot(&self) -> Result<i64, CoreError> {
+        let used = self.store.call(|s| s.used_uid_slots()).await?;
+        let mut reserved = lock(&self.reserved_slots);
+        let slot = (0..MAX_SLOTS)
+            .find(|n| !used.contains(n) && !reserved.contains(n))
+            .ok_or(CoreError::Capacity(used.len()))?;
+        reserved.push(slot);
+        Ok(slot)
+    }
+
+    fn release_slot(&self, slot: i64) {
+        lock(&self.reserved_slots).retain(|s| *s != slot);
+    }
+
+    /// A sandbox the caller may see, destroyed or not.
+    pub async fn get_sandbox(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<SandboxRow, CoreError> {
+        let not_found = || CoreError::NotFound {
+            kind: "sandbox",
+            id: id.to_string(),
+        };
+        if !ids::is_valid(ids::Kind::Sandbox, id) {
+            return Err(not_found());
+        }
+        let scope = principal.scope();
+        let key = id.to_string();
+        self.store
+            .call(move |s| s.get_sandbox(&scope, &key))
+            .await?
+            .ok_or_else(not_found)
+    }
+
+    /// A sandbox the caller may operate on: visible and not destroyed.
+    pub(crate) async fn usable_sandbox(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<(SandboxRow, Arc<LiveSandbox>), CoreError> {
+        let row = self.get_sandbox(principal, id).await?;
+        if row.status == "destroyed" {
+            return Err(CoreError::SandboxDestroyed(row.id));
+        }
+        let live = self
+            .live_sandbox(&row.id)
+            .ok_or_else(|| CoreError::SandboxNotReady(row.id.clone()))?;
+        Ok((row, live))
+    }
+
+    pub async fn list_sandboxes(
+        &self,
+        principal: &Principal,
+        after: Option<Cursor>,
+        limit: usize,
+    ) -> Result<Vec<SandboxRow>, CoreError> {
+        let scope = principal.scope();
+        Ok(self
+            .store
+            .call(move |s| s.list_sandboxes(&scope, after.as_ref(), limit))
+            .await?)
+    }
+
+    /// Kills a sandbox on a client's request.
+    pub async fn kill_sandbox(
+        &self,
+        principal: &Principal,
+        id: &str,
+    ) -> Result<SandboxRow, CoreError> {
+        let row = self.get_sandbox(principal, id).await?;
+        if row.status == "destroyed" {
+            return Err(CoreError::SandboxDestroyed(row.id));
+        }
+        self.destroy_sandbox(&row.id, "killed").await?;
+        self.get_sandbox(principal, id).await
+    }
+
+    /// Destroys a sandbox's container and tombstones its record. Running
+    /// commands end as `failed`. Safe to call for a sandbox already gone.
+    pub(crate) async fn destroy_sandbox(&self, id: &str, reason: &str) -> Result<(), CoreError> {
+        let live = lock(&self.live).remove(id);
+        if let Some(live) = &live {
+            live.stopping.cancel();
+        }
+        let state_dir = self.state_dir(id);
+        self.runtime.destroy(id, &state_dir).await?;
+        // Let each running command's driver record its own end (with its
+        // buffered log) before the store marks stragglers failed.
+        self.wait_for_commands_of(id, Duration::from_secs(5)).await;
+        let now: Millis = self.clock.now_ms();
+        let (key, reason) = (id.to_string(), reason.to_string());
+        self.store
+            .call(move |s| {
+                s.end_sandbox(&key, &reason, now)?;
+                s.fail_running_commands(&key, "the sandbox was destroyed", now)
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,146 @@
+//! Schema migrations: an append-only list, applied in one transaction each,
+//! the applied count kept in `PRAGMA user_version`. Never edit a shipped
+//! entry; add a new one.
+
+use rusqlite::Connection;
+
+use super::StoreError;
+
+/// Every migration in order. Index + 1 is the schema version it produces.
+pub const MIGRATIONS: &[&str] = &[
+    // 1: tenancy, keys, sandboxes, commands and command logs.
+    r#"
+    CREATE TABLE orgs (
+        id          TEXT PRIMARY KEY,
+        name        TEXT NOT NULL UNIQUE,
+        created_at  INTEGER NOT NULL
+    );
+    CREATE TABLE projects (
+        id          TEXT PRIMARY KEY,
+        org_id      TEXT NOT NULL REFERENCES orgs(id),
+        name        TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        UNIQUE (org_id, name)
+    );
+    CREATE TABLE api_keys (
+        id          TEXT PRIMARY KEY,
+        org_id      TEXT NOT NULL REFERENCES orgs(id),
+        project_id  TEXT REFERENCES projects(id),
+        name        TEXT,
+        prefix      TEXT NOT NULL,
+        hash        BLOB NOT NULL UNIQUE,
+        scopes      TEXT NOT NULL,
+        created_at  INTEGER NOT NULL,
+        revoked_at  INTEGER
+    );
+    CREATE TABLE sandboxes (
+        id              TEXT PRIMARY KEY,
+        org_id          TEXT NOT NULL REFERENCES orgs(id),
+        project_id      TEXT REFERENCES projects(id),
+        template        TEXT NOT NULL,
+        template_hash   TEXT NOT NULL,
+        status          TEXT NOT NULL,
+        metadata        TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        expires_at      INTEGER NOT NULL,
+        ended_at        INTEGER,
+        end_reason      TEXT,
+        uid_slot        INTEGER NOT NULL,
+        vcpus           INTEGER NOT NULL,
+        memory_mib      INTEGER NOT NULL,
+        created_by_key  TEXT NOT NULL
+    );
+    CREATE INDEX sandboxes_by_org ON sandboxes (org_id, created_at DESC, id DESC);
+    CREATE UNIQUE INDEX sandboxes_live_slot ON sandboxes (uid_slot) WHERE status <> 'destroyed';
+    CREATE TABLE commands (
+        id                   TEXT PRIMARY KEY,
+        sandbox_id           TEXT NOT NULL REFERENCES sandboxes(id),
+        org_id               TEXT NOT NULL REFERENCES orgs(id),
+        command              TEXT NOT NULL,
+        cwd                  TEXT NOT NULL,
+        env                  TEXT NOT NULL,
+        background           INTEGER NOT NULL,
+        status               TEXT NOT NULL,
+        exit_code            INTEGER,
+        signal               INTEGER,
+        stdout               BLOB NOT NULL,
+        stderr               BLOB NOT NULL,
+        stdout_dropped       INTEGER NOT NULL DEFAULT 0,
+        stderr_dropped       INTEGER NOT NULL DEFAULT 0,
+        timeout_ms           INTEGER,
+        created_at           INTEGER NOT NULL,
+        started_at           INTEGER,
+        ended_at             INTEGER,
+        cancel_requested_at  INTEGER,
+        error                TEXT,
+        created_by_key       TEXT NOT NULL
+    );
+    CREATE INDEX commands_by_sandbox ON commands (sandbox_id, created_at DESC, id DESC);
+    CREATE INDEX commands_running ON commands (status) WHERE status = 'running';
+    CREATE TABLE command_events (
+        command_id  TEXT NOT NULL REFERENCES commands(id),
+        seq         INTEGER NOT NULL,
+        kind        TEXT NOT NULL,
+        data        BLOB NOT NULL,
+        at          INTEGER NOT NULL,
+        PRIMARY KEY (command_id, seq)
+    ) WITHOUT ROWID;
+    "#,
+];
+
+/// Brings the database to the newest schema. Each migration and its version
+/// bump commit together, so a crash leaves a consistent version.
+pub fn apply(conn: &mut Connection) -> Result<(), StoreError> {
+    let current: usize = conn.query_row("PRAGMA user_version", [], |row| row.get(0))?;
+    if current > MIGRATIONS.len() {
+        return Err(StoreError::SchemaTooNew {
+            found: current,
+            known: MIGRATIONS.len(),
+        });
+    }
+    for (index, sql) in MIGRATIONS.iter().enumerate().skip(current) {
+        let version = index + 1;
+        let tx = conn.transaction()?;
+        tx.execute_batch(sql)
+            .and_then(|()| tx.pragma_update(None, "user_version", version))
+            .map_err(|source| StoreError::Migration { version, source })?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn migrations_apply_to_an_empty_database_and_are_idempotent() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        apply(&mut conn).expect("first apply");
+        apply(&mut conn).expect("second apply is a no-op");
+        let version: usize = conn
+            .query_row("PRAGMA user_version", [], |r| r.get(0))
+            .expect("version");
+        assert_eq!(version, MIGRATIONS.len());
+    }
+
+    #[test]
+    fn each_migration_is_valid_sql_on_its_predecessor() {
+        let conn = Connection::open_in_memory().expect("open");
+        for (index, sql) in MIGRATIONS.iter().enumerate() {
+            conn.execute_batch(sql)
+                .unwrap_or_else(|e| panic!("migration {} is invalid: {e}", index + 1));
+        }
+    }
+
+    #[test]
+    fn a_newer_schema_is_refused() {
+        let mut conn = Connection::open_in_memory().expect("open");
+        conn.pragma_update(None, "user_version", MIGRATIONS.len() + 1)
+            .expect("pragma");
+        assert!(matches!(
+            apply(&mut conn),
+            Err(StoreError::SchemaTooNew { .. })
+        ));
+    }
+}

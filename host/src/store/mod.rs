@@ -1,0 +1,279 @@
+//! Durable state: orgs, projects, API keys, sandboxes, commands and their
+//! logs.
+//!
+//! **Architecture Invariant:** this module is the only one that knows SQL.
+//! The rest of the host sees the [`Store`] trait and plain row structs. The
+//! trait is synchronous (SQLite is); async code goes through
+//! [`StoreHandle::call`], which runs the closure on the blocking pool so the
+//! executor never waits on disk.
+
+mod migrations;
+mod sqlite;
+
+use std::sync::Arc;
+
+use crate::clock::Millis;
+
+pub use sqlite::SqliteStore;
+
+/// Errors of the store. Callers map `Conflict`/`NotFound` to API errors;
+/// everything else is an internal error whose detail is logged, not shown.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("sqlite: {0}")]
+    Sqlite(#[from] rusqlite::Error),
+    #[error("migration {version} failed: {source}")]
+    Migration {
+        version: usize,
+        source: rusqlite::Error,
+    },
+    #[error("database schema version {found} is newer than this build knows ({known})")]
+    SchemaTooNew { found: usize, known: usize },
+    #[error("{0} already exists")]
+    Conflict(String),
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("corrupt row: {0}")]
+    Corrupt(String),
+    #[error("store task failed: {0}")]
+    Task(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OrgRow {
+    pub id: String,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProjectRow {
+    pub id: String,
+    pub org_id: String,
+    pub name: String,
+    pub created_at: Millis,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyRow {
+    pub id: String,
+    pub org_id: String,
+    /// A key restricted to one project sees and creates only that project's
+    /// resources.
+    pub project_id: Option<String>,
+    pub name: Option<String>,
+    /// The first characters of the secret, shown in listings so operators can
+    /// tell keys apart; never enough to authenticate.
+    pub prefix: String,
+    /// SHA-256 of the whole secret. The secret itself is never stored.
+    pub hash: Vec<u8>,
+    pub scopes: Vec<String>,
+    pub created_at: Millis,
+    pub revoked_at: Option<Millis>,
+}
+
+/// A key joined with the names an operator listing wants.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyListing {
+    pub key: KeyRow,
+    pub org_name: String,
+    pub project_name: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SandboxRow {
+    pub id: String,
+    pub org_id: String,
+    pub project_id: Option<String>,
+    pub template: String,
+    /// Recipe hash of the template at create time: which rootfs it ran on.
+    pub template_hash: String,
+    pub status: String,
+    /// JSON object supplied by the client, stored verbatim.
+    pub metadata: String,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub ended_at: Option<Millis>,
+    /// Why it ended: `killed`, `expired`, `failed`, `host_restart`.
+    pub end_reason: Option<String>,
+    /// Index of the host uid range; unique among sandboxes not destroyed.
+    pub uid_slot: i64,
+    pub vcpus: i64,
+    pub memory_mib: i64,
+    pub created_by_key: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandRow {
+    pub id: String,
+    pub sandbox_id: String,
+    pub org_id: String,
+    pub command: String,
+    pub cwd: String,
+    /// JSON object of the extra environment the client passed.
+    pub env: String,
+    pub background: bool,
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    /// Tail of stdout (at most the output limit), with `stdout_dropped`
+    /// bytes dropped from its front.
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_dropped: i64,
+    pub stderr_dropped: i64,
+    pub timeout_ms: Option<i64>,
+    pub created_at: Millis,
+    pub started_at: Option<Millis>,
+    pub ended_at: Option<Millis>,
+    pub cancel_requested_at: Option<Millis>,
+    pub error: Option<String>,
+    pub created_by_key: String,
+}
+
+/// The final state of a command, written once when it ends.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CommandEnd {
+    pub status: String,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub stdout: Vec<u8>,
+    pub stderr: Vec<u8>,
+    pub stdout_dropped: i64,
+    pub stderr_dropped: i64,
+    pub ended_at: Millis,
+    pub error: Option<String>,
+}
+
+/// One entry of a command's log: a chunk of output or the exit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandEventRow {
+    pub command_id: String,
+    /// 1-based, dense per command; the SSE event id.
+    pub seq: i64,
+    /// `stdout`, `stderr` or `exit`.
+    pub kind: String,
+    pub data: Vec<u8>,
+    pub at: Millis,
+}
+
+/// A position in a list ordered by `(created_at DESC, id DESC)`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: Millis,
+    pub id: String,
+}
+
+/// Which sandboxes a caller may see.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Scope {
+    pub org_id: String,
+    /// `Some` for a project-restricted key.
+    pub project_id: Option<String>,
+}
+
+/// Durable state. Implemented by [`SqliteStore`]; a trait so that a fleet
+/// can later put PostgreSQL behind the same calls.
+pub trait Store: Send + Sync + 'static {
+    // Tenancy.
+    fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError>;
+    fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError>;
+    fn ensure_project(
+        &self,
+        org_id: &str,
+        name: &str,
+        now: Millis,
+    ) -> Result<ProjectRow, StoreError>;
+    fn get_project(&self, id: &str) -> Result<Option<ProjectRow>, StoreError>;
+
+    // Keys.
+    fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError>;
+    fn find_key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>, StoreError>;
+    fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError>;
+    /// Returns false when no such key exists; revoking twice keeps the
+    /// first time.
+    fn revoke_key(&self, id: &str, now: Millis) -> Result<bool, StoreError>;
+
+    // Sandboxes.
+    fn insert_sandbox(&self, sandbox: &SandboxRow) -> Result<(), StoreError>;
+    fn get_sandbox(&self, scope: &Scope, id: &str) -> Result<Option<SandboxRow>, StoreError>;
+    fn list_sandboxes(
+        &self,
+        scope: &Scope,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<SandboxRow>, StoreError>;
+    fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), StoreError>;
+    /// Marks a sandbox destroyed (its tombstone) and frees its uid slot.
+    fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError>;
+    /// Every sandbox whose status is not `destroyed`.
+    fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
+    fn used_uid_slots(&self) -> Result<Vec<i64>, StoreError>;
+
+    // Commands.
+    fn insert_command(&self, command: &CommandRow) -> Result<(), StoreError>;
+    fn get_command(&self, sandbox_id: &str, id: &str) -> Result<Option<CommandRow>, StoreError>;
+    fn list_commands(
+        &self,
+        sandbox_id: &str,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<CommandRow>, StoreError>;
+    fn mark_command_started(&self, id: &str, now: Millis) -> Result<(), StoreError>;
+    fn request_command_cancel(&self, id: &str, now: Millis) -> Result<(), StoreError>;
+    /// Writes the end state and the last log events in one transaction.
+    fn finish_command(
+        &self,
+        id: &str,
+        end: &CommandEnd,
+        events: &[CommandEventRow],
+    ) -> Result<(), StoreError>;
+    fn append_command_events(&self, events: &[CommandEventRow]) -> Result<(), StoreError>;
+    /// Events with `seq > after`, in order, at most `limit`.
+    fn command_events(
+        &self,
+        command_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<CommandEventRow>, StoreError>;
+    /// Drops the oldest log events of a command, keeping `seq >= keep_from`.
+    fn trim_command_events(&self, command_id: &str, keep_from: i64) -> Result<(), StoreError>;
+    /// Marks every running command of a sandbox failed (its sandbox died).
+    fn fail_running_commands(
+        &self,
+        sandbox_id: &str,
+        error: &str,
+        now: Millis,
+    ) -> Result<usize, StoreError>;
+}
+
+/// Shared, cloneable access to the store from async code.
+#[derive(Clone)]
+pub struct StoreHandle {
+    inner: Arc<dyn Store>,
+}
+
+impl StoreHandle {
+    pub fn new(store: impl Store) -> Self {
+        Self {
+            inner: Arc::new(store),
+        }
+    }
+
+    /// Runs `f` against the store on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, StoreError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&dyn Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || f(inner.as_ref()))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
+    /// Direct synchronous access, for the operator CLI (no runtime needed).
+    pub fn blocking(&self) -> &dyn Store {
+        self.inner.as_ref()
+    }
+}

@@ -1,0 +1,691 @@
+//! The SQLite implementation of [`Store`]: one connection in WAL mode behind
+//! a mutex. Writes are short single statements or one transaction, so one
+//! connection keeps up with the host's rate and gives a total order.
+
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::{
+    CommandEnd, CommandEventRow, CommandRow, Cursor, KeyListing, KeyRow, OrgRow, ProjectRow,
+    SandboxRow, Scope, Store, StoreError, migrations,
+};
+use crate::clock::Millis;
+use crate::ids;
+
+pub struct SqliteStore {
+    conn: Mutex<Connection>,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and migrates it.
+    pub fn open(path: &Path) -> Result<Self, StoreError> {
+        let conn = Connection::open(path)?;
+        Self::init(conn)
+    }
+
+    /// An in-memory store for unit tests.
+    pub fn open_in_memory() -> Result<Self, StoreError> {
+        Self::init(Connection::open_in_memory()?)
+    }
+
+    fn init(mut conn: Connection) -> Result<Self, StoreError> {
+        // WAL: readers never block the writer and a crash loses nothing
+        // committed. synchronous=FULL fsyncs the WAL on every commit, so a
+        // record acknowledged to a client survives power loss too.
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "FULL")?;
+        conn.pragma_update(None, "foreign_keys", "ON")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        migrations::apply(&mut conn)?;
+        Ok(Self {
+            conn: Mutex::new(conn),
+        })
+    }
+
+    fn conn(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite inconsistent
+        // (transactions roll back on drop), so a poisoned lock is usable.
+        self.conn.lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
+fn json_list(items: &[String]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| String::from("[]"))
+}
+
+fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRow> {
+    let scopes: String = row.get("scopes")?;
+    Ok(KeyRow {
+        id: row.get("id")?,
+        org_id: row.get("org_id")?,
+        project_id: row.get("project_id")?,
+        name: row.get("name")?,
+        prefix: row.get("prefix")?,
+        hash: row.get("hash")?,
+        scopes: serde_json::from_str(&scopes).unwrap_or_default(),
+        created_at: row.get("created_at")?,
+        revoked_at: row.get("revoked_at")?,
+    })
+}
+
+fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
+    Ok(SandboxRow {
+        id: row.get("id")?,
+        org_id: row.get("org_id")?,
+        project_id: row.get("project_id")?,
+        template: row.get("template")?,
+        template_hash: row.get("template_hash")?,
+        status: row.get("status")?,
+        metadata: row.get("metadata")?,
+        created_at: row.get("created_at")?,
+        expires_at: row.get("expires_at")?,
+        ended_at: row.get("ended_at")?,
+        end_reason: row.get("end_reason")?,
+        uid_slot: row.get("uid_slot")?,
+        vcpus: row.get("vcpus")?,
+        memory_mib: row.get("memory_mib")?,
+        created_by_key: row.get("created_by_key")?,
+    })
+}
+
+fn command_from_row(row: &Row<'_>) -> rusqlite::Result<CommandRow> {
+    Ok(CommandRow {
+        id: row.get("id")?,
+        sandbox_id: row.get("sandbox_id")?,
+        org_id: row.get("org_id")?,
+        command: row.get("command")?,
+        cwd: row.get("cwd")?,
+        env: row.get("env")?,
+        background: row.get("background")?,
+        status: row.get("status")?,
+        exit_code: row.get("exit_code")?,
+        signal: row.get("signal")?,
+        stdout: row.get("stdout")?,
+        stderr: row.get("stderr")?,
+        stdout_dropped: row.get("stdout_dropped")?,
+        stderr_dropped: row.get("stderr_dropped")?,
+        timeout_ms: row.get("timeout_ms")?,
+        created_at: row.get("created_at")?,
+        started_at: row.get("started_at")?,
+        ended_at: row.get("ended_at")?,
+        cancel_requested_at: row.get("cancel_requested_at")?,
+        error: row.get("error")?,
+        created_by_key: row.get("created_by_key")?,
+    })
+}
+
+fn event_from_row(row: &Row<'_>) -> rusqlite::Result<CommandEventRow> {
+    Ok(CommandEventRow {
+        command_id: row.get("command_id")?,
+        seq: row.get("seq")?,
+        kind: row.get("kind")?,
+        data: row.get("data")?,
+        at: row.get("at")?,
+    })
+}
+
+fn insert_events(conn: &Connection, events: &[CommandEventRow]) -> rusqlite::Result<()> {
+    let mut stmt = conn.prepare_cached(
+        "INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for event in events {
+        stmt.execute(params![
+            event.command_id,
+            event.seq,
+            event.kind,
+            event.data,
+            event.at
+        ])?;
+    }
+    Ok(())
+}
+
+/// `(created_at, id) < cursor` in `(created_at DESC, id DESC)` order.
+const BEFORE_CURSOR: &str = "(created_at < :c1 OR (created_at = :c1 AND id < :c2))";
+
+impl Store for SqliteStore {
+    fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
+            params![ids::new(ids::Kind::Org), name, now],
+        )?;
+        Ok(conn.query_row(
+            "SELECT id, name, created_at FROM orgs WHERE name = ?1",
+            [name],
+            |r| {
+                Ok(OrgRow {
+                    id: r.get(0)?,
+                    name: r.get(1)?,
+                    created_at: r.get(2)?,
+                })
+            },
+        )?)
+    }
+
+    fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, name, created_at FROM orgs WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(OrgRow {
+                        id: r.get(0)?,
+                        name: r.get(1)?,
+                        created_at: r.get(2)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn ensure_project(
+        &self,
+        org_id: &str,
+        name: &str,
+        now: Millis,
+    ) -> Result<ProjectRow, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "INSERT INTO projects (id, org_id, name, created_at) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (org_id, name) DO NOTHING",
+            params![ids::new(ids::Kind::Project), org_id, name, now],
+        )?;
+        Ok(conn.query_row(
+            "SELECT id, org_id, name, created_at FROM projects WHERE org_id = ?1 AND name = ?2",
+            [org_id, name],
+            |r| {
+                Ok(ProjectRow {
+                    id: r.get(0)?,
+                    org_id: r.get(1)?,
+                    name: r.get(2)?,
+                    created_at: r.get(3)?,
+                })
+            },
+        )?)
+    }
+
+    fn get_project(&self, id: &str) -> Result<Option<ProjectRow>, StoreError> {
+        Ok(self
+            .conn()
+            .query_row(
+                "SELECT id, org_id, name, created_at FROM projects WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(ProjectRow {
+                        id: r.get(0)?,
+                        org_id: r.get(1)?,
+                        name: r.get(2)?,
+                        created_at: r.get(3)?,
+                    })
+                },
+            )
+            .optional()?)
+    }
+
+    fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO api_keys (id, org_id, project_id, name, prefix, hash, scopes, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            params![
+                key.id,
+                key.org_id,
+                key.project_id,
+                key.name,
+                key.prefix,
+                key.hash,
+                json_list(&key.scopes),
+                key.created_at,
+                key.revoked_at
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn find_key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT * FROM api_keys WHERE hash = ?1")?;
+        Ok(stmt.query_row([hash], key_from_row).optional()?)
+    }
+
+    fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT k.*, o.name AS org_name, p.name AS project_name
+             FROM api_keys k JOIN orgs o ON o.id = k.org_id
+             LEFT JOIN projects p ON p.id = k.project_id
+             ORDER BY k.created_at, k.id",
+        )?;
+        let rows = stmt.query_map([], |r| {
+            Ok(KeyListing {
+                key: key_from_row(r)?,
+                org_name: r.get("org_name")?,
+                project_name: r.get("project_name")?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn revoke_key(&self, id: &str, now: Millis) -> Result<bool, StoreError> {
+        let conn = self.conn();
+        conn.execute(
+            "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+            params![id, now],
+        )?;
+        let exists: Option<i64> = conn
+            .query_row("SELECT 1 FROM api_keys WHERE id = ?1", [id], |r| r.get(0))
+            .optional()?;
+        Ok(exists.is_some())
+    }
+
+    fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), StoreError> {
+        let result = self.conn().execute(
+            "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status, metadata,
+                created_at, expires_at, ended_at, end_reason, uid_slot, vcpus, memory_mib, created_by_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            params![
+                s.id,
+                s.org_id,
+                s.project_id,
+                s.template,
+                s.template_hash,
+                s.status,
+                s.metadata,
+                s.created_at,
+                s.expires_at,
+                s.ended_at,
+                s.end_reason,
+                s.uid_slot,
+                s.vcpus,
+                s.memory_mib,
+                s.created_by_key
+            ],
+        );
+        match result {
+            Ok(_) => Ok(()),
+            Err(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                Err(StoreError::Conflict(format!("uid slot {}", s.uid_slot)))
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    fn get_sandbox(&self, scope: &Scope, id: &str) -> Result<Option<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM sandboxes WHERE id = ?1 AND org_id = ?2
+             AND (?3 IS NULL OR project_id = ?3)",
+        )?;
+        Ok(stmt
+            .query_row(
+                params![id, scope.org_id, scope.project_id],
+                sandbox_from_row,
+            )
+            .optional()?)
+    }
+
+    fn list_sandboxes(
+        &self,
+        scope: &Scope,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT * FROM sandboxes WHERE org_id = :o AND (:p IS NULL OR project_id = :p)
+             AND (:c2 IS NULL OR {BEFORE_CURSOR})
+             ORDER BY created_at DESC, id DESC LIMIT :l"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            rusqlite::named_params! {
+                ":o": scope.org_id,
+                ":p": scope.project_id,
+                ":c1": after.map(|c| c.created_at),
+                ":c2": after.map(|c| c.id.as_str()),
+                ":l": limit as i64,
+            },
+            sandbox_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = ?2 WHERE id = ?1 AND status <> 'destroyed'",
+            params![id, status],
+        )?;
+        Ok(())
+    }
+
+    fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE sandboxes SET status = 'destroyed', ended_at = ?3, end_reason = ?2
+             WHERE id = ?1 AND status <> 'destroyed'",
+            params![id, reason, now],
+        )?;
+        Ok(())
+    }
+
+    fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare("SELECT * FROM sandboxes WHERE status <> 'destroyed'")?;
+        let rows = stmt.query_map([], sandbox_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn used_uid_slots(&self) -> Result<Vec<i64>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT uid_slot FROM sandboxes WHERE status <> 'destroyed' ORDER BY uid_slot",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn insert_command(&self, c: &CommandRow) -> Result<(), StoreError> {
+        self.conn().execute(
+            "INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background, status,
+                exit_code, signal, stdout, stderr, stdout_dropped, stderr_dropped, timeout_ms,
+                created_at, started_at, ended_at, cancel_requested_at, error, created_by_key)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
+                ?18, ?19, ?20, ?21)",
+            params![
+                c.id,
+                c.sandbox_id,
+                c.org_id,
+                c.command,
+                c.cwd,
+                c.env,
+                c.background,
+                c.status,
+                c.exit_code,
+                c.signal,
+                c.stdout,
+                c.stderr,
+                c.stdout_dropped,
+                c.stderr_dropped,
+                c.timeout_ms,
+                c.created_at,
+                c.started_at,
+                c.ended_at,
+                c.cancel_requested_at,
+                c.error,
+                c.created_by_key
+            ],
+        )?;
+        Ok(())
+    }
+
+    fn get_command(&self, sandbox_id: &str, id: &str) -> Result<Option<CommandRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt =
+            conn.prepare_cached("SELECT * FROM commands WHERE id = ?1 AND sandbox_id = ?2")?;
+        Ok(stmt
+            .query_row([id, sandbox_id], command_from_row)
+            .optional()?)
+    }
+
+    fn list_commands(
+        &self,
+        sandbox_id: &str,
+        after: Option<&Cursor>,
+        limit: usize,
+    ) -> Result<Vec<CommandRow>, StoreError> {
+        let conn = self.conn();
+        let sql = format!(
+            "SELECT * FROM commands WHERE sandbox_id = :s AND (:c2 IS NULL OR {BEFORE_CURSOR})
+             ORDER BY created_at DESC, id DESC LIMIT :l"
+        );
+        let mut stmt = conn.prepare_cached(&sql)?;
+        let rows = stmt.query_map(
+            rusqlite::named_params! {
+                ":s": sandbox_id,
+                ":c1": after.map(|c| c.created_at),
+                ":c2": after.map(|c| c.id.as_str()),
+                ":l": limit as i64,
+            },
+            command_from_row,
+        )?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn mark_command_started(&self, id: &str, now: Millis) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE commands SET started_at = ?2 WHERE id = ?1 AND started_at IS NULL",
+            params![id, now],
+        )?;
+        Ok(())
+    }
+
+    fn request_command_cancel(&self, id: &str, now: Millis) -> Result<(), StoreError> {
+        self.conn().execute(
+            "UPDATE commands SET cancel_requested_at = ?2
+             WHERE id = ?1 AND cancel_requested_at IS NULL",
+            params![id, now],
+        )?;
+        Ok(())
+    }
+
+    fn finish_command(
+        &self,
+        id: &str,
+        end: &CommandEnd,
+        events: &[CommandEventRow],
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_events(&tx, events)?;
+        tx.execute(
+            "UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
+                stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9, error = ?10
+             WHERE id = ?1",
+            params![
+                id,
+                end.status,
+                end.exit_code,
+                end.signal,
+                end.stdout,
+                end.stderr,
+                end.stdout_dropped,
+                end.stderr_dropped,
+                end.ended_at,
+                end.error
+            ],
+        )?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn append_command_events(&self, events: &[CommandEventRow]) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_events(&tx, events)?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn command_events(
+        &self,
+        command_id: &str,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<CommandEventRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM command_events WHERE command_id = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let rows = stmt.query_map(params![command_id, after, limit as i64], event_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn trim_command_events(&self, command_id: &str, keep_from: i64) -> Result<(), StoreError> {
+        self.conn().execute(
+            "DELETE FROM command_events WHERE command_id = ?1 AND seq < ?2",
+            params![command_id, keep_from],
+        )?;
+        Ok(())
+    }
+
+    fn fail_running_commands(
+        &self,
+        sandbox_id: &str,
+        error: &str,
+        now: Millis,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        // Close each log with an exit event, so a log reader sees the end.
+        tx.execute(
+            "INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at)
+             SELECT c.id,
+                    COALESCE((SELECT MAX(e.seq) FROM command_events e WHERE e.command_id = c.id), 0) + 1,
+                    'exit',
+                    CAST(json_object('status', 'failed', 'exitCode', NULL, 'signal', NULL, 'error', ?2) AS BLOB),
+                    ?3
+             FROM commands c WHERE c.sandbox_id = ?1 AND c.status = 'running'",
+            params![sandbox_id, error, now],
+        )?;
+        let changed = tx.execute(
+            "UPDATE commands SET status = 'failed', error = ?2, ended_at = ?3
+             WHERE sandbox_id = ?1 AND status = 'running'",
+            params![sandbox_id, error, now],
+        )?;
+        tx.commit()?;
+        Ok(changed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn store() -> SqliteStore {
+        SqliteStore::open_in_memory().expect("store")
+    }
+
+    fn sandbox(
+        org: &str,
+        project: Option<&str>,
+        id: &str,
+        created_at: Millis,
+        slot: i64,
+    ) -> SandboxRow {
+        SandboxRow {
+            id: id.into(),
+            org_id: org.into(),
+            project_id: project.map(Into::into),
+            template: "python".into(),
+            template_hash: "h".into(),
+            status: "running".into(),
+            metadata: "{}".into(),
+            created_at,
+            expires_at: created_at + 1000,
+            ended_at: None,
+            end_reason: None,
+            uid_slot: slot,
+            vcpus: 1,
+            memory_mib: 512,
+            created_by_key: "key_x".into(),
+        }
+    }
+
+    #[test]
+    fn ensure_org_is_idempotent_by_name() {
+        let s = store();
+        let a = s.ensure_org("acme", 1).expect("org");
+        let b = s.ensure_org("acme", 2).expect("org");
+        assert_eq!(a, b);
+    }
+
+    #[test]
+    fn get_sandbox_of_another_org_returns_none() {
+        let s = store();
+        let a = s.ensure_org("a", 0).expect("org");
+        let b = s.ensure_org("b", 0).expect("org");
+        s.insert_sandbox(&sandbox(&a.id, None, "sbx_1", 1, 0))
+            .expect("insert");
+        let scope_b = Scope {
+            org_id: b.id,
+            project_id: None,
+        };
+        assert!(s.get_sandbox(&scope_b, "sbx_1").expect("get").is_none());
+    }
+
+    #[test]
+    fn project_restricted_scope_sees_only_its_project() {
+        let s = store();
+        let org = s.ensure_org("a", 0).expect("org");
+        let p1 = s.ensure_project(&org.id, "one", 0).expect("p");
+        let p2 = s.ensure_project(&org.id, "two", 0).expect("p");
+        s.insert_sandbox(&sandbox(&org.id, Some(&p1.id), "sbx_1", 1, 0))
+            .expect("insert");
+        s.insert_sandbox(&sandbox(&org.id, Some(&p2.id), "sbx_2", 2, 1))
+            .expect("insert");
+        let scope = Scope {
+            org_id: org.id.clone(),
+            project_id: Some(p1.id),
+        };
+        assert!(s.get_sandbox(&scope, "sbx_2").expect("get").is_none());
+        let listed = s.list_sandboxes(&scope, None, 10).expect("list");
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].id, "sbx_1");
+    }
+
+    #[test]
+    fn list_sandboxes_pages_by_cursor_without_gaps_or_repeats() {
+        let s = store();
+        let org = s.ensure_org("a", 0).expect("org");
+        for i in 0..5 {
+            // Two share a timestamp to exercise the id tie-break.
+            s.insert_sandbox(&sandbox(&org.id, None, &format!("sbx_{i}"), i / 2, i))
+                .expect("insert");
+        }
+        let scope = Scope {
+            org_id: org.id,
+            project_id: None,
+        };
+        let mut seen = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = s.list_sandboxes(&scope, cursor.as_ref(), 2).expect("page");
+            if page.is_empty() {
+                break;
+            }
+            let last = page.last().expect("last");
+            cursor = Some(Cursor {
+                created_at: last.created_at,
+                id: last.id.clone(),
+            });
+            seen.extend(page.into_iter().map(|r| r.id));
+        }
+        assert_eq!(seen, ["sbx_4", "sbx_3", "sbx_2", "sbx_1", "sbx_0"]);
+    }
+
+    #[test]
+    fn a_live_uid_slot_cannot_be_taken_twice_but_is_freed_by_end() {
+        let s = store();
+        let org = s.ensure_org("a", 0).expect("org");
+        s.insert_sandbox(&sandbox(&org.id, None, "sbx_1", 1, 7))
+            .expect("insert");
+        assert!(matches!(
+            s.insert_sandbox(&sandbox(&org.id, None, "sbx_2", 1, 7)),
+            Err(StoreError::Conflict(_))
+        ));
+        s.end_sandbox("sbx_1", "killed", 5).expect("end");
+        s.insert_sandbox(&sandbox(&org.id, None, "sbx_2", 1, 7))
+            .expect("slot reused");
+        assert_eq!(s.used_uid_slots().expect("slots"), vec![7]);
+    }
+
+    #[test]
+    fn revoke_key_reports_unknown_ids() {
+        let s = store();
+        assert!(!s.revoke_key("key_nope", 1).expect("revoke"));
+    }
+}
