@@ -1,0 +1,197 @@
+//! The CrowNest benchmark: starts the built `crownest` server, measures the
+//! API paths a client waits on, measures the runc baselines a user would
+//! otherwise pick in the same run, and prints one table.
+//!
+//! Run with: `scripts/bench` (builds release binaries, then runs this).
+
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use crownest_e2e::Server;
+use serde_json::{Value, json};
+
+struct Row {
+    name: String,
+    samples: Vec<Duration>,
+    target: &'static str,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|n| n.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn runc(server: &Server) -> Command {
+    let mut command = Command::new("runc");
+    command.arg("--root").arg(server.data_dir.join("runc"));
+    command
+}
+
+fn container_pid(server: &Server, id: &str) -> Option<u32> {
+    let out = runc(server).args(["state", id]).output().ok()?;
+    let state: Value = serde_json::from_slice(&out.stdout).ok()?;
+    state["pid"].as_u64().map(|p| p as u32)
+}
+
+#[tokio::main]
+async fn main() {
+    let iterations: usize = std::env::var("CROWNEST_BENCH_ITERATIONS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let creates: usize = (iterations / 10).max(5);
+    let mut server = Server::start();
+    let client = server.client(&server.key("bench", None, "all"));
+    let mut rows = Vec::new();
+
+    // Warm-up: the rootfs is built and the page cache is warm.
+    let warm = client.sandbox("python").await;
+    client.run(&warm, "true").await;
+
+    // Create -> first command result, no warm pool.
+    let mut samples = Vec::new();
+    for _ in 0..creates {
+        let start = Instant::now();
+        let id = client.sandbox("python").await;
+        let result = client.run(&id, "true").await;
+        samples.push(start.elapsed());
+        assert_eq!(result["exitCode"], 0);
+        client.kill(&id).await;
+    }
+    rows.push(Row {
+        name: "create -> first command result".into(),
+        samples,
+        target: "p50 <= 150 ms",
+    });
+
+    // Command round trip on a live sandbox.
+    let mut samples = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let result = client.run(&warm, "true").await;
+        samples.push(start.elapsed());
+        assert_eq!(result["exitCode"], 0);
+    }
+    rows.push(Row {
+        name: "command round trip (`true`, HTTP)".into(),
+        samples,
+        target: "p50 <= 3 ms, >= 3x faster than runc exec",
+    });
+
+    // Baseline: runc exec into the same running container.
+    let mut samples = Vec::new();
+    for _ in 0..iterations.min(100) {
+        let start = Instant::now();
+        let status = runc(&server)
+            .args(["exec", "--user", "1000:1000", &warm, "/bin/true"])
+            .status()
+            .expect("runc exec");
+        samples.push(start.elapsed());
+        assert!(status.success(), "runc exec failed");
+    }
+    rows.push(Row {
+        name: "baseline: runc exec `true`".into(),
+        samples,
+        target: "",
+    });
+
+    // Baseline: runc run of a fresh container from the same kind of bundle.
+    let bundle_src = server
+        .data_dir
+        .join("sandboxes")
+        .join(&warm)
+        .join("bundle")
+        .join("config.json");
+    let mut config: Value =
+        serde_json::from_str(&std::fs::read_to_string(&bundle_src).expect("bundle config"))
+            .expect("json");
+    config["process"]["args"] = json!(["/bin/true"]);
+    let bundle = tempfile::tempdir().expect("bundle dir");
+    std::fs::write(bundle.path().join("config.json"), config.to_string()).expect("write config");
+    let mut samples = Vec::new();
+    for i in 0..creates {
+        let id = format!("bench-run-{}-{i}", std::process::id());
+        let start = Instant::now();
+        let status = runc(&server)
+            .args(["run", "--bundle"])
+            .arg(bundle.path())
+            .arg(&id)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("runc run");
+        samples.push(start.elapsed());
+        let _ = runc(&server).args(["delete", "--force", &id]).status();
+        assert!(status.success(), "runc run failed");
+    }
+    rows.push(Row {
+        name: "baseline: runc run of a fresh container (`true`)".into(),
+        samples,
+        target: "",
+    });
+
+    // Memory per idle sandbox: host RSS growth plus each agent's RSS.
+    let server_pid = server.pid().expect("server pid");
+    let idle_count = 10;
+    let before = rss_kib(server_pid);
+    let mut idle = Vec::new();
+    for _ in 0..idle_count {
+        idle.push(client.sandbox("python").await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = rss_kib(server_pid);
+    let agents: u64 = idle
+        .iter()
+        .filter_map(|id| container_pid(&server, id))
+        .map(rss_kib)
+        .sum();
+    let host_per = (after.saturating_sub(before)) as f64 / idle_count as f64 / 1024.0;
+    let agent_per = agents as f64 / idle_count as f64 / 1024.0;
+    for id in &idle {
+        client.kill(id).await;
+    }
+    client.kill(&warm).await;
+    server.stop();
+
+    println!("\n| measurement | n | p50 | p99 | target |");
+    println!("|---|---|---|---|---|");
+    let mut p50s = Vec::new();
+    for row in &mut rows {
+        row.samples.sort();
+        let p50 = percentile(&row.samples, 0.5);
+        p50s.push(p50);
+        println!(
+            "| {} | {} | {} | {} | {} |",
+            row.name,
+            row.samples.len(),
+            ms(p50),
+            ms(percentile(&row.samples, 0.99)),
+            row.target
+        );
+    }
+    let ratio = p50s[2].as_secs_f64() / p50s[1].as_secs_f64().max(1e-9);
+    println!("| command round trip vs runc exec (p50) | | {ratio:.1}x faster | | >= 3x |");
+    println!(
+        "| memory per idle sandbox ({idle_count} idle) | | host {host_per:.2} MiB + agent {agent_per:.2} MiB = {:.2} MiB | | <= 10 MiB |",
+        host_per + agent_per
+    );
+}
