@@ -86,6 +86,77 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (command_id, seq)
     ) WITHOUT ROWID;
     "#,
+    // 2: staged transfers, idempotency records, audit events, metering,
+    // quotas and artifacts.
+    r#"
+    CREATE TABLE transfers (
+        id          TEXT PRIMARY KEY,
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id),
+        org_id      TEXT NOT NULL REFERENCES orgs(id),
+        kind        TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        max_bytes   INTEGER,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        used_at     INTEGER
+    );
+    CREATE TABLE idempotency_records (
+        org_id        TEXT NOT NULL,
+        key           TEXT NOT NULL,
+        method        TEXT NOT NULL,
+        path          TEXT NOT NULL,
+        request_hash  BLOB NOT NULL,
+        status        INTEGER,
+        content_type  TEXT,
+        body          BLOB,
+        created_at    INTEGER NOT NULL,
+        completed_at  INTEGER,
+        PRIMARY KEY (org_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_by_age ON idempotency_records (created_at);
+    CREATE TABLE audit_events (
+        id             TEXT PRIMARY KEY,
+        at             INTEGER NOT NULL,
+        org_id         TEXT,
+        project_id     TEXT,
+        actor_key_id   TEXT,
+        actor          TEXT NOT NULL,
+        action         TEXT NOT NULL,
+        resource_type  TEXT,
+        resource_id    TEXT,
+        outcome        TEXT NOT NULL,
+        status         INTEGER,
+        request_id     TEXT,
+        details        TEXT NOT NULL
+    );
+    CREATE INDEX audit_by_org ON audit_events (org_id, at DESC, id DESC);
+    CREATE INDEX audit_by_resource ON audit_events (resource_id);
+    ALTER TABLE sandboxes ADD COLUMN metered_until INTEGER;
+    ALTER TABLE sandboxes ADD COLUMN pricing_version TEXT NOT NULL DEFAULT '2026-11-01';
+    CREATE TABLE quotas (
+        org_id                    TEXT PRIMARY KEY REFERENCES orgs(id),
+        max_concurrent_sandboxes  INTEGER,
+        max_compute_unit_seconds  INTEGER,
+        max_artifact_bytes        INTEGER,
+        max_request_body_bytes    INTEGER,
+        max_command_output_bytes  INTEGER
+    );
+    CREATE TABLE artifacts (
+        id              TEXT PRIMARY KEY,
+        org_id          TEXT NOT NULL REFERENCES orgs(id),
+        project_id      TEXT REFERENCES projects(id),
+        sandbox_id      TEXT NOT NULL REFERENCES sandboxes(id),
+        source_path     TEXT NOT NULL,
+        name            TEXT NOT NULL,
+        sha256          TEXT NOT NULL,
+        size            INTEGER NOT NULL,
+        mime            TEXT NOT NULL,
+        created_at      INTEGER NOT NULL,
+        created_by_key  TEXT NOT NULL
+    );
+    CREATE INDEX artifacts_by_org ON artifacts (org_id, created_at DESC, id DESC);
+    CREATE INDEX artifacts_by_sandbox ON artifacts (sandbox_id, created_at DESC, id DESC);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version
