@@ -27,6 +27,8 @@ pub const SCOPES: &[&str] = &[
     "commands:read",
     "commands:kill",
     "templates:read",
+    "audit:read",
+    "usage:read",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -17,6 +17,7 @@ pub enum Kind {
     Org,
     Project,
     Request,
+    Audit,
 }
 
 impl Kind {
@@ -28,6 +29,7 @@ impl Kind {
             Kind::Org => "org",
             Kind::Project => "prj",
             Kind::Request => "req",
+            Kind::Audit => "evt",
         }
     }
 }

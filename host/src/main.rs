@@ -13,9 +13,10 @@ use crownest::auth;
 use crownest::clock::{Clock, rfc3339};
 use crownest::config::{self, Config, Limits};
 use crownest::core::Host;
+use crownest::ids;
 use crownest::rootfs::RootfsCache;
 use crownest::runtime::OciRuntime;
-use crownest::store::{SqliteStore, StoreHandle};
+use crownest::store::{AuditRow, Quota, SqliteStore, Store, StoreHandle};
 use crownest::templates::TemplateSet;
 
 #[derive(Parser)]
@@ -36,6 +37,9 @@ enum Command {
     /// Create, list and revoke API keys (operator only: no HTTP route mints keys).
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Per-org quotas (operator only).
+    #[command(subcommand)]
+    Orgs(OrgsCommand),
     /// Build and inspect templates.
     #[command(subcommand)]
     Template(TemplateCommand),
@@ -75,6 +79,59 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+}
+
+#[derive(Subcommand)]
+enum OrgsCommand {
+    /// Set an org's quotas. Each limit is a number, or `none` for unlimited;
+    /// limits not given keep their value. Creates the org if it is new.
+    SetQuota {
+        #[arg(long)]
+        org: String,
+        /// Sandboxes alive at once.
+        #[arg(long)]
+        max_concurrent_sandboxes: Option<QuotaValue>,
+        /// Compute unit seconds (vCPUs × seconds) per UTC calendar month.
+        #[arg(long)]
+        max_compute_unit_seconds: Option<QuotaValue>,
+        /// Bytes of artifacts stored.
+        #[arg(long)]
+        max_artifact_bytes: Option<QuotaValue>,
+        /// Bytes of one request body.
+        #[arg(long)]
+        max_request_body_bytes: Option<QuotaValue>,
+        /// Bytes of each output stream kept per command (the tail is kept).
+        #[arg(long)]
+        max_command_output_bytes: Option<QuotaValue>,
+        #[command(flatten)]
+        data: DataDir,
+    },
+    /// Show an org's quotas.
+    Show {
+        #[arg(long)]
+        org: String,
+        #[command(flatten)]
+        data: DataDir,
+    },
+}
+
+/// A quota limit on the command line: a number or `none`.
+#[derive(Clone, Copy, Debug)]
+struct QuotaValue(Option<i64>);
+
+impl std::str::FromStr for QuotaValue {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        if text == "none" {
+            return Ok(QuotaValue(None));
+        }
+        text.parse::<i64>()
+            .ok()
+            .filter(|n| *n >= 0)
+            .map(|n| QuotaValue(Some(n)))
+            .ok_or_else(|| format!("`{text}` is not a non-negative number or `none`"))
+    }
 }
 
 #[derive(Subcommand)]
@@ -129,6 +186,7 @@ fn main() -> Result<()> {
     match cli.command {
         Command::Serve(args) => serve(args),
         Command::Keys(command) => keys(command),
+        Command::Orgs(command) => orgs(command),
         Command::Template(command) => template(command),
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&api::openapi())?);
@@ -255,6 +313,14 @@ fn keys(command: KeysCommand) -> Result<()> {
                     .unwrap_or_default(),
                 minted.row.scopes.join(",")
             );
+            operator_audit(
+                store.blocking(),
+                &minted.row.org_id,
+                minted.row.project_id.clone(),
+                "key.create",
+                &minted.row.id,
+                now,
+            )?;
             eprintln!("store the key now: it is not shown again");
             println!("{}", minted.secret);
         }
@@ -287,10 +353,130 @@ fn keys(command: KeysCommand) -> Result<()> {
             if !store.blocking().revoke_key(&id, now)? {
                 bail!("no key with id `{id}`; `crownest keys list` shows them");
             }
+            if let Some(listing) = store
+                .blocking()
+                .list_keys()?
+                .into_iter()
+                .find(|l| l.key.id == id)
+            {
+                operator_audit(
+                    store.blocking(),
+                    &listing.key.org_id,
+                    listing.key.project_id,
+                    "key.revoke",
+                    &id,
+                    now,
+                )?;
+            }
             eprintln!("revoked {id}");
         }
     }
     Ok(())
+}
+
+/// Records what the operator did with the CLI in the audit log.
+fn operator_audit(
+    store: &dyn Store,
+    org_id: &str,
+    project_id: Option<String>,
+    action: &str,
+    key_id: &str,
+    now: i64,
+) -> Result<()> {
+    store.insert_audit(&AuditRow {
+        id: ids::new(ids::Kind::Audit),
+        at: now,
+        org_id: Some(org_id.to_string()),
+        project_id,
+        actor_key_id: None,
+        actor: String::from("operator"),
+        action: action.to_string(),
+        resource_type: Some(String::from("key")),
+        resource_id: Some(key_id.to_string()),
+        outcome: String::from("success"),
+        status: None,
+        request_id: None,
+        details: String::from("{}"),
+    })?;
+    Ok(())
+}
+
+fn orgs(command: OrgsCommand) -> Result<()> {
+    let now = Clock::system().now_ms();
+    match command {
+        OrgsCommand::SetQuota {
+            org,
+            max_concurrent_sandboxes,
+            max_compute_unit_seconds,
+            max_artifact_bytes,
+            max_request_body_bytes,
+            max_command_output_bytes,
+            data,
+        } => {
+            let store = open_store(&data.data_dir)?;
+            let org_row = store.blocking().ensure_org(&org, now)?;
+            let mut quota = store.blocking().get_quota(&org_row.id)?;
+            let set = |field: &mut Option<i64>, value: Option<QuotaValue>| {
+                if let Some(QuotaValue(v)) = value {
+                    *field = v;
+                }
+            };
+            set(
+                &mut quota.max_concurrent_sandboxes,
+                max_concurrent_sandboxes,
+            );
+            set(
+                &mut quota.max_compute_unit_seconds,
+                max_compute_unit_seconds,
+            );
+            set(&mut quota.max_artifact_bytes, max_artifact_bytes);
+            set(&mut quota.max_request_body_bytes, max_request_body_bytes);
+            set(
+                &mut quota.max_command_output_bytes,
+                max_command_output_bytes,
+            );
+            store.blocking().set_quota(&org_row.id, &quota)?;
+            print_quota(&org, &quota);
+        }
+        OrgsCommand::Show { org, data } => {
+            let store = open_store(&data.data_dir)?;
+            let org_row = store
+                .blocking()
+                .find_org(&org)?
+                .with_context(|| format!("no org named `{org}`"))?;
+            print_quota(&org, &store.blocking().get_quota(&org_row.id)?);
+            println!(
+                "live sandboxes: {}",
+                store.blocking().live_sandbox_count(&org_row.id)?
+            );
+        }
+    }
+    Ok(())
+}
+
+fn print_quota(org: &str, quota: &Quota) {
+    let show = |v: Option<i64>| v.map_or_else(|| String::from("unlimited"), |n| n.to_string());
+    println!("org {org}");
+    println!(
+        "  max concurrent sandboxes:  {}",
+        show(quota.max_concurrent_sandboxes)
+    );
+    println!(
+        "  max compute unit seconds:  {} per month",
+        show(quota.max_compute_unit_seconds)
+    );
+    println!(
+        "  max artifact bytes:        {}",
+        show(quota.max_artifact_bytes)
+    );
+    println!(
+        "  max request body bytes:    {}",
+        show(quota.max_request_body_bytes)
+    );
+    println!(
+        "  max command output bytes:  {}",
+        show(quota.max_command_output_bytes)
+    );
 }
 
 fn template(command: TemplateCommand) -> Result<()> {

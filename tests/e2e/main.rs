@@ -6,5 +6,6 @@ mod auth;
 mod bad_input;
 mod commands;
 mod escape;
+mod ledger;
 mod restart;
 mod sandboxes;

@@ -173,6 +173,32 @@ impl From<CoreError> for ApiError {
                     "the sandbox could not be started; retry, and if it persists the server log has the cause",
                 )
             }
+            E::IdempotencyKeyReused(key) => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_reused",
+                format!("idempotency key `{key}` was already used with a different request; use a new key for a new request"),
+            )
+            .with_details(json!({ "idempotencyKey": key })),
+            E::IdempotencyInFlight(key) => Self::new(
+                StatusCode::CONFLICT,
+                "idempotency_key_in_use",
+                format!("the first request with idempotency key `{key}` is still running; retry later"),
+            )
+            .with_details(json!({ "idempotencyKey": key })),
+            E::QuotaExceeded {
+                limit,
+                max,
+                current,
+            } => Self::new(
+                if limit == "maxRequestBodyBytes" {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::TOO_MANY_REQUESTS
+                },
+                "quota_exceeded",
+                format!("this org's {limit} quota is {max} and {current} is in use; ask the operator to raise it"),
+            )
+            .with_details(json!({ "limit": limit, "max": max, "current": current })),
             other @ (E::Runtime(_) | E::Agent(_) | E::Store(_)) => {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()

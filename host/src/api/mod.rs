@@ -5,8 +5,10 @@
 //! **Architecture Invariant:** this is the only module that knows HTTP and
 //! JSON bodies. It never sees SQL, a runc path or a yamux stream.
 
+mod audit;
 mod commands;
 pub mod error;
+mod ledger;
 mod pagination;
 mod sandboxes;
 mod system;
@@ -80,9 +82,14 @@ impl FromRequestParts<AppState> for Caller {
         parts: &mut Parts,
         state: &AppState,
     ) -> impl Future<Output = Result<Self, Self::Rejection>> + Send {
+        // The ledger middleware has usually authenticated already.
+        let known = parts.extensions.get::<Authenticated>().cloned();
         let presented = presented_key(parts);
         let store = state.host.store().clone();
         async move {
+            if let Some(Authenticated(principal)) = known {
+                return principal.map(Caller).ok_or_else(ApiError::unauthorized);
+            }
             let secret = presented.ok_or_else(ApiError::unauthorized)?;
             let principal = store
                 .call(move |s| auth::authenticate(s, &secret))
@@ -97,12 +104,20 @@ impl FromRequestParts<AppState> for Caller {
     }
 }
 
+/// The result of authenticating a request, cached in its extensions by the
+/// ledger middleware (`None`: no valid key).
+#[derive(Clone)]
+pub(crate) struct Authenticated(pub Option<Principal>);
+
 fn presented_key(parts: &Parts) -> Option<String> {
-    if let Some(value) = parts.headers.get("x-api-key") {
+    presented_key_of(&parts.headers)
+}
+
+fn presented_key_of(headers: &axum::http::HeaderMap) -> Option<String> {
+    if let Some(value) = headers.get("x-api-key") {
         return value.to_str().ok().map(|v| v.trim().to_string());
     }
-    let value = parts
-        .headers
+    let value = headers
         .get(axum::http::header::AUTHORIZATION)?
         .to_str()
         .ok()?;
@@ -148,6 +163,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(system::routes())
         .merge(sandboxes::routes())
         .merge(commands::routes())
+        .merge(audit::routes())
 }
 
 /// The OpenAPI document of this build.
@@ -170,6 +186,10 @@ pub fn app(state: AppState) -> Router {
                 async move { axum::Json(doc.as_ref().clone()) }
             }),
         )
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            ledger::ledger,
+        ))
         .fallback(|| async { ApiError::route_not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body))
@@ -226,6 +246,11 @@ mod tests {
     /// An app over an in-memory store. No route used here reaches the
     /// runtime, so its binary is never run.
     fn test_app(max_body_bytes: usize) -> (Router, StoreHandle) {
+        let (app, store, _) = test_app_with_clock(max_body_bytes);
+        (app, store)
+    }
+
+    fn test_app_with_clock(max_body_bytes: usize) -> (Router, StoreHandle, Clock) {
         let store = StoreHandle::new(SqliteStore::open_in_memory().expect("store"));
         let config = Config {
             listen: "127.0.0.1:0".parse().expect("addr"),
@@ -244,8 +269,9 @@ mod tests {
             std::env::temp_dir().join("cn-api-test-runc"),
         ));
         let templates = TemplateSet::load(None).expect("templates");
-        let host = Host::new(config, store.clone(), Clock::system(), templates, runtime);
-        (app(AppState { host }), store)
+        let clock = Clock::system();
+        let host = Host::new(config, store.clone(), clock.clone(), templates, runtime);
+        (app(AppState { host }), store, clock)
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -350,6 +376,63 @@ mod tests {
             .await
             .expect("response");
         assert!(response.headers().contains_key("x-request-id"));
+    }
+
+    fn create(secret: &str, key: &str, template: &str) -> Request<Body> {
+        Request::post("/v1/sandboxes")
+            .header("x-api-key", secret)
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .body(Body::from(format!("{{\"template\":\"{template}\"}}")))
+            .expect("req")
+    }
+
+    #[tokio::test]
+    async fn an_idempotency_key_replays_for_24_hours_then_does_the_work_again() {
+        let (app, store, clock) = test_app_with_clock(1024);
+        let secret = key(&store, &["sandboxes:create"]);
+        // An unknown template fails before anything starts: a stored 404.
+        let first = app
+            .clone()
+            .oneshot(create(&secret, "k1", "cobol"))
+            .await
+            .expect("first");
+        assert_eq!(first.status(), StatusCode::NOT_FOUND);
+        assert!(!first.headers().contains_key("idempotent-replayed"));
+        let replay = app
+            .clone()
+            .oneshot(create(&secret, "k1", "cobol"))
+            .await
+            .expect("replay");
+        assert_eq!(replay.status(), StatusCode::NOT_FOUND);
+        assert!(replay.headers().contains_key("idempotent-replayed"));
+        let (status, body) = call(app.clone(), create(&secret, "k1", "fortran")).await;
+        assert_eq!(
+            (status, body["error"]["code"].as_str()),
+            (StatusCode::CONFLICT, Some("idempotency_key_reused"))
+        );
+
+        clock.advance(24 * 60 * 60 * 1000 + 1);
+        let later = app
+            .clone()
+            .oneshot(create(&secret, "k1", "fortran"))
+            .await
+            .expect("later");
+        assert_eq!(
+            later.status(),
+            StatusCode::NOT_FOUND,
+            "the expired key runs the new request"
+        );
+        assert!(!later.headers().contains_key("idempotent-replayed"));
+    }
+
+    #[tokio::test]
+    async fn a_malformed_idempotency_key_is_refused() {
+        let (app, store) = test_app(1024);
+        let secret = key(&store, &["sandboxes:create"]);
+        let (status, body) = call(app, create(&secret, &"k".repeat(300), "python")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert_eq!(body["error"]["details"]["field"], "Idempotency-Key");
     }
 
     #[test]

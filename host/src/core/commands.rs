@@ -157,6 +157,9 @@ pub struct LiveCommand {
     pub sandbox_id: String,
     record: CommandRow,
     stdin_open: bool,
+    /// Tail kept per output stream: the host limit, or the org's quota when
+    /// that is lower.
+    output_limit: usize,
     state: Mutex<LiveState>,
     /// Bumped on every change of `state`; readers wait on it.
     changed: watch::Sender<u64>,
@@ -245,6 +248,12 @@ impl Host {
         }
 
         let template = self.template(&sandbox.template)?;
+        let quota = self.quota(&sandbox.org_id).await?;
+        let output_limit = quota
+            .max_command_output_bytes
+            .map_or(limits.output_tail_bytes, |q| {
+                (q.max(0) as usize).min(limits.output_tail_bytes)
+            });
         let now = self.clock.now_ms();
         let env_json = serde_json::Value::Object(
             request
@@ -310,6 +319,7 @@ impl Host {
             sandbox_id: sandbox.id.clone(),
             record,
             stdin_open: request.stdin,
+            output_limit,
             state: Mutex::new(LiveState {
                 next_seq: 1,
                 ..LiveState::default()
@@ -427,7 +437,7 @@ impl Host {
         } else {
             (&mut state.stderr, &mut state.stderr_carry)
         };
-        tail.push(data, limits.output_tail_bytes);
+        tail.push(data, live.output_limit);
         let text = carry.split(data);
         if text.is_empty() {
             return;

@@ -7,6 +7,7 @@
 //! through [`AgentClient`]; state goes through [`StoreHandle`].
 
 pub mod commands;
+pub mod ledger;
 pub mod sandboxes;
 
 use std::collections::HashMap;
@@ -61,6 +62,16 @@ pub enum CoreError {
     Agent(#[from] AgentError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error("idempotency key `{0}` was used for a different request")]
+    IdempotencyKeyReused(String),
+    #[error("the first request with idempotency key `{0}` is still running")]
+    IdempotencyInFlight(String),
+    #[error("quota {limit} exceeded: {current} of {max}")]
+    QuotaExceeded {
+        limit: &'static str,
+        max: i64,
+        current: i64,
+    },
 }
 
 impl CoreError {
@@ -104,6 +115,12 @@ pub struct Host {
     builds: AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Cancelled on shutdown: stops the reaper.
     shutdown: CancellationToken,
+    /// Serialises the quota check and insert of sandbox creates, so two
+    /// creates cannot both take an org's last place.
+    admission: AsyncMutex<()>,
+    /// When this process started: idempotency records still in flight from
+    /// before it belong to a dead process.
+    started_at: crate::clock::Millis,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -121,6 +138,7 @@ impl Host {
         runtime: Arc<dyn Runtime>,
     ) -> Arc<Self> {
         let rootfs = RootfsCache::new(config.cache_dir.clone());
+        let started_at = clock.now_ms();
         Arc::new(Self {
             store,
             clock,
@@ -133,6 +151,8 @@ impl Host {
             reserved_slots: Mutex::new(Vec::new()),
             builds: AsyncMutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
+            admission: AsyncMutex::new(()),
+            started_at,
         })
     }
 
@@ -184,8 +204,16 @@ impl Host {
                     s.end_sandbox(&id, "host_restart", now)
                 })
                 .await?;
+            self.audit_system_destroy(&sandbox.id, &sandbox.org_id, "host_restart")
+                .await;
             tracing::info!(sandbox = %sandbox.id, "reconciled sandbox left by a previous host process");
         }
+        let started_at = self.started_at;
+        self.store
+            .call(move |s| {
+                s.purge_idempotent(started_at - ledger::IDEMPOTENCY_TTL_MS, Some(started_at))
+            })
+            .await?;
         for id in self.runtime.list().await? {
             let state_dir = self.state_dir(&id);
             tracing::info!(container = %id, "destroying unknown container");
@@ -222,7 +250,16 @@ impl Host {
 
     async fn reap_once(&self) -> Result<(), CoreError> {
         let now = self.clock.now_ms();
-        let live = self.store.call(|s| s.live_sandboxes()).await?;
+        // Metering: every live sandbox was alive now. After a crash, usage
+        // runs to the last heartbeat, at most one pass (0.5 s) short.
+        let live = self
+            .store
+            .call(move |s| {
+                s.heartbeat_meters(now)?;
+                s.purge_idempotent(now - ledger::IDEMPOTENCY_TTL_MS, None)?;
+                s.live_sandboxes()
+            })
+            .await?;
         for sandbox in live {
             let reason = if sandbox.expires_at <= now {
                 Some("expired")
@@ -238,6 +275,8 @@ impl Host {
             if let Some(reason) = reason {
                 tracing::info!(sandbox = %sandbox.id, reason, "reaping sandbox");
                 self.destroy_sandbox(&sandbox.id, reason).await?;
+                self.audit_system_destroy(&sandbox.id, &sandbox.org_id, reason)
+                    .await;
             }
         }
         Ok(())
@@ -252,6 +291,27 @@ impl Host {
             if let Err(e) = self.destroy_sandbox(&id, "host_shutdown").await {
                 tracing::warn!(sandbox = %id, error = %e, "could not destroy sandbox on shutdown");
             }
+            let key = id.clone();
+            if let Ok(Some(org)) = self.store.call(move |s| s.sandbox_org(&key)).await {
+                self.audit_system_destroy(&id, &org, "host_shutdown").await;
+            }
         }
+    }
+
+    /// Audits a destroy the host did on its own (expiry, failure, restart).
+    async fn audit_system_destroy(&self, id: &str, org_id: &str, reason: &str) {
+        let mut details = serde_json::Map::new();
+        details.insert("reason".into(), reason.into());
+        self.audit(ledger::AuditEvent {
+            actor: "system",
+            action: String::from("sandbox.destroy"),
+            resource_type: Some("sandbox"),
+            resource_id: Some(id.to_string()),
+            outcome: "success",
+            org_id: Some(org_id.to_string()),
+            details,
+            ..ledger::AuditEvent::default()
+        })
+        .await;
     }
 }

@@ -58,6 +58,9 @@ impl Host {
         let template = self.template(&request.template)?;
         self.ensure_rootfs(&template).await?;
 
+        let quota = self.quota(&principal.org_id).await?;
+        let admission = self.admission.lock().await;
+        self.check_sandbox_quota(&principal.org_id, &quota).await?;
         let slot = self.reserve_slot().await?;
         let now = self.clock.now_ms();
         let row = SandboxRow {
@@ -82,6 +85,7 @@ impl Host {
             self.store.call(move |s| s.insert_sandbox(&row)).await
         };
         self.release_slot(slot);
+        drop(admission);
         inserted?;
 
         match self.start_container(&row, &template).await {

@@ -7,6 +7,7 @@
 //! [`StoreHandle::call`], which runs the closure on the blocking pool so the
 //! executor never waits on disk.
 
+pub mod ledger;
 mod migrations;
 mod sqlite;
 
@@ -14,6 +15,10 @@ use std::sync::Arc;
 
 use crate::clock::Millis;
 
+pub use ledger::{
+    AuditFilter, AuditRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest, LedgerStore,
+    MeterRow, Quota, StoredResponse,
+};
 pub use sqlite::SqliteStore;
 
 /// Errors of the store. Callers map `Conflict`/`NotFound` to API errors;
@@ -174,7 +179,7 @@ pub struct Scope {
 
 /// Durable state. Implemented by [`SqliteStore`]; a trait so that a fleet
 /// can later put PostgreSQL behind the same calls.
-pub trait Store: Send + Sync + 'static {
+pub trait Store: LedgerStore + Send + Sync + 'static {
     // Tenancy.
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError>;
     fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError>;

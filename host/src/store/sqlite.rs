@@ -44,7 +44,7 @@ impl SqliteStore {
         })
     }
 
-    fn conn(&self) -> MutexGuard<'_, Connection> {
+    pub(super) fn conn(&self) -> MutexGuard<'_, Connection> {
         // A panic while holding the lock cannot leave SQLite inconsistent
         // (transactions roll back on drop), so a poisoned lock is usable.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
@@ -365,7 +365,11 @@ impl Store for SqliteStore {
 
     fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError> {
         self.conn().execute(
-            "UPDATE sandboxes SET status = 'destroyed', ended_at = ?3, end_reason = ?2
+            // Metering runs to the end, except for a sandbox that died with
+            // a previous host process: it is metered to its last heartbeat.
+            "UPDATE sandboxes SET status = 'destroyed', ended_at = ?3, end_reason = ?2,
+                metered_until = CASE WHEN ?2 = 'host_restart'
+                                     THEN COALESCE(metered_until, created_at) ELSE ?3 END
              WHERE id = ?1 AND status <> 'destroyed'",
             params![id, reason, now],
         )?;

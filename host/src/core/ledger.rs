@@ -1,0 +1,424 @@
+//! What the host records about requests and sandboxes: idempotency
+//! (a retried mutation returns the first attempt's response), audit events,
+//! metering in compute unit seconds, and per-org quotas.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+
+use super::{CoreError, Host};
+use crate::auth::Principal;
+use crate::clock::Millis;
+use crate::ids;
+use crate::store::{
+    AuditFilter, AuditRow, IdempotencyBegin, IdempotentRequest, MeterRow, Quota, StoredResponse,
+};
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
+/// How long a repeat waits for the first attempt of its key to finish.
+const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(15 * 60);
+const IDEMPOTENCY_POLL: Duration = Duration::from_millis(10);
+/// Longest accepted `Idempotency-Key`.
+pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// What to do with a mutating request that carries an idempotency key.
+#[derive(Debug)]
+pub enum Idempotency {
+    /// First attempt: do the work, then [`Host::idempotency_complete`].
+    Proceed,
+    /// Same key and request as an earlier attempt: answer with its response.
+    Replay(StoredResponse),
+}
+
+/// The fingerprint of a request for idempotency: method, path with query,
+/// and body.
+pub fn request_hash(method: &str, path_and_query: &str, body: &[u8]) -> Vec<u8> {
+    let mut hasher = Sha256::new();
+    hasher.update(method.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(path_and_query.as_bytes());
+    hasher.update(b"\n");
+    hasher.update(body);
+    hasher.finalize().to_vec()
+}
+
+/// An audit event about to be recorded.
+#[derive(Debug, Clone, Default)]
+pub struct AuditEvent {
+    pub principal: Option<Principal>,
+    /// `key`, `operator`, `system`, or `anonymous`.
+    pub actor: &'static str,
+    pub action: String,
+    pub resource_type: Option<&'static str>,
+    pub resource_id: Option<String>,
+    pub outcome: &'static str,
+    pub status: Option<u16>,
+    pub request_id: Option<String>,
+    pub details: serde_json::Map<String, serde_json::Value>,
+    /// For events without a principal (system, operator): the org.
+    pub org_id: Option<String>,
+}
+
+/// How to group usage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UsageGroup {
+    Sandbox,
+    Project,
+    Day,
+}
+
+/// One line of a usage report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UsageLine {
+    /// Sandbox id, project id (`None` for unrestricted keys' sandboxes) or
+    /// the UTC day (`YYYY-MM-DD`).
+    pub group: Option<String>,
+    pub pricing_version: String,
+    /// Seconds alive in the window, rounded up per sandbox.
+    pub seconds: i64,
+    pub compute_unit_seconds: i64,
+}
+
+impl Host {
+    /// Starts or resolves an idempotent request. A repeat of a request still
+    /// in flight waits for it; the same key with another request is
+    /// `idempotency_key_reused`.
+    pub async fn idempotency_begin(
+        &self,
+        org_id: &str,
+        key: &str,
+        method: &str,
+        path: &str,
+        hash: Vec<u8>,
+    ) -> Result<Idempotency, CoreError> {
+        if key.is_empty()
+            || key.len() > MAX_IDEMPOTENCY_KEY_LEN
+            || !key.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return Err(CoreError::invalid(
+                "Idempotency-Key",
+                format!(
+                    "Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_LEN} printable ASCII characters"
+                ),
+            ));
+        }
+        let deadline = tokio::time::Instant::now() + IDEMPOTENCY_WAIT;
+        loop {
+            let now = self.clock.now_ms();
+            let (org, k, m, p, h) = (
+                org_id.to_string(),
+                key.to_string(),
+                method.to_string(),
+                path.to_string(),
+                hash.clone(),
+            );
+            let begin = self
+                .store
+                .call(move |s| {
+                    let request = IdempotentRequest {
+                        org_id: &org,
+                        key: &k,
+                        method: &m,
+                        path: &p,
+                        request_hash: &h,
+                    };
+                    s.begin_idempotent(&request, now, now - IDEMPOTENCY_TTL_MS)
+                })
+                .await?;
+            let record = match begin {
+                IdempotencyBegin::Started => return Ok(Idempotency::Proceed),
+                IdempotencyBegin::Existing(record) => record,
+            };
+            if record.request_hash != hash {
+                return Err(CoreError::IdempotencyKeyReused(key.to_string()));
+            }
+            if let Some(response) = record.response {
+                return Ok(Idempotency::Replay(response));
+            }
+            if tokio::time::Instant::now() > deadline {
+                return Err(CoreError::IdempotencyInFlight(key.to_string()));
+            }
+            tokio::time::sleep(IDEMPOTENCY_POLL).await;
+        }
+    }
+
+    /// Stores the response of a first attempt. Server errors are not stored
+    /// (the key is released) so that a retry does the work again.
+    pub async fn idempotency_complete(&self, org_id: &str, key: &str, response: StoredResponse) {
+        let now = self.clock.now_ms();
+        let (org, k) = (org_id.to_string(), key.to_string());
+        let result = self
+            .store
+            .call(move |s| {
+                if response.status >= 500 {
+                    s.abandon_idempotent(&org, &k)
+                } else {
+                    s.complete_idempotent(&org, &k, &response, now)
+                }
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "could not record an idempotent response");
+        }
+    }
+
+    /// Releases a key whose response could not be recorded (streams).
+    pub async fn idempotency_abandon(&self, org_id: &str, key: &str) {
+        let (org, k) = (org_id.to_string(), key.to_string());
+        if let Err(e) = self
+            .store
+            .call(move |s| s.abandon_idempotent(&org, &k))
+            .await
+        {
+            tracing::error!(error = %e, "could not release an idempotency key");
+        }
+    }
+
+    /// Records an audit event. Failing to record is logged, not fatal to
+    /// the request it describes.
+    pub async fn audit(&self, event: AuditEvent) {
+        let row = AuditRow {
+            id: ids::new(ids::Kind::Audit),
+            at: self.clock.now_ms(),
+            org_id: event
+                .principal
+                .as_ref()
+                .map(|p| p.org_id.clone())
+                .or(event.org_id),
+            project_id: event.principal.as_ref().and_then(|p| p.project_id.clone()),
+            actor_key_id: event.principal.as_ref().map(|p| p.key_id.clone()),
+            actor: event.actor.to_string(),
+            action: event.action,
+            resource_type: event.resource_type.map(str::to_string),
+            resource_id: event.resource_id,
+            outcome: event.outcome.to_string(),
+            status: event.status.map(i64::from),
+            request_id: event.request_id,
+            details: serde_json::Value::Object(event.details).to_string(),
+        };
+        if let Err(e) = self.store.call(move |s| s.insert_audit(&row)).await {
+            tracing::error!(error = %e, "could not record an audit event");
+        }
+    }
+
+    pub async fn audit_events(
+        &self,
+        principal: &Principal,
+        mut filter: AuditFilter,
+    ) -> Result<Vec<AuditRow>, CoreError> {
+        filter.org_id = principal.org_id.clone();
+        filter.project_id = principal.project_id.clone();
+        Ok(self.store.call(move |s| s.list_audit(&filter)).await?)
+    }
+
+    /// Compute usage of the caller's sandboxes in `[from, to)`.
+    pub async fn usage(
+        &self,
+        principal: &Principal,
+        from: Millis,
+        to: Millis,
+        group: UsageGroup,
+    ) -> Result<Vec<UsageLine>, CoreError> {
+        if to <= from {
+            return Err(CoreError::invalid("to", "`to` must be after `from`"));
+        }
+        if to - from > 400 * DAY_MS {
+            return Err(CoreError::invalid(
+                "from",
+                "the window may span at most 400 days",
+            ));
+        }
+        let (org, project) = (principal.org_id.clone(), principal.project_id.clone());
+        let meters = self
+            .store
+            .call(move |s| s.meters(&org, project.as_deref(), from, to))
+            .await?;
+        Ok(usage_lines(&meters, from, to, group))
+    }
+
+    /// The caller org's quota.
+    pub(crate) async fn quota(&self, org_id: &str) -> Result<Quota, CoreError> {
+        let org = org_id.to_string();
+        Ok(self.store.call(move |s| s.get_quota(&org)).await?)
+    }
+
+    /// Refuses a create that would exceed the org's concurrent sandbox or
+    /// compute quota. The caller holds the admission lock, so two creates
+    /// cannot both take the last place.
+    pub(crate) async fn check_sandbox_quota(
+        &self,
+        org_id: &str,
+        quota: &Quota,
+    ) -> Result<(), CoreError> {
+        if let Some(max) = quota.max_concurrent_sandboxes {
+            let org = org_id.to_string();
+            let live = self.store.call(move |s| s.live_sandbox_count(&org)).await?;
+            if live >= max {
+                return Err(CoreError::QuotaExceeded {
+                    limit: "maxConcurrentSandboxes",
+                    max,
+                    current: live,
+                });
+            }
+        }
+        if let Some(max) = quota.max_compute_unit_seconds {
+            let now = self.clock.now_ms();
+            let from = month_start(now);
+            let org = org_id.to_string();
+            let meters = self
+                .store
+                .call(move |s| s.meters(&org, None, from, now + 1))
+                .await?;
+            let used: i64 = usage_lines(&meters, from, now + 1, UsageGroup::Sandbox)
+                .iter()
+                .map(|l| l.compute_unit_seconds)
+                .sum();
+            if used >= max {
+                return Err(CoreError::QuotaExceeded {
+                    limit: "maxComputeUnitSeconds",
+                    max,
+                    current: used,
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Seconds of `[start, end)` inside `[from, to)`, rounded up.
+fn overlap_seconds(start: Millis, end: Millis, from: Millis, to: Millis) -> i64 {
+    let lo = start.max(from);
+    let hi = end.min(to);
+    if hi <= lo { 0 } else { (hi - lo + 999) / 1000 }
+}
+
+/// Groups metered lifetimes into usage lines, per pricing version.
+pub fn usage_lines(
+    meters: &[MeterRow],
+    from: Millis,
+    to: Millis,
+    group: UsageGroup,
+) -> Vec<UsageLine> {
+    let mut lines: BTreeMap<(Option<String>, String), (i64, i64)> = BTreeMap::new();
+    for meter in meters {
+        let mut add = |key: Option<String>, seconds: i64| {
+            if seconds > 0 {
+                let entry = lines
+                    .entry((key, meter.pricing_version.clone()))
+                    .or_default();
+                entry.0 += seconds;
+                entry.1 += seconds * meter.vcpus;
+            }
+        };
+        let seconds = overlap_seconds(meter.started_at, meter.metered_until, from, to);
+        match group {
+            UsageGroup::Sandbox => add(Some(meter.sandbox_id.clone()), seconds),
+            UsageGroup::Project => add(meter.project_id.clone(), seconds),
+            UsageGroup::Day => {
+                let mut day = meter.started_at.max(from).div_euclid(DAY_MS) * DAY_MS;
+                let end = meter.metered_until.min(to);
+                while day < end {
+                    let s = overlap_seconds(
+                        meter.started_at,
+                        meter.metered_until,
+                        day.max(from),
+                        (day + DAY_MS).min(to),
+                    );
+                    add(Some(crate::clock::rfc3339(day)[..10].to_string()), s);
+                    day += DAY_MS;
+                }
+            }
+        }
+    }
+    lines
+        .into_iter()
+        .map(|((group, pricing_version), (seconds, cus))| UsageLine {
+            group,
+            pricing_version,
+            seconds,
+            compute_unit_seconds: cus,
+        })
+        .collect()
+}
+
+/// The first millisecond of the UTC calendar month containing `now`.
+pub fn month_start(now: Millis) -> Millis {
+    let Ok(t) = time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(now) * 1_000_000) else {
+        return 0;
+    };
+    let Ok(first) = time::Date::from_calendar_date(t.year(), t.month(), 1) else {
+        return 0;
+    };
+    (first.midnight().assume_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn meter(id: &str, start: Millis, until: Millis, vcpus: i64) -> MeterRow {
+        MeterRow {
+            sandbox_id: id.into(),
+            project_id: None,
+            vcpus,
+            pricing_version: "v1".into(),
+            started_at: start,
+            metered_until: until,
+        }
+    }
+
+    #[test]
+    fn usage_is_vcpus_times_seconds_rounded_up_per_sandbox() {
+        let meters = [meter("a", 0, 10_001, 2), meter("b", 500, 1_000, 1)];
+        let lines = usage_lines(&meters, 0, 100_000, UsageGroup::Sandbox);
+        assert_eq!(lines[0].seconds, 11);
+        assert_eq!(lines[0].compute_unit_seconds, 22);
+        assert_eq!(lines[1].seconds, 1);
+    }
+
+    #[test]
+    fn usage_is_clipped_to_the_window() {
+        let lines = usage_lines(
+            &[meter("a", 0, 60_000, 1)],
+            30_000,
+            40_000,
+            UsageGroup::Sandbox,
+        );
+        assert_eq!(lines[0].seconds, 10);
+    }
+
+    #[test]
+    fn usage_by_day_splits_at_utc_midnight() {
+        let lines = usage_lines(
+            &[meter("a", DAY_MS - 5_000, DAY_MS + 7_000, 1)],
+            0,
+            3 * DAY_MS,
+            UsageGroup::Day,
+        );
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0].group.as_deref(), Some("1970-01-01"));
+        assert_eq!(lines[0].seconds, 5);
+        assert_eq!(lines[1].group.as_deref(), Some("1970-01-02"));
+        assert_eq!(lines[1].seconds, 7);
+    }
+
+    #[test]
+    fn month_start_is_the_first_of_the_utc_month() {
+        let now = crate::clock::parse_rfc3339("2026-11-22T07:10:00Z").expect("time");
+        assert_eq!(
+            crate::clock::rfc3339(month_start(now)),
+            "2026-11-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn request_hash_depends_on_every_part() {
+        let base = request_hash("POST", "/v1/x", b"{}");
+        assert_ne!(base, request_hash("PUT", "/v1/x", b"{}"));
+        assert_ne!(base, request_hash("POST", "/v1/y", b"{}"));
+        assert_ne!(base, request_hash("POST", "/v1/x", b"{ }"));
+    }
+}
