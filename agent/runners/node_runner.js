@@ -2,7 +2,8 @@
 // `vm` context per Code Context, started by crownest-agent inside the
 // sandbox as `node node_runner.js javascript|typescript`.
 //
-// Protocol (same as python_runner.py): run requests as JSON lines on fd 3,
+// Protocol (same as python_runner.py): run requests ({"id","code"} or
+// {"setup":{"cwd","env"}} -> setup_done|setup_error) as JSON lines on fd 3,
 // Jupyter-shaped events as JSON lines on fd 4:
 //   {"type":"ready","implementation":"node 18.19.0"}
 //   {"id":1,"type":"stream","name":"stdout","text":"..."}
@@ -23,7 +24,8 @@ const readline = require("readline");
 const util = require("util");
 const vm = require("vm");
 
-const language = process.argv[2] === "typescript" ? "typescript" : "javascript";
+const language =
+  (process.env.CROWNEST_LANGUAGE || process.argv[2]) === "typescript" ? "typescript" : "javascript";
 let ts = null;
 if (language === "typescript") {
   ts = require("typescript");
@@ -227,6 +229,16 @@ async function main() {
     try {
       request = JSON.parse(line);
     } catch (_) {
+      continue;
+    }
+    if (request.setup) {
+      try {
+        process.chdir(request.setup.cwd || process.cwd());
+        Object.assign(process.env, request.setup.env || {});
+        emit({ type: "setup_done" });
+      } catch (error) {
+        emit({ type: "setup_error", message: String(error && error.message) });
+      }
       continue;
     }
     currentId = request.id === undefined ? null : request.id;

@@ -5,6 +5,7 @@ Reads run requests as JSON lines from fd 3 and writes Jupyter-shaped events
 as JSON lines to fd 4:
 
   request:  {"id": 1, "code": "value = 42"}
+            {"setup": {"cwd": "/workspace", "env": {...}}}  -> setup_done | setup_error
   events:   {"type": "ready", "implementation": "ipython 8.5.0"}
             {"id": 1, "type": "stream", "name": "stdout", "text": "..."}
             {"id": 1, "type": "display_data", "data": {mime: value}, "metadata": {}}
@@ -23,6 +24,7 @@ import ast
 import base64
 import io
 import json
+import math
 import numbers
 import os
 import sys
@@ -75,6 +77,12 @@ def bundle(data):
     return {mime: jsonable(value) for mime, value in data.items()}
 
 
+def finite(value):
+    """A float for JSON: NaN and infinities (not valid JSON) become None."""
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
 def figure_description(fig):
     """A JSON description of a matplotlib figure for the chart formatter."""
     axes_list = []
@@ -96,21 +104,21 @@ def figure_description(fig):
             label = line.get_label()
             if label.startswith("_child") or label.startswith("_line"):
                 label = ""
-            xs = [float(x) if isinstance(x, numbers.Real) else str(x) for x in line.get_xdata()]
-            ys = [float(y) for y in line.get_ydata()]
+            xs = [finite(x) if isinstance(x, numbers.Real) else str(x) for x in line.get_xdata()]
+            ys = [finite(y) for y in line.get_ydata()]
             axes["lines"].append({"label": label, "xs": xs, "ys": ys})
         for collection in ax.collections:
             offsets = getattr(collection, "get_offsets", None)
             if offsets is None:
                 continue
-            points = [[float(x), float(y)] for x, y in offsets()]
+            points = [[finite(x), finite(y)] for x, y in offsets()]
             if points:
                 axes["scatters"].append({"label": collection.get_label(), "points": points})
         for container in ax.containers:
             patches = getattr(container, "patches", None)
             if not patches:
                 continue
-            heights = [float(p.get_height()) for p in patches]
+            heights = [finite(p.get_height()) for p in patches]
             xs = [float(p.get_x() + p.get_width() / 2) for p in patches]
             axes["bars"].append(
                 {"label": container.get_label() or "", "heights": heights, "xs": xs}
@@ -145,15 +153,20 @@ def flush_figures():
         fig = plt.figure(number)
         png = io.BytesIO()
         fig.savefig(png, format="png", bbox_inches="tight")
-        data = {
+        # Two outputs, as E2B gives: the rendered PNG, and the figure's data
+        # for the formatter's chart.
+        image = {
             "image/png": base64.b64encode(png.getvalue()).decode("ascii"),
             "text/plain": repr(fig),
         }
+        emit({"type": "display_data", "data": image, "metadata": {}})
         try:
-            data[FIGURE_MIME] = figure_description(fig)
-        except Exception as e:  # noqa: BLE001 - a description is best effort
-            data[FIGURE_MIME + ";error"] = str(e)
-        emit({"type": "display_data", "data": data, "metadata": {}})
+            description = figure_description(fig)
+        except Exception:  # noqa: BLE001 - a description is best effort
+            description = None
+        if description is not None:
+            chart = {FIGURE_MIME: description, "text/plain": repr(fig)}
+            emit({"type": "display_data", "data": chart, "metadata": {}})
     plt.close("all")
 
 
@@ -294,6 +307,15 @@ def main():
         try:
             request = json.loads(line)
         except ValueError:
+            continue
+        if "setup" in request:
+            setup = request["setup"] or {}
+            try:
+                os.chdir(setup.get("cwd") or os.getcwd())
+                os.environ.update({str(k): str(v) for k, v in (setup.get("env") or {}).items()})
+                emit({"type": "setup_done"})
+            except OSError as e:
+                emit({"type": "setup_error", "message": str(e)})
             continue
         current_id = request.get("id")
         try:

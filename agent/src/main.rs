@@ -9,7 +9,9 @@
 //!
 //! Usage: `crownest-agent [--listen unix:PATH | --serial PATH]`.
 
+mod code;
 mod exec;
+mod files;
 mod reaper;
 mod session;
 mod transport;
@@ -35,6 +37,8 @@ pub struct Shared {
     pub boot_id: u64,
     /// Processes started by the agent that have not been reaped yet.
     pub running: AtomicU32,
+    /// Code contexts and their interpreters.
+    pub contexts: Arc<code::Contexts>,
 }
 
 impl Shared {
@@ -42,6 +46,7 @@ impl Shared {
         Arc::new(Self {
             boot_id: rand::random(),
             running: AtomicU32::new(0),
+            contexts: Arc::new(code::Contexts::default()),
         })
     }
 }

@@ -10,7 +10,8 @@ use crownest_proto::{Open, Pong};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{Shared, exec};
+use crate::{Shared, exec, files};
+use crownest_proto::code::ContextReply;
 
 /// Serves logical streams until the session ends (clean close: `Ok`).
 /// Streams already handed out keep running as tasks; their processes outlive
@@ -53,5 +54,29 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
             }
         }
         Open::Exec(request) => exec::run(request, reader, writer, shared).await,
+        file @ (Open::FileStat { .. }
+        | Open::FileList { .. }
+        | Open::FileRead { .. }
+        | Open::FileWrite(_)
+        | Open::FileMove { .. }
+        | Open::FileMkdir { .. }
+        | Open::FileRemove { .. }) => {
+            files::serve(file, files::Workspace::default(), reader, writer).await;
+        }
+        Open::CodeContextCreate(request) => {
+            let reply = shared.contexts.create(request).await;
+            reply_once(&mut writer, &reply).await;
+        }
+        Open::CodeContextDelete { context_id } => {
+            let reply: ContextReply = shared.contexts.delete(&context_id);
+            reply_once(&mut writer, &reply).await;
+        }
+        Open::CodeRun(request) => shared.contexts.run(request, writer).await,
+    }
+}
+
+async fn reply_once<W: AsyncWrite + Unpin>(writer: &mut W, reply: &ContextReply) {
+    if write_message(writer, reply).await.is_ok() {
+        let _ = writer.shutdown().await;
     }
 }

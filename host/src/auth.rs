@@ -28,7 +28,13 @@ pub const SCOPES: &[&str] = &[
     "commands:kill",
     "templates:read",
     "audit:read",
+    "artifacts:create",
+    "artifacts:read",
+    "code:run",
+    "code:read",
     "usage:read",
+    "files:read",
+    "files:write",
 ];
 
 #[derive(Debug, thiserror::Error)]

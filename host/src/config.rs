@@ -49,7 +49,9 @@ pub struct Limits {
 impl Default for Limits {
     fn default() -> Self {
         Self {
-            max_body_bytes: 1024 * 1024,
+            // Above the 1 MiB code source limit, so that an oversized run
+            // is answered `code_source_too_large`.
+            max_body_bytes: 2 * 1024 * 1024,
             default_ttl_ms: 10 * 60 * 1000,
             min_ttl_ms: 1000,
             max_ttl_ms: 24 * 60 * 60 * 1000,

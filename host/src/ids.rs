@@ -18,6 +18,8 @@ pub enum Kind {
     Project,
     Request,
     Audit,
+    Artifact,
+    CodeContext,
 }
 
 impl Kind {
@@ -30,6 +32,8 @@ impl Kind {
             Kind::Project => "prj",
             Kind::Request => "req",
             Kind::Audit => "evt",
+            Kind::Artifact => "art",
+            Kind::CodeContext => "cctx",
         }
     }
 }

@@ -6,10 +6,12 @@
 pub mod agent;
 pub mod api;
 pub mod auth;
+pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ids;
+pub mod plugins;
 pub mod rootfs;
 pub mod runtime;
 pub mod store;

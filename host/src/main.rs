@@ -10,6 +10,7 @@ use clap::{Args, Parser, Subcommand};
 
 use crownest::api::{self, AppState};
 use crownest::auth;
+use crownest::blobs::BlobStore;
 use crownest::clock::{Clock, rfc3339};
 use crownest::config::{self, Config, Limits};
 use crownest::core::Host;
@@ -247,7 +248,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         .enable_all()
         .build()?;
     runtime_rt.block_on(async move {
-        let host = Host::new(config.clone(), store, Clock::system(), templates, runtime);
+        let blobs = BlobStore::open(data_dir.join("blobs"))?;
+        let host = Host::new(
+            config.clone(),
+            store,
+            Clock::system(),
+            templates,
+            runtime,
+            blobs,
+        );
         host.reconcile()
             .await
             .context("reconciling sandboxes left by a previous run")?;

@@ -119,6 +119,18 @@ pub enum RuntimeKind {
     Oci,
 }
 
+/// The output pipeline of one language: names of built plugins
+/// (`<plugins dir>/<name>.wasm`) or absolute paths to components.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LanguagePlugins {
+    pub adapter: String,
+    pub formatter: String,
+    pub policy: String,
+}
+
+/// Languages a template may list under `[languages.<name>]`.
+pub const CODE_LANGUAGES: &[&str] = &["python", "javascript", "typescript"];
+
 /// A validated template.
 #[derive(Debug, Clone)]
 pub struct Template {
@@ -132,6 +144,10 @@ pub struct Template {
     pub user: SandboxUser,
     /// Name of the default user (its home is `/home/<user_name>`).
     pub user_name: String,
+    /// Code Run languages this template supports, with the WASM components
+    /// of their output pipeline. Not part of the recipe hash: changing a
+    /// plugin needs no rootfs rebuild.
+    pub languages: BTreeMap<String, LanguagePlugins>,
     pub source: TemplateSource,
 }
 
@@ -262,6 +278,36 @@ impl Template {
             ));
         }
 
+        let mut languages = BTreeMap::new();
+        for (language, plugins) in raw.languages {
+            if !CODE_LANGUAGES.contains(&language.as_str()) {
+                return Err(TemplateError::Invalid {
+                    origin,
+                    field: "languages",
+                    message: format!(
+                        "unknown language `{language}`; supported: {}",
+                        CODE_LANGUAGES.join(", ")
+                    ),
+                });
+            }
+            for value in [&plugins.adapter, &plugins.formatter, &plugins.policy] {
+                if value.trim().is_empty() {
+                    return Err(TemplateError::Invalid {
+                        origin,
+                        field: "languages",
+                        message: format!("`{language}` names an empty plugin"),
+                    });
+                }
+            }
+            languages.insert(
+                language,
+                LanguagePlugins {
+                    adapter: plugins.adapter,
+                    formatter: plugins.formatter,
+                    policy: plugins.policy,
+                },
+            );
+        }
         Ok(Self {
             name: raw.name,
             description: raw.description,
@@ -278,6 +324,7 @@ impl Template {
                 gid: raw.user.gid,
             },
             user_name: raw.user.name,
+            languages,
             source,
         })
     }
@@ -428,6 +475,16 @@ struct RawTemplate {
     resources: RawResources,
     network: RawNetwork,
     user: RawUser,
+    #[serde(default)]
+    languages: BTreeMap<String, RawLanguage>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLanguage {
+    adapter: String,
+    formatter: String,
+    policy: String,
 }
 
 #[derive(Deserialize)]

@@ -19,6 +19,7 @@
 //! that comes from the agent as untrusted: decoding never panics and never
 //! allocates more than one bounded frame (see the fuzz target in `fuzz/`).
 
+pub mod code;
 pub mod frame;
 pub mod handshake;
 
@@ -88,6 +89,130 @@ pub enum Open {
     /// Start a process; the stream then carries [`ExecInput`] from the host
     /// and [`ExecEvent`] from the agent.
     Exec(ExecRequest),
+    // File operations under /workspace. Appended: postcard encodes the
+    // variant index, so the variants above keep their encoding. Paths are
+    // relative to /workspace (the host strips `/workspace/`), `""` is the
+    // workspace itself; the agent resolves them beneath it and answers
+    // [`FileReply`] frames.
+    /// Answers `Stat` (symlinks inside the workspace are followed).
+    FileStat { path: String },
+    /// Answers `Entries` batches, then `End`.
+    FileList { path: String },
+    /// Answers `Stat` of the opened file, `Data` chunks (at most the stat's
+    /// size in total), then `End`.
+    FileRead { path: String },
+    /// The host then sends [`FileInput`] frames; the agent answers `Stat`
+    /// of the written file or `Error`.
+    FileWrite(FileWriteRequest),
+    /// Answers `Stat` of the moved entry at `to`.
+    FileMove {
+        from: String,
+        to: String,
+        /// Replace an existing `to`; otherwise `AlreadyExists`.
+        overwrite: bool,
+    },
+    /// Answers `Stat` of the directory.
+    FileMkdir {
+        path: String,
+        /// Create missing parents; an existing directory is then no error.
+        parents: bool,
+        owner: Option<ExecUser>,
+    },
+    /// Answers `Done`. Symlinks are removed, never followed.
+    FileRemove { path: String, recursive: bool },
+    /// Starts an interpreter for a code context; answers one
+    /// [`code::ContextReply`].
+    CodeContextCreate(code::ContextCreate),
+    /// Runs code in a context; answers [`code::RunEvent`]s ending in
+    /// `Finished`.
+    CodeRun(code::RunRequest),
+    /// Stops a context's interpreter; answers one [`code::ContextReply`].
+    CodeContextDelete { context_id: String },
+}
+
+/// Write a file: its bytes arrive as [`FileInput::Data`] and land in a
+/// temporary file beside the target, renamed into place on
+/// [`FileInput::End`]; a stream that ends otherwise leaves nothing behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileWriteRequest {
+    pub path: String,
+    /// Permission bits of the new file (default 0644).
+    pub mode: Option<u32>,
+    /// Create missing parent directories.
+    pub parents: bool,
+    /// Owner of what the agent creates (the sandbox's default user).
+    pub owner: Option<ExecUser>,
+    /// Refuse (and remove the partial file) past this many bytes.
+    pub max_bytes: Option<u64>,
+}
+
+/// Host to agent, on a `FileWrite` stream after the [`Open`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileInput {
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Every byte was sent: commit the file.
+    End,
+}
+
+/// What a directory entry is (symlinks are not followed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileKind {
+    File,
+    Dir,
+    Symlink,
+    Other,
+}
+
+/// Metadata of one file or directory.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileInfo {
+    /// Final path component (`""` for the workspace itself).
+    pub name: String,
+    pub kind: FileKind,
+    pub size: u64,
+    /// Permission bits (`st_mode & 0o7777`).
+    pub mode: u32,
+    /// Modification time, milliseconds since the Unix epoch.
+    pub mtime_ms: i64,
+}
+
+/// Why a file operation failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileErrorKind {
+    NotFound,
+    /// The path, or a symlink on it, resolves outside /workspace.
+    OutsideWorkspace,
+    NotADirectory,
+    IsADirectory,
+    AlreadyExists,
+    NotEmpty,
+    PermissionDenied,
+    TooLarge,
+    InvalidPath,
+    /// The workspace is full.
+    NoSpace,
+    /// Not a regular file (a device, a FIFO, a socket).
+    NotAFile,
+    Other,
+}
+
+/// Maximum entries in one [`FileReply::Entries`] frame: 256 names of at most
+/// 255 bytes plus metadata stay well inside [`MAX_FRAME_LEN`].
+pub const MAX_ENTRIES_PER_FRAME: usize = 256;
+
+/// Agent to host, on a file stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum FileReply {
+    Stat(FileInfo),
+    Entries(Vec<FileInfo>),
+    Data(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// The end of `Entries` or `Data`.
+    End,
+    Done,
+    Error {
+        kind: FileErrorKind,
+        message: String,
+    },
 }
 
 /// The agent's answer to [`Open::Ping`].
@@ -225,6 +350,17 @@ mod tests {
     }
 
     #[test]
+    fn old_open_variants_keep_their_encoding() {
+        // `Ping` is variant 0 and `Exec` variant 1 whatever is appended.
+        assert_eq!(encode(&Open::Ping).expect("encode"), vec![0]);
+        let bytes = encode(&Open::FileStat {
+            path: String::from("a"),
+        })
+        .expect("encode");
+        assert_eq!(bytes[0], 2);
+    }
+
+    #[test]
     fn decode_rejects_trailing_bytes() {
         let mut bytes = encode(&Open::Ping).expect("encode");
         bytes.push(0);
@@ -247,6 +383,7 @@ mod tests {
             let _ = decode::<ExecEvent>(&bytes);
             let _ = decode::<HelloReply>(&bytes);
             let _ = decode::<Pong>(&bytes);
+            let _ = decode::<FileReply>(&bytes);
         }
     }
 }

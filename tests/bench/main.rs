@@ -149,6 +149,83 @@ async fn main() {
         target: "",
     });
 
+    // File throughput through the API and the agent: 1 MiB direct
+    // (best of 10), 100 MiB through staged URLs (best of 3).
+    let mut file_rows = Vec::new();
+    for (label, size, rounds) in [
+        ("1 MiB, direct", 1usize << 20, 10),
+        ("100 MiB, staged URLs", 100 << 20, 3),
+    ] {
+        let data: Vec<u8> = (0..size)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let (mut best_write, mut best_read) = (Duration::MAX, Duration::MAX);
+        for round in 0..rounds {
+            let path = format!("bench/{round}.bin");
+            let staged = size > (32 << 20);
+            let (put_url, get_url) = if staged {
+                let (_, up) = client
+                    .post(
+                        &format!("/v1/sandboxes/{warm}/files/uploads"),
+                        json!({ "path": path }),
+                    )
+                    .await;
+                (
+                    up["url"].as_str().expect("upload url").to_string(),
+                    String::new(),
+                )
+            } else {
+                let url = format!("{}/v1/sandboxes/{warm}/files?path={path}", client.base);
+                (url.clone(), url)
+            };
+            let start = Instant::now();
+            let response = client
+                .http
+                .put(&put_url)
+                .header("x-api-key", client.key.clone().unwrap_or_default())
+                .body(data.clone())
+                .send()
+                .await
+                .expect("write");
+            assert!(
+                response.status().is_success(),
+                "write: {}",
+                response.status()
+            );
+            best_write = best_write.min(start.elapsed());
+            let get_url = if staged {
+                let (_, down) = client
+                    .post(
+                        &format!("/v1/sandboxes/{warm}/files/downloads"),
+                        json!({ "path": path }),
+                    )
+                    .await;
+                down["url"].as_str().expect("download url").to_string()
+            } else {
+                get_url
+            };
+            let start = Instant::now();
+            let response = client
+                .http
+                .get(&get_url)
+                .header("x-api-key", client.key.clone().unwrap_or_default())
+                .send()
+                .await
+                .expect("read");
+            let bytes = response.bytes().await.expect("read body");
+            best_read = best_read.min(start.elapsed());
+            assert_eq!(bytes.len(), size, "read back");
+        }
+        let mbps = |d: Duration| size as f64 / 1e6 / d.as_secs_f64();
+        file_rows.push(format!(
+            "| file write + read, {label} | {rounds} | write {:.0} MB/s, read {:.0} MB/s | | {} |",
+            mbps(best_write),
+            mbps(best_read),
+            if size > (32 << 20) { ">= 200 MB/s" } else { "" }
+        ));
+    }
+    client.run(&warm, "rm -rf bench").await;
+
     // Memory per idle sandbox: host RSS growth plus each agent's RSS.
     let server_pid = server.pid().expect("server pid");
     let idle_count = 10;
@@ -194,4 +271,7 @@ async fn main() {
         "| memory per idle sandbox ({idle_count} idle) | | host {host_per:.2} MiB + agent {agent_per:.2} MiB = {:.2} MiB | | <= 10 MiB |",
         host_per + agent_per
     );
+    for row in &file_rows {
+        println!("{row}");
+    }
 }

@@ -2,10 +2,13 @@
 //! sandboxes, real HTTP. One test binary with modules (one link, one
 //! shared server for the tests that don't restart it).
 
+mod artifacts;
 mod auth;
 mod bad_input;
+mod code;
 mod commands;
 mod escape;
+mod files;
 mod ledger;
 mod restart;
 mod sandboxes;

@@ -27,8 +27,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{Mutex, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
+mod code;
+mod files;
 #[cfg(test)]
 mod tests;
+
+pub use code::{MAX_RUN_BYTES, RunOutput, RunSession};
+pub use files::{FileReader, FileWriter};
 
 /// How long to wait between attempts while the agent's socket does not
 /// accept connections yet.
@@ -54,6 +59,12 @@ pub enum AgentError {
     InvalidRequest(String),
     #[error("agent i/o: {0}")]
     Io(#[from] std::io::Error),
+    /// The agent refused a file operation (not found, outside /workspace, …).
+    #[error("{message}")]
+    File {
+        kind: crownest_proto::FileErrorKind,
+        message: String,
+    },
 }
 
 impl AgentError {

@@ -18,6 +18,7 @@ use super::error::ErrorEnvelope;
 use super::pagination::{Page, PageQuery};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
 use crate::clock::rfc3339;
+use crate::core::artifacts::CollectItem;
 use crate::core::commands::parse_signal;
 use crate::core::{LogEvent, RunCommand};
 use crate::store::{CommandRow, Cursor};
@@ -49,6 +50,31 @@ pub struct RunCommandBody {
     /// Keep stdin open for `POST …/stdin` (otherwise it reads /dev/null).
     #[serde(default)]
     pub stdin: bool,
+    /// Files to promote to artifacts when the command ends; the result's
+    /// `artifacts` says what became of each (a missing path is reported
+    /// there, not as a failed command).
+    #[serde(default)]
+    pub collect: Vec<CollectBody>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct CollectBody {
+    /// Path of the file, relative to /workspace or absolute under it.
+    pub path: String,
+    /// Artifact name (default: the file name).
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectedView {
+    pub path: String,
+    pub name: String,
+    /// `art_…` when the file was promoted.
+    pub artifact_id: Option<String>,
+    /// Why it was not, otherwise.
+    pub error: Option<String>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -83,6 +109,9 @@ pub struct CommandView {
     pub cancel_requested_at: Option<String>,
     /// Why the command failed, timed out or could not start.
     pub error: Option<String>,
+    /// Results of `collect`, once the command ended (absent without it).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub artifacts: Option<Vec<CollectedView>>,
 }
 
 fn render(row: CommandRow) -> CommandView {
@@ -107,6 +136,11 @@ fn render(row: CommandRow) -> CommandView {
         ended_at: row.ended_at.map(rfc3339),
         cancel_requested_at: row.cancel_requested_at.map(rfc3339),
         error: row.error,
+        artifacts: row
+            .collected
+            .as_deref()
+            .and_then(|c| serde_json::from_str(c).ok())
+            .or_else(|| row.collect.as_ref().map(|_| Vec::new())),
     }
 }
 
@@ -133,6 +167,14 @@ async fn run_command(
         timeout_ms: body.timeout_ms,
         background: body.background,
         stdin: body.stdin,
+        collect: body
+            .collect
+            .into_iter()
+            .map(|c| CollectItem {
+                path: c.path,
+                name: c.name,
+            })
+            .collect(),
     };
     let row = state.host.run_command(principal, &id, request).await?;
     Ok(ApiJson(render(row)))

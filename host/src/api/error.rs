@@ -173,6 +173,36 @@ impl From<CoreError> for ApiError {
                     "the sandbox could not be started; retry, and if it persists the server log has the cause",
                 )
             }
+            E::UnsupportedLanguage { language, supported } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "unsupported_code_language",
+                format!("`{language}` is not a code language of this sandbox's template; it supports: {supported}"),
+            )
+            .with_details(json!({ "language": language, "supported": supported })),
+            E::ContextLanguageMismatch {
+                context_id,
+                context_language,
+                language,
+            } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "context_language_mismatch",
+                format!("code context `{context_id}` runs {context_language}, not {language}; use a {language} context or omit contextId"),
+            )
+            .with_details(json!({ "contextId": context_id, "contextLanguage": context_language, "language": language })),
+            E::CodeTooLarge { size, max } => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "code_source_too_large",
+                format!("the code is {size} bytes; a run accepts at most {max}"),
+            )
+            .with_details(json!({ "size": size, "max": max })),
+            E::ContextFailed(message) => {
+                tracing::warn!(%message, "code context failed to start");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "code_context_failed",
+                    format!("the interpreter could not be started: {message}"),
+                )
+            }
             E::IdempotencyKeyReused(key) => Self::new(
                 StatusCode::CONFLICT,
                 "idempotency_key_reused",
@@ -199,12 +229,111 @@ impl From<CoreError> for ApiError {
                 format!("this org's {limit} quota is {max} and {current} is in use; ask the operator to raise it"),
             )
             .with_details(json!({ "limit": limit, "max": max, "current": current })),
-            other @ (E::Runtime(_) | E::Agent(_) | E::Store(_)) => {
+            E::File {
+                kind,
+                path,
+                message,
+            } => file_error(kind, path, message),
+            E::TransferNotFound => Self::new(
+                StatusCode::NOT_FOUND,
+                "transfer_not_found",
+                "no such transfer: the URL is wrong or was tampered with; create a new one",
+            ),
+            E::TransferExpired => Self::new(
+                StatusCode::GONE,
+                "transfer_expired",
+                "this transfer URL has expired; create a new one",
+            ),
+            E::TransferUsed => Self::new(
+                StatusCode::GONE,
+                "transfer_used",
+                "this transfer URL was already used (each is good for one request); create a new one",
+            ),
+            other @ E::TransferKey(_) => {
+                tracing::error!(error = %other, "internal error");
+                Self::internal()
+            }
+            other @ (E::Runtime(_) | E::Agent(_) | E::Store(_) | E::Blob(_)) => {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()
             }
         }
     }
+}
+
+/// A refused file operation: a stable code per kind.
+fn file_error(kind: crownest_proto::FileErrorKind, path: String, message: String) -> ApiError {
+    use crownest_proto::FileErrorKind as K;
+    let (status, code, text) = match kind {
+        K::NotFound => (
+            StatusCode::NOT_FOUND,
+            "file_not_found",
+            format!("`{path}` does not exist"),
+        ),
+        K::OutsideWorkspace => (
+            StatusCode::BAD_REQUEST,
+            "path_outside_workspace",
+            format!(
+                "`{path}` resolves outside /workspace (through `..`, an absolute path or a symlink); only paths under /workspace are allowed"
+            ),
+        ),
+        K::NotADirectory => (
+            StatusCode::BAD_REQUEST,
+            "not_a_directory",
+            format!("a component of `{path}` is not a directory"),
+        ),
+        K::IsADirectory => (
+            StatusCode::BAD_REQUEST,
+            "is_a_directory",
+            format!("`{path}` is a directory"),
+        ),
+        K::AlreadyExists => (
+            StatusCode::CONFLICT,
+            "file_exists",
+            format!("`{path}` already exists"),
+        ),
+        K::NotEmpty => (
+            StatusCode::CONFLICT,
+            "directory_not_empty",
+            format!("`{path}` is not empty; pass recursive=true to remove it with its contents"),
+        ),
+        K::PermissionDenied => (
+            StatusCode::FORBIDDEN,
+            "file_permission_denied",
+            format!("permission denied on `{path}`"),
+        ),
+        K::TooLarge => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "file_too_large",
+            format!("`{path}`: {message}"),
+        ),
+        K::InvalidPath => (
+            StatusCode::BAD_REQUEST,
+            "invalid_path",
+            format!("`{path}`: {message}"),
+        ),
+        K::NoSpace => (
+            StatusCode::INSUFFICIENT_STORAGE,
+            "workspace_full",
+            String::from(
+                "the sandbox's /workspace is full; delete files or use a template with a larger diskMiB",
+            ),
+        ),
+        K::NotAFile => (
+            StatusCode::BAD_REQUEST,
+            "not_a_file",
+            format!("`{path}` is not a regular file"),
+        ),
+        K::Other => {
+            tracing::warn!(%path, %message, "file operation failed");
+            (
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "file_operation_failed",
+                format!("`{path}`: {message}"),
+            )
+        }
+    };
+    ApiError::new(status, code, text).with_details(json!({ "path": path }))
 }
 
 impl From<JsonRejection> for ApiError {

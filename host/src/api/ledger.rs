@@ -21,6 +21,19 @@ use crate::store::StoredResponse;
 /// a response.
 const MAX_BUFFERED: usize = 64 * 1024 * 1024;
 
+/// Put in a request's extensions when it is the first attempt of an
+/// idempotency key, so that a streaming handler can store its final result.
+#[derive(Debug, Clone)]
+pub struct IdempotencyTicket {
+    pub org_id: String,
+    pub key: String,
+}
+
+/// Put in a streaming response's extensions by a handler that stores the
+/// idempotent result itself when the stream ends.
+#[derive(Debug, Clone, Copy)]
+pub struct StreamCompletesIdempotency;
+
 /// What an audit event says about a route.
 struct RouteAction {
     action: &'static str,
@@ -33,6 +46,8 @@ struct RouteAction {
 enum IdFrom {
     Param(&'static str),
     Response,
+    /// A named field of the JSON response.
+    ResponseField(&'static str),
     /// The route names no resource the caller may see (transfer tokens).
     Nothing,
 }
@@ -61,6 +76,17 @@ fn route_action(method: &Method, template: &str) -> Option<RouteAction> {
             ("file.download_url", "sandbox", Param("id"))
         }
         ("POST", "/v1/sandboxes/{id}/artifacts") => ("artifact.create", "artifact", Response),
+        ("POST", "/v1/sandboxes/{id}/code/contexts") => {
+            ("code_context.create", "code_context", Response)
+        }
+        ("DELETE", "/v1/sandboxes/{id}/code/contexts/{context_id}") => {
+            ("code_context.delete", "code_context", Param("context_id"))
+        }
+        ("POST", "/v1/sandboxes/{id}/code/runs") => (
+            "code.run",
+            "code_context",
+            IdFrom::ResponseField("contextId"),
+        ),
         (_, "/v1/transfers/{token}") => ("file.transfer", "transfer", IdFrom::Nothing),
         _ => return None,
     };
@@ -125,6 +151,11 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_string(), |p| p.as_str().to_string());
+    let accepts_event_stream = parts
+        .headers
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("text/event-stream"));
     let idempotency_key = parts
         .headers
         .get("idempotency-key")
@@ -167,14 +198,25 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
             .idempotency_begin(&p.org_id, key, method.as_str(), &path_and_query, hash)
             .await?
         {
-            Idempotency::Replay(stored) => Ok(replayed(stored)),
+            Idempotency::Replay(stored) => Ok(replayed(stored, accepts_event_stream)),
             Idempotency::Proceed => {
+                parts.extensions.insert(IdempotencyTicket {
+                    org_id: p.org_id.clone(),
+                    key: key.clone(),
+                });
                 let response = next
                     .run(Request::from_parts(parts, Body::from(bytes)))
                     .await;
                 if is_event_stream(&response) {
-                    // A stream cannot be stored; a retry runs again.
-                    host.idempotency_abandon(&p.org_id, key).await;
+                    // A stream cannot be stored: either its handler stores
+                    // the final result, or a retry runs again.
+                    if response
+                        .extensions()
+                        .get::<StreamCompletesIdempotency>()
+                        .is_none()
+                    {
+                        host.idempotency_abandon(&p.org_id, key).await;
+                    }
                     return Ok(response);
                 }
                 let (head, body) = response.into_parts();
@@ -235,7 +277,10 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
             .find(|(k, _)| k == name)
             .map(|(_, v)| v.clone()),
         IdFrom::Response if status.is_success() => parsed["id"].as_str().map(str::to_string),
-        IdFrom::Response | IdFrom::Nothing => None,
+        IdFrom::ResponseField(field) if status.is_success() => {
+            parsed[field].as_str().map(str::to_string)
+        }
+        IdFrom::Response | IdFrom::ResponseField(_) | IdFrom::Nothing => None,
     };
     let mut details = serde_json::Map::new();
     if let Some((_, sandbox)) = params.iter().find(|(k, _)| k == "id") {
@@ -284,8 +329,26 @@ fn is_event_stream(response: &Response) -> bool {
         .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
-fn replayed(stored: StoredResponse) -> Response {
+fn replayed(stored: StoredResponse, as_event_stream: bool) -> Response {
     let status = StatusCode::from_u16(stored.status).unwrap_or(StatusCode::OK);
+    let json = stored
+        .content_type
+        .as_deref()
+        .is_some_and(|c| c.starts_with("application/json"));
+    if as_event_stream && status == StatusCode::OK && json {
+        // A completed streamed run replays as its one `complete` event.
+        let data = String::from_utf8_lossy(&stored.body).replace('\n', " ");
+        let mut response = (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/event-stream")],
+            format!("event: complete\ndata: {data}\n\n"),
+        )
+            .into_response();
+        response
+            .headers_mut()
+            .insert("idempotent-replayed", HeaderValue::from_static("true"));
+        return response;
+    }
     let mut response = (status, Bytes::from(stored.body)).into_response();
     if let Some(content_type) = stored
         .content_type

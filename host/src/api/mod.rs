@@ -5,9 +5,12 @@
 //! **Architecture Invariant:** this is the only module that knows HTTP and
 //! JSON bodies. It never sees SQL, a runc path or a yamux stream.
 
+mod artifacts;
 mod audit;
+mod code;
 mod commands;
 pub mod error;
+mod files;
 mod ledger;
 mod pagination;
 mod sandboxes;
@@ -164,6 +167,9 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(sandboxes::routes())
         .merge(commands::routes())
         .merge(audit::routes())
+        .merge(artifacts::routes())
+        .merge(code::routes())
+        .merge(files::routes())
 }
 
 /// The OpenAPI document of this build.
@@ -270,7 +276,18 @@ mod tests {
         ));
         let templates = TemplateSet::load(None).expect("templates");
         let clock = Clock::system();
-        let host = Host::new(config, store.clone(), clock.clone(), templates, runtime);
+        let blobs = crate::blobs::BlobStore::open(
+            std::env::temp_dir().join(format!("cn-api-test-blobs-{}", std::process::id())),
+        )
+        .expect("blobs");
+        let host = Host::new(
+            config,
+            store.clone(),
+            clock.clone(),
+            templates,
+            runtime,
+            blobs,
+        );
         (app(AppState { host }), store, clock)
     }
 

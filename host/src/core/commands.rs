@@ -18,6 +18,7 @@ use super::{CoreError, Host, LiveSandbox, lock};
 use crate::agent::ExecInput;
 use crate::auth::Principal;
 use crate::clock::Millis;
+use crate::core::artifacts::{CollectItem, Collected};
 use crate::ids;
 use crate::store::{CommandEnd, CommandEventRow, CommandRow, Cursor, SandboxRow};
 
@@ -53,7 +54,12 @@ pub struct RunCommand {
     pub timeout_ms: Option<i64>,
     pub background: bool,
     pub stdin: bool,
+    /// Files to promote to artifacts when the command ends.
+    pub collect: Vec<CollectItem>,
 }
+
+/// Most paths one command may collect.
+pub const MAX_COLLECT_ITEMS: usize = 32;
 
 /// One entry of a command log as readers see it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -160,6 +166,11 @@ pub struct LiveCommand {
     /// Tail kept per output stream: the host limit, or the org's quota when
     /// that is lower.
     output_limit: usize,
+    /// What to promote to artifacts at the end, on behalf of the creator.
+    collect: Vec<CollectItem>,
+    /// The key that ran it, with the sandbox's org and project: collection
+    /// acts for it after the request that started the command is gone.
+    creator: Principal,
     state: Mutex<LiveState>,
     /// Bumped on every change of `state`; readers wait on it.
     changed: watch::Sender<u64>,
@@ -235,6 +246,22 @@ impl Host {
                 ));
             }
         }
+        if request.collect.len() > MAX_COLLECT_ITEMS {
+            return Err(CoreError::invalid(
+                "collect",
+                format!("at most {MAX_COLLECT_ITEMS} paths may be collected"),
+            ));
+        }
+        if request
+            .collect
+            .iter()
+            .any(|c| c.path.is_empty() || c.path.len() > 4096 || c.path.contains('\0'))
+        {
+            return Err(CoreError::invalid(
+                "collect",
+                "each collect path must be 1 to 4096 bytes without NUL",
+            ));
+        }
         if let Some(t) = request.timeout_ms
             && (t <= 0 || t > limits.max_command_timeout_ms)
         {
@@ -285,6 +312,9 @@ impl Host {
             cancel_requested_at: None,
             error: None,
             created_by_key: principal.key_id.clone(),
+            collect: (!request.collect.is_empty())
+                .then(|| serde_json::to_string(&request.collect).unwrap_or_default()),
+            collected: None,
         };
         {
             let record = record.clone();
@@ -320,6 +350,13 @@ impl Host {
             record,
             stdin_open: request.stdin,
             output_limit,
+            collect: request.collect.clone(),
+            creator: Principal {
+                key_id: principal.key_id.clone(),
+                org_id: sandbox.org_id.clone(),
+                project_id: sandbox.project_id.clone(),
+                scopes: Vec::new(),
+            },
             state: Mutex::new(LiveState {
                 next_seq: 1,
                 ..LiveState::default()
@@ -419,7 +456,30 @@ impl Host {
         }
         .await;
         let ending = outcome.unwrap_or_else(|e| Ending::Lost(e.to_string()));
-        self.finish_command(&live, ending).await;
+        let collected = if live.collect.is_empty() {
+            None
+        } else if matches!(ending, Ending::Exited { .. }) {
+            let results = self
+                .collect_artifacts(&live.creator, &live.sandbox_id, &live.collect)
+                .await;
+            Some(results)
+        } else {
+            Some(
+                live.collect
+                    .iter()
+                    .map(|c| Collected {
+                        path: c.path.clone(),
+                        name: c.name.clone().unwrap_or_default(),
+                        artifact_id: None,
+                        error: Some(String::from(
+                            "the command did not run, so nothing was collected",
+                        )),
+                    })
+                    .collect(),
+            )
+        };
+        let collected = collected.map(|c| serde_json::to_string(&c).unwrap_or_default());
+        self.finish_command(&live, ending, collected).await;
     }
 
     fn record_output(
@@ -473,7 +533,7 @@ impl Host {
         }
     }
 
-    async fn finish_command(&self, live: &LiveCommand, ending: Ending) {
+    async fn finish_command(&self, live: &LiveCommand, ending: Ending, collected: Option<String>) {
         let now = self.clock.now_ms();
         let limits = &self.config.limits;
         let (end, events, trim) = {
@@ -522,6 +582,7 @@ impl Host {
                 stderr_dropped: state.stderr.dropped,
                 ended_at: now,
                 error,
+                collected,
             };
             let exit = serde_json::json!({
                 "status": end.status,
@@ -574,6 +635,7 @@ impl Host {
                 started_at,
                 ended_at: Some(end.ended_at),
                 error: end.error,
+                collected: end.collected,
                 cancel_requested_at: state
                     .canceled
                     .then_some(now)
@@ -865,7 +927,7 @@ fn to_log_event(row: CommandEventRow) -> LogEvent {
 
 /// Commands run in /workspace unless told otherwise; a relative cwd is
 /// relative to /workspace. The agent checks that it exists.
-fn resolve_cwd(cwd: Option<&str>) -> Result<String, CoreError> {
+pub(crate) fn resolve_cwd(cwd: Option<&str>) -> Result<String, CoreError> {
     let cwd = match cwd {
         None | Some("") => return Ok(String::from(WORKSPACE)),
         Some(c) => c,
@@ -880,7 +942,7 @@ fn resolve_cwd(cwd: Option<&str>) -> Result<String, CoreError> {
     }
 }
 
-fn valid_env_name(name: &str) -> bool {
+pub(crate) fn valid_env_name(name: &str) -> bool {
     let mut chars = name.chars();
     matches!(chars.next(), Some(c) if c == '_' || c.is_ascii_alphabetic())
         && chars.all(|c| c == '_' || c.is_ascii_alphanumeric())

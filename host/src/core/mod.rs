@@ -6,8 +6,12 @@
 //! or runc. Sandboxes are started through the [`Runtime`] trait and reached
 //! through [`AgentClient`]; state goes through [`StoreHandle`].
 
+pub mod artifacts;
+pub mod code;
 pub mod commands;
+pub mod files;
 pub mod ledger;
+mod pipeline;
 pub mod sandboxes;
 
 use std::collections::HashMap;
@@ -19,6 +23,7 @@ use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
 use crate::agent::{AgentClient, AgentError};
+use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::rootfs::RootfsCache;
@@ -62,10 +67,43 @@ pub enum CoreError {
     Agent(#[from] AgentError),
     #[error("store: {0}")]
     Store(#[from] StoreError),
+    #[error(
+        "unsupported code language `{language}`; this sandbox's template supports: {supported}"
+    )]
+    UnsupportedLanguage { language: String, supported: String },
+    #[error(
+        "code context `{context_id}` is a {context_language} context and cannot run {language}"
+    )]
+    ContextLanguageMismatch {
+        context_id: String,
+        context_language: String,
+        language: String,
+    },
+    #[error("the code is {size} bytes; the limit is {max}")]
+    CodeTooLarge { size: usize, max: usize },
+    #[error("the interpreter could not be started: {0}")]
+    ContextFailed(String),
+    #[error("blob storage: {0}")]
+    Blob(#[from] crate::blobs::BlobError),
     #[error("idempotency key `{0}` was used for a different request")]
     IdempotencyKeyReused(String),
     #[error("the first request with idempotency key `{0}` is still running")]
     IdempotencyInFlight(String),
+    #[error("{path}: {message}")]
+    File {
+        kind: crownest_proto::FileErrorKind,
+        /// Absolute path inside the sandbox (or as the client gave it).
+        path: String,
+        message: String,
+    },
+    #[error("no such transfer")]
+    TransferNotFound,
+    #[error("the transfer URL has expired")]
+    TransferExpired,
+    #[error("the transfer URL was already used")]
+    TransferUsed,
+    #[error("transfer signing key: {0}")]
+    TransferKey(String),
     #[error("quota {limit} exceeded: {current} of {max}")]
     QuotaExceeded {
         limit: &'static str,
@@ -105,6 +143,13 @@ pub struct Host {
     pub(crate) templates: TemplateSet,
     pub(crate) rootfs: RootfsCache,
     pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) blobs: BlobStore,
+    /// Code contexts of live sandboxes, by id.
+    code_contexts: Mutex<code::ContextMap>,
+    /// Serialises the creation of default contexts.
+    default_contexts: AsyncMutex<()>,
+    /// The WASM output pipelines of Code Runs, loaded on first use.
+    pipelines: pipeline::Pipelines,
     /// Sandboxes with a running container, by id.
     live: Mutex<HashMap<String, Arc<LiveSandbox>>>,
     /// Commands whose process has not ended, by id.
@@ -121,6 +166,8 @@ pub struct Host {
     /// When this process started: idempotency records still in flight from
     /// before it belong to a dead process.
     started_at: crate::clock::Millis,
+    /// Signs staged transfer URLs; loaded (or created) on first use.
+    transfer_key: tokio::sync::OnceCell<[u8; 32]>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -136,6 +183,7 @@ impl Host {
         clock: Clock,
         templates: TemplateSet,
         runtime: Arc<dyn Runtime>,
+        blobs: BlobStore,
     ) -> Arc<Self> {
         let rootfs = RootfsCache::new(config.cache_dir.clone());
         let started_at = clock.now_ms();
@@ -146,6 +194,10 @@ impl Host {
             templates,
             rootfs,
             runtime,
+            blobs,
+            code_contexts: Mutex::new(HashMap::new()),
+            default_contexts: AsyncMutex::new(()),
+            pipelines: pipeline::Pipelines::default(),
             live: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             reserved_slots: Mutex::new(Vec::new()),
@@ -153,6 +205,7 @@ impl Host {
             shutdown: CancellationToken::new(),
             admission: AsyncMutex::new(()),
             started_at,
+            transfer_key: tokio::sync::OnceCell::new(),
         })
     }
 

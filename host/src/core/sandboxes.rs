@@ -272,6 +272,7 @@ impl Host {
         if let Some(live) = &live {
             live.stopping.cancel();
         }
+        self.drop_contexts_of(id);
         let state_dir = self.state_dir(id);
         self.runtime.destroy(id, &state_dir).await?;
         // Let each running command's driver record its own end (with its

@@ -157,6 +157,11 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX artifacts_by_org ON artifacts (org_id, created_at DESC, id DESC);
     CREATE INDEX artifacts_by_sandbox ON artifacts (sandbox_id, created_at DESC, id DESC);
     "#,
+    // 3: a command's requested `collect` paths and their promotion results.
+    r#"
+    ALTER TABLE commands ADD COLUMN collect TEXT;
+    ALTER TABLE commands ADD COLUMN collected TEXT;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

@@ -7,19 +7,23 @@
 //! [`StoreHandle::call`], which runs the closure on the blocking pool so the
 //! executor never waits on disk.
 
+pub mod artifacts;
 pub mod ledger;
 mod migrations;
 mod sqlite;
+pub mod transfers;
 
 use std::sync::Arc;
 
 use crate::clock::Millis;
 
+pub use artifacts::{ArtifactRow, ArtifactStore};
 pub use ledger::{
     AuditFilter, AuditRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest, LedgerStore,
     MeterRow, Quota, StoredResponse,
 };
 pub use sqlite::SqliteStore;
+pub use transfers::TransferRow;
 
 /// Errors of the store. Callers map `Conflict`/`NotFound` to API errors;
 /// everything else is an internal error whose detail is logged, not shown.
@@ -134,6 +138,10 @@ pub struct CommandRow {
     pub cancel_requested_at: Option<Millis>,
     pub error: Option<String>,
     pub created_by_key: String,
+    /// JSON list of `{path, name}` to promote to artifacts when it ends.
+    pub collect: Option<String>,
+    /// JSON list of the promotion results, once it ended.
+    pub collected: Option<String>,
 }
 
 /// The final state of a command, written once when it ends.
@@ -148,6 +156,7 @@ pub struct CommandEnd {
     pub stderr_dropped: i64,
     pub ended_at: Millis,
     pub error: Option<String>,
+    pub collected: Option<String>,
 }
 
 /// One entry of a command's log: a chunk of output or the exit.
@@ -179,7 +188,7 @@ pub struct Scope {
 
 /// Durable state. Implemented by [`SqliteStore`]; a trait so that a fleet
 /// can later put PostgreSQL behind the same calls.
-pub trait Store: LedgerStore + Send + Sync + 'static {
+pub trait Store: LedgerStore + ArtifactStore + Send + Sync + 'static {
     // Tenancy.
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError>;
     fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError>;
@@ -250,6 +259,13 @@ pub trait Store: LedgerStore + Send + Sync + 'static {
         error: &str,
         now: Millis,
     ) -> Result<usize, StoreError>;
+
+    // Transfers.
+    fn insert_transfer(&self, transfer: &TransferRow) -> Result<(), StoreError>;
+    fn get_transfer(&self, id: &str) -> Result<Option<TransferRow>, StoreError>;
+    /// Marks an unused, unexpired transfer used and returns it; `None` when
+    /// it is unknown, used or expired. Atomic: one claim wins.
+    fn claim_transfer(&self, id: &str, now: Millis) -> Result<Option<TransferRow>, StoreError>;
 }
 
 /// Shared, cloneable access to the store from async code.

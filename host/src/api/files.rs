@@ -1,0 +1,517 @@
+//! `/v1/sandboxes/{id}/files…` and `/v1/transfers/{token}`: files in a
+//! sandbox's /workspace. Small files go directly through the raw body
+//! (streamed, at most [`DIRECT_MAX_BYTES`]); large ones through staged,
+//! single-use, HMAC-signed URLs that need no API key. Bodies stream in both
+//! directions; nothing here buffers a whole file.
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use crownest_proto::{FileErrorKind, FileInfo, FileKind};
+use futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use super::error::ErrorEnvelope;
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller};
+use crate::clock::rfc3339;
+use crate::core::CoreError;
+use crate::core::files::{TransferKind, display_path, normalize_path};
+
+/// Largest body of a direct `PUT …/files`; larger files go through
+/// `POST …/files/uploads`.
+pub const DIRECT_MAX_BYTES: u64 = 32 * 1024 * 1024;
+
+pub fn routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(write_file, read_file, delete_file))
+        .routes(routes!(list_files))
+        .routes(routes!(stat_file))
+        .routes(routes!(move_file))
+        .routes(routes!(make_dir))
+        .routes(routes!(create_upload))
+        .routes(routes!(create_download))
+        .routes(routes!(transfer_upload, transfer_download))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct PathQuery {
+    /// Relative to /workspace, or absolute under it.
+    pub path: String,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ListQuery {
+    /// Directory, relative to /workspace or absolute under it (default:
+    /// /workspace).
+    pub path: Option<String>,
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    pub path: String,
+    /// Remove a non-empty directory with its contents.
+    #[serde(default)]
+    pub recursive: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FileView {
+    pub name: String,
+    /// Absolute path inside the sandbox.
+    pub path: String,
+    /// `file`, `dir`, `symlink` or `other`.
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    pub size: u64,
+    /// Permission bits, e.g. 420 (0644).
+    pub mode: u32,
+    /// Last modification, RFC 3339.
+    pub mtime: String,
+}
+
+fn render(path: String, info: FileInfo) -> FileView {
+    FileView {
+        name: info.name,
+        path,
+        kind: match info.kind {
+            FileKind::File => "file",
+            FileKind::Dir => "dir",
+            FileKind::Symlink => "symlink",
+            FileKind::Other => "other",
+        },
+        size: info.size,
+        mode: info.mode,
+        mtime: rfc3339(info.mtime_ms),
+    }
+}
+
+/// The path as the client will see it in responses.
+fn shown(path: &str) -> Result<String, ApiError> {
+    Ok(display_path(&normalize_path(path)?))
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct FileList {
+    pub data: Vec<FileView>,
+    /// True when the directory has more entries than one listing returns.
+    pub truncated: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MoveBody {
+    pub from: String,
+    pub to: String,
+    /// Replace an existing `to` (default: refuse with `file_exists`).
+    #[serde(default)]
+    pub overwrite: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MkdirBody {
+    pub path: String,
+    /// Create missing parents; an existing directory is then no error.
+    #[serde(default)]
+    pub parents: bool,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct UploadBody {
+    pub path: String,
+    /// Most bytes the upload may carry (default and cap: the workspace size).
+    pub size_bytes: Option<u64>,
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct DownloadBody {
+    pub path: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TransferView {
+    /// Signed URL on this server; needs no API key; good for one request.
+    pub url: String,
+    /// `PUT` (upload the raw bytes) or `GET`.
+    pub method: &'static str,
+    pub expires_at: String,
+    /// Uploads: most bytes accepted.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_bytes: Option<u64>,
+    /// Downloads: the file's size when the URL was made.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+}
+
+/// The request body as a stream of chunks for the core.
+fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, CoreError>> + Send {
+    body.into_data_stream().map(|chunk| {
+        chunk.map_err(|e| CoreError::Invalid {
+            field: "body",
+            message: format!("the request body could not be read: {e}"),
+        })
+    })
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
+}
+
+fn direct_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!(
+            "direct uploads are limited to {DIRECT_MAX_BYTES} bytes; use POST /v1/sandboxes/{{id}}/files/uploads for a staged upload URL"
+        ),
+    )
+    .with_details(serde_json::json!({ "maxBytes": DIRECT_MAX_BYTES }))
+}
+
+/// A streamed file response with its length and a type from its name.
+fn file_response(
+    path: &str,
+    info: &FileInfo,
+    stream: impl Stream<Item = Result<Bytes, CoreError>> + Send + 'static,
+) -> Response {
+    let mime = mime_guess::from_path(path).first_or_octet_stream();
+    let mut response = Body::from_stream(stream).into_response();
+    let headers = response.headers_mut();
+    if let Ok(value) = HeaderValue::from_str(mime.essence_str()) {
+        headers.insert(header::CONTENT_TYPE, value);
+    }
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    response
+}
+
+/// Writes a file from the raw request body (at most 32 MiB; larger files:
+/// `POST …/files/uploads`). Missing parent directories are created; the
+/// file appears whole or not at all. Scope `files:write`.
+#[utoipa::path(put, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), PathQuery),
+    request_body(content = String, content_type = "application/octet-stream", description = "the file's bytes"),
+    responses(
+        (status = 200, description = "written", body = FileView),
+        (status = 400, description = "path_outside_workspace, invalid_path, is_a_directory, not_a_directory", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope),
+        (status = 413, description = "payload_too_large", body = ErrorEnvelope)))]
+async fn write_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PathQuery>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<ApiJson<FileView>, ApiError> {
+    let principal = caller.require("files:write")?;
+    let path = shown(&query.path)?;
+    if declared_length(&headers).is_some_and(|len| len > DIRECT_MAX_BYTES) {
+        return Err(direct_too_large());
+    }
+    let written = state
+        .host
+        .write_file(
+            principal,
+            &id,
+            &query.path,
+            body_stream(body),
+            DIRECT_MAX_BYTES,
+        )
+        .await;
+    match written {
+        Ok(info) => Ok(ApiJson(render(path, info))),
+        Err(CoreError::File {
+            kind: FileErrorKind::TooLarge,
+            ..
+        }) => Err(direct_too_large()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Reads a file: the raw bytes, with `Content-Length` and a
+/// `Content-Type` guessed from the name. Scope `files:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), PathQuery),
+    responses(
+        (status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = String),
+        (status = 400, description = "path_outside_workspace, is_a_directory, not_a_file", body = ErrorEnvelope),
+        (status = 404, description = "file_not_found", body = ErrorEnvelope)))]
+async fn read_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PathQuery>,
+) -> Result<Response, ApiError> {
+    let principal = caller.require("files:read")?;
+    let (info, stream) = state
+        .host
+        .read_file_stream(principal, &id, &query.path)
+        .await?;
+    Ok(file_response(&query.path, &info, stream))
+}
+
+/// Removes a file, a symlink (never its target) or a directory (non-empty
+/// ones with `recursive=true`). Scope `files:write`.
+#[utoipa::path(delete, path = "/v1/sandboxes/{id}/files", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), DeleteQuery),
+    responses(
+        (status = 204, description = "removed"),
+        (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope),
+        (status = 409, description = "directory_not_empty", body = ErrorEnvelope)))]
+async fn delete_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<DeleteQuery>,
+) -> Result<StatusCode, ApiError> {
+    let principal = caller.require("files:write")?;
+    state
+        .host
+        .remove_file(principal, &id, &query.path, query.recursive)
+        .await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Lists a directory (default /workspace), sorted by name; symlinks are
+/// listed as such, not followed. Scope `files:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/list", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), ListQuery),
+    responses((status = 200, body = FileList), (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)))]
+async fn list_files(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<ListQuery>,
+) -> Result<ApiJson<FileList>, ApiError> {
+    let principal = caller.require("files:read")?;
+    let path = query.path.unwrap_or_default();
+    let listing = state.host.list_files(principal, &id, &path).await?;
+    Ok(ApiJson(FileList {
+        data: listing
+            .entries
+            .into_iter()
+            .map(|e| render(e.path, e.info))
+            .collect(),
+        truncated: listing.truncated,
+    }))
+}
+
+/// Metadata of a file or directory. Scope `files:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/stat", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), PathQuery),
+    responses((status = 200, body = FileView), (status = 400, body = ErrorEnvelope), (status = 404, body = ErrorEnvelope)))]
+async fn stat_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PathQuery>,
+) -> Result<ApiJson<FileView>, ApiError> {
+    let principal = caller.require("files:read")?;
+    let path = shown(&query.path)?;
+    let info = state.host.stat_file(principal, &id, &query.path).await?;
+    Ok(ApiJson(render(path, info)))
+}
+
+/// Moves (renames) a file or directory within /workspace. Scope
+/// `files:write`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/move", tag = "files",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = MoveBody,
+    responses((status = 200, description = "the moved entry", body = FileView), (status = 400, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, description = "file_exists", body = ErrorEnvelope)))]
+async fn move_file(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<MoveBody>,
+) -> Result<ApiJson<FileView>, ApiError> {
+    let principal = caller.require("files:write")?;
+    let to = shown(&body.to)?;
+    let info = state
+        .host
+        .move_file(principal, &id, &body.from, &body.to, body.overwrite)
+        .await?;
+    Ok(ApiJson(render(to, info)))
+}
+
+/// Creates a directory. Scope `files:write`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/mkdir", tag = "files",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = MkdirBody,
+    responses((status = 201, body = FileView), (status = 400, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 409, description = "file_exists", body = ErrorEnvelope)))]
+async fn make_dir(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<MkdirBody>,
+) -> Result<(StatusCode, ApiJson<FileView>), ApiError> {
+    let principal = caller.require("files:write")?;
+    let path = shown(&body.path)?;
+    let info = state
+        .host
+        .make_dir(principal, &id, &body.path, body.parents)
+        .await?;
+    Ok((CREATED, ApiJson(render(path, info))))
+}
+
+/// `scheme://host` of this server as the client reached it.
+fn base_url(headers: &HeaderMap, state: &AppState) -> String {
+    let host = headers
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| state.host.config().listen.to_string(), str::to_string);
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}")
+}
+
+fn transfer_view(
+    headers: &HeaderMap,
+    state: &AppState,
+    ticket: crate::core::files::TransferTicket,
+    method: &'static str,
+) -> TransferView {
+    TransferView {
+        url: format!("{}/v1/transfers/{}", base_url(headers, state), ticket.token),
+        method,
+        expires_at: rfc3339(ticket.expires_at),
+        max_bytes: ticket.max_bytes,
+        size_bytes: ticket.size_bytes,
+    }
+}
+
+/// Stages an upload: a signed URL, valid 5 minutes for one `PUT` of the raw
+/// bytes without an API key, for files of any size up to the workspace's.
+/// Scope `files:write`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/uploads", tag = "files",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = UploadBody,
+    responses((status = 201, body = TransferView), (status = 400, body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 413, description = "file_too_large", body = ErrorEnvelope)))]
+async fn create_upload(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<UploadBody>,
+) -> Result<(StatusCode, ApiJson<TransferView>), ApiError> {
+    let principal = caller.require("files:write")?;
+    let ticket = state
+        .host
+        .create_upload(principal, &id, &body.path, body.size_bytes)
+        .await?;
+    Ok((
+        CREATED,
+        ApiJson(transfer_view(&headers, &state, ticket, "PUT")),
+    ))
+}
+
+/// Stages a download: a signed URL, valid 5 minutes for one `GET` without
+/// an API key. Scope `files:read`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/files/downloads", tag = "files",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = DownloadBody,
+    responses((status = 201, body = TransferView), (status = 400, body = ErrorEnvelope),
+        (status = 404, description = "file_not_found", body = ErrorEnvelope)))]
+async fn create_download(
+    State(state): State<AppState>,
+    caller: Caller,
+    headers: HeaderMap,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<DownloadBody>,
+) -> Result<(StatusCode, ApiJson<TransferView>), ApiError> {
+    let principal = caller.require("files:read")?;
+    let ticket = state
+        .host
+        .create_download(principal, &id, &body.path)
+        .await?;
+    Ok((
+        CREATED,
+        ApiJson(transfer_view(&headers, &state, ticket, "GET")),
+    ))
+}
+
+/// Uploads through a staged URL: the raw bytes, no API key. Single use;
+/// more bytes than `maxBytes` abort it and leave no file behind.
+#[utoipa::path(put, path = "/v1/transfers/{token}", tag = "files", security(()),
+    params(("token" = String, Path, description = "from the staged URL")),
+    request_body(content = String, content_type = "application/octet-stream", description = "the file's bytes"),
+    responses((status = 200, body = FileView),
+        (status = 404, description = "transfer_not_found", body = ErrorEnvelope),
+        (status = 410, description = "transfer_used, transfer_expired", body = ErrorEnvelope),
+        (status = 413, description = "file_too_large", body = ErrorEnvelope)))]
+async fn transfer_upload(
+    State(state): State<AppState>,
+    ApiPath(token): ApiPath<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<ApiJson<FileView>, ApiError> {
+    let transfer = state
+        .host
+        .claim_transfer(&token, TransferKind::Upload)
+        .await?;
+    let max = transfer.max_bytes.unwrap_or(0).max(0) as u64;
+    if declared_length(&headers).is_some_and(|len| len > max) {
+        return Err(CoreError::File {
+            kind: FileErrorKind::TooLarge,
+            path: display_path(&transfer.path),
+            message: format!("the upload is larger than its limit of {max} bytes"),
+        }
+        .into());
+    }
+    let info = state
+        .host
+        .upload_transfer(&transfer, body_stream(body))
+        .await?;
+    Ok(ApiJson(render(display_path(&transfer.path), info)))
+}
+
+/// Downloads through a staged URL: the raw bytes with `Content-Length`, no
+/// API key. Single use.
+#[utoipa::path(get, path = "/v1/transfers/{token}", tag = "files", security(()),
+    params(("token" = String, Path, description = "from the staged URL")),
+    responses((status = 200, description = "the file's bytes", content_type = "application/octet-stream", body = String),
+        (status = 404, description = "transfer_not_found, file_not_found", body = ErrorEnvelope),
+        (status = 410, description = "transfer_used, transfer_expired", body = ErrorEnvelope)))]
+async fn transfer_download(
+    State(state): State<AppState>,
+    ApiPath(token): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    let transfer = state
+        .host
+        .claim_transfer(&token, TransferKind::Download)
+        .await?;
+    let (info, stream) = state.host.download_transfer(&transfer).await?;
+    Ok(file_response(&transfer.path, &info, stream))
+}

@@ -1,0 +1,230 @@
+//! Content-addressed blob storage for artifacts: `<data>/blobs/sha256/ab/
+//! abcdef…`. A blob is streamed into a temp file while hashing, fsynced,
+//! then renamed into place and its directory fsynced, so a blob path
+//! either holds the complete content or does not exist; a crash mid-write
+//! leaves only a temp file, removed at the next start. The store row that
+//! names a blob is written only after `put` returned.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, thiserror::Error)]
+pub enum BlobError {
+    #[error("blob i/o at {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("the content is larger than the {limit} bytes allowed")]
+    TooLarge { limit: u64 },
+    #[error("reading the content failed: {0}")]
+    Source(String),
+    #[error("blob task failed: {0}")]
+    Task(String),
+}
+
+/// A blob that is durably stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredBlob {
+    /// Lower-case hex SHA-256 of the content.
+    pub sha256: String,
+    pub size: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct BlobStore {
+    dir: PathBuf,
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> BlobError + '_ {
+    move |source| BlobError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+impl BlobStore {
+    /// Opens the blob directory, creating it, and removes temp files left
+    /// by an interrupted write.
+    pub fn open(dir: PathBuf) -> Result<Self, BlobError> {
+        let tmp = dir.join("tmp");
+        if tmp.exists() {
+            std::fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+        }
+        std::fs::create_dir_all(&tmp).map_err(io(&tmp))?;
+        std::fs::create_dir_all(dir.join("sha256")).map_err(io(&dir))?;
+        Ok(Self { dir })
+    }
+
+    /// Where the blob with this digest lives. `sha256` must be 64 hex
+    /// characters (callers pass digests from the store).
+    pub fn path_of(&self, sha256: &str) -> PathBuf {
+        let prefix = sha256.get(..2).unwrap_or("00");
+        self.dir.join("sha256").join(prefix).join(sha256)
+    }
+
+    /// Streams `content` into the store, refusing more than `limit` bytes.
+    pub async fn put<S, E>(&self, content: S, limit: u64) -> Result<StoredBlob, BlobError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: std::fmt::Display,
+    {
+        let tmp_path = self
+            .dir
+            .join("tmp")
+            .join(format!("{:016x}", rand::random::<u64>()));
+        let file = std::fs::File::create(&tmp_path).map_err(io(&tmp_path))?;
+        let result = write_hashed(file, &tmp_path, content, limit).await;
+        let blob = match result {
+            Ok(blob) => blob,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp_path);
+                return Err(e);
+            }
+        };
+        let final_path = self.path_of(&blob.sha256);
+        let publish = {
+            let (tmp_path, final_path) = (tmp_path.clone(), final_path.clone());
+            tokio::task::spawn_blocking(move || publish(&tmp_path, &final_path))
+                .await
+                .map_err(|e| BlobError::Task(e.to_string()))?
+        };
+        if publish.is_err() {
+            let _ = std::fs::remove_file(&tmp_path);
+        }
+        publish.map(|()| blob)
+    }
+}
+
+async fn write_hashed<S, E>(
+    file: std::fs::File,
+    path: &Path,
+    mut content: S,
+    limit: u64,
+) -> Result<StoredBlob, BlobError>
+where
+    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+    E: std::fmt::Display,
+{
+    let mut writer = std::io::BufWriter::with_capacity(256 * 1024, file);
+    let mut hasher = Sha256::new();
+    let mut size = 0u64;
+    while let Some(chunk) = content.next().await {
+        let chunk = chunk.map_err(|e| BlobError::Source(e.to_string()))?;
+        size += chunk.len() as u64;
+        if size > limit {
+            return Err(BlobError::TooLarge { limit });
+        }
+        hasher.update(&chunk);
+        // Writes to a page-cache-backed file; the one fsync happens below,
+        // off the executor.
+        writer.write_all(&chunk).map_err(io(path))?;
+    }
+    let file = writer.into_inner().map_err(|e| BlobError::Io {
+        path: path.to_path_buf(),
+        source: e.into_error(),
+    })?;
+    let path_buf = path.to_path_buf();
+    tokio::task::spawn_blocking(move || file.sync_all().map_err(io(&path_buf)))
+        .await
+        .map_err(|e| BlobError::Task(e.to_string()))??;
+    Ok(StoredBlob {
+        sha256: hex::encode(hasher.finalize()),
+        size,
+    })
+}
+
+/// Moves a complete, fsynced temp file to its content address and makes
+/// the rename durable. Content-addressed: if the blob exists, it is the
+/// same bytes, and the temp file is dropped.
+fn publish(tmp: &Path, target: &Path) -> Result<(), BlobError> {
+    let parent = target.parent().unwrap_or(target);
+    std::fs::create_dir_all(parent).map_err(io(parent))?;
+    if target.exists() {
+        std::fs::remove_file(tmp).map_err(io(tmp))?;
+        return Ok(());
+    }
+    std::fs::rename(tmp, target).map_err(io(target))?;
+    std::fs::File::open(parent)
+        .and_then(|dir| dir.sync_all())
+        .map_err(io(parent))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chunks(parts: &[&'static [u8]]) -> impl Stream<Item = Result<Bytes, String>> + Unpin {
+        futures::stream::iter(
+            parts
+                .iter()
+                .map(|p| Ok(Bytes::from_static(p)))
+                .collect::<Vec<_>>(),
+        )
+    }
+
+    #[tokio::test]
+    async fn put_stores_content_under_its_sha256() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = BlobStore::open(dir.path().join("blobs")).expect("open");
+        let blob = blobs
+            .put(chunks(&[b"hello ", b"world"]), 1024)
+            .await
+            .expect("put");
+        assert_eq!(blob.size, 11);
+        assert_eq!(
+            blob.sha256,
+            "b94d27b9934d3e08a52e52d7da7dabfac484efe37a5380ee9088f7ace2efcde9"
+        );
+        assert_eq!(
+            std::fs::read(blobs.path_of(&blob.sha256)).expect("read"),
+            b"hello world"
+        );
+        // Storing the same content again is a no-op.
+        assert_eq!(
+            blobs
+                .put(chunks(&[b"hello world"]), 1024)
+                .await
+                .expect("again"),
+            blob
+        );
+    }
+
+    #[tokio::test]
+    async fn an_oversized_or_failing_stream_leaves_nothing() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path().join("blobs");
+        let blobs = BlobStore::open(root.clone()).expect("open");
+        assert!(matches!(
+            blobs.put(chunks(&[b"0123456789", b"x"]), 10).await,
+            Err(BlobError::TooLarge { limit: 10 })
+        ));
+        let failing = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"part")),
+            Err("agent went away".to_string()),
+        ]);
+        assert!(matches!(
+            blobs.put(failing, 100).await,
+            Err(BlobError::Source(_))
+        ));
+        assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0);
+        assert_eq!(
+            std::fs::read_dir(root.join("sha256")).expect("sha").count(),
+            0
+        );
+    }
+
+    #[test]
+    fn open_removes_temp_files_of_an_interrupted_write() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let root = dir.path().join("blobs");
+        BlobStore::open(root.clone()).expect("open");
+        std::fs::write(root.join("tmp").join("partial"), b"half").expect("write");
+        BlobStore::open(root.clone()).expect("reopen");
+        assert_eq!(std::fs::read_dir(root.join("tmp")).expect("tmp").count(), 0);
+    }
+}

@@ -1,0 +1,567 @@
+//! The plugin host: loads the output pipeline's WASM components (result
+//! adapters, output formatters, promotion policies; `wit/` describes them)
+//! and calls them in isolation. The only module that knows wasmtime.
+//!
+//! - One `Engine` per process (component model, epoch interruption, pooling
+//!   allocator with on-demand fallback) and one ticker thread (10 ms).
+//! - A component is compiled once; the native code is cached under
+//!   `<cache>/plugins/<sha256>-<engine hash>.cwasm` and reused.
+//! - At load a component is checked against its world (an `InstancePre`
+//!   from the `bindgen!` types) and refused if it imports anything but
+//!   `crownest:plugin/*`: no WASI at all, so no filesystem, sockets, clocks,
+//!   environment or stdio.
+//! - Each call gets a fresh `Store` with a deadline (epochs) and a memory
+//!   cap; whatever the plugin does, the caller gets a [`PluginError`].
+//!
+//! Calls are synchronous and CPU-bound: async callers run them (or
+//! [`pipeline`]) on the blocking pool. Loaded plugins are cheap to clone.
+
+pub mod bench;
+mod bindings;
+mod engine;
+mod pipeline;
+mod types;
+
+#[cfg(test)]
+mod tests;
+
+pub use pipeline::{PipelineLimits, PipelineOutput, PipelineResult, pipeline};
+pub use types::{
+    Adapted, ArtifactPolicy, Decision, Format, FormatLimits, MimeData, MimeItem, Output,
+    OutputKind, PolicyLimits, RawEvent, RejectReason, RichOutput, RunError, StreamName,
+    bundle_from_json,
+};
+
+use bindings::adapter::{ResultAdapter, ResultAdapterPre};
+use bindings::formatter::{OutputFormatter, OutputFormatterPre};
+use bindings::policy::{PromotionPolicy, PromotionPolicyPre};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+use wasmtime::Engine;
+use wasmtime::component::{Component, HasSelf, Linker};
+
+/// What the Python runner emits for a matplotlib figure (docs/plugins.md).
+pub const FIGURE_MIME: &str = "application/vnd.crownest.figure+json";
+/// What the Python runner emits for a pandas DataFrame (docs/plugins.md).
+pub const DATAFRAME_MIME: &str = "application/vnd.crownest.dataframe+json";
+
+/// Environment variable naming the directory of built plugins.
+pub const PLUGINS_DIR_ENV: &str = "CROWNEST_PLUGINS_DIR";
+
+/// Why a plugin could not be loaded or a call failed. Every variant names
+/// the plugin; messages are lower-case and fit a run's `notes`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PluginError {
+    /// The plugin host itself could not start (engine, cache dir).
+    #[error("plugin host unavailable: {0}")]
+    Setup(String),
+    /// Wrong world, forbidden import, unreadable or invalid component.
+    #[error("plugin `{plugin}` cannot be loaded: {message}")]
+    Load { plugin: String, message: String },
+    /// The call ran past its deadline and was interrupted.
+    #[error("plugin `{plugin}` timed out after {} ms", after.as_millis())]
+    Timeout { plugin: String, after: Duration },
+    /// The plugin tried to grow its memory past the cap.
+    #[error("plugin `{plugin}` exceeded its memory limit of {} MiB", limit_bytes >> 20)]
+    MemoryLimit { plugin: String, limit_bytes: u64 },
+    /// The plugin trapped (a panic is a trap).
+    #[error("plugin `{plugin}` trapped: {message}")]
+    Trap { plugin: String, message: String },
+    /// The plugin returned `err(message)`.
+    #[error("plugin `{plugin}` failed: {message}")]
+    Returned { plugin: String, message: String },
+    /// The plugin returned something that breaks the output invariants.
+    #[error("plugin `{plugin}` returned an invalid output: {message}")]
+    BadOutput { plugin: String, message: String },
+}
+
+impl PluginError {
+    /// One word for notes and metrics: `timeout`, `memory_limit`, `trap`, …
+    pub fn kind(&self) -> &'static str {
+        match self {
+            PluginError::Setup(_) => "setup",
+            PluginError::Load { .. } => "load",
+            PluginError::Timeout { .. } => "timeout",
+            PluginError::MemoryLimit { .. } => "memory_limit",
+            PluginError::Trap { .. } => "trap",
+            PluginError::Returned { .. } => "error",
+            PluginError::BadOutput { .. } => "bad_output",
+        }
+    }
+}
+
+/// Time and memory bounds of one call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallLimits {
+    pub deadline: Duration,
+    /// Linear memory cap in bytes (at most 256 MiB).
+    pub memory_bytes: usize,
+}
+
+/// Bounds per plugin kind. The adapter sees a whole run's events at once,
+/// so it gets more time than a per-output formatter or policy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HostLimits {
+    pub adapter: CallLimits,
+    pub formatter: CallLimits,
+    pub policy: CallLimits,
+}
+
+impl Default for HostLimits {
+    fn default() -> Self {
+        let memory_bytes = 64 << 20;
+        HostLimits {
+            adapter: CallLimits {
+                deadline: Duration::from_millis(500),
+                memory_bytes,
+            },
+            formatter: CallLimits {
+                deadline: Duration::from_millis(100),
+                memory_bytes,
+            },
+            policy: CallLimits {
+                deadline: Duration::from_millis(100),
+                memory_bytes,
+            },
+        }
+    }
+}
+
+/// Where a loaded plugin came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PluginInfo {
+    /// File stem (`default-formatter` for `default_formatter.wasm`).
+    pub name: String,
+    pub path: PathBuf,
+    /// The compiled code came from the cache (no compilation at this load).
+    pub from_cache: bool,
+}
+
+/// Loads plugins. Cheap to clone; all clones share the process's engine.
+#[derive(Clone)]
+pub struct PluginHost {
+    engine: Engine,
+    linker: Arc<Linker<engine::StoreState>>,
+    cache_dir: PathBuf,
+    limits: HostLimits,
+    pooling: bool,
+}
+
+impl std::fmt::Debug for PluginHost {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PluginHost")
+            .field("cache_dir", &self.cache_dir)
+            .field("limits", &self.limits)
+            .field("pooling", &self.pooling)
+            .finish()
+    }
+}
+
+/// The three worlds, for load-time checks and messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum World {
+    ResultAdapter,
+    OutputFormatter,
+    PromotionPolicy,
+}
+
+impl World {
+    const ALL: [World; 3] = [
+        World::ResultAdapter,
+        World::OutputFormatter,
+        World::PromotionPolicy,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            World::ResultAdapter => "crownest:plugin/result-adapter@0.1.0",
+            World::OutputFormatter => "crownest:plugin/output-formatter@0.1.0",
+            World::PromotionPolicy => "crownest:plugin/promotion-policy@0.1.0",
+        }
+    }
+
+    fn export(self) -> &'static str {
+        match self {
+            World::ResultAdapter => "adapt",
+            World::OutputFormatter => "format",
+            World::PromotionPolicy => "decide",
+        }
+    }
+}
+
+impl PluginHost {
+    /// A host whose compiled-plugin cache lives under `cache_dir/plugins/`.
+    pub fn new(cache_dir: &Path) -> Result<PluginHost, PluginError> {
+        let (engine, pooling) = engine::engine()?;
+        std::fs::create_dir_all(cache_dir.join("plugins")).map_err(|e| {
+            PluginError::Setup(format!(
+                "cannot create {}: {e}",
+                cache_dir.join("plugins").display()
+            ))
+        })?;
+        let mut linker = Linker::new(&engine);
+        bindings::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(|e| PluginError::Setup(format!("cannot link the host interface: {e:#}")))?;
+        Ok(PluginHost {
+            engine,
+            linker: Arc::new(linker),
+            cache_dir: cache_dir.to_owned(),
+            limits: HostLimits::default(),
+            pooling,
+        })
+    }
+
+    /// The same host with other call limits (for plugins loaded after).
+    pub fn with_limits(mut self, limits: HostLimits) -> PluginHost {
+        let cap = |l: CallLimits| CallLimits {
+            memory_bytes: l.memory_bytes.min(engine::MAX_MEMORY_CAP),
+            ..l
+        };
+        self.limits = HostLimits {
+            adapter: cap(limits.adapter),
+            formatter: cap(limits.formatter),
+            policy: cap(limits.policy),
+        };
+        self
+    }
+
+    /// Whether the engine got the pooling allocator (else on-demand).
+    pub fn pooling(&self) -> bool {
+        self.pooling
+    }
+
+    /// A plugin reference from a template -> the component file: an
+    /// absolute path as is; a name is `<plugins_dir>/<name>.wasm`, where
+    /// cargo's `default_formatter.wasm` also answers to `default-formatter`.
+    pub fn resolve(name_or_path: &str, plugins_dir: &Path) -> PathBuf {
+        let path = Path::new(name_or_path);
+        if path.is_absolute() {
+            return path.to_owned();
+        }
+        let exact = plugins_dir.join(format!("{name_or_path}.wasm"));
+        let cargo_name = plugins_dir.join(format!("{}.wasm", name_or_path.replace('-', "_")));
+        if !exact.exists() && cargo_name.exists() {
+            cargo_name
+        } else {
+            exact
+        }
+    }
+
+    /// `$CROWNEST_PLUGINS_DIR`, else where `cargo build --release --target
+    /// wasm32-wasip2 --manifest-path plugins/Cargo.toml` puts them in this
+    /// source tree.
+    pub fn default_plugins_dir() -> PathBuf {
+        match std::env::var_os(PLUGINS_DIR_ENV) {
+            Some(dir) if !dir.is_empty() => PathBuf::from(dir),
+            _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("../plugins/target/wasm32-wasip2/release"),
+        }
+    }
+
+    pub fn load_adapter(&self, path: &Path) -> Result<Adapter, PluginError> {
+        let (info, component) = self.load(path, World::ResultAdapter)?;
+        let pre = self.instance_pre(
+            &info,
+            &component,
+            World::ResultAdapter,
+            ResultAdapterPre::new,
+        )?;
+        Ok(Adapter {
+            plugin: self.plugin(info, self.limits.adapter),
+            pre,
+        })
+    }
+
+    pub fn load_formatter(&self, path: &Path) -> Result<Formatter, PluginError> {
+        let (info, component) = self.load(path, World::OutputFormatter)?;
+        let pre = self.instance_pre(
+            &info,
+            &component,
+            World::OutputFormatter,
+            OutputFormatterPre::new,
+        )?;
+        Ok(Formatter {
+            plugin: self.plugin(info, self.limits.formatter),
+            pre,
+        })
+    }
+
+    pub fn load_policy(&self, path: &Path) -> Result<Policy, PluginError> {
+        let (info, component) = self.load(path, World::PromotionPolicy)?;
+        let pre = self.instance_pre(
+            &info,
+            &component,
+            World::PromotionPolicy,
+            PromotionPolicyPre::new,
+        )?;
+        Ok(Policy {
+            plugin: self.plugin(info, self.limits.policy),
+            pre,
+        })
+    }
+
+    fn plugin(&self, info: PluginInfo, limits: CallLimits) -> Plugin {
+        Plugin {
+            engine: self.engine.clone(),
+            name: Arc::from(info.name.as_str()),
+            info: Arc::new(info),
+            limits,
+        }
+    }
+
+    /// Reads, compiles (or takes from the cache) and vets a component.
+    fn load(&self, path: &Path, world: World) -> Result<(PluginInfo, Component), PluginError> {
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().replace('_', "-"))
+            .unwrap_or_else(|| path.display().to_string());
+        let load_error = |message: String| PluginError::Load {
+            plugin: name.clone(),
+            message,
+        };
+        let bytes = std::fs::read(path)
+            .map_err(|e| load_error(format!("cannot read {}: {e}", path.display())))?;
+        let (component, from_cache) =
+            engine::load_component(&self.engine, &self.cache_dir, &name, &bytes)?;
+        let ty = component.component_type();
+
+        let forbidden: Vec<String> = ty
+            .imports(&self.engine)
+            .map(|(import, _)| import.to_owned())
+            .filter(|import| !import.starts_with("crownest:plugin/"))
+            .collect();
+        if !forbidden.is_empty() {
+            return Err(load_error(forbidden_imports_message(&forbidden)));
+        }
+
+        let exports: Vec<String> = ty
+            .exports(&self.engine)
+            .map(|(e, _)| e.to_owned())
+            .collect();
+        if !exports.iter().any(|e| e == world.export()) {
+            let looks_like = World::ALL
+                .into_iter()
+                .find(|w| exports.iter().any(|e| e == w.export()))
+                .map(|w| format!(" (it looks like a {} component)", w.name()))
+                .unwrap_or_default();
+            return Err(load_error(format!(
+                "it does not implement world {}: no `{}` export{looks_like}",
+                world.name(),
+                world.export()
+            )));
+        }
+        let info = PluginInfo {
+            name,
+            path: path.to_owned(),
+            from_cache,
+        };
+        Ok((info, component))
+    }
+
+    fn instance_pre<P>(
+        &self,
+        info: &PluginInfo,
+        component: &Component,
+        world: World,
+        typed: impl FnOnce(wasmtime::component::InstancePre<engine::StoreState>) -> wasmtime::Result<P>,
+    ) -> Result<P, PluginError> {
+        let load_error = |e: wasmtime::Error| PluginError::Load {
+            plugin: info.name.clone(),
+            message: format!("it does not implement world {}: {e:#}", world.name()),
+        };
+        let pre = self.linker.instantiate_pre(component).map_err(load_error)?;
+        typed(pre).map_err(load_error)
+    }
+}
+
+/// Names the worst of the refused imports first: filesystem and sockets.
+fn forbidden_imports_message(imports: &[String]) -> String {
+    let quoted = |list: &[&String]| {
+        list.iter()
+            .map(|i| format!("`{i}`"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let (dangerous, rest): (Vec<&String>, Vec<&String>) = imports
+        .iter()
+        .partition(|i| i.starts_with("wasi:filesystem/") || i.starts_with("wasi:sockets/"));
+    let mut what = Vec::new();
+    if !dangerous.is_empty() {
+        what.push(format!(
+            "the filesystem or network ({})",
+            quoted(&dangerous)
+        ));
+    }
+    if !rest.is_empty() {
+        what.push(format!(
+            "{} other interface(s) ({})",
+            rest.len(),
+            quoted(&rest)
+        ));
+    }
+    format!(
+        "it imports {}; a plugin may import only crownest:plugin/host (the host grants no \
+         filesystem, sockets, clocks, environment or stdio). Build it without std as the \
+         default plugins do (docs/plugins.md)",
+        what.join(" and ")
+    )
+}
+
+/// What every loaded plugin carries.
+#[derive(Clone)]
+struct Plugin {
+    engine: Engine,
+    name: Arc<str>,
+    info: Arc<PluginInfo>,
+    limits: CallLimits,
+}
+
+impl Plugin {
+    fn call<T>(
+        &self,
+        call: impl FnOnce(
+            &mut wasmtime::Store<engine::StoreState>,
+        ) -> wasmtime::Result<Result<T, String>>,
+    ) -> Result<T, PluginError> {
+        engine::with_store(
+            &self.engine,
+            &self.name,
+            self.limits.deadline,
+            self.limits.memory_bytes,
+            call,
+        )?
+        .map_err(|message| PluginError::Returned {
+            plugin: self.name.to_string(),
+            message,
+        })
+    }
+}
+
+/// A loaded result adapter.
+#[derive(Clone)]
+pub struct Adapter {
+    plugin: Plugin,
+    pre: ResultAdapterPre<engine::StoreState>,
+}
+
+/// A loaded output formatter.
+#[derive(Clone)]
+pub struct Formatter {
+    plugin: Plugin,
+    pre: OutputFormatterPre<engine::StoreState>,
+}
+
+/// A loaded promotion policy.
+#[derive(Clone)]
+pub struct Policy {
+    plugin: Plugin,
+    pre: PromotionPolicyPre<engine::StoreState>,
+}
+
+macro_rules! plugin_accessors {
+    ($($t:ty),*) => {$(
+        impl $t {
+            pub fn name(&self) -> &str {
+                &self.plugin.name
+            }
+
+            pub fn info(&self) -> &PluginInfo {
+                &self.plugin.info
+            }
+        }
+
+        impl std::fmt::Debug for $t {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($t)).field("info", &self.plugin.info).finish()
+            }
+        }
+    )*};
+}
+
+plugin_accessors!(Adapter, Formatter, Policy);
+
+impl Adapter {
+    /// Raw interpreter events -> stdout/stderr, rich outputs, error.
+    pub fn adapt(&self, events: &[RawEvent]) -> Result<Adapted, PluginError> {
+        let events: Vec<bindings::types::RawEvent> = events.iter().map(Into::into).collect();
+        let adapted = self.plugin.call(|store| {
+            let instance: ResultAdapter = self.pre.instantiate(&mut *store)?;
+            instance.call_adapt(&mut *store, &events)
+        })?;
+        Ok(adapted.into())
+    }
+}
+
+impl Formatter {
+    /// One rich output -> one normalised output, checked against the
+    /// output invariants.
+    pub fn format(&self, output: RichOutput, limits: &FormatLimits) -> Result<Output, PluginError> {
+        let output: bindings::types::RichOutput = output.into();
+        let limits = limits.into();
+        let formatted = self.plugin.call(|store| {
+            let instance: OutputFormatter = self.pre.instantiate(&mut *store)?;
+            instance.call_format(&mut *store, &output, limits)
+        })?;
+        let formatted: Output = formatted.into();
+        check_output(&formatted).map_err(|message| PluginError::BadOutput {
+            plugin: self.plugin.name.to_string(),
+            message,
+        })?;
+        Ok(formatted)
+    }
+}
+
+impl Policy {
+    /// One output + the run's artifact policy -> inline | promote | reject.
+    pub fn decide(
+        &self,
+        output: &Output,
+        policy: ArtifactPolicy,
+        limits: &PolicyLimits,
+    ) -> Result<Decision, PluginError> {
+        let output: bindings::types::Output = output.into();
+        let limits = limits.into();
+        let decision = self.plugin.call(|store| {
+            let instance: PromotionPolicy = self.pre.instantiate(&mut *store)?;
+            instance.call_decide(&mut *store, &output, policy.into(), limits)
+        })?;
+        Ok(decision.into())
+    }
+}
+
+/// The invariants of a formatted output: exactly one of text and bytes, of
+/// the kind its format implies, `size` its length, JSON formats valid JSON.
+pub fn check_output(output: &Output) -> Result<(), String> {
+    let len = match (&output.text, &output.bytes) {
+        (Some(text), None) => text.len(),
+        (None, Some(bytes)) => bytes.len(),
+        (None, None) => return Err("neither text nor bytes".into()),
+        (Some(_), Some(_)) => return Err("both text and bytes".into()),
+    };
+    if output.size != len as u64 {
+        return Err(format!(
+            "size {} but the content is {len} bytes",
+            output.size
+        ));
+    }
+    if output.format.is_binary() && output.bytes.is_none() {
+        return Err(format!("format {} needs bytes", output.format.as_str()));
+    }
+    if !output.format.is_binary() && output.format != Format::Unknown && output.text.is_none() {
+        return Err(format!("format {} needs text", output.format.as_str()));
+    }
+    if output.format.is_json()
+        && let Some(text) = &output.text
+        && serde_json::from_str::<serde::de::IgnoredAny>(text).is_err()
+    {
+        return Err(format!(
+            "format {} but the text is not JSON",
+            output.format.as_str()
+        ));
+    }
+    if output.mime.is_empty() || output.mime.len() > 255 {
+        return Err("missing or absurd mime type".into());
+    }
+    Ok(())
+}

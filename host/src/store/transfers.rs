@@ -1,0 +1,151 @@
+//! Staged file transfers: the rows behind signed upload and download URLs,
+//! and their single-use claim.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+
+use super::StoreError;
+use crate::clock::Millis;
+
+/// A staged transfer. The URL's token names `id`; the row says what it may
+/// do, until when, and whether it was used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TransferRow {
+    pub id: String,
+    pub sandbox_id: String,
+    pub org_id: String,
+    /// `upload` or `download`.
+    pub kind: String,
+    /// Relative to /workspace, already normalized.
+    pub path: String,
+    /// Upload size limit.
+    pub max_bytes: Option<i64>,
+    pub created_at: Millis,
+    pub expires_at: Millis,
+    pub used_at: Option<Millis>,
+}
+
+const COLUMNS: &str =
+    "id, sandbox_id, org_id, kind, path, max_bytes, created_at, expires_at, used_at";
+
+fn from_row(row: &Row<'_>) -> rusqlite::Result<TransferRow> {
+    Ok(TransferRow {
+        id: row.get(0)?,
+        sandbox_id: row.get(1)?,
+        org_id: row.get(2)?,
+        kind: row.get(3)?,
+        path: row.get(4)?,
+        max_bytes: row.get(5)?,
+        created_at: row.get(6)?,
+        expires_at: row.get(7)?,
+        used_at: row.get(8)?,
+    })
+}
+
+pub(super) fn insert(conn: &Connection, t: &TransferRow) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("INSERT INTO transfers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
+        params![
+            t.id,
+            t.sandbox_id,
+            t.org_id,
+            t.kind,
+            t.path,
+            t.max_bytes,
+            t.created_at,
+            t.expires_at,
+            t.used_at
+        ],
+    )?;
+    Ok(())
+}
+
+pub(super) fn get(conn: &Connection, id: &str) -> Result<Option<TransferRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!("SELECT {COLUMNS} FROM transfers WHERE id = ?1"),
+            params![id],
+            from_row,
+        )
+        .optional()?)
+}
+
+/// One statement, so two concurrent claims cannot both win.
+pub(super) fn claim(
+    conn: &Connection,
+    id: &str,
+    now: Millis,
+) -> Result<Option<TransferRow>, StoreError> {
+    Ok(conn
+        .query_row(
+            &format!(
+                "UPDATE transfers SET used_at = ?2
+                 WHERE id = ?1 AND used_at IS NULL AND expires_at > ?2
+                 RETURNING {COLUMNS}"
+            ),
+            params![id, now],
+            from_row,
+        )
+        .optional()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{SandboxRow, SqliteStore, Store};
+
+    fn store_with_sandbox() -> SqliteStore {
+        let store = SqliteStore::open_in_memory().expect("store");
+        let org = store.ensure_org("acme", 0).expect("org");
+        store
+            .insert_sandbox(&SandboxRow {
+                id: String::from("sbx_00000000000000000000"),
+                org_id: org.id,
+                project_id: None,
+                template: String::from("python"),
+                template_hash: String::from("h"),
+                status: String::from("running"),
+                metadata: String::from("{}"),
+                created_at: 0,
+                expires_at: 1_000_000,
+                ended_at: None,
+                end_reason: None,
+                uid_slot: 0,
+                vcpus: 1,
+                memory_mib: 512,
+                created_by_key: String::from("key_x"),
+            })
+            .expect("sandbox");
+        store
+    }
+
+    #[test]
+    fn a_transfer_is_claimed_once_and_never_after_expiry() {
+        let store = store_with_sandbox();
+        let org = store.find_org("acme").expect("find").expect("org");
+        let row = TransferRow {
+            id: String::from("trf_1"),
+            sandbox_id: String::from("sbx_00000000000000000000"),
+            org_id: org.id,
+            kind: String::from("upload"),
+            path: String::from("a"),
+            max_bytes: Some(10),
+            created_at: 0,
+            expires_at: 100,
+            used_at: None,
+        };
+        store.insert_transfer(&row).expect("insert");
+        let mut late = row.clone();
+        late.id = String::from("trf_2");
+        store.insert_transfer(&late).expect("insert");
+
+        let claimed = store.claim_transfer("trf_1", 50).expect("claim");
+        assert_eq!(claimed.map(|t| t.used_at), Some(Some(50)));
+        assert_eq!(store.claim_transfer("trf_1", 51).expect("claim"), None);
+        assert_eq!(store.claim_transfer("trf_2", 100).expect("claim"), None);
+        assert_eq!(
+            store.get_transfer("trf_2").expect("get").map(|t| t.used_at),
+            Some(None)
+        );
+        assert_eq!(store.claim_transfer("nope", 1).expect("claim"), None);
+    }
+}

@@ -1,0 +1,459 @@
+//! Code Contexts and Code Runs (seed 000): interpreter state, errors as
+//! results, streaming, limits, timeouts and interpreter deaths.
+
+use crownest_e2e::{SseParser, error_code, shared};
+use futures::StreamExt;
+use serde_json::{Value, json};
+
+fn joined(chunks: &Value) -> String {
+    chunks
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| c.as_str().expect("chunk"))
+        .collect()
+}
+
+async fn run(client: &crownest_e2e::Client, sandbox: &str, body: Value) -> Value {
+    let (status, result) = client
+        .post(&format!("/v1/sandboxes/{sandbox}/code/runs"), body)
+        .await;
+    assert_eq!(status, 200, "{result}");
+    result
+}
+
+#[tokio::test]
+async fn seed_000_context_keeps_state_and_the_default_context_is_reused() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    let (status, context) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/contexts"),
+            json!({ "language": "python" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{context}");
+    let context_id = context["id"].as_str().expect("id").to_string();
+    assert!(context_id.starts_with("cctx_"));
+    assert_eq!(context["language"], "python");
+
+    run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "contextId": context_id, "code": "value = 42" }),
+    )
+    .await;
+    let result = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "contextId": context_id, "code": "print(value)" }),
+    )
+    .await;
+    assert_eq!(joined(&result["stdout"]), "42\n");
+    assert_eq!(result["contextId"], context_id.as_str());
+    assert!(result["error"].is_null());
+
+    // Without contextId: a default context is created, then reused.
+    let first = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "x = 1" }),
+    )
+    .await;
+    let second = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "x + 1" }),
+    )
+    .await;
+    assert_eq!(first["contextId"], second["contextId"]);
+    assert_ne!(
+        first["contextId"],
+        context_id.as_str(),
+        "the default is its own context"
+    );
+    assert_eq!(second["executionCount"], 2);
+
+    let (_, list) = client
+        .get(&format!("/v1/sandboxes/{sandbox}/code/contexts"))
+        .await;
+    assert_eq!(list["data"].as_array().expect("data").len(), 2);
+    let (status, _) = client
+        .delete(&format!(
+            "/v1/sandboxes/{sandbox}/code/contexts/{context_id}"
+        ))
+        .await;
+    assert_eq!(status, 200);
+    let (status, body) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/runs"),
+            json!({ "language": "python", "contextId": context_id, "code": "1" }),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn an_exception_is_a_result_with_name_and_traceback() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    let result = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "1/0" }),
+    )
+    .await;
+    assert_eq!(result["error"]["name"], "ZeroDivisionError");
+    assert_eq!(result["error"]["message"], "division by zero");
+    assert!(
+        result["error"]["traceback"]
+            .as_str()
+            .expect("traceback")
+            .contains("ZeroDivisionError")
+    );
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn javascript_keeps_let_state_and_typescript_with_annotations_runs() {
+    let client = shared().client();
+    let sandbox = client.sandbox("node").await;
+    let (status, js) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/contexts"),
+            json!({ "language": "javascript" }),
+        )
+        .await;
+    assert_eq!(status, 201, "{js}");
+    let js = js["id"].as_str().expect("id").to_string();
+    run(
+        &client,
+        &sandbox,
+        json!({ "language": "javascript", "contextId": js, "code": "let counter = 41" }),
+    )
+    .await;
+    let result = run(&client, &sandbox, json!({ "language": "javascript", "contextId": js, "code": "counter += 1; console.log('counter', counter)" })).await;
+    assert_eq!(joined(&result["stdout"]), "counter 42\n");
+    let awaited = run(&client, &sandbox, json!({ "language": "javascript", "contextId": js, "code": "const later = await Promise.resolve(counter * 2)\nlater" })).await;
+    assert!(awaited["error"].is_null(), "{awaited}");
+
+    let ts = run(
+        &client,
+        &sandbox,
+        json!({ "language": "typescript", "code": "const n: number = 40\nfunction add(a: number, b: number): number { return a + b }\nconsole.log(add(n, 2))" }),
+    )
+    .await;
+    assert!(ts["error"].is_null(), "{ts}");
+    assert_eq!(joined(&ts["stdout"]), "42\n");
+
+    // A JavaScript context cannot run TypeScript, and node has no python.
+    let (status, body) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/runs"),
+            json!({ "language": "typescript", "contextId": js, "code": "1" }),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "context_language_mismatch")
+    );
+    let (status, body) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/runs"),
+            json!({ "language": "python", "code": "1" }),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "unsupported_code_language")
+    );
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn languages_and_limits_are_validated() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    let runs = format!("/v1/sandboxes/{sandbox}/code/runs");
+    let (status, body) = client
+        .post(&runs, json!({ "language": "cobol", "code": "1" }))
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "unsupported_code_language")
+    );
+    let (status, body) = client.post(&runs, json!({ "code": "1" })).await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "invalid_request"),
+        "language is required"
+    );
+    let (status, body) = client
+        .post(
+            &runs,
+            json!({ "language": "python", "code": "#".repeat(1024 * 1024 + 1) }),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (413, "code_source_too_large"));
+    let (status, context) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/contexts"),
+            json!({ "language": "python" }),
+        )
+        .await;
+    assert_eq!(status, 201);
+    let (status, body) = client
+        .post(
+            &runs,
+            json!({ "language": "javascript", "contextId": context["id"], "code": "1" }),
+        )
+        .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (400, "unsupported_code_language"),
+        "{body}"
+    );
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn a_timeout_interrupts_the_run_and_the_context_keeps_its_state() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "kept = 'still here'" }),
+    )
+    .await;
+    let result = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "while True: pass", "timeoutMs": 1000 }),
+    )
+    .await;
+    assert_eq!(result["error"]["name"], "KeyboardInterrupt", "{result}");
+    assert_eq!(result["interpreterRestarted"], false);
+    let after = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "print(kept)" }),
+    )
+    .await;
+    assert_eq!(joined(&after["stdout"]), "still here\n");
+    assert_eq!(after["stateLost"], false);
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn a_dead_interpreter_is_reported_and_replaced_with_the_loss_explicit() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "kept = 1" }),
+    )
+    .await;
+    let died = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "import os; os._exit(3)" }),
+    )
+    .await;
+    assert_eq!(died["interpreterRestarted"], true, "{died}");
+    assert_eq!(died["error"]["name"], "InterpreterDied");
+    let next = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "'kept' in globals()" }),
+    )
+    .await;
+    assert_eq!(next["stateLost"], true, "{next}");
+    assert_eq!(
+        next["contextId"], died["contextId"],
+        "the same context, with a fresh interpreter"
+    );
+    client.kill(&sandbox).await;
+}
+
+async fn stream_run(
+    client: &crownest_e2e::Client,
+    sandbox: &str,
+    body: Value,
+    key: Option<&str>,
+) -> Vec<crownest_e2e::SseEvent> {
+    let mut request = client
+        .request(
+            reqwest::Method::POST,
+            &format!("/v1/sandboxes/{sandbox}/code/runs"),
+        )
+        .header("accept", "text/event-stream")
+        .json(&body);
+    if let Some(key) = key {
+        request = request.header("idempotency-key", key);
+    }
+    let response = request.send().await.expect("send");
+    assert_eq!(response.status(), 200);
+    assert!(
+        response.headers()["content-type"]
+            .to_str()
+            .expect("ct")
+            .starts_with("text/event-stream")
+    );
+    let mut parser = SseParser::default();
+    let mut events = Vec::new();
+    let mut body = response.bytes_stream();
+    while let Some(chunk) = body.next().await {
+        events.extend(parser.push(&chunk.expect("chunk")));
+        if events.iter().any(|e| e.event == "complete") {
+            break;
+        }
+    }
+    events
+}
+
+#[tokio::test]
+async fn a_streamed_run_sends_stdout_before_complete_and_complete_equals_the_blocking_result() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    let code = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n1/0";
+    let events = stream_run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": code }),
+        None,
+    )
+    .await;
+    let names: Vec<&str> = events.iter().map(|e| e.event.as_str()).collect();
+    let first_stdout = names
+        .iter()
+        .position(|n| *n == "stdout")
+        .expect("stdout events");
+    let complete = names
+        .iter()
+        .position(|n| *n == "complete")
+        .expect("complete");
+    assert!(first_stdout < complete);
+    assert!(names.contains(&"error"), "{names:?}");
+    assert!(
+        events.iter().all(|e| e.id.is_none()),
+        "code run streams carry no event ids"
+    );
+    let streamed = &events[complete].data;
+    let blocking = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": code }),
+    )
+    .await;
+    for field in ["contextId", "stdout", "stderr", "outputs"] {
+        assert_eq!(streamed[field], blocking[field], "{field}");
+    }
+    for field in ["name", "message"] {
+        assert_eq!(
+            streamed["error"][field], blocking["error"][field],
+            "error {field}"
+        );
+    }
+    assert_eq!(joined(&streamed["stdout"]), "tick 0\ntick 1\ntick 2\n");
+
+    // Replaying a completed idempotency key emits one complete event.
+    let body = json!({ "language": "python", "code": "print('once')" });
+    let first = stream_run(&client, &sandbox, body.clone(), Some("stream-once")).await;
+    let replay = stream_run(&client, &sandbox, body, Some("stream-once")).await;
+    assert_eq!(replay.len(), 1, "{replay:?}");
+    assert_eq!(replay[0].event, "complete");
+    assert_eq!(replay[0].data, first.last().expect("complete").data);
+    client.kill(&sandbox).await;
+}
+
+fn output_of<'a>(result: &'a Value, format: &str) -> &'a Value {
+    result["outputs"]
+        .as_array()
+        .expect("outputs")
+        .iter()
+        .find(|o| o["format"] == format)
+        .unwrap_or_else(|| panic!("no {format} output in {result}"))
+}
+
+#[tokio::test]
+async fn rich_outputs_go_through_the_wasm_pipeline() {
+    let client = shared().client();
+    let sandbox = client.sandbox("python").await;
+    let plot = "import matplotlib.pyplot as plt\nplt.plot([1, 2, 3], [2, 4, 8], label='growth')\nplt.title('Growth')\nplt.xlabel('step')\nplt.ylabel('value')";
+
+    // Inline policy: the PNG needs promotion, the chart is inlined in E2B's shape.
+    let inline = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": plot }),
+    )
+    .await;
+    let png = output_of(&inline, "png");
+    assert_eq!(png["type"], "rejected", "{inline}");
+    assert_eq!(png["reason"], "requires_artifact_promotion");
+    let chart = output_of(&inline, "chart");
+    assert_eq!(chart["type"], "inline", "{chart}");
+    assert_eq!(chart["content"]["type"], "line");
+    assert_eq!(chart["content"]["title"], "Growth");
+    assert_eq!(chart["content"]["x_label"], "step");
+    assert_eq!(chart["content"]["y_label"], "value");
+    assert_eq!(chart["content"]["elements"][0]["label"], "growth");
+    assert_eq!(
+        chart["content"]["elements"][0]["points"][2],
+        json!([3.0, 8.0])
+    );
+
+    // Promote policy: the PNG becomes an Artifact that downloads as a PNG.
+    let promoted = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": plot, "artifactPolicy": "promote" }),
+    )
+    .await;
+    let png = output_of(&promoted, "png");
+    assert_eq!(png["type"], "artifact", "{promoted}");
+    let artifact = png["artifactId"].as_str().expect("artifact id");
+    let bytes = client
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/artifacts/{artifact}/content"),
+        )
+        .send()
+        .await
+        .expect("download")
+        .bytes()
+        .await
+        .expect("bytes");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+
+    // A DataFrame is data; _repr_html_ is html; an unknown MIME type is refused.
+    let frame = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})" }),
+    )
+    .await;
+    let data = output_of(&frame, "data");
+    assert_eq!(data["type"], "inline", "{frame}");
+    let html = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "class Page:\n    def _repr_html_(self):\n        return '<b>hi</b>'\nPage()", "artifactPolicy": "promote" }),
+    )
+    .await;
+    assert_eq!(output_of(&html, "html")["type"], "artifact", "{html}");
+    let odd = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "from IPython.display import display\ndisplay({'application/x-crownest-test': 'x'}, raw=True)" }),
+    )
+    .await;
+    let rejected = odd["outputs"].as_array().expect("outputs");
+    assert_eq!(rejected.len(), 1, "{odd}");
+    assert_eq!(rejected[0]["type"], "rejected");
+    assert_eq!(rejected[0]["reason"], "unsupported_format");
+    client.kill(&sandbox).await;
+}
