@@ -1,0 +1,512 @@
+"""The asynchronous client: ``_sync.py`` with ``await``, method for method."""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from ._shared import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    OCTET_STREAM,
+    Artifact,
+    FileInfo,
+    FileListing,
+    CollectSpec,
+    CommandResult,
+    CrowNestConnectionError,
+    LogEvent,
+    Record,
+    SSEDecoder,
+    api_error_from_response,
+    as_bytes,
+    backoff_delay,
+    command_body,
+    default_headers,
+    file_listing,
+    log_event_from_sse,
+    may_retry,
+    may_retry_status,
+    mkdir_body,
+    move_body,
+    new_idempotency_key,
+    page_params,
+    resolve_api_key,
+    resolve_base_url,
+    sandbox_body,
+    stdin_body,
+)
+
+T = TypeVar("T")
+#: A log callback may be a plain function or a coroutine function.
+AsyncCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
+
+
+async def _call(callback: AsyncCallback, data: str) -> None:
+    result = callback(data)
+    if inspect.isawaitable(result):
+        await result
+
+
+class AsyncPager(Generic[T]):
+    """``async for`` over every item of a paginated list, fetching pages lazily."""
+
+    def __init__(self, fetch: Callable[[str | None], Awaitable[tuple[list[T], str | None]]]) -> None:
+        self._fetch = fetch
+
+    async def pages(self) -> AsyncIterator[list[T]]:
+        cursor: str | None = None
+        while True:
+            items, cursor = await self._fetch(cursor)
+            yield items
+            if not cursor:
+                return
+
+    async def __aiter__(self) -> AsyncIterator[T]:
+        async for page in self.pages():
+            for item in page:
+                yield item
+
+
+class AsyncCrowNest:
+    """Asynchronous CrowNest client; the same surface as :class:`CrowNest`
+    with ``await`` (and ``async for`` for lists and logs)."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url,
+            headers=default_headers(resolve_api_key(api_key)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        self.sandboxes = AsyncSandboxes(self)
+        self.artifacts = AsyncArtifacts(self)
+        self.templates = AsyncTemplates(self)
+
+    # -- lifecycle
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncCrowNest:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def health(self) -> Record:
+        """``GET /v1/health``."""
+        return Record(await self._request("GET", "/v1/health"))
+
+    # -- transport
+
+    async def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        signed: bool = False,
+    ) -> httpx.Response:
+        """One API call, with retries. ``signed``: ``path`` is a signed
+        transfer URL, sent once without the API key."""
+        hdrs = dict(headers or {})
+        if idempotency_key:
+            hdrs["Idempotency-Key"] = idempotency_key
+        attempt = 0
+        while True:
+            request = self._http.build_request(method, path, json=json, content=content, params=params, headers=hdrs)
+            if signed:
+                del request.headers["x-api-key"]
+            try:
+                response = await self._http.send(request)
+            except httpx.TransportError as exc:
+                retryable = not signed and may_retry(method, idempotency_key is not None, exc)
+                if attempt >= self.max_retries or not retryable:
+                    raise CrowNestConnectionError(f"{method} {request.url.path}: {exc!r}") from exc
+                await asyncio.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            if response.status_code >= 400:
+                error = api_error_from_response(
+                    response.status_code, response.content, response.headers.get("x-request-id")
+                )
+                if attempt < self.max_retries and may_retry_status(error, idempotency_key is not None):
+                    await asyncio.sleep(backoff_delay(attempt))
+                    attempt += 1
+                    continue
+                raise error
+            return response
+
+    async def _request(self, method: str, path: str, **kw: Any) -> Any:
+        return (await self._send(method, path, **kw)).json()
+
+    async def _page(self, path: str, limit: int | None, cursor: str | None) -> tuple[list[Any], str | None]:
+        body = await self._request("GET", path, params=page_params(limit, cursor))
+        return list(body["data"]), body.get("nextCursor")
+
+    async def _log_stream(self, path: str, after: int | None) -> AsyncIterator[LogEvent]:
+        last = after
+        failures = 0
+        while True:
+            headers = {"accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                async with self._http.stream("GET", path, headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = log_event_from_sse(sse)
+                        if event is None:
+                            continue
+                        failures = 0
+                        if event.id is not None:
+                            last = event.id
+                        yield event
+                        if event.type == "exit":
+                            return
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ReadTimeout):
+                    if failures >= self.max_retries:
+                        raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+                    await asyncio.sleep(backoff_delay(failures))
+                    failures += 1
+                continue
+            if failures >= self.max_retries:
+                raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
+            await asyncio.sleep(backoff_delay(failures))
+            failures += 1
+
+
+# ---------------------------------------------------------------- sandboxes
+
+
+class AsyncSandboxHandle(Record):
+    """A sandbox with its bound sub-clients ``.commands``, ``.files`` and ``.artifacts``."""
+
+    def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self._client = client
+        self.commands = AsyncCommands(client, self.id)
+        self.artifacts = AsyncSandboxArtifacts(client, self.id)
+        self.files = AsyncFiles(client, self.id)
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self._data["status"])
+
+    async def refresh(self) -> AsyncSandboxHandle:
+        self._data = await self._client._request("GET", f"/v1/sandboxes/{self.id}")
+        return self
+
+    async def kill(self) -> AsyncSandboxHandle:
+        self._data = await self._client._request("DELETE", f"/v1/sandboxes/{self.id}")
+        return self
+
+
+class AsyncSandboxes:
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    async def create(
+        self,
+        template: str,
+        *,
+        ttl_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> AsyncSandboxHandle:
+        data = await self._client._request(
+            "POST",
+            "/v1/sandboxes",
+            json=sandbox_body(template, ttl_ms, metadata),
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return AsyncSandboxHandle(self._client, data)
+
+    async def get(self, sandbox_id: str) -> AsyncSandboxHandle:
+        return AsyncSandboxHandle(self._client, await self._client._request("GET", f"/v1/sandboxes/{sandbox_id}"))
+
+    def list(self, *, limit: int | None = None) -> AsyncPager[AsyncSandboxHandle]:
+        async def fetch(cursor: str | None) -> tuple[list[AsyncSandboxHandle], str | None]:
+            items, nxt = await self._client._page("/v1/sandboxes", limit, cursor)
+            return [AsyncSandboxHandle(self._client, d) for d in items], nxt
+
+        return AsyncPager(fetch)
+
+
+# ---------------------------------------------------------------- commands
+
+
+class AsyncCommandHandle(CommandResult):
+    def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self._client = client
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/sandboxes/{self._data['sandboxId']}/commands/{self.id}"
+
+    async def refresh(self) -> AsyncCommandHandle:
+        self._data = await self._client._request("GET", self._path)
+        return self
+
+    def logs(self, *, after: int | None = None) -> AsyncIterator[LogEvent]:
+        """``async for`` over the log: stdout/stderr events, then ``exit``."""
+        return self._client._log_stream(f"{self._path}/logs", after)
+
+    async def wait(
+        self, *, on_stdout: AsyncCallback | None = None, on_stderr: AsyncCallback | None = None
+    ) -> CommandResult:
+        if self.status == "running" or on_stdout or on_stderr:
+            async for event in self.logs():
+                if event.type == "stdout" and on_stdout:
+                    await _call(on_stdout, event.data)
+                elif event.type == "stderr" and on_stderr:
+                    await _call(on_stderr, event.data)
+        await self.refresh()
+        return CommandResult(self._data)
+
+    async def send_stdin(self, data: str | bytes | None = None, *, close: bool = False) -> AsyncCommandHandle:
+        self._data = await self._client._request("POST", f"{self._path}/stdin", json=stdin_body(data, close))
+        return self
+
+    async def signal(self, signal: str | int) -> AsyncCommandHandle:
+        self._data = await self._client._request("POST", f"{self._path}/signal", json={"signal": str(signal)})
+        return self
+
+    async def cancel(self) -> AsyncCommandHandle:
+        self._data = await self._client._request("POST", f"{self._path}/cancel")
+        return self
+
+
+class AsyncCommands:
+    def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    async def run(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        collect: list[CollectSpec] | None = None,
+        on_stdout: AsyncCallback | None = None,
+        on_stderr: AsyncCallback | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        key = idempotency_key or new_idempotency_key()
+        if on_stdout is None and on_stderr is None:
+            body = command_body(
+                command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=False, stdin=False
+            )
+            data = await self._client._request(
+                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key
+            )
+            return CommandResult(data)
+        handle = await self.start(
+            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, idempotency_key=key
+        )
+        return await handle.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+
+    async def start(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        collect: list[CollectSpec] | None = None,
+        stdin: bool = False,
+        idempotency_key: str | None = None,
+    ) -> AsyncCommandHandle:
+        body = command_body(
+            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=True, stdin=stdin
+        )
+        data = await self._client._request(
+            "POST",
+            f"/v1/sandboxes/{self._sandbox_id}/commands",
+            json=body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return AsyncCommandHandle(self._client, data)
+
+    async def get(self, command_id: str) -> AsyncCommandHandle:
+        data = await self._client._request("GET", f"/v1/sandboxes/{self._sandbox_id}/commands/{command_id}")
+        return AsyncCommandHandle(self._client, data)
+
+    def list(self, *, limit: int | None = None) -> AsyncPager[AsyncCommandHandle]:
+        async def fetch(cursor: str | None) -> tuple[list[AsyncCommandHandle], str | None]:
+            items, nxt = await self._client._page(f"/v1/sandboxes/{self._sandbox_id}/commands", limit, cursor)
+            return [AsyncCommandHandle(self._client, d) for d in items], nxt
+
+        return AsyncPager(fetch)
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+class AsyncSandboxArtifacts:
+    def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    async def create(self, path: str, *, name: str | None = None, idempotency_key: str | None = None) -> Artifact:
+        body: dict[str, Any] = {"path": path}
+        if name is not None:
+            body["name"] = name
+        data = await self._client._request(
+            "POST",
+            f"/v1/sandboxes/{self._sandbox_id}/artifacts",
+            json=body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return Artifact(data)
+
+    def list(self, *, limit: int | None = None) -> AsyncPager[Artifact]:
+        async def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+            items, nxt = await self._client._page(f"/v1/sandboxes/{self._sandbox_id}/artifacts", limit, cursor)
+            return [Artifact(d) for d in items], nxt
+
+        return AsyncPager(fetch)
+
+
+class AsyncArtifacts:
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    async def get(self, artifact_id: str) -> Artifact:
+        return Artifact(await self._client._request("GET", f"/v1/artifacts/{artifact_id}"))
+
+    def list(self, *, limit: int | None = None) -> AsyncPager[Artifact]:
+        async def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+            items, nxt = await self._client._page("/v1/artifacts", limit, cursor)
+            return [Artifact(d) for d in items], nxt
+
+        return AsyncPager(fetch)
+
+    async def download(self, artifact_id: str) -> bytes:
+        return (await self._client._send("GET", f"/v1/artifacts/{artifact_id}/content")).content
+
+
+# ---------------------------------------------------------------- files
+
+
+class AsyncFiles:
+    """Files of the sandbox's /workspace; paths are relative to /workspace
+    or absolute under it."""
+
+    def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/files"
+
+    async def write(self, path: str, data: str | bytes) -> FileInfo:
+        """Writes a whole file (str is UTF-8 encoded; at most 32 MiB, larger
+        files: ``upload``). Missing parent directories are created."""
+        response = await self._client._send(
+            "PUT", self._base, params={"path": path}, content=as_bytes(data), headers=OCTET_STREAM
+        )
+        return FileInfo(response.json())
+
+    async def read(self, path: str) -> bytes:
+        """A file's bytes."""
+        return (await self._client._send("GET", self._base, params={"path": path})).content
+
+    async def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return (await self.read(path)).decode(encoding)
+
+    async def delete(self, path: str, *, recursive: bool = False) -> None:
+        """Removes a file, a symlink or a directory (non-empty ones with
+        ``recursive=True``)."""
+        params: dict[str, Any] = {"path": path}
+        if recursive:
+            params["recursive"] = "true"
+        await self._client._send("DELETE", self._base, params=params)
+
+    async def list(self, path: str | None = None) -> FileListing:
+        """A directory's entries (default: /workspace)."""
+        params = {"path": path} if path is not None else None
+        return file_listing(await self._client._request("GET", f"{self._base}/list", params=params))
+
+    async def stat(self, path: str) -> FileInfo:
+        return FileInfo(await self._client._request("GET", f"{self._base}/stat", params={"path": path}))
+
+    async def mkdir(self, path: str, *, parents: bool = False) -> FileInfo:
+        return FileInfo(await self._client._request("POST", f"{self._base}/mkdir", json=mkdir_body(path, parents)))
+
+    async def move(self, source: str, destination: str, *, overwrite: bool = False) -> FileInfo:
+        """Moves (renames) a file or directory within /workspace."""
+        body = move_body(source, destination, overwrite)
+        return FileInfo(await self._client._request("POST", f"{self._base}/move", json=body))
+
+    async def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record:
+        """Stages an upload: ``{url, method: "PUT", expiresAt, maxBytes}``, a
+        signed URL for one PUT of the raw bytes, without an API key."""
+        body: dict[str, Any] = {"path": path}
+        if size_bytes is not None:
+            body["sizeBytes"] = size_bytes
+        return Record(await self._client._request("POST", f"{self._base}/uploads", json=body))
+
+    async def download_url(self, path: str) -> Record:
+        """Stages a download: ``{url, method: "GET", expiresAt, sizeBytes}``,
+        a signed URL for one GET, without an API key."""
+        return Record(await self._client._request("POST", f"{self._base}/downloads", json={"path": path}))
+
+    async def upload(self, path: str, data: str | bytes) -> FileInfo:
+        """Writes a file of any size through a staged upload."""
+        payload = as_bytes(data)
+        target = await self.upload_url(path, size_bytes=len(payload))
+        response = await self._client._send(
+            target["method"], target["url"], content=payload, headers=OCTET_STREAM, signed=True
+        )
+        return FileInfo(response.json())
+
+    async def download(self, path: str) -> bytes:
+        """Reads a file of any size through a staged download."""
+        target = await self.download_url(path)
+        return (await self._client._send(target["method"], target["url"], signed=True)).content
+
+
+# ---------------------------------------------------------------- templates
+
+
+class AsyncTemplates:
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    async def list(self) -> list[Record]:
+        return [Record(t) for t in (await self._client._request("GET", "/v1/templates"))["data"]]
+
+
+

@@ -1,0 +1,396 @@
+"""What the sync and async clients share: configuration, errors, records,
+request bodies, retry policy and the SSE decoder. No I/O happens here."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import uuid
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypedDict
+
+import httpx
+
+__version__ = "0.1.0"
+
+DEFAULT_BASE_URL = "http://127.0.0.1:7420"
+DEFAULT_TIMEOUT = 660.0
+DEFAULT_MAX_RETRIES = 3
+USER_AGENT = f"crownest-python/{__version__}"
+
+
+# ---------------------------------------------------------------- errors
+
+
+class CrowNestError(Exception):
+    """Base class of every exception the SDK raises."""
+
+
+class CrowNestApiError(CrowNestError):
+    """The server answered with an error envelope
+    (``{"error": {"code", "message", "details"}}``).
+
+    ``status`` is the HTTP status, ``code`` the stable snake_case error code,
+    ``details`` the structured details; ``str(e)`` is the server's message.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Mapping[str, Any] | None = None,
+        request_id: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details: dict[str, Any] = dict(details or {})
+        self.request_id = request_id
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __repr__(self) -> str:
+        return f"CrowNestApiError(status={self.status}, code={self.code!r}, message={self.message!r})"
+
+
+class CrowNestConnectionError(CrowNestError):
+    """The request could not be completed over the network (after the
+    retries the SDK is allowed to make)."""
+
+
+def api_error_from_response(status: int, body: bytes, request_id: str | None) -> CrowNestApiError:
+    try:
+        envelope = json.loads(body)
+        err = envelope["error"]
+        return CrowNestApiError(
+            status,
+            str(err.get("code") or f"http_{status}"),
+            str(err.get("message") or ""),
+            err.get("details") or {},
+            request_id,
+        )
+    except (ValueError, KeyError, TypeError, AttributeError):
+        text = body.decode("utf-8", "replace").strip()
+        return CrowNestApiError(status, f"http_{status}", text or f"HTTP {status}", {}, request_id)
+
+
+# ---------------------------------------------------------------- config
+
+
+def resolve_api_key(api_key: str | None) -> str:
+    key = api_key if api_key is not None else os.environ.get("CROWNEST_API_KEY")
+    if not key:
+        raise CrowNestError("no API key: pass api_key= or set CROWNEST_API_KEY")
+    return key
+
+
+def resolve_base_url(base_url: str | None) -> str:
+    url = base_url or os.environ.get("CROWNEST_BASE_URL") or DEFAULT_BASE_URL
+    return url.rstrip("/")
+
+
+def default_headers(api_key: str) -> dict[str, str]:
+    return {"x-api-key": api_key, "user-agent": USER_AGENT, "accept": "application/json"}
+
+
+def new_idempotency_key() -> str:
+    return str(uuid.uuid4())
+
+
+# ---------------------------------------------------------------- retries
+
+#: Failures after which the request may or may not have reached the server.
+_AMBIGUOUS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException)
+
+
+def may_retry(method: str, has_idempotency_key: bool, exc: Exception) -> bool:
+    """Whether a network failure of this request may be retried.
+
+    A connection that could not be made never reached the server, so that
+    is always safe. Otherwise only idempotent requests are retried: GETs,
+    PUTs (a whole-file write: writing it again gives the same file), and
+    requests that carry an Idempotency-Key (the server replays the stored
+    response instead of doing the work twice)."""
+    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
+        return True
+    if isinstance(exc, _AMBIGUOUS):
+        return method in ("GET", "PUT") or has_idempotency_key
+    return False
+
+
+def may_retry_status(error: CrowNestApiError, has_idempotency_key: bool) -> bool:
+    # The first request with this key is still being processed (e.g. our
+    # own earlier attempt whose connection dropped): wait and ask again.
+    return has_idempotency_key and error.code == "idempotency_key_in_use"
+
+
+def backoff_delay(attempt: int) -> float:
+    """Exponential backoff with jitter: ~0.25 s, 0.5 s, 1 s, … capped at 8 s."""
+    base: float = min(8.0, 0.25 * (2**attempt))
+    return base * (0.5 + random.random() / 2)
+
+
+# ---------------------------------------------------------------- records
+
+_CAMEL = re.compile(r"_([a-z0-9])")
+
+
+def to_camel(name: str) -> str:
+    return _CAMEL.sub(lambda m: m.group(1).upper(), name)
+
+
+class Record(Mapping[str, Any]):
+    """A JSON object from the API: mapping access (``r["exitCode"]``),
+    attribute access (``r.exitCode`` or ``r.exit_code``) and ``to_dict()``."""
+
+    def __init__(self, data: Mapping[str, Any]) -> None:
+        self._data: dict[str, Any] = dict(data)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._data[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._data)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        data = self.__dict__.get("_data", {})
+        if name in data:
+            return data[name]
+        camel = to_camel(name)
+        if camel in data:
+            return data[camel]
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._data))  # type: ignore[no-any-return]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self._data!r})"
+
+
+class CommandResult(Record):
+    """A command record: ``id``, ``status`` (``running``, ``completed``,
+    ``failed``, ``timed_out``, ``canceled``), ``exitCode``, ``stdout``,
+    ``stderr``, ``artifacts`` (with ``collect``), timestamps. A non-zero
+    exit is a result, not an exception."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self._data["status"])
+
+    @property
+    def exit_code(self) -> int | None:
+        code = self._data.get("exitCode")
+        return int(code) if code is not None else None
+
+
+class Artifact(Record):
+    """An artifact: ``id`` (``art_…``), ``name``, ``sha256``, ``size``,
+    ``mime``, ``sandboxId``, ``sourcePath``, ``createdAt``."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+
+class FileInfo(Record):
+    """A file or directory of /workspace: ``name``, ``path`` (absolute),
+    ``type`` (``file``, ``dir``, ``symlink``, ``other``), ``size``, ``mode``,
+    ``mtime``."""
+
+    @property
+    def path(self) -> str:
+        return str(self._data["path"])
+
+
+class FileListing(list[FileInfo]):
+    """A directory's entries, sorted by name; ``truncated`` is true when the
+    directory has more entries than one listing returns."""
+
+    def __init__(self, entries: list[FileInfo], truncated: bool) -> None:
+        super().__init__(entries)
+        self.truncated = truncated
+
+
+def file_listing(body: Mapping[str, Any]) -> FileListing:
+    return FileListing([FileInfo(e) for e in body["data"]], bool(body.get("truncated")))
+
+
+def mkdir_body(path: str, parents: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"path": path}
+    if parents:
+        body["parents"] = True
+    return body
+
+
+def move_body(source: str, destination: str, overwrite: bool) -> dict[str, Any]:
+    body: dict[str, Any] = {"from": source, "to": destination}
+    if overwrite:
+        body["overwrite"] = True
+    return body
+
+
+def as_bytes(data: str | bytes) -> bytes:
+    return data.encode("utf-8") if isinstance(data, str) else bytes(data)
+
+
+OCTET_STREAM = {"content-type": "application/octet-stream"}
+
+
+# ---------------------------------------------------------------- shapes
+
+
+class CollectSpec(TypedDict, total=False):
+    path: str  # required
+    name: str
+
+
+class ExitInfo(TypedDict):
+    status: str
+    exitCode: int | None
+    signal: int | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class LogEvent:
+    """One event of a command's log stream: ``stdout`` or ``stderr`` text
+    (``data``), or the final ``exit`` (``exit`` holds status/exitCode/...).
+    ``id`` is the event number to resume after."""
+
+    type: Literal["stdout", "stderr", "exit"]
+    data: str = ""
+    id: int | None = None
+    exit: ExitInfo | None = field(default=None)
+
+
+def command_body(
+    command: str,
+    *,
+    cwd: str | None,
+    env: Mapping[str, str] | None,
+    timeout_ms: int | None,
+    collect: list[CollectSpec] | None,
+    background: bool,
+    stdin: bool,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"command": command}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if env is not None:
+        body["env"] = dict(env)
+    if timeout_ms is not None:
+        body["timeoutMs"] = timeout_ms
+    if collect is not None:
+        body["collect"] = [dict(c) for c in collect]
+    if background:
+        body["background"] = True
+    if stdin:
+        body["stdin"] = True
+    return body
+
+
+def sandbox_body(template: str, ttl_ms: int | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"template": template}
+    if ttl_ms is not None:
+        body["ttlMs"] = ttl_ms
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return body
+
+
+def stdin_body(data: str | bytes | None, close: bool) -> dict[str, Any]:
+    import base64
+
+    body: dict[str, Any] = {}
+    if isinstance(data, bytes):
+        body["dataBase64"] = base64.b64encode(data).decode("ascii")
+    elif data is not None:
+        body["data"] = data
+    if close:
+        body["close"] = True
+    return body
+
+
+def page_params(limit: int | None, cursor: str | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if limit is not None:
+        params["limit"] = limit
+    if cursor is not None:
+        params["cursor"] = cursor
+    return params
+
+
+# ---------------------------------------------------------------- SSE
+
+
+@dataclass
+class ServerSentEvent:
+    event: str
+    data: str
+    id: str | None
+
+
+class SSEDecoder:
+    """Line-fed decoder of ``text/event-stream`` (the WHATWG rules that
+    matter here: ``event``, ``data`` (joined by newlines), ``id``, comments,
+    dispatch on a blank line)."""
+
+    def __init__(self) -> None:
+        self._event = ""
+        self._data: list[str] = []
+        self._id: str | None = None
+
+    def feed(self, line: str) -> ServerSentEvent | None:
+        if line == "":
+            if not self._data and not self._event:
+                return None
+            ev = ServerSentEvent(self._event or "message", "\n".join(self._data), self._id)
+            self._event, self._data, self._id = "", [], None
+            return ev
+        if line.startswith(":"):
+            return None
+        name, _, value = line.partition(":")
+        if value.startswith(" "):
+            value = value[1:]
+        if name == "event":
+            self._event = value
+        elif name == "data":
+            self._data.append(value)
+        elif name == "id" and "\0" not in value:
+            self._id = value
+        return None
+
+
+def log_event_from_sse(ev: ServerSentEvent) -> LogEvent | None:
+    try:
+        payload = json.loads(ev.data) if ev.data else {}
+    except ValueError:
+        return None
+    event_id = int(ev.id) if ev.id and ev.id.isdigit() else None
+    if ev.event in ("stdout", "stderr"):
+        return LogEvent(ev.event, str(payload.get("data", "")), event_id)  # type: ignore[arg-type]
+    if ev.event == "exit":
+        info: ExitInfo = {
+            "status": str(payload.get("status", "")),
+            "exitCode": payload.get("exitCode"),
+            "signal": payload.get("signal"),
+            "error": payload.get("error"),
+        }
+        return LogEvent("exit", "", event_id, info)
+    return None

@@ -1,0 +1,536 @@
+"""The synchronous client. ``_async.py`` mirrors it method for method."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any, Generic, TypeVar
+
+import httpx
+
+from ._shared import (
+    DEFAULT_MAX_RETRIES,
+    DEFAULT_TIMEOUT,
+    OCTET_STREAM,
+    Artifact,
+    FileInfo,
+    FileListing,
+    CollectSpec,
+    CommandResult,
+    CrowNestApiError,
+    CrowNestConnectionError,
+    LogEvent,
+    Record,
+    SSEDecoder,
+    api_error_from_response,
+    as_bytes,
+    backoff_delay,
+    command_body,
+    default_headers,
+    file_listing,
+    log_event_from_sse,
+    may_retry,
+    may_retry_status,
+    mkdir_body,
+    move_body,
+    new_idempotency_key,
+    page_params,
+    resolve_api_key,
+    resolve_base_url,
+    sandbox_body,
+    stdin_body,
+)
+
+T = TypeVar("T")
+Callback = Callable[[str], Any]
+
+
+class Pager(Generic[T]):
+    """Iterates every item of a paginated list, fetching pages lazily."""
+
+    def __init__(self, fetch: Callable[[str | None], tuple[list[T], str | None]]) -> None:
+        self._fetch = fetch
+
+    def pages(self) -> Iterator[list[T]]:
+        cursor: str | None = None
+        while True:
+            items, cursor = self._fetch(cursor)
+            yield items
+            if not cursor:
+                return
+
+    def __iter__(self) -> Iterator[T]:
+        for page in self.pages():
+            yield from page
+
+
+class CrowNest:
+    """Synchronous CrowNest client.
+
+    ``api_key`` defaults to ``CROWNEST_API_KEY``; ``base_url`` to
+    ``CROWNEST_BASE_URL``, else ``http://127.0.0.1:7420`` (a local server);
+    ``timeout`` is the per-request timeout in seconds (a blocking
+    ``commands.run`` waits for the command within one request)."""
+
+    def __init__(
+        self,
+        api_key: str | None = None,
+        base_url: str | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        max_retries: int = DEFAULT_MAX_RETRIES,
+    ) -> None:
+        self.base_url = resolve_base_url(base_url)
+        self.timeout = timeout
+        self.max_retries = max_retries
+        self._http = httpx.Client(
+            base_url=self.base_url,
+            headers=default_headers(resolve_api_key(api_key)),
+            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+        )
+        self.sandboxes = Sandboxes(self)
+        self.artifacts = Artifacts(self)
+        self.templates = Templates(self)
+
+    # -- lifecycle
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> CrowNest:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def health(self) -> Record:
+        """``GET /v1/health``."""
+        return Record(self._request("GET", "/v1/health"))
+
+    # -- transport
+
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        content: bytes | None = None,
+        params: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+        headers: Mapping[str, str] | None = None,
+        signed: bool = False,
+    ) -> httpx.Response:
+        """One API call, with retries. ``signed``: ``path`` is a signed
+        transfer URL, sent once without the API key."""
+        hdrs = dict(headers or {})
+        if idempotency_key:
+            hdrs["Idempotency-Key"] = idempotency_key
+        attempt = 0
+        while True:
+            request = self._http.build_request(method, path, json=json, content=content, params=params, headers=hdrs)
+            if signed:
+                del request.headers["x-api-key"]
+            try:
+                response = self._http.send(request)
+            except httpx.TransportError as exc:
+                retryable = not signed and may_retry(method, idempotency_key is not None, exc)
+                if attempt >= self.max_retries or not retryable:
+                    raise CrowNestConnectionError(f"{method} {request.url.path}: {exc!r}") from exc
+                time.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            if response.status_code >= 400:
+                error = api_error_from_response(
+                    response.status_code, response.content, response.headers.get("x-request-id")
+                )
+                if attempt < self.max_retries and may_retry_status(error, idempotency_key is not None):
+                    time.sleep(backoff_delay(attempt))
+                    attempt += 1
+                    continue
+                raise error
+            return response
+
+    def _request(self, method: str, path: str, **kw: Any) -> Any:
+        return self._send(method, path, **kw).json()
+
+    def _page(self, path: str, limit: int | None, cursor: str | None) -> tuple[list[Any], str | None]:
+        body = self._request("GET", path, params=page_params(limit, cursor))
+        return list(body["data"]), body.get("nextCursor")
+
+    def _log_stream(self, path: str, after: int | None) -> Iterator[LogEvent]:
+        """Follows an SSE log until its ``exit`` event, reconnecting with
+        ``Last-Event-ID`` after a dropped connection."""
+        last = after
+        failures = 0
+        while True:
+            headers = {"accept": "text/event-stream"}
+            if last is not None:
+                headers["Last-Event-ID"] = str(last)
+            try:
+                with self._http.stream("GET", path, headers=headers) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = log_event_from_sse(sse)
+                        if event is None:
+                            continue
+                        failures = 0
+                        if event.id is not None:
+                            last = event.id
+                        yield event
+                        if event.type == "exit":
+                            return
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ReadTimeout):
+                    if failures >= self.max_retries:
+                        raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+                    time.sleep(backoff_delay(failures))
+                    failures += 1
+                continue
+            # The stream ended without an exit event: reconnect after `last`.
+            if failures >= self.max_retries:
+                raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
+            time.sleep(backoff_delay(failures))
+            failures += 1
+
+
+# ---------------------------------------------------------------- sandboxes
+
+
+class SandboxHandle(Record):
+    """A sandbox (``id``, ``status``, ``template``, ``expiresAt``, …) with
+    the sub-clients bound to it: ``.commands``, ``.files`` and ``.artifacts``."""
+
+    def __init__(self, client: CrowNest, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self._client = client
+        self.commands = Commands(client, self.id)
+        self.artifacts = SandboxArtifacts(client, self.id)
+        self.files = Files(client, self.id)
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self._data["status"])
+
+    def refresh(self) -> SandboxHandle:
+        """Re-reads the sandbox (``GET /v1/sandboxes/{id}``) into this handle."""
+        self._data = self._client._request("GET", f"/v1/sandboxes/{self.id}")
+        return self
+
+    def kill(self) -> SandboxHandle:
+        """Destroys the sandbox (``DELETE /v1/sandboxes/{id}``); the handle
+        then holds its ``destroyed`` tombstone."""
+        self._data = self._client._request("DELETE", f"/v1/sandboxes/{self.id}")
+        return self
+
+
+class Sandboxes:
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    def create(
+        self,
+        template: str,
+        *,
+        ttl_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> SandboxHandle:
+        """Creates a sandbox from a template and starts it."""
+        data = self._client._request(
+            "POST",
+            "/v1/sandboxes",
+            json=sandbox_body(template, ttl_ms, metadata),
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return SandboxHandle(self._client, data)
+
+    def get(self, sandbox_id: str) -> SandboxHandle:
+        return SandboxHandle(self._client, self._client._request("GET", f"/v1/sandboxes/{sandbox_id}"))
+
+    def list(self, *, limit: int | None = None) -> Pager[SandboxHandle]:
+        """Every sandbox of the org (live ones and tombstones), newest first;
+        ``limit`` is the page size."""
+
+        def fetch(cursor: str | None) -> tuple[list[SandboxHandle], str | None]:
+            items, nxt = self._client._page("/v1/sandboxes", limit, cursor)
+            return [SandboxHandle(self._client, d) for d in items], nxt
+
+        return Pager(fetch)
+
+
+# ---------------------------------------------------------------- commands
+
+
+class CommandHandle(CommandResult):
+    """A command record plus what can be done to the command."""
+
+    def __init__(self, client: CrowNest, data: Mapping[str, Any]) -> None:
+        super().__init__(data)
+        self._client = client
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/sandboxes/{self._data['sandboxId']}/commands/{self.id}"
+
+    def refresh(self) -> CommandHandle:
+        self._data = self._client._request("GET", self._path)
+        return self
+
+    def logs(self, *, after: int | None = None) -> Iterator[LogEvent]:
+        """Streams the log (stdout/stderr events, then ``exit``) from the
+        start, or after event number ``after``; a finished command's log is
+        replayed."""
+        return self._client._log_stream(f"{self._path}/logs", after)
+
+    def wait(self, *, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
+        """Waits for the command to end and returns its final record. With
+        callbacks, every stdout/stderr chunk is passed to them as it arrives."""
+        if self.status == "running" or on_stdout or on_stderr:
+            for event in self.logs():
+                if event.type == "stdout" and on_stdout:
+                    on_stdout(event.data)
+                elif event.type == "stderr" and on_stderr:
+                    on_stderr(event.data)
+        self.refresh()
+        return CommandResult(self._data)
+
+    def send_stdin(self, data: str | bytes | None = None, *, close: bool = False) -> CommandHandle:
+        """Writes text or bytes to the command's stdin (it must have been
+        started with ``stdin=True``); ``close=True`` closes it after."""
+        self._data = self._client._request("POST", f"{self._path}/stdin", json=stdin_body(data, close))
+        return self
+
+    def signal(self, signal: str | int) -> CommandHandle:
+        """Sends a signal (``"SIGTERM"``, ``"INT"``, ``9``, …)."""
+        self._data = self._client._request("POST", f"{self._path}/signal", json={"signal": str(signal)})
+        return self
+
+    def cancel(self) -> CommandHandle:
+        """Kills the command; it ends ``canceled``."""
+        self._data = self._client._request("POST", f"{self._path}/cancel")
+        return self
+
+
+class Commands:
+    def __init__(self, client: CrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    def run(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        collect: list[CollectSpec] | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        idempotency_key: str | None = None,
+    ) -> CommandResult:
+        """Runs a command to completion and returns its record (``exitCode``,
+        ``stdout``, ``stderr``, ``status``, …). With ``on_stdout`` /
+        ``on_stderr`` it starts the command in the background and streams
+        its log to the callbacks, then returns the final record."""
+        key = idempotency_key or new_idempotency_key()
+        if on_stdout is None and on_stderr is None:
+            body = command_body(
+                command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=False, stdin=False
+            )
+            data = self._client._request(
+                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key
+            )
+            return CommandResult(data)
+        handle = self.start(
+            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, idempotency_key=key
+        )
+        return handle.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+
+    def start(
+        self,
+        command: str,
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        collect: list[CollectSpec] | None = None,
+        stdin: bool = False,
+        idempotency_key: str | None = None,
+    ) -> CommandHandle:
+        """Starts a command in the background and returns a handle to it
+        (``wait()``, ``logs()``, ``send_stdin()``, ``signal()``, ``cancel()``).
+        ``stdin=True`` keeps its stdin open for ``send_stdin``."""
+        body = command_body(
+            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=True, stdin=stdin
+        )
+        data = self._client._request(
+            "POST",
+            f"/v1/sandboxes/{self._sandbox_id}/commands",
+            json=body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return CommandHandle(self._client, data)
+
+    def get(self, command_id: str) -> CommandHandle:
+        data = self._client._request("GET", f"/v1/sandboxes/{self._sandbox_id}/commands/{command_id}")
+        return CommandHandle(self._client, data)
+
+    def list(self, *, limit: int | None = None) -> Pager[CommandHandle]:
+        def fetch(cursor: str | None) -> tuple[list[CommandHandle], str | None]:
+            items, nxt = self._client._page(f"/v1/sandboxes/{self._sandbox_id}/commands", limit, cursor)
+            return [CommandHandle(self._client, d) for d in items], nxt
+
+        return Pager(fetch)
+
+
+# ---------------------------------------------------------------- artifacts
+
+
+class SandboxArtifacts:
+    def __init__(self, client: CrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._sandbox_id = sandbox_id
+
+    def create(self, path: str, *, name: str | None = None, idempotency_key: str | None = None) -> Artifact:
+        """Promotes a file of /workspace into durable artifact storage."""
+        body: dict[str, Any] = {"path": path}
+        if name is not None:
+            body["name"] = name
+        data = self._client._request(
+            "POST",
+            f"/v1/sandboxes/{self._sandbox_id}/artifacts",
+            json=body,
+            idempotency_key=idempotency_key or new_idempotency_key(),
+        )
+        return Artifact(data)
+
+    def list(self, *, limit: int | None = None) -> Pager[Artifact]:
+        def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+            items, nxt = self._client._page(f"/v1/sandboxes/{self._sandbox_id}/artifacts", limit, cursor)
+            return [Artifact(d) for d in items], nxt
+
+        return Pager(fetch)
+
+
+class Artifacts:
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    def get(self, artifact_id: str) -> Artifact:
+        return Artifact(self._client._request("GET", f"/v1/artifacts/{artifact_id}"))
+
+    def list(self, *, limit: int | None = None) -> Pager[Artifact]:
+        def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+            items, nxt = self._client._page("/v1/artifacts", limit, cursor)
+            return [Artifact(d) for d in items], nxt
+
+        return Pager(fetch)
+
+    def download(self, artifact_id: str) -> bytes:
+        """The artifact's content."""
+        return self._client._send("GET", f"/v1/artifacts/{artifact_id}/content").content
+
+
+# ---------------------------------------------------------------- files
+
+
+class Files:
+    """Files of the sandbox's /workspace; paths are relative to /workspace
+    or absolute under it."""
+
+    def __init__(self, client: CrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/files"
+
+    def write(self, path: str, data: str | bytes) -> FileInfo:
+        """Writes a whole file (str is UTF-8 encoded; at most 32 MiB, larger
+        files: ``upload``). Missing parent directories are created."""
+        response = self._client._send(
+            "PUT", self._base, params={"path": path}, content=as_bytes(data), headers=OCTET_STREAM
+        )
+        return FileInfo(response.json())
+
+    def read(self, path: str) -> bytes:
+        """A file's bytes."""
+        return self._client._send("GET", self._base, params={"path": path}).content
+
+    def read_text(self, path: str, encoding: str = "utf-8") -> str:
+        return self.read(path).decode(encoding)
+
+    def delete(self, path: str, *, recursive: bool = False) -> None:
+        """Removes a file, a symlink or a directory (non-empty ones with
+        ``recursive=True``)."""
+        params: dict[str, Any] = {"path": path}
+        if recursive:
+            params["recursive"] = "true"
+        self._client._send("DELETE", self._base, params=params)
+
+    def list(self, path: str | None = None) -> FileListing:
+        """A directory's entries (default: /workspace)."""
+        params = {"path": path} if path is not None else None
+        return file_listing(self._client._request("GET", f"{self._base}/list", params=params))
+
+    def stat(self, path: str) -> FileInfo:
+        return FileInfo(self._client._request("GET", f"{self._base}/stat", params={"path": path}))
+
+    def mkdir(self, path: str, *, parents: bool = False) -> FileInfo:
+        return FileInfo(self._client._request("POST", f"{self._base}/mkdir", json=mkdir_body(path, parents)))
+
+    def move(self, source: str, destination: str, *, overwrite: bool = False) -> FileInfo:
+        """Moves (renames) a file or directory within /workspace."""
+        body = move_body(source, destination, overwrite)
+        return FileInfo(self._client._request("POST", f"{self._base}/move", json=body))
+
+    def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record:
+        """Stages an upload: ``{url, method: "PUT", expiresAt, maxBytes}``, a
+        signed URL for one PUT of the raw bytes, without an API key."""
+        body: dict[str, Any] = {"path": path}
+        if size_bytes is not None:
+            body["sizeBytes"] = size_bytes
+        return Record(self._client._request("POST", f"{self._base}/uploads", json=body))
+
+    def download_url(self, path: str) -> Record:
+        """Stages a download: ``{url, method: "GET", expiresAt, sizeBytes}``,
+        a signed URL for one GET, without an API key."""
+        return Record(self._client._request("POST", f"{self._base}/downloads", json={"path": path}))
+
+    def upload(self, path: str, data: str | bytes) -> FileInfo:
+        """Writes a file of any size through a staged upload."""
+        payload = as_bytes(data)
+        target = self.upload_url(path, size_bytes=len(payload))
+        response = self._client._send(
+            target["method"], target["url"], content=payload, headers=OCTET_STREAM, signed=True
+        )
+        return FileInfo(response.json())
+
+    def download(self, path: str) -> bytes:
+        """Reads a file of any size through a staged download."""
+        target = self.download_url(path)
+        return self._client._send(target["method"], target["url"], signed=True).content
+
+
+# ---------------------------------------------------------------- templates
+
+
+class Templates:
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    def list(self) -> list[Record]:
+        """``GET /v1/templates``: the templates, their resources, built or not."""
+        return [Record(t) for t in self._client._request("GET", "/v1/templates")["data"]]
+
+

@@ -1,0 +1,646 @@
+import { CrowNestConnectionError, CrowNestError, apiErrorFromResponse, type CrowNestApiError } from "./errors.js";
+import { SSEDecoder, lines } from "./sse.js";
+import type {
+  ArtifactData,
+  CollectSpec,
+  CommandData,
+  ExitInfo,
+  FileData,
+  FileListing,
+  LogEvent,
+  Page,
+  SandboxData,
+  TemplateData,
+  TransferData,
+} from "./types.js";
+
+export const VERSION = "0.1.0";
+export const DEFAULT_BASE_URL = "http://127.0.0.1:7420";
+
+export interface ClientOptions {
+  /** Org-scoped API key; default `process.env.CROWNEST_API_KEY`. */
+  apiKey?: string;
+  /** Default `process.env.CROWNEST_BASE_URL`, else `http://127.0.0.1:7420`. */
+  baseUrl?: string;
+  /** Per-request timeout in milliseconds (default 660 000: a blocking run
+   * waits for its command within one request). */
+  timeoutMs?: number;
+  /** Retries of a request that failed on the network (default 3). */
+  maxRetries?: number;
+}
+
+interface RequestOptions {
+  json?: unknown;
+  body?: Uint8Array;
+  query?: Record<string, string | number | boolean | undefined>;
+  idempotencyKey?: string;
+  headers?: Record<string, string>;
+  /** `path` is a signed transfer URL: sent once, without the API key. */
+  signed?: boolean;
+}
+
+function env(name: string): string | undefined {
+  const p = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process;
+  return p?.env?.[name] || undefined;
+}
+
+function sleep(ms: number): Promise<void> {
+  return new Promise((resolve) => setTimeout(resolve, ms));
+}
+
+/** Exponential backoff with jitter: ~250 ms, 500 ms, 1 s, … capped at 8 s. */
+function backoff(attempt: number): number {
+  return Math.min(8000, 250 * 2 ** attempt) * (0.5 + Math.random() / 2);
+}
+
+function errorCode(error: unknown): string | undefined {
+  let e: unknown = error;
+  for (let i = 0; i < 4 && e; i++) {
+    const code = (e as { code?: unknown }).code;
+    if (typeof code === "string") return code;
+    e = (e as { cause?: unknown }).cause;
+  }
+  return undefined;
+}
+
+/** Whether a network failure may be retried: a connection that could not be
+ * made never reached the server; otherwise only idempotent requests (GET,
+ * PUT of a whole file, and requests carrying an Idempotency-Key). */
+function mayRetry(method: string, hasKey: boolean, error: unknown): boolean {
+  const code = errorCode(error);
+  if (code === "ECONNREFUSED" || code === "UND_ERR_CONNECT_TIMEOUT" || code === "ENOTFOUND") return true;
+  return method === "GET" || method === "PUT" || hasKey;
+}
+
+function newIdempotencyKey(): string {
+  return globalThis.crypto.randomUUID();
+}
+
+function toBytes(data: string | Uint8Array): Uint8Array {
+  return typeof data === "string" ? new TextEncoder().encode(data) : data;
+}
+
+function base64(bytes: Uint8Array): string {
+  let binary = "";
+  for (const b of bytes) binary += String.fromCharCode(b);
+  return btoa(binary);
+}
+
+const OCTET_STREAM = { "content-type": "application/octet-stream" };
+
+/** Async iteration over every item of a paginated list, pages fetched lazily. */
+export class PageIterator<T> implements AsyncIterable<T> {
+  constructor(private readonly fetchPage: (cursor: string | null) => Promise<{ items: T[]; next: string | null }>) {}
+
+  async *pages(): AsyncGenerator<T[]> {
+    let cursor: string | null = null;
+    for (;;) {
+      const { items, next } = await this.fetchPage(cursor);
+      yield items;
+      if (!next) return;
+      cursor = next;
+    }
+  }
+
+  async *[Symbol.asyncIterator](): AsyncGenerator<T> {
+    for await (const page of this.pages()) yield* page;
+  }
+
+  /** Every item of every page. */
+  async toArray(): Promise<T[]> {
+    const all: T[] = [];
+    for await (const item of this) all.push(item);
+    return all;
+  }
+}
+
+export class CrowNestClient {
+  readonly baseUrl: string;
+  readonly timeoutMs: number;
+  readonly maxRetries: number;
+  readonly sandboxes: Sandboxes;
+  readonly artifacts: Artifacts;
+  readonly templates: Templates;
+  private readonly apiKey: string;
+
+  constructor(options: ClientOptions = {}) {
+    const apiKey = options.apiKey ?? env("CROWNEST_API_KEY");
+    if (!apiKey) throw new CrowNestError("no API key: pass apiKey or set CROWNEST_API_KEY");
+    this.apiKey = apiKey;
+    this.baseUrl = (options.baseUrl ?? env("CROWNEST_BASE_URL") ?? DEFAULT_BASE_URL).replace(/\/+$/, "");
+    this.timeoutMs = options.timeoutMs ?? 660_000;
+    this.maxRetries = options.maxRetries ?? 3;
+    this.sandboxes = new Sandboxes(this);
+    this.artifacts = new Artifacts(this);
+    this.templates = new Templates(this);
+  }
+
+  /** `GET /v1/health`. */
+  health(): Promise<{ status: string; version: string; runtime: string }> {
+    return this.request("GET", "/v1/health");
+  }
+
+  private url(path: string, query?: RequestOptions["query"]): string {
+    const url = new URL(/^https?:\/\//.test(path) ? path : this.baseUrl + path);
+    for (const [k, v] of Object.entries(query ?? {})) if (v !== undefined) url.searchParams.set(k, String(v));
+    return url.toString();
+  }
+
+  /** @internal One API call, with retries; throws `CrowNestApiError` on an error status. */
+  async send(method: string, path: string, options: RequestOptions = {}): Promise<Response> {
+    const headers: Record<string, string> = {
+      accept: "application/json",
+      "user-agent": `crownest-typescript/${VERSION}`,
+      ...options.headers,
+    };
+    if (!options.signed) headers["x-api-key"] = this.apiKey;
+    if (options.idempotencyKey) headers["idempotency-key"] = options.idempotencyKey;
+    let body: string | Uint8Array | undefined = options.body;
+    if (options.json !== undefined) {
+      headers["content-type"] = "application/json";
+      body = JSON.stringify(options.json);
+    }
+    const url = this.url(path, options.query);
+    for (let attempt = 0; ; attempt++) {
+      let response: Response;
+      try {
+        response = await fetch(url, {
+          method,
+          headers,
+          body: body as BodyInit | undefined,
+          signal: AbortSignal.timeout(this.timeoutMs),
+        });
+      } catch (error) {
+        const retryable = !options.signed && mayRetry(method, !!options.idempotencyKey, error);
+        if (attempt >= this.maxRetries || !retryable) {
+          throw new CrowNestConnectionError(`${method} ${new URL(url).pathname}: ${String(error)}`, { cause: error });
+        }
+        await sleep(backoff(attempt));
+        continue;
+      }
+      if (response.status >= 400) {
+        const error: CrowNestApiError = await apiErrorFromResponse(response);
+        // Our own earlier attempt with this key is still being processed.
+        if (options.idempotencyKey && error.code === "idempotency_key_in_use" && attempt < this.maxRetries) {
+          await sleep(backoff(attempt));
+          continue;
+        }
+        throw error;
+      }
+      return response;
+    }
+  }
+
+  /** @internal */
+  async request<T>(method: string, path: string, options: RequestOptions = {}): Promise<T> {
+    const response = await this.send(method, path, options);
+    return (await response.json()) as T;
+  }
+
+  /** @internal */
+  page<T, U>(path: string, limit: number | undefined, wrap: (data: T) => U): PageIterator<U> {
+    return new PageIterator(async (cursor) => {
+      const body = await this.request<Page<T>>("GET", path, { query: { limit, cursor: cursor ?? undefined } });
+      return { items: body.data.map(wrap), next: body.nextCursor ?? null };
+    });
+  }
+
+  /** @internal Follows an SSE command log to its `exit` event, reconnecting
+   * with `Last-Event-ID` after a dropped connection. */
+  async *logStream(path: string, after?: number): AsyncGenerator<LogEvent> {
+    let last = after;
+    let failures = 0;
+    for (;;) {
+      const headers: Record<string, string> = {
+        accept: "text/event-stream",
+        "x-api-key": this.apiKey,
+        "user-agent": `crownest-typescript/${VERSION}`,
+      };
+      if (last !== undefined) headers["last-event-id"] = String(last);
+      let response: Response;
+      try {
+        response = await fetch(this.url(path), { headers });
+      } catch (error) {
+        if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: ${String(error)}`, { cause: error });
+        await sleep(backoff(failures++));
+        continue;
+      }
+      if (response.status >= 400) throw await apiErrorFromResponse(response);
+      if (!response.body) throw new CrowNestConnectionError(`GET ${path}: no response body`);
+      const decoder = new SSEDecoder();
+      try {
+        for await (const line of lines(response.body)) {
+          const sse = decoder.feed(line);
+          if (!sse) continue;
+          const event = toLogEvent(sse.event, sse.data, sse.id);
+          if (!event) continue;
+          failures = 0;
+          if (event.id !== null) last = event.id;
+          yield event;
+          if (event.type === "exit") return;
+        }
+      } catch (error) {
+        if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: ${String(error)}`, { cause: error });
+        await sleep(backoff(failures++));
+        continue;
+      }
+      // The stream ended before the exit event: reconnect after `last`.
+      if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: the log ended before the exit event`);
+      await sleep(backoff(failures++));
+    }
+  }
+}
+
+function toLogEvent(event: string, data: string, id: string | null): LogEvent | null {
+  let payload: Record<string, unknown>;
+  try {
+    payload = data ? (JSON.parse(data) as Record<string, unknown>) : {};
+  } catch {
+    return null;
+  }
+  const eventId = id && /^\d+$/.test(id) ? Number(id) : null;
+  if (event === "stdout" || event === "stderr") {
+    return { type: event, data: String(payload.data ?? ""), id: eventId, exit: null };
+  }
+  if (event === "exit") {
+    const exit: ExitInfo = {
+      status: String(payload.status ?? ""),
+      exitCode: (payload.exitCode as number | null) ?? null,
+      signal: (payload.signal as number | null) ?? null,
+      error: (payload.error as string | null) ?? null,
+    };
+    return { type: "exit", data: "", id: eventId, exit };
+  }
+  return null;
+}
+
+/** Creates a client. Options default to `CROWNEST_API_KEY` and
+ * `CROWNEST_BASE_URL` (else `http://127.0.0.1:7420`). */
+export function createCrowNestClient(options: ClientOptions = {}): CrowNestClient {
+  return new CrowNestClient(options);
+}
+
+// ------------------------------------------------------------------ sandboxes
+
+export interface CreateSandboxOptions {
+  template: string;
+  ttlMs?: number;
+  metadata?: Record<string, unknown>;
+  /** Default: a new random key (reused across the SDK's own retries). */
+  idempotencyKey?: string;
+}
+
+/** A sandbox: its fields (`id`, `status`, `expiresAt`, …) plus the
+ * sub-clients bound to it. */
+export interface Sandbox extends SandboxData {}
+export class Sandbox {
+  readonly commands: Commands;
+  readonly files: Files;
+  readonly artifacts: SandboxArtifacts;
+
+  constructor(
+    private readonly client: CrowNestClient,
+    data: SandboxData,
+  ) {
+    Object.assign(this, data);
+    this.commands = new Commands(client, data.id);
+    this.files = new Files(client, data.id);
+    this.artifacts = new SandboxArtifacts(client, data.id);
+  }
+
+  /** Re-reads the sandbox into this object. */
+  async refresh(): Promise<this> {
+    Object.assign(this, await this.client.request<SandboxData>("GET", `/v1/sandboxes/${this.id}`));
+    return this;
+  }
+
+  /** Destroys the sandbox; this object then holds its `destroyed` tombstone. */
+  async kill(): Promise<this> {
+    Object.assign(this, await this.client.request<SandboxData>("DELETE", `/v1/sandboxes/${this.id}`));
+    return this;
+  }
+
+  toJSON(): SandboxData {
+    const { commands: _c, files: _f, artifacts: _a, client: _cl, ...data } = this as unknown as Record<string, unknown>;
+    return data as unknown as SandboxData;
+  }
+}
+
+export class Sandboxes {
+  constructor(private readonly client: CrowNestClient) {}
+
+  async create(options: CreateSandboxOptions): Promise<Sandbox> {
+    const body: Record<string, unknown> = { template: options.template };
+    if (options.ttlMs !== undefined) body.ttlMs = options.ttlMs;
+    if (options.metadata !== undefined) body.metadata = options.metadata;
+    const data = await this.client.request<SandboxData>("POST", "/v1/sandboxes", {
+      json: body,
+      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+    });
+    return new Sandbox(this.client, data);
+  }
+
+  async get(id: string): Promise<Sandbox> {
+    return new Sandbox(this.client, await this.client.request<SandboxData>("GET", `/v1/sandboxes/${id}`));
+  }
+
+  /** Every sandbox of the org, newest first: `for await (const s of client.sandboxes.list())`. */
+  list(options: { limit?: number } = {}): PageIterator<Sandbox> {
+    return this.client.page<SandboxData, Sandbox>("/v1/sandboxes", options.limit, (d) => new Sandbox(this.client, d));
+  }
+}
+
+// ------------------------------------------------------------------ commands
+
+export interface CommandOptions {
+  cwd?: string;
+  env?: Record<string, string>;
+  timeoutMs?: number;
+  /** Files to promote to artifacts when the command ends; see `result.artifacts`. */
+  collect?: CollectSpec[];
+  idempotencyKey?: string;
+}
+
+export interface RunOptions extends CommandOptions {
+  /** Called with each stdout chunk as it arrives (the command then runs in
+   * the background and its log is streamed). */
+  onStdout?: (chunk: string) => unknown;
+  onStderr?: (chunk: string) => unknown;
+}
+
+export interface StartOptions extends CommandOptions {
+  /** Keep stdin open for `sendStdin`. */
+  stdin?: boolean;
+}
+
+/** A command record plus what can be done to the command. */
+export interface Command extends CommandData {}
+export class Command {
+  constructor(
+    private readonly client: CrowNestClient,
+    data: CommandData,
+  ) {
+    Object.assign(this, data);
+  }
+
+  private get path(): string {
+    return `/v1/sandboxes/${this.sandboxId}/commands/${this.id}`;
+  }
+
+  async refresh(): Promise<this> {
+    Object.assign(this, await this.client.request<CommandData>("GET", this.path));
+    return this;
+  }
+
+  /** The log, from the start or after event number `after`: stdout/stderr
+   * events, then `exit`. A finished command's log is replayed. */
+  logs(options: { after?: number } = {}): AsyncGenerator<LogEvent> {
+    return this.client.logStream(`${this.path}/logs`, options.after);
+  }
+
+  /** Waits for the command to end and returns its final record. */
+  async wait(options: Pick<RunOptions, "onStdout" | "onStderr"> = {}): Promise<CommandData> {
+    if (this.status === "running" || options.onStdout || options.onStderr) {
+      for await (const event of this.logs()) {
+        if (event.type === "stdout") await options.onStdout?.(event.data);
+        else if (event.type === "stderr") await options.onStderr?.(event.data);
+      }
+    }
+    await this.refresh();
+    return this.toJSON();
+  }
+
+  /** Writes text or bytes to stdin (started with `stdin: true`); `close` closes it after. */
+  async sendStdin(data?: string | Uint8Array, options: { close?: boolean } = {}): Promise<this> {
+    const body: Record<string, unknown> = {};
+    if (typeof data === "string") body.data = data;
+    else if (data) body.dataBase64 = base64(data);
+    if (options.close) body.close = true;
+    Object.assign(this, await this.client.request<CommandData>("POST", `${this.path}/stdin`, { json: body }));
+    return this;
+  }
+
+  /** Sends a signal (`"SIGTERM"`, `"INT"`, `9`, …). (`signal` is the record field: the signal that ended it.) */
+  async sendSignal(signal: string | number): Promise<this> {
+    const data = await this.client.request<CommandData>("POST", `${this.path}/signal`, {
+      json: { signal: String(signal) },
+    });
+    Object.assign(this, data);
+    return this;
+  }
+
+  /** Kills the command; it ends `canceled`. */
+  async cancel(): Promise<this> {
+    Object.assign(this, await this.client.request<CommandData>("POST", `${this.path}/cancel`));
+    return this;
+  }
+
+  toJSON(): CommandData {
+    const { client: _c, ...data } = this as unknown as Record<string, unknown>;
+    return data as unknown as CommandData;
+  }
+}
+
+function commandBody(command: string, options: StartOptions, background: boolean): Record<string, unknown> {
+  const body: Record<string, unknown> = { command };
+  if (options.cwd !== undefined) body.cwd = options.cwd;
+  if (options.env !== undefined) body.env = options.env;
+  if (options.timeoutMs !== undefined) body.timeoutMs = options.timeoutMs;
+  if (options.collect !== undefined) body.collect = options.collect;
+  if (background) body.background = true;
+  if (options.stdin) body.stdin = true;
+  return body;
+}
+
+export class Commands {
+  constructor(
+    private readonly client: CrowNestClient,
+    private readonly sandboxId: string,
+  ) {}
+
+  /**
+   * Runs a command to completion and returns its record (`exitCode`,
+   * `stdout`, `stderr`, `status`, `artifacts` with `collect`). A non-zero
+   * exit is a result, not an error. With `onStdout`/`onStderr` the command
+   * starts in the background and its log streams to the callbacks.
+   */
+  async run(command: string, options: RunOptions = {}): Promise<CommandData> {
+    const idempotencyKey = options.idempotencyKey ?? newIdempotencyKey();
+    if (!options.onStdout && !options.onStderr) {
+      return this.client.request<CommandData>("POST", `/v1/sandboxes/${this.sandboxId}/commands`, {
+        json: commandBody(command, options, false),
+        idempotencyKey,
+      });
+    }
+    const handle = await this.start(command, { ...options, idempotencyKey });
+    return handle.wait({ onStdout: options.onStdout, onStderr: options.onStderr });
+  }
+
+  /** Starts a command in the background and returns a handle to it. */
+  async start(command: string, options: StartOptions = {}): Promise<Command> {
+    const data = await this.client.request<CommandData>("POST", `/v1/sandboxes/${this.sandboxId}/commands`, {
+      json: commandBody(command, options, true),
+      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+    });
+    return new Command(this.client, data);
+  }
+
+  async get(commandId: string): Promise<Command> {
+    const data = await this.client.request<CommandData>("GET", `/v1/sandboxes/${this.sandboxId}/commands/${commandId}`);
+    return new Command(this.client, data);
+  }
+
+  list(options: { limit?: number } = {}): PageIterator<Command> {
+    return this.client.page<CommandData, Command>(
+      `/v1/sandboxes/${this.sandboxId}/commands`,
+      options.limit,
+      (d) => new Command(this.client, d),
+    );
+  }
+}
+
+// ------------------------------------------------------------------ files
+
+/** Files of /workspace; paths are relative to /workspace or absolute under it. */
+export class Files {
+  private readonly base: string;
+
+  constructor(
+    private readonly client: CrowNestClient,
+    sandboxId: string,
+  ) {
+    this.base = `/v1/sandboxes/${sandboxId}/files`;
+  }
+
+  /** Writes a whole file (at most 32 MiB; larger: `upload`). Parents are created. */
+  async write(path: string, data: string | Uint8Array): Promise<FileData> {
+    const response = await this.client.send("PUT", this.base, {
+      query: { path },
+      body: toBytes(data),
+      headers: OCTET_STREAM,
+    });
+    return (await response.json()) as FileData;
+  }
+
+  async read(path: string): Promise<Uint8Array> {
+    const response = await this.client.send("GET", this.base, { query: { path } });
+    return new Uint8Array(await response.arrayBuffer());
+  }
+
+  async readText(path: string): Promise<string> {
+    return new TextDecoder().decode(await this.read(path));
+  }
+
+  /** Removes a file, symlink or directory (non-empty ones with `recursive`). */
+  async delete(path: string, options: { recursive?: boolean } = {}): Promise<void> {
+    await this.client.send("DELETE", this.base, { query: { path, recursive: options.recursive || undefined } });
+  }
+
+  /** A directory's entries (default /workspace), sorted by name. */
+  list(path?: string): Promise<FileListing> {
+    return this.client.request<FileListing>("GET", `${this.base}/list`, { query: { path } });
+  }
+
+  stat(path: string): Promise<FileData> {
+    return this.client.request<FileData>("GET", `${this.base}/stat`, { query: { path } });
+  }
+
+  mkdir(path: string, options: { parents?: boolean } = {}): Promise<FileData> {
+    const json: Record<string, unknown> = { path };
+    if (options.parents) json.parents = true;
+    return this.client.request<FileData>("POST", `${this.base}/mkdir`, { json });
+  }
+
+  /** Moves (renames) within /workspace. */
+  move(from: string, to: string, options: { overwrite?: boolean } = {}): Promise<FileData> {
+    const json: Record<string, unknown> = { from, to };
+    if (options.overwrite) json.overwrite = true;
+    return this.client.request<FileData>("POST", `${this.base}/move`, { json });
+  }
+
+  /** Stages an upload: a signed URL for one PUT of the raw bytes, no API key needed. */
+  uploadUrl(path: string, options: { sizeBytes?: number } = {}): Promise<TransferData> {
+    const json: Record<string, unknown> = { path };
+    if (options.sizeBytes !== undefined) json.sizeBytes = options.sizeBytes;
+    return this.client.request<TransferData>("POST", `${this.base}/uploads`, { json });
+  }
+
+  /** Stages a download: a signed URL for one GET, no API key needed. */
+  downloadUrl(path: string): Promise<TransferData> {
+    return this.client.request<TransferData>("POST", `${this.base}/downloads`, { json: { path } });
+  }
+
+  /** Writes a file of any size through a staged upload. */
+  async upload(path: string, data: string | Uint8Array): Promise<FileData> {
+    const bytes = toBytes(data);
+    const target = await this.uploadUrl(path, { sizeBytes: bytes.byteLength });
+    const response = await this.client.send(target.method, target.url, {
+      body: bytes,
+      headers: OCTET_STREAM,
+      signed: true,
+    });
+    return (await response.json()) as FileData;
+  }
+
+  /** Reads a file of any size through a staged download. */
+  async download(path: string): Promise<Uint8Array> {
+    const target = await this.downloadUrl(path);
+    const response = await this.client.send(target.method, target.url, { signed: true });
+    return new Uint8Array(await response.arrayBuffer());
+  }
+}
+
+// ------------------------------------------------------------------ artifacts
+
+export class SandboxArtifacts {
+  constructor(
+    private readonly client: CrowNestClient,
+    private readonly sandboxId: string,
+  ) {}
+
+  /** Promotes a file of /workspace into durable artifact storage. */
+  create(options: { path: string; name?: string; idempotencyKey?: string }): Promise<ArtifactData> {
+    const json: Record<string, unknown> = { path: options.path };
+    if (options.name !== undefined) json.name = options.name;
+    return this.client.request<ArtifactData>("POST", `/v1/sandboxes/${this.sandboxId}/artifacts`, {
+      json,
+      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+    });
+  }
+
+  list(options: { limit?: number } = {}): PageIterator<ArtifactData> {
+    return this.client.page<ArtifactData, ArtifactData>(
+      `/v1/sandboxes/${this.sandboxId}/artifacts`,
+      options.limit,
+      (d) => d,
+    );
+  }
+}
+
+export class Artifacts {
+  constructor(private readonly client: CrowNestClient) {}
+
+  get(id: string): Promise<ArtifactData> {
+    return this.client.request<ArtifactData>("GET", `/v1/artifacts/${id}`);
+  }
+
+  list(options: { limit?: number } = {}): PageIterator<ArtifactData> {
+    return this.client.page<ArtifactData, ArtifactData>("/v1/artifacts", options.limit, (d) => d);
+  }
+
+  /** The artifact's content. */
+  async download(id: string): Promise<Uint8Array> {
+    const response = await this.client.send("GET", `/v1/artifacts/${id}/content`);
+    return new Uint8Array(await response.arrayBuffer());
+  }
+}
+
+// ------------------------------------------------------------------ templates
+
+export class Templates {
+  constructor(private readonly client: CrowNestClient) {}
+
+  async list(): Promise<TemplateData[]> {
+    return (await this.client.request<Page<TemplateData>>("GET", "/v1/templates")).data;
+  }
+}

@@ -1,0 +1,323 @@
+// @crownest/sdk against a live crownest server (started for this file).
+import assert from "node:assert/strict";
+import { execFile } from "node:child_process";
+import { randomBytes, randomUUID } from "node:crypto";
+import net from "node:net";
+import { join } from "node:path";
+import { after, before, describe, test } from "node:test";
+import { promisify } from "node:util";
+
+import {
+  Command,
+  CrowNestApiError,
+  CrowNestConnectionError,
+  createCrowNestClient,
+  type CrowNestClient,
+  type LogEvent,
+  type Sandbox,
+} from "@crownest/sdk";
+import { REPO, startServer, type TestServer } from "./server.js";
+
+let server: TestServer;
+let apiKey: string;
+let client: CrowNestClient;
+const live: Sandbox[] = [];
+
+async function newSandbox(options: Record<string, unknown> = {}): Promise<Sandbox> {
+  const sandbox = await client.sandboxes.create({ template: "python", ...options });
+  live.push(sandbox);
+  return sandbox;
+}
+
+async function rejectsWith(promise: Promise<unknown>, status: number, code: string): Promise<CrowNestApiError> {
+  try {
+    await promise;
+  } catch (error) {
+    assert.ok(error instanceof CrowNestApiError, `expected CrowNestApiError, got ${String(error)}`);
+    assert.equal(error.status, status, error.message);
+    assert.equal(error.code, code, error.message);
+    return error;
+  }
+  assert.fail(`expected ${status} ${code}`);
+}
+
+before(async () => {
+  server = await startServer();
+  apiKey = server.mintKey("sdk-ts-tests");
+  client = createCrowNestClient({ apiKey, baseUrl: server.baseUrl });
+});
+
+after(async () => {
+  for (const s of live) await s.kill().catch(() => undefined);
+  await server?.stop();
+});
+
+describe("the landing page's end-to-end snippet", () => {
+  test("streams stdout through onStdout before the result, and collects report.html", async () => {
+    const sandbox = await client.sandboxes.create({ template: "python" });
+    live.push(sandbox);
+    await sandbox.files.write(
+      "main.py",
+      [
+        "import time",
+        "print('working', flush=True)",
+        "time.sleep(1.5)",
+        "open('/workspace/report.html', 'w').write('<h1>report</h1>\\n')",
+        "print('done', flush=True)",
+      ].join("\n"),
+    );
+    const chunks: { chunk: string; at: number }[] = [];
+    const result = await sandbox.commands.run("python3 main.py", {
+      collect: [{ path: "/workspace/report.html", name: "report.html" }],
+      onStdout: (chunk) => chunks.push({ chunk, at: Date.now() }),
+    });
+    const returnedAt = Date.now();
+    assert.equal(result.exitCode, 0);
+    assert.equal(chunks.map((c) => c.chunk).join(""), "working\ndone\n");
+    assert.ok(returnedAt - chunks[0]!.at > 1000, "the first chunk arrived while the command still ran");
+    assert.equal(result.stdout, "working\ndone\n");
+    const [report] = result.artifacts ?? [];
+    assert.ok(report, "result.artifacts has the collected file");
+    assert.equal(report.name, "report.html");
+    assert.ok(report.artifactId, `collected: ${report.error}`);
+    const html = new TextDecoder().decode(await client.artifacts.download(report.artifactId!));
+    assert.equal(html, "<h1>report</h1>\n");
+    await sandbox.kill();
+    assert.equal(sandbox.status, "destroyed");
+  });
+
+  test("collect reports a missing path in artifacts, not as a failed command", async () => {
+    const sandbox = await newSandbox();
+    const result = await sandbox.commands.run("true", { collect: [{ path: "nope.txt" }] });
+    assert.equal(result.status, "completed");
+    const [missing] = result.artifacts!;
+    assert.equal(missing!.artifactId ?? null, null);
+    assert.ok(missing!.error);
+  });
+});
+
+describe("examples/typescript", () => {
+  const run = promisify(execFile);
+  const env = () => ({ ...process.env, CROWNEST_API_KEY: apiKey, CROWNEST_BASE_URL: server.baseUrl });
+  const built = (name: string) => join(REPO, "sdk", "typescript", "build-test", "examples", "typescript", name);
+
+  test("end_to_end.ts", async () => {
+    const { stdout } = await run("node", [built("end_to_end.js")], { env: env() });
+    assert.match(stdout, /^step 1\/3\nstep 2\/3\nstep 3\/3\nwrote report.html\n0\nreport.html \(art_\w+\): <ul><li>1 squared is 1<\/li>/);
+  });
+
+  test("streaming_commands.ts", async () => {
+    const { stdout, stderr } = await run("node", [built("streaming_commands.js")], { env: env() });
+    assert.equal(stderr, "warning: demo\n");
+    assert.match(stdout, /^\d+\.\d+\.\d+\nok\n#1 stdout: tick 1\n#2 stdout: tick 2\n#3 stdout: tick 3\nexit 0 after event 4\n$/);
+  });
+});
+
+describe("sandboxes", () => {
+  test("create, fields, get, list (every page), refresh, kill", async () => {
+    const sandbox = await newSandbox({ ttlMs: 300_000, metadata: { job: "ts" } });
+    assert.match(sandbox.id, /^sbx_/);
+    assert.equal(sandbox.status, "running");
+    assert.deepEqual(sandbox.metadata, { job: "ts" });
+    assert.equal(JSON.parse(JSON.stringify(sandbox)).expiresAt, sandbox.expiresAt);
+    assert.equal(Object.keys(sandbox.toJSON()).includes("commands"), false);
+    const other = await newSandbox();
+    assert.equal((await client.sandboxes.get(sandbox.id)).expiresAt, sandbox.expiresAt);
+    const pages: Sandbox[][] = [];
+    for await (const page of client.sandboxes.list({ limit: 1 }).pages()) pages.push(page);
+    assert.ok(pages.length >= 2 && pages.every((p) => p.length <= 1));
+    const ids = (await client.sandboxes.list({ limit: 1 }).toArray()).map((s) => s.id);
+    assert.ok(ids.includes(sandbox.id) && ids.includes(other.id));
+    assert.equal((await sandbox.refresh()).status, "running");
+    await sandbox.kill();
+    assert.equal(sandbox.endReason, "killed");
+    assert.equal((await client.sandboxes.get(sandbox.id)).status, "destroyed");
+  });
+
+  test("templates and health", async () => {
+    assert.ok((await client.templates.list()).some((t) => t.name === "python"));
+    assert.equal((await client.health()).status, "ok");
+  });
+});
+
+describe("commands", () => {
+  test("run: the record, non-zero exit, cwd, env, timeout", async () => {
+    const sandbox = await newSandbox();
+    const ok = await sandbox.commands.run("python -c 'print(40 + 2)'");
+    assert.deepEqual([ok.exitCode, ok.stdout, ok.status], [0, "42\n", "completed"]);
+    const bad = await sandbox.commands.run("echo out; echo err >&2; exit 3");
+    assert.deepEqual([bad.exitCode, bad.status, bad.stdout, bad.stderr], [3, "completed", "out\n", "err\n"]);
+    await sandbox.files.mkdir("sub");
+    const env = await sandbox.commands.run("pwd; echo $GREETING", { cwd: "sub", env: { GREETING: "hi" } });
+    assert.equal(env.stdout, "/workspace/sub\nhi\n");
+    assert.equal((await sandbox.commands.run("sleep 10", { timeoutMs: 300 })).status, "timed_out");
+  });
+
+  test("onStderr, start, logs (and resume), stdin, signal, cancel, get, list", async () => {
+    const sandbox = await newSandbox();
+    const errs: string[] = [];
+    const r = await sandbox.commands.run("echo a; echo b >&2", { onStderr: (c) => errs.push(c) });
+    assert.deepEqual([r.stdout, errs.join("")], ["a\n", "b\n"]);
+
+    const cat = await sandbox.commands.start("cat; echo done", { stdin: true });
+    assert.ok(cat instanceof Command);
+    assert.equal(cat.status, "running");
+    await cat.sendStdin("hello\n");
+    await cat.sendStdin(new TextEncoder().encode("bytes\n"), { close: true });
+    const done = await cat.wait();
+    assert.deepEqual([done.exitCode, done.stdout], [0, "hello\nbytes\ndone\n"]);
+
+    const events: LogEvent[] = [];
+    for await (const e of cat.logs()) events.push(e);
+    assert.equal(events.filter((e) => e.type === "stdout").map((e) => e.data).join(""), "hello\nbytes\ndone\n");
+    assert.deepEqual(events.at(-1)!.exit, { status: "completed", exitCode: 0, signal: null, error: null });
+    assert.deepEqual(events.map((e) => e.id), events.map((_, i) => i + 1));
+    const resumed: LogEvent[] = [];
+    for await (const e of cat.logs({ after: events.length - 1 })) resumed.push(e);
+    assert.deepEqual(resumed.map((e) => e.type), ["exit"]);
+
+    const sleeper = await sandbox.commands.start("sleep 30");
+    await sleeper.sendSignal("SIGTERM");
+    const ended = await sleeper.wait();
+    assert.deepEqual([ended.signal, ended.exitCode], [15, null]);
+    const doomed = await sandbox.commands.start("sleep 30");
+    assert.equal((await doomed.cancel()).status, "canceled");
+
+    assert.equal((await sandbox.commands.get(cat.id)).stdout, "hello\nbytes\ndone\n");
+    const listed = (await sandbox.commands.list({ limit: 2 }).toArray()).map((c) => c.id);
+    for (const id of [cat.id, sleeper.id, doomed.id]) assert.ok(listed.includes(id));
+  });
+});
+
+describe("files and artifacts", () => {
+  test("write, read, list, stat, mkdir, move, delete", async () => {
+    const sandbox = await newSandbox();
+    const info = await sandbox.files.write("dir/hello.txt", "héllo\n");
+    assert.deepEqual([info.path, info.type, info.size], ["/workspace/dir/hello.txt", "file", 7]);
+    assert.equal(await sandbox.files.readText("dir/hello.txt"), "héllo\n");
+    const bytes = Uint8Array.from({ length: 256 }, (_, i) => i);
+    await sandbox.files.write("dir/blob.bin", bytes);
+    assert.deepEqual(await sandbox.files.read("dir/blob.bin"), bytes);
+    const listing = await sandbox.files.list("dir");
+    assert.deepEqual([listing.data.map((e) => e.name), listing.truncated], [["blob.bin", "hello.txt"], false]);
+    assert.equal((await sandbox.files.stat("dir")).type, "dir");
+    assert.equal((await sandbox.files.mkdir("a/b", { parents: true })).path, "/workspace/a/b");
+    assert.equal((await sandbox.files.move("dir/hello.txt", "a/b/hi.txt")).path, "/workspace/a/b/hi.txt");
+    await rejectsWith(sandbox.files.stat("dir/hello.txt"), 404, "file_not_found");
+    await rejectsWith(sandbox.files.delete("a"), 409, "directory_not_empty");
+    await sandbox.files.delete("a", { recursive: true });
+    assert.ok(!(await sandbox.files.list()).data.some((e) => e.name === "a"));
+  });
+
+  test("staged upload and download", async () => {
+    const sandbox = await newSandbox();
+    const payload = new Uint8Array(randomBytes(3 * 1024 * 1024 + 17));
+    assert.equal((await sandbox.files.upload("big/data.bin", payload)).size, payload.byteLength);
+    assert.deepEqual(await sandbox.files.download("big/data.bin"), payload);
+    const target = await sandbox.files.downloadUrl("big/data.bin");
+    assert.equal(target.method, "GET");
+    assert.equal((await (await fetch(target.url)).arrayBuffer()).byteLength, payload.byteLength);
+  });
+
+  test("artifacts: create, get, list, download; they outlive the sandbox", async () => {
+    const sandbox = await newSandbox();
+    await sandbox.files.write("table.csv", "a,b\n1,2\n");
+    const artifact = await sandbox.artifacts.create({ path: "table.csv", name: "data.csv" });
+    assert.match(artifact.id, /^art_/);
+    assert.deepEqual([artifact.name, artifact.size, artifact.sandboxId], ["data.csv", 8, sandbox.id]);
+    assert.equal((await client.artifacts.get(artifact.id)).sha256, artifact.sha256);
+    assert.ok((await sandbox.artifacts.list().toArray()).some((a) => a.id === artifact.id));
+    assert.ok((await client.artifacts.list().toArray()).some((a) => a.id === artifact.id));
+    await sandbox.kill();
+    assert.equal(new TextDecoder().decode(await client.artifacts.download(artifact.id)), "a,b\n1,2\n");
+    await rejectsWith(sandbox.artifacts.create({ path: "table.csv" }), 410, "sandbox_destroyed");
+  });
+});
+
+describe("errors", () => {
+  test("not_found", async () => {
+    const e = await rejectsWith(client.sandboxes.get("sbx_does_not_exist"), 404, "not_found");
+    assert.equal(e.message, "sandbox `sbx_does_not_exist` not found");
+    assert.equal(e.details.id, "sbx_does_not_exist");
+  });
+
+  test("forbidden without the scope", async () => {
+    const reader = createCrowNestClient({ apiKey: server.mintKey("sdk-ts-tests", "sandboxes:read"), baseUrl: server.baseUrl });
+    const e = await rejectsWith(reader.sandboxes.create({ template: "python" }), 403, "forbidden");
+    assert.equal(e.details.requiredScope, "sandboxes:create");
+  });
+
+  test("sandbox_destroyed after kill", async () => {
+    const sandbox = await newSandbox();
+    await sandbox.kill();
+    await rejectsWith(sandbox.commands.run("echo too late"), 410, "sandbox_destroyed");
+  });
+
+  test("unauthorized, and a connection error", async () => {
+    const bad = createCrowNestClient({ apiKey: "cn_live_nope", baseUrl: server.baseUrl });
+    await rejectsWith(bad.sandboxes.list().toArray(), 401, "unauthorized");
+    const port = await new Promise<number>((r) => {
+      const s = net.createServer().listen(0, "127.0.0.1", () => {
+        const p = (s.address() as net.AddressInfo).port;
+        s.close(() => r(p));
+      });
+    });
+    const down = createCrowNestClient({ apiKey: "cn_live_x", baseUrl: `http://127.0.0.1:${port}`, maxRetries: 1 });
+    await assert.rejects(down.sandboxes.get("sbx_x"), CrowNestConnectionError);
+  });
+});
+
+describe("idempotency", () => {
+  test("an explicit key replays a create and a run", async () => {
+    const key = randomUUID();
+    const first = await client.sandboxes.create({ template: "python", idempotencyKey: key });
+    live.push(first);
+    assert.equal((await client.sandboxes.create({ template: "python", idempotencyKey: key })).id, first.id);
+    await rejectsWith(client.sandboxes.create({ template: "python", ttlMs: 60_000, idempotencyKey: key }), 409, "idempotency_key_reused");
+    const runKey = randomUUID();
+    const r1 = await first.commands.run("echo $RANDOM", { idempotencyKey: runKey });
+    const r2 = await first.commands.run("echo $RANDOM", { idempotencyKey: runKey });
+    assert.deepEqual([r2.id, r2.stdout], [r1.id, r1.stdout]);
+  });
+
+  test("an SDK retry after a dropped connection does not create a second sandbox", async () => {
+    const key = server.mintKey(`sdk-ts-retry-${randomUUID().slice(0, 8)}`);
+    const upstream = new URL(server.baseUrl);
+    let drops = 1;
+    let dropped = 0;
+    let connections = 0;
+    // Forwards to the server; on the first connection it waits for the
+    // server's answer and closes the client's connection instead of passing it on.
+    const proxy = net.createServer((socket) => {
+      connections++;
+      const up = net.connect(Number(upstream.port), upstream.hostname);
+      socket.pipe(up);
+      if (drops > 0) {
+        drops--;
+        up.once("data", () => {
+          dropped++;
+          socket.destroy();
+          up.destroy();
+        });
+      } else {
+        up.pipe(socket);
+      }
+      socket.on("error", () => up.destroy());
+      up.on("error", () => socket.destroy());
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
+    const port = (proxy.address() as net.AddressInfo).port;
+    try {
+      const through = createCrowNestClient({ apiKey: key, baseUrl: `http://127.0.0.1:${port}` });
+      const sandbox = await through.sandboxes.create({ template: "python" });
+      assert.equal(dropped, 1);
+      assert.ok(connections >= 2);
+      const direct = createCrowNestClient({ apiKey: key, baseUrl: server.baseUrl });
+      const all = await direct.sandboxes.list().toArray();
+      assert.deepEqual(all.map((s) => s.id), [sandbox.id], "exactly one sandbox for the org");
+      await all[0]!.kill();
+    } finally {
+      proxy.close();
+    }
+  });
+});
