@@ -1,7 +1,7 @@
-// Streaming output from a sandbox with Commands. (The docs' code-interpreter
-// snippet uses `sandbox.code.run`; Code Contexts/Runs are not in this SDK
-// yet, so this is the same idea with a command: run model-written Python
-// and stream its stdout/stderr as it is produced.)
+// Streaming output from a sandbox with Commands: a recorded process with an
+// exit code and a log you can follow (and resume) by event id. For
+// notebook-style snippets streamed from an interpreter, see streaming.ts
+// (`sandbox.code.run`).
 //
 // Run it against a local server:
 //   (cd sdk/typescript && npm ci && npm run build && npm run build:test)

@@ -18,6 +18,8 @@ from conftest import REPO, Server, aclose, alist, aw, make_client, unique
 
 from crownest import (
     Artifact,
+    CodeContext,
+    CodeRunResult,
     CommandResult,
     CrowNest,
     CrowNestApiError,
@@ -450,6 +452,167 @@ async def test_run_with_collect_reports_artifacts(client: Any) -> None:
         await kill_quietly(sandbox)
 
 
+# ------------------------------------------------------------ code
+
+
+async def test_code_context_keeps_state_across_runs(client: Any) -> None:
+    """The docs' Code Contexts snippet (seed 000), and the context calls."""
+    sandbox = await new_sandbox(client)
+    try:
+        context = await aw(sandbox.code.create_context(language="python"))
+        assert isinstance(context, CodeContext)
+        assert context.id.startswith("cctx_") and context["language"] == "python"
+        assert context["sandboxId"] == sandbox.id and context["isDefault"] is False
+        await aw(sandbox.code.run("value = 42", context_id=context.id))
+        result = await aw(sandbox.code.run("print(value)", context_id=context.id))
+        assert isinstance(result, CodeRunResult)
+        assert "".join(result["stdout"]) == "42\n" == result.text
+        assert result["error"] is None and result.error is None
+        assert result.context_id == context.id and result["contextId"] == context.id
+
+        # A context object works as context_id too.
+        again = await aw(sandbox.code.run("value += 1; print(value)", context_id=context))
+        assert again.text == "43\n"
+        assert (await aw(sandbox.code.get_context(context.id)))["language"] == "python"
+        assert context.id in [c.id for c in await aw(sandbox.code.list_contexts())]
+        await aw(sandbox.code.delete_context(context.id))
+        assert context.id not in [c.id for c in await aw(sandbox.code.list_contexts())]
+        with pytest.raises(CrowNestApiError) as gone:
+            await aw(sandbox.code.get_context(context.id))
+        assert gone.value.status == 404
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_code_run_without_a_context_reuses_the_default_one(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        first = await aw(sandbox.code.run("x = 7"))  # language defaults to python
+        second = await aw(sandbox.code.run("print(x * 6)", language="python"))
+        assert second.context_id == first.context_id
+        assert second.text == "42\n"
+        contexts = {c.id: c for c in await aw(sandbox.code.list_contexts())}
+        assert contexts[first.context_id]["isDefault"] is True
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_an_exception_in_the_code_is_a_result_not_an_sdk_error(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        result = await aw(sandbox.code.run("print('before'); 1/0"))
+        assert result.error is not None and result["error"]["name"] == "ZeroDivisionError"
+        assert result.text == "before\n"
+        streamed = await aw(sandbox.code.run("1/0", on_stdout=lambda _: None))
+        assert streamed["error"]["name"] == "ZeroDivisionError"
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_code_run_streams_stdout_before_the_result(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    code = "import sys, time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')\nprint('oops', file=sys.stderr)"
+    try:
+        seen: list[tuple[str, str, float]] = []
+        streamed = await aw(
+            sandbox.code.run(
+                code,
+                on_stdout=lambda chunk: seen.append(("out", chunk, time.monotonic())),
+                on_stderr=lambda chunk: seen.append(("err", chunk, time.monotonic())),
+            )
+        )
+        returned = time.monotonic()
+        assert isinstance(streamed, CodeRunResult)
+        assert "".join(c for k, c, _ in seen if k == "out") == "first\nsecond\n" == streamed.text
+        assert "".join(c for k, c, _ in seen if k == "err") == "oops\n" == streamed.error_text
+        first_at = next(t for k, c, t in seen if c.startswith("first"))
+        assert returned - first_at > 0.8, "the first chunk arrived while the code was still running"
+
+        blocking = await aw(sandbox.code.run(code))
+        assert blocking["stdout"] == streamed["stdout"] and blocking["stderr"] == streamed["stderr"]
+        assert blocking.context_id == streamed.context_id
+        assert blocking["executionCount"] == streamed["executionCount"] + 1
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_code_run_streams_rich_outputs(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        outputs: list[dict[str, Any]] = []
+        result = await aw(
+            sandbox.code.run(
+                "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': [3, 4]})",
+                on_output=outputs.append,
+            )
+        )
+        assert result.error is None, result.error
+        assert outputs and outputs == result["outputs"]
+        assert {o["type"] for o in outputs} <= {"inline", "artifact", "rejected"}
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_a_replayed_streamed_code_run_returns_the_stored_result(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        key = unique("code-run")
+        chunks: list[str] = []
+        code = "import random; print(random.random())"
+        first = await aw(sandbox.code.run(code, on_stdout=chunks.append, idempotency_key=key))
+        assert "".join(chunks) == first.text
+        replayed: list[str] = []
+        second = await aw(sandbox.code.run(code, on_stdout=replayed.append, idempotency_key=key))
+        assert second.to_dict() == first.to_dict()
+        assert replayed == [], "a replay emits only the complete event"
+        blocking = await aw(sandbox.code.run(code, idempotency_key=key))
+        assert blocking.text == first.text
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_code_api_errors(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        with pytest.raises(CrowNestApiError) as bad:
+            await aw(sandbox.code.run("DISPLAY 'HI'.", language="cobol"))
+        assert (bad.value.status, bad.value.code) == (400, "unsupported_code_language")
+        with pytest.raises(CrowNestApiError) as streamed:
+            await aw(sandbox.code.run("DISPLAY 'HI'.", language="cobol", on_stdout=print))
+        assert streamed.value.code == "unsupported_code_language"
+        with pytest.raises(CrowNestApiError) as ctx:
+            await aw(sandbox.code.create_context(language="cobol"))
+        assert ctx.value.code == "unsupported_code_language"
+        # The python template has no JavaScript interpreter.
+        with pytest.raises(CrowNestApiError) as js:
+            await aw(sandbox.code.run("1", language="javascript"))
+        assert js.value.code == "unsupported_code_language"
+        await aw(sandbox.kill())
+        with pytest.raises(CrowNestApiError) as destroyed:
+            await aw(sandbox.code.run("1"))
+        assert (destroyed.value.status, destroyed.value.code) == (410, "sandbox_destroyed")
+    finally:
+        await kill_quietly(sandbox)
+
+
+async def test_javascript_and_typescript_contexts_keep_state(client: Any) -> None:
+    sandbox = await aw(client.sandboxes.create(template="node"))
+    try:
+        js = await aw(sandbox.code.create_context(language="javascript"))
+        await aw(sandbox.code.run("let n = 41;", language="javascript", context_id=js))
+        result = await aw(sandbox.code.run("n += 1; console.log(n)", language="javascript", context_id=js))
+        assert (result.text, result.error) == ("42\n", None)
+        ts = await aw(sandbox.code.run("const t: number = 6;", language="typescript"))
+        again = await aw(sandbox.code.run("console.log(t * 7)", language="typescript"))
+        assert again.context_id == ts.context_id != js.id
+        assert (again.text, again.error) == ("42\n", None)
+        with pytest.raises(CrowNestApiError) as mismatch:
+            await aw(sandbox.code.run("1", language="typescript", context_id=js))
+        assert (mismatch.value.status, mismatch.value.code) == (400, "context_language_mismatch")
+    finally:
+        await kill_quietly(sandbox)
+
+
 # ------------------------------------------------------------ the docs' examples
 
 
@@ -476,6 +639,10 @@ PRIMES = "\n".join(str(n) for n in range(2, 50) if all(n % d for d in range(2, n
 
 def test_example_async_hello(server: Server, api_key: str) -> None:
     assert _run_example(server, api_key, "async_hello.py") == "0 42\n\n"
+
+
+def test_example_code_contexts(server: Server, api_key: str) -> None:
+    assert _run_example(server, api_key, "code_contexts.py") == "42\nok\n"
 
 
 def test_example_primes(server: Server, api_key: str) -> None:

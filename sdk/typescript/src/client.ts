@@ -1,7 +1,10 @@
-import { CrowNestConnectionError, CrowNestError, apiErrorFromResponse, type CrowNestApiError } from "./errors.js";
+import { CrowNestApiError, CrowNestConnectionError, CrowNestError, apiErrorFromResponse } from "./errors.js";
 import { SSEDecoder, lines } from "./sse.js";
 import type {
   ArtifactData,
+  CodeContextData,
+  CodeLanguage,
+  CodeOutput,
   CollectSpec,
   CommandData,
   ExitInfo,
@@ -9,6 +12,7 @@ import type {
   FileListing,
   LogEvent,
   Page,
+  RunCodeResult,
   SandboxData,
   TemplateData,
   TransferData,
@@ -249,6 +253,46 @@ export class CrowNestClient {
       await sleep(backoff(failures++));
     }
   }
+
+  /** @internal POSTs a streamed Code Run, passes its events to the
+   * callbacks and returns the RunCodeResult of its `complete` event. After a
+   * dropped connection it asks again with the same Idempotency-Key: the
+   * server then waits for the run and replays its `complete` event. */
+  async codeStream(path: string, json: unknown, idempotencyKey: string, callbacks: CodeCallbacks): Promise<RunCodeResult> {
+    for (let attempt = 0; ; attempt++) {
+      // `send` retries a failed connection and a key still in use.
+      const response = await this.send("POST", path, { json, idempotencyKey, headers: { accept: "text/event-stream" } });
+      if (!response.body) throw new CrowNestConnectionError(`POST ${path}: no response body`);
+      const decoder = new SSEDecoder();
+      try {
+        for await (const line of lines(response.body)) {
+          const sse = decoder.feed(line);
+          if (!sse) continue;
+          let payload: unknown;
+          try {
+            payload = sse.data ? JSON.parse(sse.data) : {};
+          } catch {
+            continue;
+          }
+          const data = payload as Record<string, unknown>;
+          if (sse.event === "stdout") await callbacks.onStdout?.(String(data.text ?? ""));
+          else if (sse.event === "stderr") await callbacks.onStderr?.(String(data.text ?? ""));
+          else if (sse.event === "output") await callbacks.onOutput?.(payload as CodeOutput);
+          else if (sse.event === "error" && typeof data.code === "string" && !("name" in data)) {
+            // The run failed on the server after the stream began.
+            throw new CrowNestApiError(response.status >= 400 ? response.status : 500, data.code, String(data.message ?? ""), {});
+          } else if (sse.event === "complete") return payload as RunCodeResult;
+        }
+      } catch (error) {
+        if (error instanceof CrowNestApiError) throw error;
+        if (attempt >= this.maxRetries) throw new CrowNestConnectionError(`POST ${path}: ${String(error)}`, { cause: error });
+        await sleep(backoff(attempt));
+        continue;
+      }
+      if (attempt >= this.maxRetries) throw new CrowNestConnectionError(`POST ${path}: the run stream ended before its complete event`);
+      await sleep(backoff(attempt));
+    }
+  }
 }
 
 function toLogEvent(event: string, data: string, id: string | null): LogEvent | null {
@@ -295,6 +339,7 @@ export interface CreateSandboxOptions {
 export interface Sandbox extends SandboxData {}
 export class Sandbox {
   readonly commands: Commands;
+  readonly code: Code;
   readonly files: Files;
   readonly artifacts: SandboxArtifacts;
 
@@ -304,6 +349,7 @@ export class Sandbox {
   ) {
     Object.assign(this, data);
     this.commands = new Commands(client, data.id);
+    this.code = new Code(client, data.id);
     this.files = new Files(client, data.id);
     this.artifacts = new SandboxArtifacts(client, data.id);
   }
@@ -321,7 +367,7 @@ export class Sandbox {
   }
 
   toJSON(): SandboxData {
-    const { commands: _c, files: _f, artifacts: _a, client: _cl, ...data } = this as unknown as Record<string, unknown>;
+    const { commands: _c, code: _co, files: _f, artifacts: _a, client: _cl, ...data } = this as unknown as Record<string, unknown>;
     return data as unknown as SandboxData;
   }
 }
@@ -496,6 +542,91 @@ export class Commands {
       options.limit,
       (d) => new Command(this.client, d),
     );
+  }
+}
+
+// ------------------------------------------------------------------ code
+
+export interface CodeCallbacks {
+  /** Called with each stdout chunk as it is produced (the run is then streamed). */
+  onStdout?: (chunk: string) => unknown;
+  onStderr?: (chunk: string) => unknown;
+  /** Called with each rich output as it is produced. */
+  onOutput?: (output: CodeOutput) => unknown;
+}
+
+export interface CreateContextOptions {
+  /** Default `"python"`. */
+  language?: CodeLanguage;
+  cwd?: string;
+  env?: Record<string, string>;
+}
+
+export interface RunCodeOptions extends CodeCallbacks {
+  code: string;
+  /** Default `"python"`. */
+  language?: CodeLanguage;
+  /** A context id or context; default: the sandbox's default context for the language. */
+  contextId?: string | CodeContextData;
+  /** `"promote"` turns eligible rich outputs into artifacts; default `"inline"`. */
+  artifactPolicy?: "inline" | "promote";
+  timeoutMs?: number;
+  /** Default: a new random key (reused across the SDK's own retries). */
+  idempotencyKey?: string;
+}
+
+/** Code Contexts (persistent interpreters) and Code Runs (snippets run in them). */
+export class Code {
+  private readonly base: string;
+
+  constructor(
+    private readonly client: CrowNestClient,
+    sandboxId: string,
+  ) {
+    this.base = `/v1/sandboxes/${sandboxId}/code`;
+  }
+
+  /** Starts a new interpreter for the language (default python). */
+  createContext(options: CreateContextOptions = {}): Promise<CodeContextData> {
+    const json: Record<string, unknown> = { language: options.language ?? "python" };
+    if (options.cwd !== undefined) json.cwd = options.cwd;
+    if (options.env !== undefined) json.env = options.env;
+    return this.client.request<CodeContextData>("POST", `${this.base}/contexts`, { json });
+  }
+
+  async listContexts(): Promise<CodeContextData[]> {
+    return (await this.client.request<Page<CodeContextData>>("GET", `${this.base}/contexts`)).data;
+  }
+
+  getContext(id: string): Promise<CodeContextData> {
+    return this.client.request<CodeContextData>("GET", `${this.base}/contexts/${id}`);
+  }
+
+  /** Stops the context's interpreter (its state is gone). */
+  async deleteContext(context: string | CodeContextData): Promise<void> {
+    const id = typeof context === "string" ? context : context.id;
+    await this.client.send("DELETE", `${this.base}/contexts/${id}`);
+  }
+
+  /**
+   * Runs a snippet and returns the result (`stdout`/`stderr` chunks,
+   * `outputs`, `error`, …). An exception in the code is `result.error`, not
+   * a thrown error. With `onStdout`/`onStderr`/`onOutput` the run is
+   * streamed and each chunk or output reaches them as it is produced.
+   */
+  run(options: RunCodeOptions): Promise<RunCodeResult> {
+    const json: Record<string, unknown> = { language: options.language ?? "python", code: options.code };
+    if (options.contextId !== undefined) {
+      json.contextId = typeof options.contextId === "string" ? options.contextId : options.contextId.id;
+    }
+    if (options.artifactPolicy !== undefined) json.artifactPolicy = options.artifactPolicy;
+    if (options.timeoutMs !== undefined) json.timeoutMs = options.timeoutMs;
+    const idempotencyKey = options.idempotencyKey ?? newIdempotencyKey();
+    const path = `${this.base}/runs`;
+    if (!options.onStdout && !options.onStderr && !options.onOutput) {
+      return this.client.request<RunCodeResult>("POST", path, { json, idempotencyKey });
+    }
+    return this.client.codeStream(path, json, idempotencyKey, options);
   }
 }
 

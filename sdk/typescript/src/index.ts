@@ -1,5 +1,6 @@
 export {
   Artifacts,
+  Code,
   Command,
   Commands,
   CrowNestClient,
@@ -15,6 +16,9 @@ export {
 } from "./client.js";
 export type {
   ClientOptions,
+  CodeCallbacks,
+  CreateContextOptions,
+  RunCodeOptions,
   CommandOptions,
   CreateSandboxOptions,
   RunOptions,

@@ -129,3 +129,50 @@ export interface Page<T> {
   data: T[];
   nextCursor?: string | null;
 }
+
+/** Languages of Code Contexts and Code Runs. */
+export type CodeLanguage = "python" | "javascript" | "typescript";
+
+export interface CodeContextData {
+  /** `cctx_…` */
+  id: string;
+  sandboxId: string;
+  language: CodeLanguage;
+  cwd: string;
+  /** The interpreter behind it (e.g. IPython, a Node `vm` context). */
+  implementation: string;
+  /** The sandbox's default context for its language (runs without `contextId`). */
+  isDefault: boolean;
+  createdAt: string;
+}
+
+/** A rich output of a Code Run. */
+export type CodeOutput =
+  | { type: "inline"; format: string; content: unknown; mime?: string | null }
+  | { type: "artifact"; format: string; artifactId: string; mime?: string | null; size?: number | null }
+  | { type: "rejected"; format: string; reason: string };
+
+/** An exception raised by the code (a result, not an SDK error). */
+export interface CodeError {
+  name?: string | null;
+  message: string;
+  traceback?: string | null;
+}
+
+export interface RunCodeResult {
+  /** The context the code ran in (the default one when none was given). */
+  contextId: string;
+  /** Ordered stdout chunks. */
+  stdout: string[];
+  /** Ordered stderr chunks. */
+  stderr: string[];
+  outputs: CodeOutput[];
+  executionCount: number | null;
+  error: CodeError | null;
+  durationMs: number;
+  /** The interpreter had died and was replaced before this run. */
+  interpreterRestarted: boolean;
+  /** ... and the context's earlier state is gone. */
+  stateLost: boolean;
+  notes: string[];
+}

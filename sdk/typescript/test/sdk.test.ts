@@ -12,6 +12,8 @@ import {
   CrowNestApiError,
   CrowNestConnectionError,
   createCrowNestClient,
+  type CodeLanguage,
+  type CodeOutput,
   type CrowNestClient,
   type LogEvent,
   type Sandbox,
@@ -106,6 +108,17 @@ describe("examples/typescript", () => {
     assert.match(stdout, /^step 1\/3\nstep 2\/3\nstep 3\/3\nwrote report.html\n0\nreport.html \(art_\w+\): <ul><li>1 squared is 1<\/li>/);
   });
 
+  test("streaming.ts (the code-interpreter snippet)", async () => {
+    const { stdout, stderr } = await run("node", [built("streaming.js")], { env: env() });
+    assert.equal(stderr, "");
+    assert.match(stdout, /^\d+\.\d+\.\d+\nok\n$/);
+  });
+
+  test("code_contexts.ts", async () => {
+    const { stdout } = await run("node", [built("code_contexts.js")], { env: env() });
+    assert.match(stdout, /^42\ncontext cctx_\w+, execution \d+\n$/);
+  });
+
   test("streaming_commands.ts", async () => {
     const { stdout, stderr } = await run("node", [built("streaming_commands.js")], { env: env() });
     assert.equal(stderr, "warning: demo\n");
@@ -186,6 +199,114 @@ describe("commands", () => {
     assert.equal((await sandbox.commands.get(cat.id)).stdout, "hello\nbytes\ndone\n");
     const listed = (await sandbox.commands.list({ limit: 2 }).toArray()).map((c) => c.id);
     for (const id of [cat.id, sleeper.id, doomed.id]) assert.ok(listed.includes(id));
+  });
+});
+
+describe("code", () => {
+  test("the docs' Code Contexts snippet keeps state; the context calls", async () => {
+    const sandbox = await newSandbox();
+    const context = await sandbox.code.createContext({ language: "python" });
+    assert.match(context.id, /^cctx_/);
+    assert.deepEqual([context.language, context.sandboxId, context.isDefault], ["python", sandbox.id, false]);
+    await sandbox.code.run({ contextId: context.id, code: "value = 42" });
+    const result = await sandbox.code.run({ contextId: context.id, code: "print(value)" });
+    assert.equal(result.stdout.join(""), "42\n");
+    assert.deepEqual([result.contextId, result.error], [context.id, null]);
+    // The context object works as contextId too.
+    assert.equal((await sandbox.code.run({ contextId: context, code: "print(value + 1)" })).stdout.join(""), "43\n");
+    assert.equal((await sandbox.code.getContext(context.id)).language, "python");
+    assert.ok((await sandbox.code.listContexts()).some((c) => c.id === context.id));
+    await sandbox.code.deleteContext(context);
+    assert.ok(!(await sandbox.code.listContexts()).some((c) => c.id === context.id));
+    await rejectsWith(sandbox.code.getContext(context.id), 404, "not_found");
+  });
+
+  test("without contextId the default context is reused", async () => {
+    const sandbox = await newSandbox();
+    const first = await sandbox.code.run({ code: "x = 7" });
+    const second = await sandbox.code.run({ code: "print(x * 6)" });
+    assert.equal(second.contextId, first.contextId);
+    assert.equal(second.stdout.join(""), "42\n");
+    const contexts = await sandbox.code.listContexts();
+    assert.equal(contexts.find((c) => c.id === first.contextId)?.isDefault, true);
+  });
+
+  test("an exception in the code is result.error, not a thrown error", async () => {
+    const sandbox = await newSandbox();
+    const result = await sandbox.code.run({ code: "print('before'); 1/0" });
+    assert.equal(result.error?.name, "ZeroDivisionError");
+    assert.equal(result.stdout.join(""), "before\n");
+    const streamed = await sandbox.code.run({ code: "1/0", onStdout: () => undefined });
+    assert.equal(streamed.error?.name, "ZeroDivisionError");
+  });
+
+  test("onStdout/onStderr receive chunks before the result; same stdout as a blocking run", async () => {
+    const sandbox = await newSandbox();
+    const code = "import sys, time\nprint('first', flush=True)\ntime.sleep(1)\nprint('second')\nprint('oops', file=sys.stderr)";
+    const out: { chunk: string; at: number }[] = [];
+    const err: string[] = [];
+    const streamed = await sandbox.code.run({
+      code,
+      onStdout: (chunk) => out.push({ chunk, at: Date.now() }),
+      onStderr: (chunk) => err.push(chunk),
+    });
+    const returnedAt = Date.now();
+    assert.equal(out.map((c) => c.chunk).join(""), "first\nsecond\n");
+    assert.equal(err.join(""), "oops\n");
+    assert.ok(returnedAt - out[0]!.at > 800, "the first chunk arrived while the code still ran");
+    const blocking = await sandbox.code.run({ code });
+    assert.deepEqual([blocking.stdout, blocking.stderr], [streamed.stdout, streamed.stderr]);
+    assert.equal(blocking.contextId, streamed.contextId);
+  });
+
+  test("onOutput receives the rich outputs of the result", async () => {
+    const sandbox = await newSandbox();
+    const outputs: CodeOutput[] = [];
+    const result = await sandbox.code.run({
+      code: "import pandas as pd\npd.DataFrame({'a': [1, 2]})",
+      onOutput: (o) => outputs.push(o),
+    });
+    assert.equal(result.error, null);
+    assert.ok(outputs.length > 0);
+    assert.deepEqual(outputs, result.outputs);
+  });
+
+  test("a replayed streamed run gives the stored result", async () => {
+    const sandbox = await newSandbox();
+    const idempotencyKey = randomUUID();
+    const code = "import random; print(random.random())";
+    const first = await sandbox.code.run({ code, idempotencyKey, onStdout: () => undefined });
+    const replayed: string[] = [];
+    const second = await sandbox.code.run({ code, idempotencyKey, onStdout: (c) => replayed.push(c) });
+    assert.deepEqual(second, first);
+    assert.deepEqual(replayed, []);
+  });
+
+  test("API errors: unsupported_code_language, context_language_mismatch, sandbox_destroyed", async () => {
+    const sandbox = await newSandbox();
+    await rejectsWith(sandbox.code.run({ language: "cobol" as CodeLanguage, code: "DISPLAY 'HI'." }), 400, "unsupported_code_language");
+    await rejectsWith(
+      sandbox.code.run({ language: "cobol" as CodeLanguage, code: "x", onStdout: () => undefined }),
+      400,
+      "unsupported_code_language",
+    );
+    await rejectsWith(sandbox.code.run({ language: "javascript", code: "1" }), 400, "unsupported_code_language");
+    await sandbox.kill();
+    await rejectsWith(sandbox.code.run({ code: "1" }), 410, "sandbox_destroyed");
+  });
+
+  test("javascript keeps let state; typescript runs; contexts are per language (node template)", async () => {
+    const sandbox = await client.sandboxes.create({ template: "node" });
+    live.push(sandbox);
+    const js = await sandbox.code.createContext({ language: "javascript" });
+    await sandbox.code.run({ language: "javascript", contextId: js, code: "let n = 41;" });
+    const r = await sandbox.code.run({ language: "javascript", contextId: js, code: "n += 1; console.log(n)" });
+    assert.deepEqual([r.stdout.join(""), r.error], ["42\n", null]);
+    const ts = await sandbox.code.run({ language: "typescript", code: "const t: number = 6;" });
+    const again = await sandbox.code.run({ language: "typescript", code: "console.log(t * 7)" });
+    assert.equal(again.contextId, ts.contextId);
+    assert.deepEqual([again.stdout.join(""), again.error], ["42\n", null]);
+    await rejectsWith(sandbox.code.run({ language: "typescript", contextId: js, code: "1" }), 400, "context_language_mismatch");
   });
 });
 

@@ -3,6 +3,7 @@
 
 from ._async import (
     AsyncArtifacts,
+    AsyncCode,
     AsyncCommandHandle,
     AsyncCommands,
     AsyncCrowNest,
@@ -16,6 +17,10 @@ from ._async import (
 from ._shared import (
     DEFAULT_BASE_URL,
     Artifact,
+    ArtifactPolicy,
+    CodeContext,
+    CodeLanguage,
+    CodeRunResult,
     CollectSpec,
     CommandResult,
     CrowNestApiError,
@@ -30,6 +35,7 @@ from ._shared import (
 )
 from ._sync import (
     Artifacts,
+    Code,
     CommandHandle,
     Commands,
     CrowNest,
@@ -44,8 +50,10 @@ from ._sync import (
 __all__ = [
     "DEFAULT_BASE_URL",
     "Artifact",
+    "ArtifactPolicy",
     "Artifacts",
     "AsyncArtifacts",
+    "AsyncCode",
     "AsyncCommandHandle",
     "AsyncCommands",
     "AsyncCrowNest",
@@ -55,6 +63,10 @@ __all__ = [
     "AsyncSandboxHandle",
     "AsyncSandboxes",
     "AsyncTemplates",
+    "Code",
+    "CodeContext",
+    "CodeLanguage",
+    "CodeRunResult",
     "CollectSpec",
     "CommandHandle",
     "CommandResult",

@@ -13,7 +13,10 @@ from ._shared import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     OCTET_STREAM,
+    CODE_STREAM_HEADERS,
     Artifact,
+    CodeContext,
+    CodeRunResult,
     FileInfo,
     FileListing,
     CollectSpec,
@@ -25,6 +28,9 @@ from ._shared import (
     api_error_from_response,
     as_bytes,
     backoff_delay,
+    code_context_body,
+    code_event_from_sse,
+    code_run_body,
     command_body,
     default_headers,
     file_listing,
@@ -44,9 +50,17 @@ from ._shared import (
 T = TypeVar("T")
 #: A log callback may be a plain function or a coroutine function.
 AsyncCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
+#: A rich-output callback of a Code Run (the output object), sync or async.
+AsyncOutputCallback = Callable[[dict[str, Any]], Any] | Callable[[dict[str, Any]], Awaitable[Any]]
 
 
 async def _call(callback: AsyncCallback, data: str) -> None:
+    result = callback(data)
+    if inspect.isawaitable(result):
+        await result
+
+
+async def _call_output(callback: AsyncOutputCallback, data: dict[str, Any]) -> None:
     result = callback(data)
     if inspect.isawaitable(result):
         await result
@@ -202,17 +216,70 @@ class AsyncCrowNest:
             await asyncio.sleep(backoff_delay(failures))
             failures += 1
 
+    async def _code_stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        idempotency_key: str,
+        on_stdout: AsyncCallback | None,
+        on_stderr: AsyncCallback | None,
+        on_output: AsyncOutputCallback | None,
+    ) -> dict[str, Any]:
+        headers = {**CODE_STREAM_HEADERS, "Idempotency-Key": idempotency_key}
+        attempt = 0
+        while True:
+            try:
+                async with self._http.stream("POST", path, json=body, headers=headers) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        error = api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                        if attempt < self.max_retries and may_retry_status(error, True):
+                            await asyncio.sleep(backoff_delay(attempt))
+                            attempt += 1
+                            continue
+                        raise error
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = code_event_from_sse(sse, response.status_code)
+                        if event is None:
+                            continue
+                        kind, payload = event
+                        if kind == "stdout" and on_stdout:
+                            await _call(on_stdout, payload)
+                        elif kind == "stderr" and on_stderr:
+                            await _call(on_stderr, payload)
+                        elif kind == "output" and on_output:
+                            await _call_output(on_output, payload)
+                        elif kind == "complete":
+                            return dict(payload)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries or not may_retry("POST", True, exc):
+                    raise CrowNestConnectionError(f"POST {path}: {exc!r}") from exc
+                await asyncio.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            if attempt >= self.max_retries:
+                raise CrowNestConnectionError(f"POST {path}: the run stream ended before its complete event")
+            await asyncio.sleep(backoff_delay(attempt))
+            attempt += 1
+
 
 # ---------------------------------------------------------------- sandboxes
 
 
 class AsyncSandboxHandle(Record):
-    """A sandbox with its bound sub-clients ``.commands``, ``.files`` and ``.artifacts``."""
+    """A sandbox with its bound sub-clients ``.commands``, ``.code``, ``.files`` and ``.artifacts``."""
 
     def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
         self._client = client
         self.commands = AsyncCommands(client, self.id)
+        self.code = AsyncCode(client, self.id)
         self.artifacts = AsyncSandboxArtifacts(client, self.id)
         self.files = AsyncFiles(client, self.id)
 
@@ -372,6 +439,58 @@ class AsyncCommands:
             return [AsyncCommandHandle(self._client, d) for d in items], nxt
 
         return AsyncPager(fetch)
+
+
+# ---------------------------------------------------------------- code
+
+
+class AsyncCode:
+    """Code Contexts and Code Runs of the sandbox; see :class:`crownest.Code`."""
+
+    def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/code"
+
+    async def create_context(
+        self, language: str = "python", *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> CodeContext:
+        body = code_context_body(language, cwd, env)
+        return CodeContext(await self._client._request("POST", f"{self._base}/contexts", json=body))
+
+    async def list_contexts(self) -> list[CodeContext]:
+        body = await self._client._request("GET", f"{self._base}/contexts")
+        return [CodeContext(c) for c in body["data"]]
+
+    async def get_context(self, context_id: str) -> CodeContext:
+        return CodeContext(await self._client._request("GET", f"{self._base}/contexts/{context_id}"))
+
+    async def delete_context(self, context_id: str | Mapping[str, Any]) -> None:
+        cid = context_id if isinstance(context_id, str) else str(context_id["id"])
+        await self._client._send("DELETE", f"{self._base}/contexts/{cid}")
+
+    async def run(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context_id: str | Mapping[str, Any] | None = None,
+        on_stdout: AsyncCallback | None = None,
+        on_stderr: AsyncCallback | None = None,
+        on_output: AsyncOutputCallback | None = None,
+        artifact_policy: str | None = None,
+        timeout_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CodeRunResult:
+        """Runs a snippet in a Code Context; streamed to the callbacks
+        (plain or coroutine functions) when any is given."""
+        body = code_run_body(
+            code, language=language, context_id=context_id, artifact_policy=artifact_policy, timeout_ms=timeout_ms
+        )
+        key = idempotency_key or new_idempotency_key()
+        path = f"{self._base}/runs"
+        if on_stdout is None and on_stderr is None and on_output is None:
+            return CodeRunResult(await self._client._request("POST", path, json=body, idempotency_key=key))
+        return CodeRunResult(await self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output))
 
 
 # ---------------------------------------------------------------- artifacts

@@ -394,3 +394,121 @@ def log_event_from_sse(ev: ServerSentEvent) -> LogEvent | None:
         }
         return LogEvent("exit", "", event_id, info)
     return None
+
+
+# ---------------------------------------------------------------- code
+
+#: Languages of Code Contexts and Code Runs.
+CodeLanguage = Literal["python", "javascript", "typescript"]
+#: ``inline`` (the default) keeps rich outputs in the result; ``promote``
+#: turns eligible ones into artifacts.
+ArtifactPolicy = Literal["inline", "promote"]
+
+
+class CodeContext(Record):
+    """A Code Context: ``id`` (``cctx_…``), ``sandboxId``, ``language``,
+    ``cwd``, ``implementation``, ``isDefault``, ``createdAt``. Its
+    interpreter keeps variables and imports across Code Runs."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def language(self) -> str:
+        return str(self._data["language"])
+
+
+class CodeRunResult(Record):
+    """The result of a Code Run: ``contextId``, ``stdout`` and ``stderr``
+    (ordered lists of chunks), ``outputs`` (``inline``, ``artifact`` or
+    ``rejected`` rich outputs), ``executionCount``, ``error`` (``{name,
+    message, traceback}`` or ``None``: an interpreter exception is a result,
+    not an SDK exception), ``durationMs``, ``interpreterRestarted``,
+    ``stateLost``, ``notes``. ``text`` / ``error_text`` join the chunks."""
+
+    @property
+    def context_id(self) -> str:
+        return str(self._data["contextId"])
+
+    @property
+    def error(self) -> dict[str, Any] | None:
+        err = self._data.get("error")
+        return dict(err) if err else None
+
+    @property
+    def text(self) -> str:
+        """All stdout chunks joined."""
+        return "".join(self._data.get("stdout") or [])
+
+    @property
+    def error_text(self) -> str:
+        """All stderr chunks joined."""
+        return "".join(self._data.get("stderr") or [])
+
+
+def context_id_of(context: str | Mapping[str, Any] | None) -> str | None:
+    """A context id from an id or a context record."""
+    if context is None or isinstance(context, str):
+        return context
+    return str(context["id"])
+
+
+def code_context_body(language: str, cwd: str | None, env: Mapping[str, str] | None) -> dict[str, Any]:
+    body: dict[str, Any] = {"language": language}
+    if cwd is not None:
+        body["cwd"] = cwd
+    if env is not None:
+        body["env"] = dict(env)
+    return body
+
+
+def code_run_body(
+    code: str,
+    *,
+    language: str,
+    context_id: str | Mapping[str, Any] | None,
+    artifact_policy: str | None,
+    timeout_ms: int | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {"language": language, "code": code}
+    cid = context_id_of(context_id)
+    if cid is not None:
+        body["contextId"] = cid
+    if artifact_policy is not None:
+        body["artifactPolicy"] = artifact_policy
+    if timeout_ms is not None:
+        body["timeoutMs"] = timeout_ms
+    return body
+
+
+#: Headers of a streamed Code Run.
+CODE_STREAM_HEADERS = {"accept": "text/event-stream"}
+
+
+def code_event_from_sse(ev: ServerSentEvent, status: int) -> tuple[str, Any] | None:
+    """One event of a streamed Code Run as ``(kind, payload)``: ``stdout`` /
+    ``stderr`` with the text, ``output`` with the output object, ``error``
+    with the interpreter error, ``complete`` with the RunCodeResult. An
+    ``error`` event carrying an API error ``code`` (the run failed on the
+    server side after the stream began) is raised as ``CrowNestApiError``."""
+    try:
+        payload = json.loads(ev.data) if ev.data else {}
+    except ValueError:
+        return None
+    if ev.event in ("stdout", "stderr"):
+        return ev.event, str(payload.get("text", ""))
+    if ev.event == "output":
+        return "output", payload
+    if ev.event == "error":
+        if isinstance(payload, dict) and "code" in payload and "name" not in payload:
+            raise CrowNestApiError(
+                status if status >= 400 else 500,
+                str(payload.get("code") or "internal"),
+                str(payload.get("message") or ""),
+                payload.get("details") or {},
+            )
+        return "error", payload
+    if ev.event == "complete":
+        return "complete", payload
+    return None

@@ -12,7 +12,10 @@ from ._shared import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
     OCTET_STREAM,
+    CODE_STREAM_HEADERS,
     Artifact,
+    CodeContext,
+    CodeRunResult,
     FileInfo,
     FileListing,
     CollectSpec,
@@ -25,6 +28,9 @@ from ._shared import (
     api_error_from_response,
     as_bytes,
     backoff_delay,
+    code_context_body,
+    code_event_from_sse,
+    code_run_body,
     command_body,
     default_headers,
     file_listing,
@@ -43,6 +49,7 @@ from ._shared import (
 
 T = TypeVar("T")
 Callback = Callable[[str], Any]
+OutputCallback = Callable[[dict[str, Any]], Any]
 
 
 class Pager(Generic[T]):
@@ -201,18 +208,76 @@ class CrowNest:
             time.sleep(backoff_delay(failures))
             failures += 1
 
+    def _code_stream(
+        self,
+        path: str,
+        body: dict[str, Any],
+        idempotency_key: str,
+        on_stdout: Callback | None,
+        on_stderr: Callback | None,
+        on_output: OutputCallback | None,
+    ) -> dict[str, Any]:
+        """POSTs a streamed Code Run and passes its events to the callbacks
+        until the ``complete`` event, whose RunCodeResult it returns. After a
+        dropped connection it asks again with the same Idempotency-Key: the
+        server then waits for the run and replays its ``complete`` event."""
+        headers = {**CODE_STREAM_HEADERS, "Idempotency-Key": idempotency_key}
+        attempt = 0
+        while True:
+            try:
+                with self._http.stream("POST", path, json=body, headers=headers) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                        if attempt < self.max_retries and may_retry_status(error, True):
+                            time.sleep(backoff_delay(attempt))
+                            attempt += 1
+                            continue
+                        raise error
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = code_event_from_sse(sse, response.status_code)
+                        if event is None:
+                            continue
+                        kind, payload = event
+                        if kind == "stdout" and on_stdout:
+                            on_stdout(payload)
+                        elif kind == "stderr" and on_stderr:
+                            on_stderr(payload)
+                        elif kind == "output" and on_output:
+                            on_output(payload)
+                        elif kind == "complete":
+                            return dict(payload)
+            except httpx.TransportError as exc:
+                if attempt >= self.max_retries or not may_retry("POST", True, exc):
+                    raise CrowNestConnectionError(f"POST {path}: {exc!r}") from exc
+                time.sleep(backoff_delay(attempt))
+                attempt += 1
+                continue
+            if attempt >= self.max_retries:
+                raise CrowNestConnectionError(f"POST {path}: the run stream ended before its complete event")
+            time.sleep(backoff_delay(attempt))
+            attempt += 1
+
 
 # ---------------------------------------------------------------- sandboxes
 
 
 class SandboxHandle(Record):
     """A sandbox (``id``, ``status``, ``template``, ``expiresAt``, …) with
-    the sub-clients bound to it: ``.commands``, ``.files`` and ``.artifacts``."""
+    the sub-clients bound to it: ``.commands``, ``.code``, ``.files`` and
+    ``.artifacts``."""
 
     def __init__(self, client: CrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
         self._client = client
         self.commands = Commands(client, self.id)
+        self.code = Code(client, self.id)
         self.artifacts = SandboxArtifacts(client, self.id)
         self.files = Files(client, self.id)
 
@@ -394,6 +459,65 @@ class Commands:
             return [CommandHandle(self._client, d) for d in items], nxt
 
         return Pager(fetch)
+
+
+# ---------------------------------------------------------------- code
+
+
+class Code:
+    """Code Contexts (persistent interpreters) and Code Runs (snippets run
+    in them) of the sandbox. Languages: ``python`` (the default),
+    ``javascript``, ``typescript``."""
+
+    def __init__(self, client: CrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/code"
+
+    def create_context(
+        self, language: str = "python", *, cwd: str | None = None, env: Mapping[str, str] | None = None
+    ) -> CodeContext:
+        """Starts a new interpreter for ``language``."""
+        body = code_context_body(language, cwd, env)
+        return CodeContext(self._client._request("POST", f"{self._base}/contexts", json=body))
+
+    def list_contexts(self) -> list[CodeContext]:
+        return [CodeContext(c) for c in self._client._request("GET", f"{self._base}/contexts")["data"]]
+
+    def get_context(self, context_id: str) -> CodeContext:
+        return CodeContext(self._client._request("GET", f"{self._base}/contexts/{context_id}"))
+
+    def delete_context(self, context_id: str | Mapping[str, Any]) -> None:
+        """Stops the context's interpreter (its state is gone)."""
+        cid = context_id if isinstance(context_id, str) else str(context_id["id"])
+        self._client._send("DELETE", f"{self._base}/contexts/{cid}")
+
+    def run(
+        self,
+        code: str,
+        *,
+        language: str = "python",
+        context_id: str | Mapping[str, Any] | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        on_output: OutputCallback | None = None,
+        artifact_policy: str | None = None,
+        timeout_ms: int | None = None,
+        idempotency_key: str | None = None,
+    ) -> CodeRunResult:
+        """Runs a snippet in a Code Context (``context_id``: an id or a
+        context; default: the sandbox's default context for ``language``)
+        and returns the result. An exception in the code is ``result["error"]``,
+        not an SDK exception. With ``on_stdout`` / ``on_stderr`` /
+        ``on_output`` the run is streamed and each chunk or rich output is
+        passed to them as it is produced."""
+        body = code_run_body(
+            code, language=language, context_id=context_id, artifact_policy=artifact_policy, timeout_ms=timeout_ms
+        )
+        key = idempotency_key or new_idempotency_key()
+        path = f"{self._base}/runs"
+        if on_stdout is None and on_stderr is None and on_output is None:
+            return CodeRunResult(self._client._request("POST", path, json=body, idempotency_key=key))
+        return CodeRunResult(self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output))
 
 
 # ---------------------------------------------------------------- artifacts
