@@ -224,6 +224,102 @@ async fn main() {
             if size > (32 << 20) { ">= 200 MB/s" } else { "" }
         ));
     }
+    // Artifact promotion of a 100 MiB file (sandbox -> blob store, fsynced).
+    client
+        .run(&warm, "head -c 104857600 /dev/urandom > big.bin")
+        .await;
+    let mut promote = Vec::new();
+    for _ in 0..3 {
+        let start = Instant::now();
+        let (status, body) = client
+            .post(
+                &format!("/v1/sandboxes/{warm}/artifacts"),
+                json!({ "path": "big.bin" }),
+            )
+            .await;
+        promote.push(start.elapsed());
+        assert_eq!(status, 201, "{body}");
+    }
+    client.run(&warm, "rm -f big.bin").await;
+    rows.push(Row {
+        name: "artifact promotion, 100 MiB".into(),
+        samples: promote,
+        target: "",
+    });
+
+    // Idempotent replay: a repeat of a completed request with its key.
+    let replay_body = json!({ "template": "does-not-exist" });
+    let first = client
+        .request(reqwest::Method::POST, "/v1/sandboxes")
+        .header("idempotency-key", "bench-replay")
+        .json(&replay_body)
+        .send()
+        .await
+        .expect("first");
+    assert_eq!(first.status(), 404);
+    let mut replays = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let response = client
+            .request(reqwest::Method::POST, "/v1/sandboxes")
+            .header("idempotency-key", "bench-replay")
+            .json(&replay_body)
+            .send()
+            .await
+            .expect("replay");
+        let _ = response.bytes().await;
+        replays.push(start.elapsed());
+    }
+    rows.push(Row {
+        name: "idempotent replay (HTTP round trip)".into(),
+        samples: replays,
+        target: "p50 <= 1 ms",
+    });
+
+    // Code: context creation (a pre-started interpreter after the first),
+    // and a `1+1` run on a warm python context.
+    let runs = format!("/v1/sandboxes/{warm}/code/runs");
+    let contexts = format!("/v1/sandboxes/{warm}/code/contexts");
+    let (status, _) = client
+        .post(&contexts, json!({ "language": "python" }))
+        .await;
+    assert_eq!(status, 201);
+    tokio::time::sleep(Duration::from_secs(3)).await; // the spare starts
+    let mut creations = Vec::new();
+    let mut context = String::new();
+    for _ in 0..5 {
+        let start = Instant::now();
+        let (status, body) = client
+            .post(&contexts, json!({ "language": "python" }))
+            .await;
+        creations.push(start.elapsed());
+        assert_eq!(status, 201, "{body}");
+        context = body["id"].as_str().expect("id").to_string();
+        // Let the next spare start before the next creation.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+    }
+    rows.push(Row {
+        name: "code context creation (python, pre-started)".into(),
+        samples: creations,
+        target: "p50 <= 50 ms",
+    });
+    let mut code_runs = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let (status, body) = client
+            .post(
+                &runs,
+                json!({ "language": "python", "contextId": context, "code": "1+1" }),
+            )
+            .await;
+        code_runs.push(start.elapsed());
+        assert_eq!(status, 200, "{body}");
+    }
+    rows.push(Row {
+        name: "code run round trip (`1+1`, warm python context)".into(),
+        samples: code_runs,
+        target: "p50 <= 3 ms, <= 0.5x ipykernel",
+    });
     client.run(&warm, "rm -rf bench").await;
 
     // Memory per idle sandbox: host RSS growth plus each agent's RSS.
@@ -271,7 +367,54 @@ async fn main() {
         "| memory per idle sandbox ({idle_count} idle) | | host {host_per:.2} MiB + agent {agent_per:.2} MiB = {:.2} MiB | | <= 10 MiB |",
         host_per + agent_per
     );
+    if let Some(python) = std::env::var_os("CROWNEST_BENCH_JUPYTER_PYTHON") {
+        println!("{}", ipykernel_baseline(&python, iterations));
+    } else {
+        println!(
+            "| baseline: ipykernel execute_request `1+1` | | not measured: set CROWNEST_BENCH_JUPYTER_PYTHON (scripts/bench does) | | |"
+        );
+    }
     for row in &file_rows {
         println!("{row}");
+    }
+}
+
+/// The engine E2B's code interpreter wraps: an ipykernel driven through
+/// jupyter_client on this machine, `1+1` execute_request round trips.
+fn ipykernel_baseline(python: &std::ffi::OsStr, iterations: usize) -> String {
+    let script = format!(
+        r#"
+import time
+from jupyter_client.manager import start_new_kernel
+km, kc = start_new_kernel(kernel_name="python3")
+samples = []
+for i in range({iterations} + 10):
+    start = time.perf_counter()
+    kc.execute_interactive("1+1", timeout=30, output_hook=lambda msg: None)
+    if i >= 10:
+        samples.append(time.perf_counter() - start)
+samples.sort()
+print("%.2f %.2f" % (samples[len(samples) // 2] * 1000, samples[int(len(samples) * 0.99) - 1] * 1000))
+kc.stop_channels(); km.shutdown_kernel(now=True)
+"#
+    );
+    match Command::new(python).args(["-c", &script]).output() {
+        Ok(out) if out.status.success() => {
+            let text = String::from_utf8_lossy(&out.stdout);
+            let mut parts = text.split_whitespace();
+            format!(
+                "| baseline: ipykernel execute_request `1+1` (jupyter_client) | {iterations} | {} ms | {} ms | |",
+                parts.next().unwrap_or("?"),
+                parts.next().unwrap_or("?")
+            )
+        }
+        Ok(out) => format!(
+            "| baseline: ipykernel execute_request `1+1` | | failed: {} | | |",
+            String::from_utf8_lossy(&out.stderr)
+                .lines()
+                .last()
+                .unwrap_or("")
+        ),
+        Err(e) => format!("| baseline: ipykernel execute_request `1+1` | | failed: {e} | | |"),
     }
 }

@@ -457,3 +457,56 @@ async fn rich_outputs_go_through_the_wasm_pipeline() {
     assert_eq!(rejected[0]["reason"], "unsupported_format");
     client.kill(&sandbox).await;
 }
+
+#[tokio::test]
+async fn a_template_pointing_at_the_example_plugin_changes_outputs() {
+    // The operator copies the python template and swaps in the example
+    // redact-formatter (examples/redact-formatter, built with the plugins).
+    let templates = tempfile::tempdir().expect("templates dir");
+    let python = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
+    )
+    .expect("python template");
+    assert!(python.contains("formatter = \"default-formatter\""));
+    let redacting = python.replace(
+        "formatter = \"default-formatter\"",
+        "formatter = \"redact-formatter\"",
+    );
+    std::fs::write(templates.path().join("python.toml"), redacting).expect("write template");
+    let server = crownest_e2e::Server::start_with_env(&[(
+        "CROWNEST_TEMPLATES_DIR",
+        templates.path().to_str().expect("utf8 path"),
+    )]);
+    let client = server.client(&server.key("redact-org", None, "all"));
+    let sandbox = client.sandbox("python").await;
+    let code = "'token=' + 'cn_live_' + 'A' * 40";
+    let result = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": code }),
+    )
+    .await;
+    let text = output_of(&result, "text")["content"]
+        .as_str()
+        .expect("text")
+        .to_string();
+    assert!(text.contains("[REDACTED]"), "{result}");
+    assert!(!text.contains("cn_live_AAAA"), "{result}");
+    // The default template shows the same value unredacted.
+    let default_client = shared().client();
+    let default_sandbox = default_client.sandbox("python").await;
+    let plain = run(
+        &default_client,
+        &default_sandbox,
+        json!({ "language": "python", "code": code }),
+    )
+    .await;
+    assert!(
+        output_of(&plain, "text")["content"]
+            .as_str()
+            .expect("text")
+            .contains("cn_live_AAAA")
+    );
+    default_client.kill(&default_sandbox).await;
+    client.kill(&sandbox).await;
+}
