@@ -76,20 +76,7 @@ pub struct Server {
 impl Server {
     /// Starts a server on a fresh data dir.
     pub fn start() -> Server {
-        let tmp = tempfile::Builder::new()
-            .prefix("cn-e2e-")
-            .tempdir_in("/tmp")
-            .expect("tempdir");
-        let data_dir = tmp.path().to_path_buf();
-        let mut server = Server {
-            child: None,
-            base_url: String::new(),
-            data_dir,
-            _tmp: Some(tmp),
-            env: Vec::new(),
-        };
-        server.spawn();
-        server
+        Self::start_with_env(&[])
     }
 
     /// Starts a server with extra environment for the server process.

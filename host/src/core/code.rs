@@ -207,6 +207,13 @@ impl Host {
             .cloned()
     }
 
+    fn default_context(&self, sandbox_id: &str, language: Language) -> Option<CodeContext> {
+        lock(&self.code_contexts)
+            .values()
+            .find(|c| c.sandbox_id == sandbox_id && c.is_default && c.language == language)
+            .cloned()
+    }
+
     /// Forgets the contexts of a sandbox that is gone.
     pub(crate) fn drop_contexts_of(&self, sandbox_id: &str) {
         lock(&self.code_contexts).retain(|_, c| c.sandbox_id != sandbox_id);
@@ -409,20 +416,12 @@ impl Host {
             }
             return Ok(context);
         }
-        let existing = lock(&self.code_contexts)
-            .values()
-            .find(|c| c.sandbox_id == sandbox.id && c.is_default && c.language == request.language)
-            .cloned();
-        if let Some(context) = existing {
+        if let Some(context) = self.default_context(&sandbox.id, request.language) {
             return Ok(context);
         }
         // One default per sandbox and language, even under concurrent runs.
         let _guard = self.default_contexts.lock().await;
-        let existing = lock(&self.code_contexts)
-            .values()
-            .find(|c| c.sandbox_id == sandbox.id && c.is_default && c.language == request.language)
-            .cloned();
-        if let Some(context) = existing {
+        if let Some(context) = self.default_context(&sandbox.id, request.language) {
             return Ok(context);
         }
         self.create_context_inner(

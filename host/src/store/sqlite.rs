@@ -57,6 +57,23 @@ fn json_list(items: &[String]) -> String {
     serde_json::to_string(items).unwrap_or_else(|_| String::from("[]"))
 }
 
+fn org_from_row(r: &Row<'_>) -> rusqlite::Result<OrgRow> {
+    Ok(OrgRow {
+        id: r.get("id")?,
+        name: r.get("name")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
+fn project_from_row(r: &Row<'_>) -> rusqlite::Result<ProjectRow> {
+    Ok(ProjectRow {
+        id: r.get("id")?,
+        org_id: r.get("org_id")?,
+        name: r.get("name")?,
+        created_at: r.get("created_at")?,
+    })
+}
+
 fn key_from_row(row: &Row<'_>) -> rusqlite::Result<KeyRow> {
     let scopes: String = row.get("scopes")?;
     Ok(KeyRow {
@@ -159,13 +176,7 @@ impl Store for SqliteStore {
         Ok(conn.query_row(
             "SELECT id, name, created_at FROM orgs WHERE name = ?1",
             [name],
-            |r| {
-                Ok(OrgRow {
-                    id: r.get(0)?,
-                    name: r.get(1)?,
-                    created_at: r.get(2)?,
-                })
-            },
+            org_from_row,
         )?)
     }
 
@@ -175,13 +186,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT id, name, created_at FROM orgs WHERE name = ?1",
                 [name],
-                |r| {
-                    Ok(OrgRow {
-                        id: r.get(0)?,
-                        name: r.get(1)?,
-                        created_at: r.get(2)?,
-                    })
-                },
+                org_from_row,
             )
             .optional()?)
     }
@@ -201,14 +206,7 @@ impl Store for SqliteStore {
         Ok(conn.query_row(
             "SELECT id, org_id, name, created_at FROM projects WHERE org_id = ?1 AND name = ?2",
             [org_id, name],
-            |r| {
-                Ok(ProjectRow {
-                    id: r.get(0)?,
-                    org_id: r.get(1)?,
-                    name: r.get(2)?,
-                    created_at: r.get(3)?,
-                })
-            },
+            project_from_row,
         )?)
     }
 
@@ -218,14 +216,7 @@ impl Store for SqliteStore {
             .query_row(
                 "SELECT id, org_id, name, created_at FROM projects WHERE id = ?1",
                 [id],
-                |r| {
-                    Ok(ProjectRow {
-                        id: r.get(0)?,
-                        org_id: r.get(1)?,
-                        name: r.get(2)?,
-                        created_at: r.get(3)?,
-                    })
-                },
+                project_from_row,
             )
             .optional()?)
     }
