@@ -1,5 +1,8 @@
-//! The `crownest` binary: the API server (`serve`) and the operator's tools
-//! (`keys`, `template`, `openapi`).
+//! The `crownest` binary: the API server (`serve`), the operator's tools
+//! (`keys`, `orgs`, `template`, `openapi`) and the HTTP client of the API
+//! (`sandbox`, `exec`, `code`, `files`, `artifacts`; see `client/`).
+
+mod client;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -46,6 +49,9 @@ enum Command {
     Template(TemplateCommand),
     /// Print the OpenAPI document of this build.
     Openapi,
+    /// Client commands: talk to a running server over HTTP.
+    #[command(flatten)]
+    Client(client::Command),
 }
 
 #[derive(Args, Clone)]
@@ -193,6 +199,7 @@ fn main() -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&api::openapi())?);
             Ok(())
         }
+        Command::Client(command) => std::process::exit(client::run(command)),
     }
 }
 

@@ -5,6 +5,7 @@
 mod artifacts;
 mod auth;
 mod bad_input;
+mod cli;
 mod code;
 mod commands;
 mod escape;

@@ -1,0 +1,172 @@
+//! `crownest code run`: runs a snippet in a Code Context, streaming its
+//! stdout/stderr live, then prints its rich outputs and its error.
+
+use std::io::Write;
+use std::path::PathBuf;
+
+use clap::{ArgGroup, Subcommand};
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::sse::Parser;
+use super::{Api, ClientError, Output, print_json, segment, text};
+
+#[derive(Subcommand)]
+pub enum CodeCommand {
+    /// Run code (`--code TEXT` or a FILE) and exit 1 if it raised.
+    #[command(group(ArgGroup::new("source").required(true).args(["code", "file"])))]
+    Run {
+        /// The sandbox (`sbx_…`).
+        sandbox: String,
+        /// `python`, `javascript` or `typescript`.
+        #[arg(long)]
+        language: String,
+        /// The code to run.
+        #[arg(long)]
+        code: Option<String>,
+        /// A file holding the code to run.
+        file: Option<PathBuf>,
+        /// A Code Context (`cctx_…`); the sandbox's default one when absent.
+        #[arg(long)]
+        context: Option<String>,
+    },
+}
+
+pub async fn run(api: &Api, output: Output, command: CodeCommand) -> Result<i32, ClientError> {
+    let CodeCommand::Run {
+        sandbox,
+        language,
+        code,
+        file,
+        context,
+    } = command;
+    let code = match (code, file) {
+        (Some(code), _) => code,
+        (None, Some(file)) => tokio::fs::read_to_string(&file)
+            .await
+            .map_err(ClientError::io(format!("reading {}", file.display())))?,
+        (None, None) => return Err(ClientError::Invalid(String::from("no code to run"))),
+    };
+    let mut body = json!({ "language": language, "code": code });
+    if let Some(context) = context {
+        body["contextId"] = json!(context);
+    }
+    let path = format!("/v1/sandboxes/{}/code/runs", segment(&sandbox));
+    let request = api.request(Method::POST, &path).json(&body);
+    if output.json {
+        // The blocking form answers with the same result `complete` carries.
+        let result = api.json(request).await?;
+        print_json(&result);
+        return Ok(if result["error"].is_null() { 0 } else { 1 });
+    }
+    let response = api
+        .send(request.header(reqwest::header::ACCEPT, "text/event-stream"))
+        .await?;
+    let mut stream = response.bytes_stream();
+    let mut parser = Parser::default();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|source| ClientError::Http {
+            url: path.clone(),
+            source,
+        })?;
+        for event in parser.push(&chunk) {
+            match event.name.as_str() {
+                "stdout" => write_out(&event.data["text"], false)?,
+                "stderr" => write_out(&event.data["text"], true)?,
+                // A run error has `name`; an API failure has `code`. The run
+                // error is printed with the result.
+                "error" if event.data["code"].is_string() => {
+                    return Err(ClientError::Api {
+                        status: 0,
+                        code: text(&event.data["code"]),
+                        message: text(&event.data["message"]),
+                    });
+                }
+                "complete" => return Ok(print_result(&event.data)),
+                _ => {}
+            }
+        }
+    }
+    Err(ClientError::Invalid(String::from(
+        "the run's stream ended before its result",
+    )))
+}
+
+fn write_out(data: &Value, to_stderr: bool) -> Result<(), ClientError> {
+    let data = data.as_str().unwrap_or_default().as_bytes();
+    let written = if to_stderr {
+        let mut err = std::io::stderr().lock();
+        err.write_all(data).and_then(|()| err.flush())
+    } else {
+        let mut out = std::io::stdout().lock();
+        out.write_all(data).and_then(|()| out.flush())
+    };
+    written.map_err(ClientError::io("writing the run's output"))
+}
+
+/// Prints the outputs (one line each) and the error; returns the exit code.
+fn print_result(result: &Value) -> i32 {
+    for output in result["outputs"].as_array().into_iter().flatten() {
+        println!("{}", describe(output));
+    }
+    if result["error"].is_null() {
+        return 0;
+    }
+    let error = &result["error"];
+    match error["traceback"].as_str() {
+        Some(traceback) if !traceback.is_empty() => eprintln!("{}", traceback.trim_end()),
+        _ => eprintln!("{}: {}", text(&error["name"]), text(&error["message"])),
+    }
+    1
+}
+
+/// One output as a line: inline text as is, everything else as a marker.
+fn describe(output: &Value) -> String {
+    let format = text(&output["format"]);
+    match output["type"].as_str() {
+        Some("inline") => match output["content"].as_str() {
+            Some(content) if !is_binary(&format) => content.trim_end_matches('\n').to_string(),
+            _ => format!("[inline {format}]"),
+        },
+        Some("artifact") => format!("[artifact {format} {}]", text(&output["artifactId"])),
+        Some("rejected") => format!("[rejected {format}: {}]", text(&output["reason"])),
+        _ => output.to_string(),
+    }
+}
+
+/// Formats whose inline content is base64 of an image, not for a terminal.
+fn is_binary(format: &str) -> bool {
+    matches!(format, "png" | "jpeg" | "jpg" | "gif" | "webp" | "pdf")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outputs_are_described_in_one_line_each() {
+        assert_eq!(
+            describe(&json!({"type": "inline", "format": "chart", "content": {"type": "line"}})),
+            "[inline chart]"
+        );
+        assert_eq!(
+            describe(&json!({"type": "inline", "format": "text", "content": "42\n"})),
+            "42"
+        );
+        assert_eq!(
+            describe(&json!({"type": "inline", "format": "png", "content": "iVBOR"})),
+            "[inline png]"
+        );
+        assert_eq!(
+            describe(&json!({"type": "artifact", "format": "png", "artifactId": "art_1"})),
+            "[artifact png art_1]"
+        );
+        assert_eq!(
+            describe(
+                &json!({"type": "rejected", "format": "png", "reason": "requires_artifact_promotion"})
+            ),
+            "[rejected png: requires_artifact_promotion]"
+        );
+    }
+}

@@ -1,0 +1,230 @@
+//! `crownest exec SBX -- CMD…`: starts a background command, streams its
+//! log live (resuming with `Last-Event-ID` when the connection drops) and
+//! exits with the command's exit code.
+
+use std::io::Write;
+use std::time::Duration;
+
+use clap::Args;
+use futures::StreamExt;
+use reqwest::Method;
+use serde_json::{Value, json};
+
+use super::sse::{Event, Parser};
+use super::{Api, ClientError, Output, print_json, segment, text};
+
+/// How long a log stream may stay silent before it counts as dropped (the
+/// server sends a keep-alive every 15 s).
+const IDLE: Duration = Duration::from_secs(45);
+/// Reconnections in a row without a new event before giving up.
+const MAX_RETRIES: u32 = 8;
+
+#[derive(Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    output: Output,
+    /// The sandbox (`sbx_…`).
+    sandbox: String,
+    /// Working directory, relative to /workspace or absolute under it.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// An environment variable for the command (repeatable).
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+    env: Vec<(String, String)>,
+    /// Kill the command after this many milliseconds (ends `timed_out`).
+    #[arg(long)]
+    timeout_ms: Option<u64>,
+    /// The command and its arguments, after `--`; each is shell-quoted
+    /// because the server runs `/bin/sh -c`.
+    #[arg(last = true, required = true, value_name = "CMD")]
+    command: Vec<String>,
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("`{text}` is not K=V")),
+    }
+}
+
+/// Quotes one word for `/bin/sh`: bare when it has only safe characters,
+/// otherwise in single quotes (a `'` inside becomes `'\''`).
+pub fn shell_quote(word: &str) -> String {
+    let safe = |c: char| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c);
+    if !word.is_empty() && word.chars().all(safe) {
+        return word.to_string();
+    }
+    format!("'{}'", word.replace('\'', r"'\''"))
+}
+
+pub async fn run(api: &Api, args: ExecArgs) -> Result<i32, ClientError> {
+    let command_line = args
+        .command
+        .iter()
+        .map(|w| shell_quote(w))
+        .collect::<Vec<_>>()
+        .join(" ");
+    let mut body = json!({ "command": command_line, "background": true });
+    if let Some(cwd) = &args.cwd {
+        body["cwd"] = json!(cwd);
+    }
+    if !args.env.is_empty() {
+        body["env"] = args
+            .env
+            .iter()
+            .map(|(k, v)| (k.clone(), json!(v)))
+            .collect();
+    }
+    if let Some(timeout) = args.timeout_ms {
+        body["timeoutMs"] = json!(timeout);
+    }
+    let commands = format!("/v1/sandboxes/{}/commands", segment(&args.sandbox));
+    let started = api
+        .json(api.request(Method::POST, &commands).json(&body))
+        .await?;
+    let id = started["id"]
+        .as_str()
+        .ok_or_else(|| ClientError::Invalid(format!("the server's answer has no id: {started}")))?;
+    let logs = format!("{commands}/{}/logs", segment(id));
+    // With --json the record is the output: stream nothing, print it at the end.
+    let exit = follow(api, &logs, !args.output.json).await?;
+    if args.output.json {
+        let record = api
+            .json(api.request(Method::GET, &format!("{commands}/{}", segment(id))))
+            .await?;
+        print_json(&record);
+    }
+    Ok(exit_code(&exit))
+}
+
+/// Streams the log until its `exit` event and returns that event's data,
+/// reconnecting after the last event seen when the connection drops.
+async fn follow(api: &Api, path: &str, echo: bool) -> Result<Value, ClientError> {
+    let mut last_id: Option<String> = None;
+    let mut failures = 0;
+    loop {
+        let before = last_id.clone();
+        let dropped = match stream_once(api, path, &mut last_id, echo).await {
+            Ok(Some(exit)) => return Ok(exit),
+            // The stream ended without `exit`: the connection dropped.
+            Ok(None) => None,
+            Err(e @ ClientError::Http { .. }) => Some(e),
+            Err(e) => return Err(e),
+        };
+        failures = if last_id != before { 0 } else { failures + 1 };
+        if failures >= MAX_RETRIES {
+            return Err(dropped.unwrap_or_else(|| {
+                ClientError::Invalid(String::from(
+                    "the command's log stream kept dropping; its record has the output",
+                ))
+            }));
+        }
+        tokio::time::sleep(Duration::from_millis(200 << failures.min(5))).await;
+    }
+}
+
+async fn stream_once(
+    api: &Api,
+    path: &str,
+    last_id: &mut Option<String>,
+    echo: bool,
+) -> Result<Option<Value>, ClientError> {
+    let mut request = api
+        .request(Method::GET, path)
+        .header(reqwest::header::ACCEPT, "text/event-stream");
+    if let Some(id) = last_id.as_deref() {
+        request = request.header("last-event-id", id);
+    }
+    let response = api.send(request).await?;
+    let url = path.to_string();
+    let mut body = response.bytes_stream();
+    let mut parser = Parser::default();
+    loop {
+        let chunk = match tokio::time::timeout(IDLE, body.next()).await {
+            Err(_) | Ok(None) => return Ok(None),
+            Ok(Some(Err(source))) => return Err(ClientError::Http { url, source }),
+            Ok(Some(Ok(chunk))) => chunk,
+        };
+        for event in parser.push(&chunk) {
+            if let Some(exit) = handle(&event, echo)? {
+                return Ok(Some(exit));
+            }
+            if event.id.is_some() {
+                last_id.clone_from(&event.id);
+            }
+        }
+    }
+}
+
+/// Writes one log event to the terminal; returns the exit data at the end.
+fn handle(event: &Event, echo: bool) -> Result<Option<Value>, ClientError> {
+    match event.name.as_str() {
+        "stdout" | "stderr" if echo => {
+            let data = event.data["data"].as_str().unwrap_or_default();
+            let written = if event.name == "stdout" {
+                let mut out = std::io::stdout().lock();
+                out.write_all(data.as_bytes()).and_then(|()| out.flush())
+            } else {
+                let mut err = std::io::stderr().lock();
+                err.write_all(data.as_bytes()).and_then(|()| err.flush())
+            };
+            written.map_err(ClientError::io("writing the command's output"))?;
+            Ok(None)
+        }
+        "exit" => Ok(Some(event.data.clone())),
+        "error" => Err(ClientError::Api {
+            status: 0,
+            code: text(&event.data["code"]),
+            message: text(&event.data["message"]),
+        }),
+        _ => Ok(None),
+    }
+}
+
+/// The process exit code for a command's end: its exit code, 128+signal
+/// when a signal killed it, 1 (with the reason on stderr) when it failed,
+/// timed out or was canceled.
+fn exit_code(exit: &Value) -> i32 {
+    let status = exit["status"].as_str().unwrap_or("unknown");
+    if status == "completed" {
+        if let Some(signal) = exit["signal"].as_i64() {
+            return 128 + signal as i32;
+        }
+        if let Some(code) = exit["exitCode"].as_i64() {
+            return code as i32;
+        }
+    }
+    match exit["error"].as_str() {
+        Some(error) => eprintln!("error: command {status}: {error}"),
+        None => eprintln!("error: command {status}"),
+    }
+    1
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_words_stay_bare_and_others_are_single_quoted() {
+        assert_eq!(shell_quote("ls"), "ls");
+        assert_eq!(shell_quote("/tmp/a-b_c.txt"), "/tmp/a-b_c.txt");
+        assert_eq!(shell_quote(""), "''");
+        assert_eq!(shell_quote("echo hi; exit 3"), "'echo hi; exit 3'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote("$HOME"), "'$HOME'");
+    }
+
+    #[test]
+    fn exit_code_follows_the_command() {
+        assert_eq!(exit_code(&json!({"status": "completed", "exitCode": 3})), 3);
+        assert_eq!(
+            exit_code(&json!({"status": "completed", "exitCode": null, "signal": 15})),
+            143
+        );
+        assert_eq!(
+            exit_code(&json!({"status": "timed_out", "error": "timed out"})),
+            1
+        );
+    }
+}
