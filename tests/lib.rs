@@ -63,6 +63,30 @@ pub fn agent_bin() -> PathBuf {
     );
 }
 
+/// Mints a key with the operator CLI on a data dir; `scopes` is a comma
+/// list or `all`.
+pub fn mint_key(data_dir: &Path, org: &str, project: Option<&str>, scopes: &str) -> String {
+    let mut command = Command::new(crownest_bin());
+    command.args(["keys", "create", "--org", org, "--scopes", scopes]);
+    if let Some(p) = project {
+        command.args(["--project", p]);
+    }
+    let out = command
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .expect("keys create");
+    assert!(
+        out.status.success(),
+        "keys create failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .expect("utf8")
+        .trim()
+        .to_string()
+}
+
 /// A `crownest serve` child process.
 pub struct Server {
     child: Option<Child>,
@@ -205,20 +229,7 @@ impl Server {
 
     /// Mints a key; `scopes` is a comma list or `all`.
     pub fn key(&self, org: &str, project: Option<&str>, scopes: &str) -> String {
-        let mut args = vec!["keys", "create", "--org", org, "--scopes", scopes];
-        if let Some(p) = project {
-            args.extend(["--project", p]);
-        }
-        let out = self.cli(&args);
-        assert!(
-            out.status.success(),
-            "keys create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_string()
+        mint_key(&self.data_dir, org, project, scopes)
     }
 
     /// Ids of runc containers under this server's runc root.
@@ -364,25 +375,7 @@ impl Shared {
 
     /// Mints a key on the shared server's store.
     pub fn key(&self, org: &str, project: Option<&str>, scopes: &str) -> String {
-        let mut command = Command::new(crownest_bin());
-        command.args(["keys", "create", "--org", org, "--scopes", scopes]);
-        if let Some(p) = project {
-            command.args(["--project", p]);
-        }
-        let out = command
-            .arg("--data-dir")
-            .arg(&self.data_dir)
-            .output()
-            .expect("keys create");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8(out.stdout)
-            .expect("utf8")
-            .trim()
-            .to_string()
+        mint_key(&self.data_dir, org, project, scopes)
     }
 
     pub fn revoke(&self, key_id: &str) {
