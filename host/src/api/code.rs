@@ -248,20 +248,16 @@ async fn run_code(
     };
     let host = state.host.clone();
     host.validate_run(&request)?;
-    let context = host.context_for_run(&principal, &id, &request).await?;
+    let target = host.context_for_run(&principal, &id, &request).await?;
     if !accepts_event_stream(&headers) {
-        let result = host
-            .run_code(&principal, &id, &context, request, None)
-            .await?;
+        let result = host.run_code(&principal, &target, request, None).await?;
         return Ok(ApiJson(result).into_response());
     }
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let ticket = ticket.map(|t| t.0);
     tokio::spawn(async move {
-        let result = host
-            .run_code(&principal, &id, &context, request, Some(tx))
-            .await;
+        let result = host.run_code(&principal, &target, request, Some(tx)).await;
         if let (Some(ticket), Ok(result)) = (&ticket, &result) {
             // The stream cannot be stored; its result can, for replays.
             let body = serde_json::to_vec(result).unwrap_or_default();

@@ -19,6 +19,7 @@ use crate::agent::RunOutput;
 use crate::auth::Principal;
 use crate::clock::Millis;
 use crate::ids;
+use crate::store::SandboxRow;
 
 /// Largest accepted source of one run.
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
@@ -78,6 +79,14 @@ pub struct RunError {
     pub name: String,
     pub message: String,
     pub traceback: Option<String>,
+}
+
+/// Where a run goes: the sandbox (as read when the run was checked) and
+/// the context.
+#[derive(Debug, Clone)]
+pub struct RunTarget {
+    pub sandbox: SandboxRow,
+    pub context: CodeContext,
 }
 
 /// One rich output of a run, after the pipeline.
@@ -397,7 +406,7 @@ impl Host {
         principal: &Principal,
         sandbox_id: &str,
         request: &RunCode,
-    ) -> Result<CodeContext, CoreError> {
+    ) -> Result<RunTarget, CoreError> {
         let (sandbox, _) = self.usable_sandbox(principal, sandbox_id).await?;
         self.check_language(&sandbox.template, request.language)?;
         if let Some(id) = &request.context_id {
@@ -414,25 +423,27 @@ impl Host {
                     language: request.language.as_str().to_string(),
                 });
             }
-            return Ok(context);
+            return Ok(RunTarget { sandbox, context });
         }
         if let Some(context) = self.default_context(&sandbox.id, request.language) {
-            return Ok(context);
+            return Ok(RunTarget { sandbox, context });
         }
         // One default per sandbox and language, even under concurrent runs.
         let _guard = self.default_contexts.lock().await;
         if let Some(context) = self.default_context(&sandbox.id, request.language) {
-            return Ok(context);
+            return Ok(RunTarget { sandbox, context });
         }
-        self.create_context_inner(
-            principal,
-            sandbox_id,
-            request.language,
-            None,
-            Vec::new(),
-            true,
-        )
-        .await
+        let context = self
+            .create_context_inner(
+                principal,
+                sandbox_id,
+                request.language,
+                None,
+                Vec::new(),
+                true,
+            )
+            .await?;
+        Ok(RunTarget { sandbox, context })
     }
 
     /// Runs code in a context and returns its result; live events go to
@@ -440,13 +451,17 @@ impl Host {
     pub async fn run_code(
         &self,
         principal: &Principal,
-        sandbox_id: &str,
-        context: &CodeContext,
+        target: &RunTarget,
         request: RunCode,
         events: Option<mpsc::Sender<RunStreamEvent>>,
     ) -> Result<RunCodeResult, CoreError> {
         let started = Instant::now();
-        let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        let (sandbox, context) = (&target.sandbox, &target.context);
+        // The row was read by `context_for_run`; the sandbox may have been
+        // killed since.
+        let live = self
+            .live_sandbox(&sandbox.id)
+            .ok_or_else(|| CoreError::SandboxDestroyed(sandbox.id.clone()))?;
         let timeout_ms = request.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS);
         let mut session = live
             .agent
@@ -568,7 +583,7 @@ impl Host {
         let outputs = self
             .process_outputs(
                 principal,
-                &sandbox,
+                sandbox,
                 &template,
                 context.language,
                 &raw.bundles,
