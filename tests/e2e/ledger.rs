@@ -282,3 +282,26 @@ async fn quotas_refuse_with_the_limit_named_and_create_nothing() {
     client.kill(&first).await;
     client.kill(&second).await;
 }
+
+#[tokio::test]
+async fn audit_events_name_file_paths_as_decoded() {
+    let s = shared();
+    let client = s.client_with(&s.key("audit-path-org", None, "all"));
+    let sandbox = client.sandbox("python").await;
+    let response = client
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{sandbox}/files?path=notes%2Fa%20b.txt"),
+        )
+        .body("hi")
+        .send()
+        .await
+        .expect("write");
+    assert_eq!(response.status(), 200);
+    let (_, page) = client.get("/v1/audit-events?action=file.write").await;
+    assert_eq!(
+        page["data"][0]["details"]["path"], "notes/a b.txt",
+        "{page}"
+    );
+    client.kill(&sandbox).await;
+}

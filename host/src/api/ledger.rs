@@ -141,11 +141,11 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
-    let query_path = parts
-        .uri
-        .query()
-        .and_then(|q| q.split('&').find_map(|kv| kv.strip_prefix("path=")))
-        .map(str::to_string);
+    // Decoded like the handlers decode it, so the audit shows the real path.
+    let query_path =
+        axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(&parts.uri)
+            .ok()
+            .and_then(|q| q.0.get("path").cloned());
     let method = parts.method.clone();
     let path_and_query = parts
         .uri

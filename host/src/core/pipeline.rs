@@ -126,24 +126,22 @@ impl Host {
                 }
             })
             .collect();
-        let template_for_load = template.clone();
         let choice = match policy {
             ArtifactPolicy::Inline => plugins::ArtifactPolicy::Inline,
             ArtifactPolicy::Promote => plugins::ArtifactPolicy::Promote,
         };
         // Loading reads the cached precompiled components (compiling them
         // once); calling them is CPU-bound and runs on the blocking pool.
-        let loaded = match tokio::task::block_in_place(|| {
-            self.language_pipeline(&template_for_load, language)
-        }) {
-            Ok(pipeline) => pipeline,
-            Err(message) => {
-                notes.push(format!(
-                    "the output pipeline is unavailable ({message}); rich outputs were dropped"
-                ));
-                return Vec::new();
-            }
-        };
+        let loaded =
+            match tokio::task::block_in_place(|| self.language_pipeline(template, language)) {
+                Ok(pipeline) => pipeline,
+                Err(message) => {
+                    notes.push(format!(
+                        "the output pipeline is unavailable ({message}); rich outputs were dropped"
+                    ));
+                    return Vec::new();
+                }
+            };
         let result = tokio::task::spawn_blocking(move || {
             plugins::pipeline(
                 &loaded.adapter,
