@@ -26,6 +26,11 @@ use crate::core::files::{TransferKind, display_path, normalize_path};
 /// `POST …/files/uploads`.
 pub const DIRECT_MAX_BYTES: u64 = 32 * 1024 * 1024;
 
+/// Oversized direct uploads up to this size are read and dropped before
+/// the 413, so that the client sees it; larger ones get the connection
+/// closed.
+const DRAIN_MAX_BYTES: u64 = 2 * DIRECT_MAX_BYTES;
+
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(write_file, read_file, delete_file))
@@ -229,7 +234,14 @@ async fn write_file(
 ) -> Result<ApiJson<FileView>, ApiError> {
     let principal = caller.require("files:write")?;
     let path = shown(&query.path)?;
-    if declared_length(&headers).is_some_and(|len| len > DIRECT_MAX_BYTES) {
+    if let Some(len) = declared_length(&headers).filter(|len| *len > DIRECT_MAX_BYTES) {
+        // An HTTP/1.1 client still sending its body would see a broken pipe
+        // instead of this answer; read (and drop) a moderately oversized
+        // body first so that it gets the error.
+        if len <= DRAIN_MAX_BYTES {
+            let mut stream = body.into_data_stream();
+            while let Some(Ok(_)) = futures::StreamExt::next(&mut stream).await {}
+        }
         return Err(direct_too_large());
     }
     let written = state
