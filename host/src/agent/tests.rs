@@ -3,7 +3,7 @@
 //! misbehaving agent.
 
 use std::future::poll_fn;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
@@ -13,16 +13,14 @@ use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 use super::*;
 
-/// The agent binary, built for the host target by
-/// `cargo build -p crownest-agent`.
+/// The agent binary the tests run on the host: the static musl build that
+/// `scripts/setup` makes (`cargo build -p crownest-agent --target
+/// x86_64-unknown-linux-musl`), found the way the server finds it.
 fn agent_binary() -> PathBuf {
-    let target = std::env::var_os("CARGO_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target"));
-    let path = target.join("debug/crownest-agent");
+    let path = crate::config::default_agent_binary();
     assert!(
-        path.exists(),
-        "agent binary {} is missing: build it first with `cargo build -p crownest-agent`",
+        path.is_file(),
+        "agent binary {} is missing: build it first with `cargo build -p crownest-agent --target x86_64-unknown-linux-musl` (scripts/setup does)",
         path.display()
     );
     path
