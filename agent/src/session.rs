@@ -20,8 +20,11 @@ pub async fn serve<T>(io: T, shared: Arc<Shared>) -> Result<(), yamux::Connectio
 where
     T: AsyncRead + AsyncWrite + Unpin,
 {
-    let mut connection =
-        yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Server);
+    let mut connection = yamux::Connection::new(
+        io.compat(),
+        crownest_proto::mux::config(),
+        yamux::Mode::Server,
+    );
     loop {
         match poll_fn(|cx| connection.poll_next_inbound(cx)).await {
             Some(Ok(stream)) => {

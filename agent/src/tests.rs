@@ -29,8 +29,11 @@ where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
     let (tx, mut rx) = mpsc::unbounded_channel::<oneshot::Sender<yamux::Stream>>();
-    let mut connection =
-        yamux::Connection::new(io.compat(), yamux::Config::default(), yamux::Mode::Client);
+    let mut connection = yamux::Connection::new(
+        io.compat(),
+        crownest_proto::mux::config(),
+        yamux::Mode::Client,
+    );
     tokio::spawn(async move {
         let mut pending: Option<oneshot::Sender<yamux::Stream>> = None;
         poll_fn(|cx| {

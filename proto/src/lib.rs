@@ -22,6 +22,8 @@
 pub mod code;
 pub mod frame;
 pub mod handshake;
+#[cfg(feature = "tokio")]
+pub mod mux;
 
 use serde::{Deserialize, Serialize};
 

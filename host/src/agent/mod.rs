@@ -150,7 +150,7 @@ impl AgentClient {
             .map_err(AgentError::Handshake)?;
         let connection = yamux::Connection::new(
             transport.compat(),
-            yamux::Config::default(),
+            crownest_proto::mux::config(),
             yamux::Mode::Client,
         );
         let (opener, requests) = mpsc::unbounded_channel();

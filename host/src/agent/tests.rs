@@ -243,7 +243,7 @@ async fn fake_agent(reply: Vec<u8>) -> AgentClient {
             .expect("handshake");
         let mut connection = yamux::Connection::new(
             agent.compat(),
-            yamux::Config::default(),
+            crownest_proto::mux::config(),
             yamux::Mode::Server,
         );
         while let Some(Ok(stream)) = poll_fn(|cx| connection.poll_next_inbound(cx)).await {
