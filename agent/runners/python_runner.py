@@ -188,6 +188,7 @@ def make_ipython():
     from IPython.core.formatters import BaseFormatter
     from IPython.core.interactiveshell import InteractiveShell
     from traitlets import Unicode
+    from traitlets.config import Config
 
     class Hook(DisplayHook):
         def write_output_prompt(self):
@@ -218,7 +219,14 @@ def make_ipython():
         print_method = "_crownest_dataframe_"
         _return_type = (dict,)
 
-    shell = InteractiveShell.instance(displayhook_class=Hook, display_pub_class=Publisher)
+    # No history database: it would be a SQLite file in the user's
+    # /workspace/.ipython, written by a thread after every run (about half a
+    # millisecond of a `1+1` run). In[], Out[] and _ stay, kept in memory.
+    config = Config()
+    config.HistoryManager.enabled = False
+    shell = InteractiveShell.instance(
+        config=config, displayhook_class=Hook, display_pub_class=Publisher
+    )
     shell.displayhook = Hook(shell=shell)
     shell.display_pub = Publisher(shell=shell)
     shell.run_line_magic("colors", "NoColor")
@@ -293,6 +301,8 @@ class PlainRunner:
 def main():
     global current_id
     os.environ.setdefault("MPLBACKEND", "Agg")
+    # IPython's profile directory goes to /tmp, not the user's /workspace.
+    os.environ.setdefault("IPYTHONDIR", "/tmp/.ipython")
     sys.stdout = EventStream("stdout")
     sys.stderr = EventStream("stderr")
     try:

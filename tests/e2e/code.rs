@@ -73,6 +73,22 @@ async fn seed_000_context_keeps_state_and_the_default_context_is_reused() {
         "the default is its own context"
     );
     assert_eq!(second["executionCount"], 2);
+    // IPython's In/Out history works, and keeps no database in /workspace.
+    let history = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "print(In[1], _ + 1)" }),
+    )
+    .await;
+    assert_eq!(joined(&history["stdout"]), "x = 1 3\n", "{history}");
+    let listing = client.run(&sandbox, "ls -A /workspace").await;
+    assert!(
+        !listing["stdout"]
+            .as_str()
+            .expect("stdout")
+            .contains(".ipython"),
+        "{listing}"
+    );
 
     let (_, list) = client
         .get(&format!("/v1/sandboxes/{sandbox}/code/contexts"))
