@@ -615,6 +615,7 @@ where
         | Open::Exec(_)
         | Open::CodeContextCreate(_)
         | Open::CodeRun(_)
+        | Open::TcpConnect { .. }
         | Open::CodeContextDelete { .. } => {}
     }
 }

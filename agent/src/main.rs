@@ -15,6 +15,7 @@ mod files;
 mod reaper;
 mod session;
 mod transport;
+mod tunnel;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;

@@ -10,7 +10,7 @@ use crownest_proto::{Open, Pong};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{Shared, exec, files};
+use crate::{Shared, exec, files, tunnel};
 use crownest_proto::code::ContextReply;
 
 /// Serves logical streams until the session ends (clean close: `Ok`).
@@ -75,6 +75,7 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
             reply_once(&mut writer, &reply).await;
         }
         Open::CodeRun(request) => shared.contexts.run(request, writer).await,
+        Open::TcpConnect { port } => tunnel::serve(port, reader, writer).await,
     }
 }
 

@@ -35,6 +35,10 @@ pub const SCOPES: &[&str] = &[
     "usage:read",
     "files:read",
     "files:write",
+    "previews:create",
+    "previews:read",
+    "previews:delete",
+    "previews:access",
 ];
 
 #[derive(Debug, thiserror::Error)]

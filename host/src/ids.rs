@@ -20,6 +20,7 @@ pub enum Kind {
     Audit,
     Artifact,
     CodeContext,
+    Preview,
 }
 
 impl Kind {
@@ -34,6 +35,7 @@ impl Kind {
             Kind::Audit => "evt",
             Kind::Artifact => "art",
             Kind::CodeContext => "cctx",
+            Kind::Preview => "prv",
         }
     }
 }

@@ -130,6 +130,20 @@ pub enum Open {
     CodeRun(code::RunRequest),
     /// Stops a context's interpreter; answers one [`code::ContextReply`].
     CodeContextDelete { context_id: String },
+    /// Connects to a TCP port on the sandbox's own loopback (a preview);
+    /// answers one [`TunnelReply`]. After `Connected` the stream carries
+    /// the connection's raw bytes both ways, no frames.
+    TcpConnect { port: u16 },
+}
+
+/// Agent to host, once, on a `TcpConnect` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum TunnelReply {
+    Connected,
+    /// Nothing accepted the connection (refused, timed out); the stream ends.
+    Failed {
+        message: String,
+    },
 }
 
 /// Write a file: its bytes arrive as [`FileInput::Data`] and land in a

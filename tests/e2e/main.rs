@@ -11,5 +11,6 @@ mod commands;
 mod escape;
 mod files;
 mod ledger;
+mod previews;
 mod restart;
 mod sandboxes;

@@ -31,9 +31,11 @@ mod code;
 mod files;
 #[cfg(test)]
 mod tests;
+mod tunnel;
 
 pub use code::{MAX_RUN_BYTES, RunOutput, RunSession};
 pub use files::{FileReader, FileWriter};
+pub use tunnel::Tunnel;
 
 /// How long to wait between attempts while the agent's socket does not
 /// accept connections yet.
@@ -65,6 +67,9 @@ pub enum AgentError {
         kind: crownest_proto::FileErrorKind,
         message: String,
     },
+    /// Nothing in the sandbox accepted a TCP connection to the port.
+    #[error("{0}")]
+    PortUnreachable(String),
 }
 
 impl AgentError {

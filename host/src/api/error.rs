@@ -234,6 +234,28 @@ impl From<CoreError> for ApiError {
                 path,
                 message,
             } => file_error(kind, path, message),
+            E::PreviewPortTaken {
+                sandbox_id,
+                port,
+                existing_id,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                "preview_exists",
+                format!("sandbox `{sandbox_id}` already has an active preview of port {port} (`{existing_id}`); use it, or delete it first"),
+            )
+            .with_details(json!({ "sandboxId": sandbox_id, "port": port, "previewId": existing_id })),
+            E::PreviewClosed(id) => Self::new(
+                StatusCode::GONE,
+                "preview_closed",
+                format!("preview `{id}` is closed (deleted, or its sandbox was destroyed); create a new one"),
+            )
+            .with_details(json!({ "previewId": id })),
+            E::PreviewUnreachable { port, message } => Self::new(
+                StatusCode::BAD_GATEWAY,
+                "preview_upstream_unavailable",
+                format!("nothing in the sandbox accepts connections on port {port}; start a server listening on it ({message})"),
+            )
+            .with_details(json!({ "port": port })),
             E::TransferNotFound => Self::new(
                 StatusCode::NOT_FOUND,
                 "transfer_not_found",

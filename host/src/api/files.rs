@@ -391,23 +391,6 @@ async fn make_dir(
     Ok((CREATED, ApiJson(render(path, info))))
 }
 
-/// `scheme://host` of this server as the client reached it.
-fn base_url(headers: &HeaderMap, state: &AppState) -> String {
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
-        .map_or_else(|| state.host.config().listen.to_string(), str::to_string);
-    let scheme = match headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("https") => "https",
-        _ => "http",
-    };
-    format!("{scheme}://{host}")
-}
-
 fn transfer_view(
     headers: &HeaderMap,
     state: &AppState,
@@ -415,7 +398,11 @@ fn transfer_view(
     method: &'static str,
 ) -> TransferView {
     TransferView {
-        url: format!("{}/v1/transfers/{}", base_url(headers, state), ticket.token),
+        url: format!(
+            "{}/v1/transfers/{}",
+            super::base_url(headers, state),
+            ticket.token
+        ),
         method,
         expires_at: rfc3339(ticket.expires_at),
         max_bytes: ticket.max_bytes,

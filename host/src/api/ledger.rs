@@ -76,6 +76,10 @@ fn route_action(method: &Method, template: &str) -> Option<RouteAction> {
             ("file.download_url", "sandbox", Param("id"))
         }
         ("POST", "/v1/sandboxes/{id}/artifacts") => ("artifact.create", "artifact", Response),
+        ("POST", "/v1/sandboxes/{id}/previews") => ("preview.create", "preview", Response),
+        ("DELETE", "/v1/sandboxes/{id}/previews/{preview_id}") => {
+            ("preview.delete", "preview", Param("preview_id"))
+        }
         ("POST", "/v1/sandboxes/{id}/code/contexts") => {
             ("code_context.create", "code_context", Response)
         }

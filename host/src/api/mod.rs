@@ -13,6 +13,7 @@ pub mod error;
 mod files;
 mod ledger;
 mod pagination;
+mod previews;
 mod sandboxes;
 mod system;
 
@@ -130,6 +131,23 @@ fn presented_key_of(headers: &axum::http::HeaderMap) -> Option<String> {
         .then(|| token.trim().to_string())
 }
 
+/// `scheme://host` of this server as the client reached it.
+pub(crate) fn base_url(headers: &axum::http::HeaderMap, state: &AppState) -> String {
+    let host = headers
+        .get(axum::http::header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
+        .map_or_else(|| state.host.config().listen.to_string(), str::to_string);
+    let scheme = match headers
+        .get("x-forwarded-proto")
+        .and_then(|v| v.to_str().ok())
+    {
+        Some("https") => "https",
+        _ => "http",
+    };
+    format!("{scheme}://{host}")
+}
+
 #[derive(OpenApi)]
 #[openapi(
     info(
@@ -170,6 +188,7 @@ fn routes() -> OpenApiRouter<AppState> {
         .merge(artifacts::routes())
         .merge(code::routes())
         .merge(files::routes())
+        .merge(previews::routes())
 }
 
 /// The OpenAPI document of this build.
@@ -196,6 +215,8 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             ledger::ledger,
         ))
+        // Preview URLs: after the ledger layer, which they are not under.
+        .merge(previews::proxy_routes())
         .fallback(|| async { ApiError::route_not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body))

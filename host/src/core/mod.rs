@@ -12,6 +12,7 @@ pub mod commands;
 pub mod files;
 pub mod ledger;
 mod pipeline;
+pub mod previews;
 pub mod sandboxes;
 
 use std::collections::HashMap;
@@ -104,6 +105,16 @@ pub enum CoreError {
     TransferUsed,
     #[error("transfer signing key: {0}")]
     TransferKey(String),
+    #[error("sandbox `{sandbox_id}` already has preview `{existing_id}` of port {port}")]
+    PreviewPortTaken {
+        sandbox_id: String,
+        port: u16,
+        existing_id: String,
+    },
+    #[error("preview `{0}` is closed")]
+    PreviewClosed(String),
+    #[error("nothing in the sandbox accepts connections on port {port}: {message}")]
+    PreviewUnreachable { port: u16, message: String },
     #[error("quota {limit} exceeded: {current} of {max}")]
     QuotaExceeded {
         limit: &'static str,

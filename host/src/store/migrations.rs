@@ -162,6 +162,25 @@ pub const MIGRATIONS: &[&str] = &[
     ALTER TABLE commands ADD COLUMN collect TEXT;
     ALTER TABLE commands ADD COLUMN collected TEXT;
     "#,
+    // 4: previews (a sandbox port exposed as an authenticated URL).
+    r#"
+    CREATE TABLE previews (
+        id TEXT PRIMARY KEY,
+        org_id TEXT NOT NULL,
+        project_id TEXT,
+        sandbox_id TEXT NOT NULL,
+        port INTEGER NOT NULL CHECK (port BETWEEN 1 AND 65535),
+        status TEXT NOT NULL CHECK (status IN ('active', 'closed')),
+        token_hash TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        closed_at INTEGER,
+        close_reason TEXT,
+        created_by_key TEXT NOT NULL
+    );
+    CREATE UNIQUE INDEX previews_active_port ON previews (sandbox_id, port)
+        WHERE status = 'active';
+    CREATE INDEX previews_by_sandbox ON previews (org_id, sandbox_id, created_at, id);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

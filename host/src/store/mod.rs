@@ -10,6 +10,7 @@
 pub mod artifacts;
 pub mod ledger;
 mod migrations;
+pub mod previews;
 mod sqlite;
 pub mod transfers;
 
@@ -22,6 +23,7 @@ pub use ledger::{
     AuditFilter, AuditRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest, LedgerStore,
     MeterRow, Quota, StoredResponse,
 };
+pub use previews::{InsertPreview, PreviewRow, PreviewStore};
 pub use sqlite::SqliteStore;
 pub use transfers::TransferRow;
 
@@ -188,7 +190,7 @@ pub struct Scope {
 
 /// Durable state. Implemented by [`SqliteStore`]; a trait so that a fleet
 /// can later put PostgreSQL behind the same calls.
-pub trait Store: LedgerStore + ArtifactStore + Send + Sync + 'static {
+pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'static {
     // Tenancy.
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError>;
     fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError>;

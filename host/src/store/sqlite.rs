@@ -359,7 +359,9 @@ impl Store for SqliteStore {
     }
 
     fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError> {
-        self.conn().execute(
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
             // Metering runs to the end, except for a sandbox that died with
             // a previous host process: it is metered to its last heartbeat.
             "UPDATE sandboxes SET status = 'destroyed', ended_at = ?3, end_reason = ?2,
@@ -368,6 +370,14 @@ impl Store for SqliteStore {
              WHERE id = ?1 AND status <> 'destroyed'",
             params![id, reason, now],
         )?;
+        // Its previews end with it (they stay readable as closed).
+        tx.execute(
+            "UPDATE previews SET status = 'closed', closed_at = ?2,
+                close_reason = 'sandbox_destroyed'
+             WHERE sandbox_id = ?1 AND status = 'active'",
+            params![id, now],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 

@@ -1,0 +1,386 @@
+//! Previews: a port inside a sandbox served at an authenticated URL,
+//! through the agent (the sandbox has no network but its loopback).
+
+use std::time::Duration;
+
+use crownest_e2e::{error_code, shared};
+use serde_json::{Value, json};
+
+/// A small app for the sandbox: `/echo` answers with the request it saw,
+/// POST echoes its body, anything else is a static file of /workspace.
+const APP: &str = r#"
+import http.server, json
+class Handler(http.server.SimpleHTTPRequestHandler):
+    def do_GET(self):
+        if self.path.startswith("/echo"):
+            body = json.dumps({"path": self.path, "headers": {k.lower(): v for k, v in self.headers.items()}}).encode()
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        else:
+            super().do_GET()
+    def do_POST(self):
+        data = self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(201)
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+http.server.ThreadingHTTPServer(("127.0.0.1", 8000), Handler).serve_forever()
+"#;
+
+/// A client that does not follow redirects and sends no key.
+fn browser() -> reqwest::Client {
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .expect("client")
+}
+
+async fn envelope(response: reqwest::Response) -> (u16, Value) {
+    let status = response.status().as_u16();
+    let body = response.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body)
+}
+
+/// A python sandbox running [`APP`] on port 8000, and a preview of it.
+async fn sandbox_with_app(client: &crownest_e2e::Client) -> (String, Value) {
+    let sandbox = client.sandbox("python").await;
+    for (path, body) in [("server.py", APP), ("index.html", "<h1>hello preview</h1>")] {
+        let response = client
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/sandboxes/{sandbox}/files?path={path}"),
+            )
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("write");
+        assert!(response.status().is_success(), "{}", response.status());
+    }
+    let (status, started) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/commands"),
+            json!({ "command": "python3 server.py", "background": true }),
+        )
+        .await;
+    assert_eq!(status, 200, "{started}");
+    let (status, preview) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{preview}");
+    // Wait until the app listens (502 until then).
+    let url = preview["url"].as_str().expect("url").to_string();
+    for _ in 0..100 {
+        let response = client
+            .http
+            .get(&url)
+            .header("x-api-key", client.key.clone().unwrap_or_default())
+            .send()
+            .await
+            .expect("poll");
+        if response.status() != 502 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (sandbox, preview)
+}
+
+#[tokio::test]
+async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_app() {
+    let server = shared();
+    let client = server.client();
+    let key = client.key.clone().expect("key");
+    let (sandbox, preview) = sandbox_with_app(&client).await;
+    let id = preview["id"].as_str().expect("id");
+    let url = preview["url"].as_str().expect("url");
+    assert!(id.starts_with("prv_"), "{preview}");
+    assert_eq!(preview["port"], 8000);
+    assert_eq!(preview["status"], "active");
+    assert!(url.ends_with(&format!("/previews/{id}/")), "{url}");
+    assert!(
+        preview["token"]
+            .as_str()
+            .expect("token")
+            .starts_with("cn_prv_")
+    );
+
+    // The app's page, with an API key.
+    let page = client
+        .http
+        .get(format!("{url}index.html"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("get");
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.text().await.expect("body"), "<h1>hello preview</h1>");
+
+    // What the app saw: its path and its own headers, never our key.
+    let seen: Value = client
+        .http
+        .get(format!("{url}echo?q=1"))
+        .header("x-api-key", &key)
+        .header("cookie", "app=1")
+        .header("x-app", "yes")
+        .send()
+        .await
+        .expect("echo")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(seen["path"], "/echo?q=1");
+    let headers = &seen["headers"];
+    assert_eq!(headers["x-app"], "yes");
+    assert_eq!(headers["cookie"], "app=1");
+    assert_eq!(headers["x-forwarded-prefix"], format!("/previews/{id}"));
+    let dump = headers.to_string();
+    assert!(!dump.contains(&key), "the app saw the API key: {dump}");
+    let bearer = client
+        .http
+        .get(format!("{url}echo"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("bearer")
+        .text()
+        .await
+        .expect("body");
+    assert!(
+        !bearer.contains(&key),
+        "the app saw the bearer key: {bearer}"
+    );
+
+    // Request bodies go through.
+    let posted = client
+        .http
+        .post(format!("{url}submit"))
+        .header("x-api-key", &key)
+        .body("payload-123")
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(posted.status(), 201);
+    assert_eq!(posted.text().await.expect("body"), "payload-123");
+
+    // No credential, a key without the scope, another org's key.
+    let (status, body) = envelope(browser().get(url).send().await.expect("anon")).await;
+    assert_eq!((status, error_code(&body)), (401, "unauthorized"));
+    let reader = server.key("preview-org", None, "previews:read");
+    let other_org = server.key("preview-other-org", None, "all");
+    let (status, body) = envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", reader)
+            .send()
+            .await
+            .expect("scope"),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (403, "forbidden"));
+    let (status, body) = envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", &other_org)
+            .send()
+            .await
+            .expect("other org"),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+    let (status, body) = server
+        .client_with(&other_org)
+        .get(&format!("/v1/sandboxes/{sandbox}/previews/{id}"))
+        .await;
+    assert_eq!((status, error_code(&body)), (404, "not_found"));
+
+    // One active preview per port; ports are checked.
+    let previews = format!("/v1/sandboxes/{sandbox}/previews");
+    let (status, body) = client.post(&previews, json!({ "port": 8000 })).await;
+    assert_eq!((status, error_code(&body)), (409, "preview_exists"));
+    assert_eq!(body["error"]["details"]["previewId"], id);
+    for port in [json!(0), json!(65536), json!(-1), json!("80")] {
+        let (status, body) = client.post(&previews, json!({ "port": port })).await;
+        assert_eq!(status, 400, "{port}: {body}");
+    }
+
+    // Read back, list (the token is shown only once), close.
+    let (status, got) = client.get(&format!("{previews}/{id}")).await;
+    assert_eq!(status, 200);
+    assert!(got.get("token").is_none(), "{got}");
+    assert_eq!(got["url"], url);
+    let (_, list) = client.get(&previews).await;
+    assert_eq!(list["data"].as_array().expect("data").len(), 1);
+    let (status, closed) = client.delete(&format!("{previews}/{id}")).await;
+    assert_eq!(status, 200, "{closed}");
+    assert_eq!(
+        (closed["status"].as_str(), closed["closeReason"].as_str()),
+        (Some("closed"), Some("deleted"))
+    );
+    let (status, body) = envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("closed"),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (410, "preview_closed"));
+    // The port is free again.
+    let (status, again) = client.post(&previews, json!({ "port": 8000 })).await;
+    assert_eq!(status, 201, "{again}");
+
+    // Create and delete are audited.
+    let (_, events) = client
+        .get(&format!("/v1/audit-events?resourceId={id}"))
+        .await;
+    let actions: Vec<&str> = events["data"]
+        .as_array()
+        .expect("events")
+        .iter()
+        .filter_map(|e| e["action"].as_str())
+        .collect();
+    assert!(
+        actions.contains(&"preview.create") && actions.contains(&"preview.delete"),
+        "{actions:?}"
+    );
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn a_preview_token_becomes_a_cookie_session_for_that_preview_only() {
+    let client = shared().client();
+    let (sandbox, preview) = sandbox_with_app(&client).await;
+    let id = preview["id"].as_str().expect("id");
+    let url = preview["url"].as_str().expect("url");
+    let browser_url = preview["browserUrl"].as_str().expect("browserUrl");
+    let token = preview["token"].as_str().expect("token");
+    assert_eq!(browser_url, format!("{url}?crownest_preview_token={token}"));
+
+    // The token in the address: a cookie for this preview's path, and a
+    // redirect to the same page without it.
+    let response = browser().get(browser_url).send().await.expect("open");
+    assert_eq!(response.status(), 303);
+    assert_eq!(response.headers()["location"], format!("/previews/{id}/"));
+    let cookie = response.headers()["set-cookie"]
+        .to_str()
+        .expect("cookie")
+        .to_string();
+    assert!(
+        cookie.starts_with(&format!("crownest_preview_token={token};"))
+            && cookie.contains(&format!("Path=/previews/{id}/"))
+            && cookie.contains("HttpOnly"),
+        "{cookie}"
+    );
+    let page = browser()
+        .get(format!("{url}index.html"))
+        .header("cookie", format!("crownest_preview_token={token}"))
+        .send()
+        .await
+        .expect("with cookie");
+    assert_eq!(page.status(), 200);
+    assert_eq!(page.text().await.expect("body"), "<h1>hello preview</h1>");
+    // The app never sees the preview cookie.
+    let seen: Value = browser()
+        .get(format!("{url}echo"))
+        .header("cookie", format!("crownest_preview_token={token}"))
+        .send()
+        .await
+        .expect("echo")
+        .json()
+        .await
+        .expect("json");
+    assert!(!seen.to_string().contains(token), "{seen}");
+
+    // A wrong token, in either place, is a 401 that does not say whether
+    // the preview exists.
+    let wrong = format!("cn_prv_{}", "x".repeat(40));
+    for request in [
+        browser().get(format!("{url}?crownest_preview_token={wrong}")),
+        browser()
+            .get(url)
+            .header("cookie", format!("crownest_preview_token={wrong}")),
+        browser().get(format!(
+            "{}/previews/prv_{}/?crownest_preview_token={wrong}",
+            shared().base_url,
+            "a".repeat(24)
+        )),
+    ] {
+        let (status, body) = envelope(request.send().await.expect("wrong")).await;
+        assert_eq!((status, error_code(&body)), (401, "unauthorized"), "{body}");
+    }
+    client.kill(&sandbox).await;
+}
+
+#[tokio::test]
+async fn a_preview_reaches_only_the_sandbox_loopback_and_ends_with_the_sandbox() {
+    let client = shared().client();
+    let key = client.key.clone().expect("key");
+    // A port open on the host's loopback: a preview of that port number
+    // must reach the sandbox's loopback, where nothing listens.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let host_port = listener.local_addr().expect("addr").port();
+    let sandbox = client.sandbox("python").await;
+    let (status, preview) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/previews"),
+            json!({ "port": host_port }),
+        )
+        .await;
+    assert_eq!(status, 201, "{preview}");
+    let url = preview["url"].as_str().expect("url");
+    let (status, body) = envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("get"),
+    )
+    .await;
+    assert_eq!(
+        (status, error_code(&body)),
+        (502, "preview_upstream_unavailable"),
+        "{body}"
+    );
+    assert_eq!(body["error"]["details"]["port"], host_port);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), listener.accept())
+            .await
+            .is_err(),
+        "the preview connected to the host's loopback"
+    );
+
+    // Killing the sandbox closes its previews.
+    client.kill(&sandbox).await;
+    let (status, body) = envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", &key)
+            .send()
+            .await
+            .expect("after kill"),
+    )
+    .await;
+    assert_eq!((status, error_code(&body)), (410, "preview_closed"));
+    let (_, list) = client
+        .get(&format!("/v1/sandboxes/{sandbox}/previews"))
+        .await;
+    assert_eq!(list["data"][0]["status"], "closed");
+    assert_eq!(list["data"][0]["closeReason"], "sandbox_destroyed");
+    let (status, body) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
+    assert_eq!((status, error_code(&body)), (410, "sandbox_destroyed"));
+}
