@@ -26,6 +26,7 @@ from crownest import (
     CrowNestConnectionError,
     FileInfo,
     LogEvent,
+    Preview,
 )
 
 pytestmark = pytest.mark.anyio
@@ -437,6 +438,45 @@ async def test_artifacts_create_get_list_download(client: Any) -> None:
         await kill_quietly(sandbox)
 
 
+# ------------------------------------------------------------ previews
+
+PREVIEW_APP = "import http.server; http.server.ThreadingHTTPServer(('127.0.0.1', 8000), http.server.SimpleHTTPRequestHandler).serve_forever()"
+
+
+async def test_previews_create_fetch_list_get_delete(client: Any) -> None:
+    sandbox = await new_sandbox(client)
+    try:
+        await aw(sandbox.files.write("index.html", "<p>from the sandbox</p>"))
+        await aw(sandbox.files.write("app.py", PREVIEW_APP))
+        await aw(sandbox.commands.start("python3 app.py"))
+        preview = await aw(sandbox.previews.create(8000))
+        assert isinstance(preview, Preview) and preview.id.startswith("prv_")
+        assert (preview["port"], preview["status"]) == (8000, "active")
+        assert preview["token"].startswith("cn_prv_") and preview.url.endswith(f"/previews/{preview.id}/")
+        for _ in range(100):  # until the app listens
+            response = await aw(sandbox.previews.fetch(preview, "index.html"))
+            if response.status_code != 502:
+                break
+            time.sleep(0.1)
+        assert (response.status_code, response.text) == (200, "<p>from the sandbox</p>")
+        # A browser: the token URL, then its cookie.
+        with httpx.Client(follow_redirects=True) as browser:
+            page = browser.get(preview["browserUrl"].replace("?", "index.html?"))
+            assert (page.status_code, page.text) == (200, "<p>from the sandbox</p>")
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(sandbox.previews.create(8000))
+        assert (info.value.status, info.value.code) == (409, "preview_exists")
+        got = await aw(sandbox.previews.get(preview.id))
+        assert got.url == preview.url and "token" not in got
+        assert [p.id for p in await alist(sandbox.previews.list())] == [preview.id]
+        closed = await aw(sandbox.previews.delete(preview))
+        assert (closed["status"], closed["closeReason"]) == ("closed", "deleted")
+        gone = await aw(sandbox.previews.fetch(preview, "index.html"))
+        assert (gone.status_code, gone.json()["error"]["code"]) == (410, "preview_closed")
+    finally:
+        await kill_quietly(sandbox)
+
+
 async def test_run_with_collect_reports_artifacts(client: Any) -> None:
     sandbox = await new_sandbox(client)
     try:
@@ -629,11 +669,6 @@ def _run_example(server: Server, api_key: str, name: str) -> str:
     return out.stdout
 
 
-def _server_has(server: Server, route: str) -> bool:
-    doc = httpx.get(f"{server.base_url}/v1/openapi.json").json()
-    return route in doc["paths"]
-
-
 PRIMES = "\n".join(str(n) for n in range(2, 50) if all(n % d for d in range(2, n)))
 
 
@@ -646,8 +681,6 @@ def test_example_code_contexts(server: Server, api_key: str) -> None:
 
 
 def test_example_primes(server: Server, api_key: str) -> None:
-    if not _server_has(server, "/v1/sandboxes/{id}/files"):
-        pytest.skip("the server has no Files API yet; sandbox.files is not in the SDK")
     out = _run_example(server, api_key, "primes.py")
     assert out == f"exit code: 0\nwrote primes.txt\n\n{PRIMES}\n"
 

@@ -12,6 +12,7 @@ import type {
   FileListing,
   LogEvent,
   Page,
+  PreviewData,
   RunCodeResult,
   SandboxData,
   TemplateData,
@@ -195,6 +196,14 @@ export class CrowNestClient {
     }
   }
 
+  /** @internal A request to a preview URL with this client's key; the
+   * app's response as it is (no error mapping, no retries). */
+  previewFetch(url: string, init: RequestInit = {}): Promise<Response> {
+    const headers = new Headers(init.headers);
+    headers.set("x-api-key", this.apiKey);
+    return fetch(url, { ...init, headers, signal: init.signal ?? AbortSignal.timeout(this.timeoutMs) });
+  }
+
   /** @internal */
   async request<T>(method: string, path: string, options: RequestOptions = {}): Promise<T> {
     const response = await this.send(method, path, options);
@@ -342,6 +351,7 @@ export class Sandbox {
   readonly code: Code;
   readonly files: Files;
   readonly artifacts: SandboxArtifacts;
+  readonly previews: Previews;
 
   constructor(
     private readonly client: CrowNestClient,
@@ -352,6 +362,7 @@ export class Sandbox {
     this.code = new Code(client, data.id);
     this.files = new Files(client, data.id);
     this.artifacts = new SandboxArtifacts(client, data.id);
+    this.previews = new Previews(client, data.id);
   }
 
   /** Re-reads the sandbox into this object. */
@@ -367,7 +378,7 @@ export class Sandbox {
   }
 
   toJSON(): SandboxData {
-    const { commands: _c, code: _co, files: _f, artifacts: _a, client: _cl, ...data } = this as unknown as Record<string, unknown>;
+    const { commands: _c, code: _co, files: _f, artifacts: _a, previews: _p, client: _cl, ...data } = this as unknown as Record<string, unknown>;
     return data as unknown as SandboxData;
   }
 }
@@ -745,6 +756,48 @@ export class SandboxArtifacts {
       options.limit,
       (d) => d,
     );
+  }
+}
+
+/** Ports of the sandbox exposed as authenticated URLs. A request to a
+ * preview's `url` needs an API key with scope `previews:access` (as
+ * `fetch` sends it), or the preview's `token` (a browser opens `browserUrl`). */
+export class Previews {
+  private readonly base: string;
+
+  constructor(
+    private readonly client: CrowNestClient,
+    sandboxId: string,
+  ) {
+    this.base = `/v1/sandboxes/${sandboxId}/previews`;
+  }
+
+  /** Exposes `port` (a server in the sandbox listening on it). */
+  create(options: { port: number; idempotencyKey?: string }): Promise<PreviewData> {
+    return this.client.request<PreviewData>("POST", this.base, {
+      json: { port: options.port },
+      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+    });
+  }
+
+  get(id: string): Promise<PreviewData> {
+    return this.client.request<PreviewData>("GET", `${this.base}/${id}`);
+  }
+
+  list(options: { limit?: number } = {}): PageIterator<PreviewData> {
+    return this.client.page<PreviewData, PreviewData>(this.base, options.limit, (d) => d);
+  }
+
+  /** Closes the preview; its URL stops working at once. */
+  delete(preview: string | { id: string }): Promise<PreviewData> {
+    const id = typeof preview === "string" ? preview : preview.id;
+    return this.client.request<PreviewData>("DELETE", `${this.base}/${id}`);
+  }
+
+  /** One request to the app behind `preview` (`path` relative to its URL),
+   * with this client's API key; the app's response as it is. */
+  fetch(preview: { url: string }, path = "", init: RequestInit = {}): Promise<Response> {
+    return this.client.previewFetch(preview.url + path.replace(/^\/+/, ""), init);
   }
 }
 

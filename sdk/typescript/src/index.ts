@@ -7,6 +7,7 @@ export {
   DEFAULT_BASE_URL,
   Files,
   PageIterator,
+  Previews,
   Sandbox,
   SandboxArtifacts,
   Sandboxes,

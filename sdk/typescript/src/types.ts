@@ -115,6 +115,23 @@ export interface ArtifactData {
   createdAt: string;
 }
 
+export interface PreviewData {
+  /** `prv_…` */
+  id: string;
+  sandboxId: string;
+  port: number;
+  status: "active" | "closed";
+  /** Needs an API key with scope `previews:access`, or the preview's token. */
+  url: string;
+  createdAt: string;
+  closedAt: string | null;
+  closeReason: "deleted" | "sandbox_destroyed" | null;
+  /** `cn_prv_…`: only in the create response. */
+  token?: string;
+  /** `url` with the token, for a browser: only in the create response. */
+  browserUrl?: string;
+}
+
 export interface TemplateData {
   name: string;
   description: string;

@@ -355,6 +355,40 @@ describe("files and artifacts", () => {
   });
 });
 
+describe("previews", () => {
+  test("create, fetch through the URL, the browser token, get, list, delete", async () => {
+    const sandbox = await newSandbox();
+    await sandbox.files.write("index.html", "<p>from the sandbox</p>");
+    await sandbox.commands.start("python3 -m http.server 8000 --bind 127.0.0.1");
+    const preview = await sandbox.previews.create({ port: 8000 });
+    assert.match(preview.id, /^prv_/);
+    assert.deepEqual([preview.port, preview.status], [8000, "active"]);
+    assert.match(preview.token!, /^cn_prv_/);
+    let response = await sandbox.previews.fetch(preview, "index.html");
+    for (let i = 0; i < 100 && response.status === 502; i++) {
+      await new Promise((r) => setTimeout(r, 100));
+      response = await sandbox.previews.fetch(preview, "index.html");
+    }
+    assert.equal(response.status, 200);
+    assert.equal(await response.text(), "<p>from the sandbox</p>");
+    // Without a key: 401; with the token: a cookie and a redirect.
+    assert.equal((await fetch(preview.url)).status, 401);
+    const opened = await fetch(preview.browserUrl!, { redirect: "manual" });
+    assert.equal(opened.status, 303);
+    const cookie = opened.headers.get("set-cookie")!.split(";")[0]!;
+    const page = await fetch(`${preview.url}index.html`, { headers: { cookie } });
+    assert.equal(await page.text(), "<p>from the sandbox</p>");
+    await rejectsWith(sandbox.previews.create({ port: 8000 }), 409, "preview_exists");
+    const got = await sandbox.previews.get(preview.id);
+    assert.equal(got.url, preview.url);
+    assert.equal(got.token, undefined);
+    assert.deepEqual((await sandbox.previews.list().toArray()).map((p) => p.id), [preview.id]);
+    const closed = await sandbox.previews.delete(preview);
+    assert.deepEqual([closed.status, closed.closeReason], ["closed", "deleted"]);
+    assert.equal((await sandbox.previews.fetch(preview, "index.html")).status, 410);
+  });
+});
+
 describe("errors", () => {
   test("not_found", async () => {
     const e = await rejectsWith(client.sandboxes.get("sbx_does_not_exist"), 404, "not_found");

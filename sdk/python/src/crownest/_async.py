@@ -15,6 +15,7 @@ from ._shared import (
     OCTET_STREAM,
     CODE_STREAM_HEADERS,
     Artifact,
+    Preview,
     CodeContext,
     CodeRunResult,
     FileInfo,
@@ -40,6 +41,8 @@ from ._shared import (
     mkdir_body,
     move_body,
     new_idempotency_key,
+    preview_id_of,
+    preview_target,
     page_params,
     resolve_api_key,
     resolve_base_url,
@@ -273,7 +276,7 @@ class AsyncCrowNest:
 
 
 class AsyncSandboxHandle(Record):
-    """A sandbox with its bound sub-clients ``.commands``, ``.code``, ``.files`` and ``.artifacts``."""
+    """A sandbox with its bound sub-clients ``.commands``, ``.code``, ``.files``, ``.artifacts`` and ``.previews``."""
 
     def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
@@ -282,6 +285,7 @@ class AsyncSandboxHandle(Record):
         self.code = AsyncCode(client, self.id)
         self.artifacts = AsyncSandboxArtifacts(client, self.id)
         self.files = AsyncFiles(client, self.id)
+        self.previews = AsyncPreviews(client, self.id)
 
     @property
     def id(self) -> str:
@@ -628,4 +632,48 @@ class AsyncTemplates:
         return [Record(t) for t in (await self._client._request("GET", "/v1/templates"))["data"]]
 
 
+# ---------------------------------------------------------------- previews
 
+
+class AsyncPreviews:
+    """Ports of the sandbox exposed as authenticated URLs; see :class:`crownest.Previews`."""
+
+    def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/previews"
+
+    async def create(self, port: int, *, idempotency_key: str | None = None) -> Preview:
+        """Exposes ``port`` (a server in the sandbox listening on it)."""
+        data = await self._client._request(
+            "POST", self._base, json={"port": port}, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return Preview(data)
+
+    async def get(self, preview_id: str) -> Preview:
+        return Preview(await self._client._request("GET", f"{self._base}/{preview_id}"))
+
+    def list(self, *, limit: int | None = None) -> AsyncPager[Preview]:
+        async def fetch(cursor: str | None) -> tuple[list[Preview], str | None]:
+            items, nxt = await self._client._page(self._base, limit, cursor)
+            return [Preview(d) for d in items], nxt
+
+        return AsyncPager(fetch)
+
+    async def delete(self, preview: str | Mapping[str, Any]) -> Preview:
+        """Closes the preview; its URL stops working at once."""
+        return Preview(await self._client._request("DELETE", f"{self._base}/{preview_id_of(preview)}"))
+
+    async def fetch(
+        self,
+        preview: Mapping[str, Any],
+        path: str = "",
+        *,
+        method: str = "GET",
+        content: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Sends one request to the app behind ``preview`` with this
+        client's API key, and returns the app's response as it is."""
+        return await self._client._http.request(
+            method, preview_target(preview, path), content=content, headers=dict(headers or {})
+        )

@@ -208,6 +208,30 @@ class Artifact(Record):
         return str(self._data["id"])
 
 
+class Preview(Record):
+    """A preview: ``id`` (``prv_…``), ``sandboxId``, ``port``, ``status``
+    (``active`` | ``closed``), ``url``, ``createdAt``, ``closedAt``,
+    ``closeReason``; right after ``create`` also ``token`` and
+    ``browserUrl`` (shown once)."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def url(self) -> str:
+        return str(self._data["url"])
+
+
+def preview_id_of(preview: str | Mapping[str, Any]) -> str:
+    return preview if isinstance(preview, str) else str(preview["id"])
+
+
+def preview_target(preview: Mapping[str, Any], path: str) -> str:
+    """The URL of ``path`` under a preview's URL."""
+    return str(preview["url"]) + path.lstrip("/")
+
+
 class FileInfo(Record):
     """A file or directory of /workspace: ``name``, ``path`` (absolute),
     ``type`` (``file``, ``dir``, ``symlink``, ``other``), ``size``, ``mode``,

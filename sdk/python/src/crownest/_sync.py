@@ -14,6 +14,7 @@ from ._shared import (
     OCTET_STREAM,
     CODE_STREAM_HEADERS,
     Artifact,
+    Preview,
     CodeContext,
     CodeRunResult,
     FileInfo,
@@ -40,6 +41,8 @@ from ._shared import (
     mkdir_body,
     move_body,
     new_idempotency_key,
+    preview_id_of,
+    preview_target,
     page_params,
     resolve_api_key,
     resolve_base_url,
@@ -270,8 +273,8 @@ class CrowNest:
 
 class SandboxHandle(Record):
     """A sandbox (``id``, ``status``, ``template``, ``expiresAt``, …) with
-    the sub-clients bound to it: ``.commands``, ``.code``, ``.files`` and
-    ``.artifacts``."""
+    the sub-clients bound to it: ``.commands``, ``.code``, ``.files``,
+    ``.artifacts`` and ``.previews``."""
 
     def __init__(self, client: CrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
@@ -280,6 +283,7 @@ class SandboxHandle(Record):
         self.code = Code(client, self.id)
         self.artifacts = SandboxArtifacts(client, self.id)
         self.files = Files(client, self.id)
+        self.previews = Previews(client, self.id)
 
     @property
     def id(self) -> str:
@@ -658,3 +662,52 @@ class Templates:
         return [Record(t) for t in self._client._request("GET", "/v1/templates")["data"]]
 
 
+# ---------------------------------------------------------------- previews
+
+
+class Previews:
+    """Ports of the sandbox exposed as authenticated URLs. A request to a
+    preview's ``url`` needs an API key with scope ``previews:access`` (as
+    :meth:`fetch` sends it), or the preview's ``token`` (a browser opens
+    ``browserUrl``)."""
+
+    def __init__(self, client: CrowNest, sandbox_id: str) -> None:
+        self._client = client
+        self._base = f"/v1/sandboxes/{sandbox_id}/previews"
+
+    def create(self, port: int, *, idempotency_key: str | None = None) -> Preview:
+        """Exposes ``port`` (a server in the sandbox listening on it)."""
+        data = self._client._request(
+            "POST", self._base, json={"port": port}, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return Preview(data)
+
+    def get(self, preview_id: str) -> Preview:
+        return Preview(self._client._request("GET", f"{self._base}/{preview_id}"))
+
+    def list(self, *, limit: int | None = None) -> Pager[Preview]:
+        def fetch(cursor: str | None) -> tuple[list[Preview], str | None]:
+            items, nxt = self._client._page(self._base, limit, cursor)
+            return [Preview(d) for d in items], nxt
+
+        return Pager(fetch)
+
+    def delete(self, preview: str | Mapping[str, Any]) -> Preview:
+        """Closes the preview; its URL stops working at once."""
+        return Preview(self._client._request("DELETE", f"{self._base}/{preview_id_of(preview)}"))
+
+    def fetch(
+        self,
+        preview: Mapping[str, Any],
+        path: str = "",
+        *,
+        method: str = "GET",
+        content: str | bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> httpx.Response:
+        """Sends one request to the app behind ``preview`` (``path`` is
+        relative to its URL) with this client's API key, and returns the
+        app's response as it is (any status)."""
+        return self._client._http.request(
+            method, preview_target(preview, path), content=content, headers=dict(headers or {})
+        )
