@@ -1,4 +1,4 @@
-//! The CLI client (`crownest sandbox|exec|code|files|artifacts`): the real
+//! The CLI client (`crownest sandbox|exec|code|files|artifacts|previews`): the real
 //! binary, run as a user would, against the shared server over HTTP.
 
 use std::io::{Read, Write};
@@ -519,4 +519,35 @@ fn exec_resumes_a_dropped_log_stream_without_loss_or_repeats() {
         "the reconnection must resume: {seen}"
     );
     cli(&["sandbox", "kill", &id]);
+}
+
+#[test]
+fn previews_create_ls_rm() {
+    let id = sandbox();
+    let created = json(&["previews", "create", &id, "8000", "--json"]);
+    let preview = created["id"].as_str().expect("id").to_string();
+    assert!(preview.starts_with("prv_"), "{created}");
+    assert!(created["browserUrl"].as_str().is_some(), "{created}");
+    let shown = ok(&["previews", "create", &id, "8001"]);
+    assert!(
+        shown.contains("port:     8001") && shown.contains("browser:  http"),
+        "{shown}"
+    );
+    let refused = cli(&["previews", "create", &id, "8000"]);
+    assert!(!refused.status.success());
+    assert!(
+        stderr(&refused).contains("preview_exists"),
+        "{}",
+        stderr(&refused)
+    );
+    let listed = ok(&["previews", "ls", &id]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l.starts_with(&preview) && l.contains("8000") && l.contains("active")),
+        "{listed}"
+    );
+    let closed = json(&["previews", "rm", &id, &preview, "--json"]);
+    assert_eq!(closed["status"], "closed", "{closed}");
+    ok(&["sandbox", "kill", &id]);
 }

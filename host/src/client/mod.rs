@@ -1,4 +1,4 @@
-//! The CLI client: `crownest sandbox|exec|code|files|artifacts` talk to a
+//! The CLI client: `crownest sandbox|exec|code|files|artifacts|previews` talk to a
 //! running server over its REST API, with the key in `CROWNEST_API_KEY`.
 //!
 //! **Invariant:** only HTTP. Nothing here calls into `core`, `store` or the
@@ -9,6 +9,7 @@ mod artifacts;
 mod code;
 mod exec;
 mod files;
+mod previews;
 mod sandboxes;
 mod sse;
 mod transfer;
@@ -62,6 +63,13 @@ pub enum Command {
         output: Output,
         #[command(subcommand)]
         command: artifacts::ArtifactsCommand,
+    },
+    /// Expose a sandbox port as an authenticated URL, list and close previews.
+    Previews {
+        #[command(flatten)]
+        output: Output,
+        #[command(subcommand)]
+        command: previews::PreviewsCommand,
     },
 }
 
@@ -145,6 +153,7 @@ async fn dispatch(command: Command) -> Result<i32, ClientError> {
         Command::Code { output, command } => code::run(&api, output, command).await,
         Command::Files { output, command } => files::run(&api, output, command).await,
         Command::Artifacts { output, command } => artifacts::run(&api, output, command).await,
+        Command::Previews { output, command } => previews::run(&api, output, command).await,
     }
 }
 
