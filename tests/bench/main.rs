@@ -329,6 +329,46 @@ async fn main() {
         target: "p50 <= 3 ms, <= 0.5x ipykernel",
     });
 
+    // A preview request: HTTP into the server, a tunnel through the agent,
+    // python's http.server in the sandbox.
+    client.run(&warm, "echo hello > hello.txt").await;
+    let (status, started) = client
+        .post(
+            &format!("/v1/sandboxes/{warm}/commands"),
+            json!({ "command": "python3 -m http.server 8000 --bind 127.0.0.1", "background": true }),
+        )
+        .await;
+    assert_eq!(status, 200, "{started}");
+    let (status, preview) = client
+        .post(
+            &format!("/v1/sandboxes/{warm}/previews"),
+            json!({ "port": 8000 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{preview}");
+    let url = format!("{}hello.txt", preview["url"].as_str().expect("url"));
+    let key = client.key.clone().unwrap_or_default();
+    let get = || client.http.get(&url).header("x-api-key", &key).send();
+    for _ in 0..100 {
+        if get().await.is_ok_and(|r| r.status() == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut preview_samples = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let response = get().await.expect("preview");
+        let body = response.bytes().await.expect("body");
+        preview_samples.push(start.elapsed());
+        assert_eq!(&body[..], b"hello\n");
+    }
+    rows.push(Row {
+        name: "preview request (GET, python http.server in the sandbox)".into(),
+        samples: preview_samples,
+        target: "",
+    });
+
     // Memory per idle sandbox: host RSS growth plus each agent's RSS.
     let server_pid = server.pid().expect("server pid");
     let idle_count = 10;
