@@ -58,15 +58,25 @@ impl Host {
     /// Loads (once) and returns the pipeline of a template language. A
     /// component for the wrong world or with forbidden imports fails here
     /// with the plugin host's message.
+    /// The template's pipeline for `language`, if it is loaded already.
+    fn loaded_pipeline(
+        &self,
+        template: &Template,
+        language: Language,
+    ) -> Option<Arc<LanguagePipeline>> {
+        let key = (template.name.clone(), language.as_str().to_string());
+        lock(&self.pipelines.loaded).get(&key).cloned()
+    }
+
     fn language_pipeline(
         &self,
         template: &Template,
         language: Language,
     ) -> Result<Arc<LanguagePipeline>, String> {
-        let key = (template.name.clone(), language.as_str().to_string());
-        if let Some(loaded) = lock(&self.pipelines.loaded).get(&key) {
-            return Ok(loaded.clone());
+        if let Some(loaded) = self.loaded_pipeline(template, language) {
+            return Ok(loaded);
         }
+        let key = (template.name.clone(), language.as_str().to_string());
         let plugins = template.languages.get(language.as_str()).ok_or_else(|| {
             format!(
                 "template `{}` has no {} pipeline",
@@ -131,17 +141,20 @@ impl Host {
             ArtifactPolicy::Promote => plugins::ArtifactPolicy::Promote,
         };
         // Loading reads the cached precompiled components (compiling them
-        // once); calling them is CPU-bound and runs on the blocking pool.
-        let loaded =
-            match tokio::task::block_in_place(|| self.language_pipeline(template, language)) {
-                Ok(pipeline) => pipeline,
-                Err(message) => {
-                    notes.push(format!(
-                        "the output pipeline is unavailable ({message}); rich outputs were dropped"
-                    ));
-                    return Vec::new();
-                }
-            };
+        // once), so only a first load leaves the async worker; calling them
+        // is CPU-bound and runs on the blocking pool.
+        let loaded = match self.loaded_pipeline(template, language).map_or_else(
+            || tokio::task::block_in_place(|| self.language_pipeline(template, language)),
+            Ok,
+        ) {
+            Ok(pipeline) => pipeline,
+            Err(message) => {
+                notes.push(format!(
+                    "the output pipeline is unavailable ({message}); rich outputs were dropped"
+                ));
+                return Vec::new();
+            }
+        };
         let result = tokio::task::spawn_blocking(move || {
             plugins::pipeline(
                 &loaded.adapter,

@@ -212,26 +212,21 @@ impl LedgerStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let existing = tx
-            .query_row(
-                "SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2",
-                params![org_id, key],
-                record_from_row,
-            )
+            .prepare_cached("SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
+            .query_row(params![org_id, key], record_from_row)
             .optional()?;
         if let Some(record) = existing {
             if record.created_at >= expired_before {
                 return Ok(IdempotencyBegin::Existing(record));
             }
-            tx.execute(
-                "DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2",
-                params![org_id, key],
-            )?;
+            tx.prepare_cached("DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
+                .execute(params![org_id, key])?;
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO idempotency_records (org_id, key, method, path, request_hash, created_at)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-            params![org_id, key, method, path, request_hash, now],
-        )?;
+        )?
+        .execute(params![org_id, key, method, path, request_hash, now])?;
         tx.commit()?;
         Ok(IdempotencyBegin::Started)
     }
@@ -243,26 +238,22 @@ impl LedgerStore for SqliteStore {
         response: &StoredResponse,
         now: Millis,
     ) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE idempotency_records SET status = ?3, content_type = ?4, body = ?5, completed_at = ?6
-             WHERE org_id = ?1 AND key = ?2",
-            params![
+        self.conn().prepare_cached("UPDATE idempotency_records SET status = ?3, content_type = ?4, body = ?5, completed_at = ?6
+             WHERE org_id = ?1 AND key = ?2")?.execute(params![
                 org_id,
                 key,
                 i64::from(response.status),
                 response.content_type,
                 response.body,
                 now
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
     fn abandon_idempotent(&self, org_id: &str, key: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2",
-            params![org_id, key],
-        )?;
+        self.conn()
+            .prepare_cached("DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
+            .execute(params![org_id, key])?;
         Ok(())
     }
 
@@ -273,11 +264,8 @@ impl LedgerStore for SqliteStore {
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2",
-                params![org_id, key],
-                record_from_row,
-            )
+            .prepare_cached("SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
+            .query_row(params![org_id, key], record_from_row)
             .optional()?)
     }
 
@@ -287,25 +275,27 @@ impl LedgerStore for SqliteStore {
         orphaned_before: Option<Millis>,
     ) -> Result<usize, StoreError> {
         let conn = self.conn();
-        let mut purged = conn.execute(
-            "DELETE FROM idempotency_records WHERE created_at < ?1",
-            [before],
-        )?;
+        let mut purged = conn
+            .prepare_cached("DELETE FROM idempotency_records WHERE created_at < ?1")?
+            .execute([before])?;
         if let Some(orphaned) = orphaned_before {
-            purged += conn.execute(
-                "DELETE FROM idempotency_records WHERE status IS NULL AND created_at < ?1",
-                [orphaned],
-            )?;
+            purged += conn
+                .prepare_cached(
+                    "DELETE FROM idempotency_records WHERE status IS NULL AND created_at < ?1",
+                )?
+                .execute([orphaned])?;
         }
         Ok(purged)
     }
 
     fn insert_audit(&self, e: &AuditRow) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO audit_events (id, at, org_id, project_id, actor_key_id, actor, action,
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO audit_events (id, at, org_id, project_id, actor_key_id, actor, action,
                 resource_type, resource_id, outcome, status, request_id, details)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
+            )?
+            .execute(params![
                 e.id,
                 e.at,
                 e.org_id,
@@ -319,8 +309,7 @@ impl LedgerStore for SqliteStore {
                 e.status,
                 e.request_id,
                 e.details
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -355,10 +344,9 @@ impl LedgerStore for SqliteStore {
     }
 
     fn heartbeat_meters(&self, now: Millis) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET metered_until = ?1 WHERE status <> 'destroyed'",
-            [now],
-        )?;
+        self.conn()
+            .prepare_cached("UPDATE sandboxes SET metered_until = ?1 WHERE status <> 'destroyed'")?
+            .execute([now])?;
         Ok(())
     }
 
@@ -392,47 +380,47 @@ impl LedgerStore for SqliteStore {
     }
 
     fn live_sandbox_count(&self, org_id: &str) -> Result<i64, StoreError> {
-        Ok(self.conn().query_row(
-            "SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND status <> 'destroyed'",
-            [org_id],
-            |r| r.get(0),
-        )?)
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT COUNT(*) FROM sandboxes WHERE org_id = ?1 AND status <> 'destroyed'",
+            )?
+            .query_row([org_id], |r| r.get(0))?)
     }
 
     fn sandbox_org(&self, id: &str) -> Result<Option<String>, StoreError> {
         Ok(self
             .conn()
-            .query_row("SELECT org_id FROM sandboxes WHERE id = ?1", [id], |r| {
-                r.get(0)
-            })
+            .prepare_cached("SELECT org_id FROM sandboxes WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
             .optional()?)
     }
 
     fn get_quota(&self, org_id: &str) -> Result<Quota, StoreError> {
         Ok(self
             .conn()
-            .query_row(
+            .prepare_cached(
                 "SELECT max_concurrent_sandboxes, max_compute_unit_seconds, max_artifact_bytes,
                         max_request_body_bytes, max_command_output_bytes
                  FROM quotas WHERE org_id = ?1",
-                [org_id],
-                |r| {
-                    Ok(Quota {
-                        max_concurrent_sandboxes: r.get(0)?,
-                        max_compute_unit_seconds: r.get(1)?,
-                        max_artifact_bytes: r.get(2)?,
-                        max_request_body_bytes: r.get(3)?,
-                        max_command_output_bytes: r.get(4)?,
-                    })
-                },
-            )
+            )?
+            .query_row([org_id], |r| {
+                Ok(Quota {
+                    max_concurrent_sandboxes: r.get(0)?,
+                    max_compute_unit_seconds: r.get(1)?,
+                    max_artifact_bytes: r.get(2)?,
+                    max_request_body_bytes: r.get(3)?,
+                    max_command_output_bytes: r.get(4)?,
+                })
+            })
             .optional()?
             .unwrap_or_default())
     }
 
     fn set_quota(&self, org_id: &str, q: &Quota) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO quotas (org_id, max_concurrent_sandboxes, max_compute_unit_seconds,
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO quotas (org_id, max_concurrent_sandboxes, max_compute_unit_seconds,
                 max_artifact_bytes, max_request_body_bytes, max_command_output_bytes)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6)
              ON CONFLICT (org_id) DO UPDATE SET
@@ -441,15 +429,15 @@ impl LedgerStore for SqliteStore {
                 max_artifact_bytes = excluded.max_artifact_bytes,
                 max_request_body_bytes = excluded.max_request_body_bytes,
                 max_command_output_bytes = excluded.max_command_output_bytes",
-            params![
+            )?
+            .execute(params![
                 org_id,
                 q.max_concurrent_sandboxes,
                 q.max_compute_unit_seconds,
                 q.max_artifact_bytes,
                 q.max_request_body_bytes,
                 q.max_command_output_bytes
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 }

@@ -40,6 +40,9 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        // Every statement is prepared once and cached (parsing one costs
+        // more than running it); room for all of them.
+        conn.set_prepared_statement_cache_capacity(128);
         migrations::apply(&mut conn)?;
         Ok(Self {
             conn: Mutex::new(conn),
@@ -169,25 +172,17 @@ const BEFORE_CURSOR: &str = "(created_at < :c1 OR (created_at = :c1 AND id < :c2
 impl Store for SqliteStore {
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError> {
         let conn = self.conn();
-        conn.execute(
-            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING",
-            params![ids::new(ids::Kind::Org), name, now],
-        )?;
-        Ok(conn.query_row(
-            "SELECT id, name, created_at FROM orgs WHERE name = ?1",
-            [name],
-            org_from_row,
-        )?)
+        conn.prepare_cached("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING")?.execute(params![ids::new(ids::Kind::Org), name, now])?;
+        Ok(conn
+            .prepare_cached("SELECT id, name, created_at FROM orgs WHERE name = ?1")?
+            .query_row([name], org_from_row)?)
     }
 
     fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, name, created_at FROM orgs WHERE name = ?1",
-                [name],
-                org_from_row,
-            )
+            .prepare_cached("SELECT id, name, created_at FROM orgs WHERE name = ?1")?
+            .query_row([name], org_from_row)
             .optional()?)
     }
 
@@ -198,34 +193,29 @@ impl Store for SqliteStore {
         now: Millis,
     ) -> Result<ProjectRow, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.prepare_cached(
             "INSERT INTO projects (id, org_id, name, created_at) VALUES (?1, ?2, ?3, ?4)
              ON CONFLICT (org_id, name) DO NOTHING",
-            params![ids::new(ids::Kind::Project), org_id, name, now],
-        )?;
-        Ok(conn.query_row(
-            "SELECT id, org_id, name, created_at FROM projects WHERE org_id = ?1 AND name = ?2",
-            [org_id, name],
-            project_from_row,
-        )?)
+        )?
+        .execute(params![ids::new(ids::Kind::Project), org_id, name, now])?;
+        Ok(conn
+            .prepare_cached(
+                "SELECT id, org_id, name, created_at FROM projects WHERE org_id = ?1 AND name = ?2",
+            )?
+            .query_row([org_id, name], project_from_row)?)
     }
 
     fn get_project(&self, id: &str) -> Result<Option<ProjectRow>, StoreError> {
         Ok(self
             .conn()
-            .query_row(
-                "SELECT id, org_id, name, created_at FROM projects WHERE id = ?1",
-                [id],
-                project_from_row,
-            )
+            .prepare_cached("SELECT id, org_id, name, created_at FROM projects WHERE id = ?1")?
+            .query_row([id], project_from_row)
             .optional()?)
     }
 
     fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO api_keys (id, org_id, project_id, name, prefix, hash, scopes, created_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-            params![
+        self.conn().prepare_cached("INSERT INTO api_keys (id, org_id, project_id, name, prefix, hash, scopes, created_at, revoked_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
                 key.id,
                 key.org_id,
                 key.project_id,
@@ -235,8 +225,7 @@ impl Store for SqliteStore {
                 json_list(&key.scopes),
                 key.created_at,
                 key.revoked_at
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -266,22 +255,21 @@ impl Store for SqliteStore {
 
     fn revoke_key(&self, id: &str, now: Millis) -> Result<bool, StoreError> {
         let conn = self.conn();
-        conn.execute(
+        conn.prepare_cached(
             "UPDATE api_keys SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
-            params![id, now],
-        )?;
+        )?
+        .execute(params![id, now])?;
         let exists: Option<i64> = conn
-            .query_row("SELECT 1 FROM api_keys WHERE id = ?1", [id], |r| r.get(0))
+            .prepare_cached("SELECT 1 FROM api_keys WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
             .optional()?;
         Ok(exists.is_some())
     }
 
     fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), StoreError> {
-        let result = self.conn().execute(
-            "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status, metadata,
+        let result = self.conn().prepare_cached("INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status, metadata,
                 created_at, expires_at, ended_at, end_reason, uid_slot, vcpus, memory_mib, created_by_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
-            params![
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)")?.execute(params![
                 s.id,
                 s.org_id,
                 s.project_id,
@@ -297,8 +285,7 @@ impl Store for SqliteStore {
                 s.vcpus,
                 s.memory_mib,
                 s.created_by_key
-            ],
-        );
+            ]);
         match result {
             Ok(_) => Ok(()),
             Err(rusqlite::Error::SqliteFailure(e, _))
@@ -351,10 +338,11 @@ impl Store for SqliteStore {
     }
 
     fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE sandboxes SET status = ?2 WHERE id = ?1 AND status <> 'destroyed'",
-            params![id, status],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "UPDATE sandboxes SET status = ?2 WHERE id = ?1 AND status <> 'destroyed'",
+            )?
+            .execute(params![id, status])?;
         Ok(())
     }
 
@@ -371,12 +359,12 @@ impl Store for SqliteStore {
             params![id, reason, now],
         )?;
         // Its previews end with it (they stay readable as closed).
-        tx.execute(
+        tx.prepare_cached(
             "UPDATE previews SET status = 'closed', closed_at = ?2,
                 close_reason = 'sandbox_destroyed'
              WHERE sandbox_id = ?1 AND status = 'active'",
-            params![id, now],
-        )?;
+        )?
+        .execute(params![id, now])?;
         tx.commit()?;
         Ok(())
     }
@@ -398,13 +386,11 @@ impl Store for SqliteStore {
     }
 
     fn insert_command(&self, c: &CommandRow) -> Result<(), StoreError> {
-        self.conn().execute(
-            "INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background, status,
+        self.conn().prepare_cached("INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background, status,
                 exit_code, signal, stdout, stderr, stdout_dropped, stderr_dropped, timeout_ms,
                 created_at, started_at, ended_at, cancel_requested_at, error, created_by_key, collect)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22)",
-            params![
+                ?18, ?19, ?20, ?21, ?22)")?.execute(params![
                 c.id,
                 c.sandbox_id,
                 c.org_id,
@@ -427,8 +413,7 @@ impl Store for SqliteStore {
                 c.error,
                 c.created_by_key,
                 c.collect
-            ],
-        )?;
+            ])?;
         Ok(())
     }
 
@@ -466,19 +451,21 @@ impl Store for SqliteStore {
     }
 
     fn mark_command_started(&self, id: &str, now: Millis) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE commands SET started_at = ?2 WHERE id = ?1 AND started_at IS NULL",
-            params![id, now],
-        )?;
+        self.conn()
+            .prepare_cached(
+                "UPDATE commands SET started_at = ?2 WHERE id = ?1 AND started_at IS NULL",
+            )?
+            .execute(params![id, now])?;
         Ok(())
     }
 
     fn request_command_cancel(&self, id: &str, now: Millis) -> Result<(), StoreError> {
-        self.conn().execute(
-            "UPDATE commands SET cancel_requested_at = ?2
+        self.conn()
+            .prepare_cached(
+                "UPDATE commands SET cancel_requested_at = ?2
              WHERE id = ?1 AND cancel_requested_at IS NULL",
-            params![id, now],
-        )?;
+            )?
+            .execute(params![id, now])?;
         Ok(())
     }
 
@@ -491,11 +478,9 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         insert_events(&tx, events)?;
-        tx.execute(
-            "UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
+        tx.prepare_cached("UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
                 stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9, error = ?10, collected = ?11
-             WHERE id = ?1",
-            params![
+             WHERE id = ?1")?.execute(params![
                 id,
                 end.status,
                 end.exit_code,
@@ -507,8 +492,7 @@ impl Store for SqliteStore {
                 end.ended_at,
                 end.error,
                 end.collected
-            ],
-        )?;
+            ])?;
         tx.commit()?;
         Ok(())
     }
@@ -536,10 +520,9 @@ impl Store for SqliteStore {
     }
 
     fn trim_command_events(&self, command_id: &str, keep_from: i64) -> Result<(), StoreError> {
-        self.conn().execute(
-            "DELETE FROM command_events WHERE command_id = ?1 AND seq < ?2",
-            params![command_id, keep_from],
-        )?;
+        self.conn()
+            .prepare_cached("DELETE FROM command_events WHERE command_id = ?1 AND seq < ?2")?
+            .execute(params![command_id, keep_from])?;
         Ok(())
     }
 
@@ -552,21 +535,19 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         // Close each log with an exit event, so a log reader sees the end.
-        tx.execute(
-            "INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at)
+        tx.prepare_cached("INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at)
              SELECT c.id,
                     COALESCE((SELECT MAX(e.seq) FROM command_events e WHERE e.command_id = c.id), 0) + 1,
                     'exit',
                     CAST(json_object('status', 'failed', 'exitCode', NULL, 'signal', NULL, 'error', ?2) AS BLOB),
                     ?3
-             FROM commands c WHERE c.sandbox_id = ?1 AND c.status = 'running'",
-            params![sandbox_id, error, now],
-        )?;
-        let changed = tx.execute(
-            "UPDATE commands SET status = 'failed', error = ?2, ended_at = ?3
+             FROM commands c WHERE c.sandbox_id = ?1 AND c.status = 'running'")?.execute(params![sandbox_id, error, now])?;
+        let changed = tx
+            .prepare_cached(
+                "UPDATE commands SET status = 'failed', error = ?2, ended_at = ?3
              WHERE sandbox_id = ?1 AND status = 'running'",
-            params![sandbox_id, error, now],
-        )?;
+            )?
+            .execute(params![sandbox_id, error, now])?;
         tx.commit()?;
         Ok(changed)
     }
