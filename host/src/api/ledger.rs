@@ -13,7 +13,6 @@ use serde_json::{Value, json};
 
 use super::error::{ApiError, payload_too_large};
 use super::{AppState, Authenticated, presented_key_of};
-use crate::auth;
 use crate::core::ledger::{AuditEvent, Idempotency, request_hash};
 use crate::store::StoredResponse;
 
@@ -111,19 +110,16 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
     }
     let host = state.host.clone();
     let (mut parts, body) = request.into_parts();
-    let principal = match presented_key_of(&parts.headers) {
-        Some(secret) => match host
-            .store()
-            .call(move |s| auth::authenticate(s, &secret))
-            .await
-        {
-            Ok(principal) => principal,
+    let (principal, quota) = match presented_key_of(&parts.headers) {
+        Some(secret) => match host.authenticate_with_quota(secret).await {
+            Ok(Some((principal, quota))) => (Some(principal), Some(quota)),
+            Ok(None) => (None, None),
             Err(e) => {
                 tracing::error!(error = %e, "key lookup failed");
                 return ApiError::internal().into_response();
             }
         },
-        None => None,
+        None => (None, None),
     };
     parts.extensions.insert(Authenticated(principal.clone()));
     let template = parts
@@ -167,29 +163,22 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
 
     let response = async {
         let mut body = body;
-        if let Some(p) = &principal {
-            match host.quota(&p.org_id).await {
-                Ok(quota) => {
-                    if let Some(max) = quota.max_request_body_bytes {
-                        let declared = parts
-                            .headers
-                            .get(header::CONTENT_LENGTH)
-                            .and_then(|v| v.to_str().ok())
-                            .and_then(|v| v.parse::<i64>().ok());
-                        if let Some(len) = declared
-                            && len > max
-                        {
-                            return Err(ApiError::from(crate::core::CoreError::QuotaExceeded {
-                                limit: "maxRequestBodyBytes",
-                                max,
-                                current: len,
-                            }));
-                        }
-                        body = Body::new(http_body_util::Limited::new(body, max.max(0) as usize));
-                    }
-                }
-                Err(e) => return Err(ApiError::from(e)),
+        if let Some(max) = quota.as_ref().and_then(|q| q.max_request_body_bytes) {
+            let declared = parts
+                .headers
+                .get(header::CONTENT_LENGTH)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.parse::<i64>().ok());
+            if let Some(len) = declared
+                && len > max
+            {
+                return Err(ApiError::from(crate::core::CoreError::QuotaExceeded {
+                    limit: "maxRequestBodyBytes",
+                    max,
+                    current: len,
+                }));
             }
+            body = Body::new(http_body_util::Limited::new(body, max.max(0) as usize));
         }
         let (Some(p), Some(key)) = (&principal, &idempotency_key) else {
             return Ok(next.run(Request::from_parts(parts, body)).await);

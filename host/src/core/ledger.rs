@@ -240,6 +240,24 @@ impl Host {
     }
 
     /// The caller org's quota.
+    /// The key's principal and its org's quota, in one trip to the store
+    /// (every mutation needs both). `None` for an unknown or revoked key.
+    pub async fn authenticate_with_quota(
+        &self,
+        secret: String,
+    ) -> Result<Option<(Principal, Quota)>, CoreError> {
+        Ok(self
+            .store
+            .call(move |s| match crate::auth::authenticate(s, &secret)? {
+                Some(principal) => {
+                    let quota = s.get_quota(&principal.org_id)?;
+                    Ok(Some((principal, quota)))
+                }
+                None => Ok(None),
+            })
+            .await?)
+    }
+
     pub(crate) async fn quota(&self, org_id: &str) -> Result<Quota, CoreError> {
         let org = org_id.to_string();
         Ok(self.store.call(move |s| s.get_quota(&org)).await?)
