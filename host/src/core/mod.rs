@@ -139,6 +139,9 @@ pub const MAX_SLOTS: i64 = 2048;
 /// A sandbox whose container is up, with the connection to its agent.
 pub struct LiveSandbox {
     pub id: String,
+    /// Its row as it started (`running`). The fields requests use do not
+    /// change while it lives, so they are served from here, not the store.
+    pub row: crate::store::SandboxRow,
     pub agent: AgentClient,
     pub state_dir: PathBuf,
     /// Cancelled when the sandbox is being destroyed, so running commands

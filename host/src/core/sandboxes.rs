@@ -141,6 +141,10 @@ impl Host {
             })?;
         Ok(LiveSandbox {
             id: row.id.clone(),
+            row: SandboxRow {
+                status: String::from("running"),
+                ..row.clone()
+            },
             agent,
             state_dir,
             stopping: CancellationToken::new(),
@@ -228,6 +232,16 @@ impl Host {
         principal: &Principal,
         id: &str,
     ) -> Result<(SandboxRow, Arc<LiveSandbox>), CoreError> {
+        // A live sandbox the caller may see needs no trip to the store.
+        if let Some(live) = self.live_sandbox(id)
+            && live.row.org_id == principal.org_id
+            && principal
+                .project_id
+                .as_ref()
+                .is_none_or(|p| live.row.project_id.as_ref() == Some(p))
+        {
+            return Ok((live.row.clone(), live));
+        }
         let row = self.get_sandbox(principal, id).await?;
         if row.status == "destroyed" {
             return Err(CoreError::SandboxDestroyed(row.id));
