@@ -136,6 +136,9 @@ impl CoreError {
 /// onto its own range, so two sandboxes never share a host uid.
 pub const MAX_SLOTS: i64 = 2048;
 
+/// How long an expired staged-transfer row is kept before the reaper drops it.
+const TRANSFER_ROW_KEEP_MS: i64 = 60 * 60 * 1000;
+
 /// A sandbox whose container is up, with the connection to its agent.
 pub struct LiveSandbox {
     pub id: String,
@@ -324,6 +327,9 @@ impl Host {
             .call(move |s| {
                 s.heartbeat_meters(now)?;
                 s.purge_idempotent(now - ledger::IDEMPOTENCY_TTL_MS, None)?;
+                // An expired URL answers `transfer_expired` for an hour,
+                // then `transfer_not_found`; its row is gone.
+                s.purge_transfers(now - TRANSFER_ROW_KEEP_MS)?;
                 s.live_sandboxes()
             })
             .await?;

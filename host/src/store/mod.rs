@@ -268,6 +268,8 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
     /// Marks an unused, unexpired transfer used and returns it; `None` when
     /// it is unknown, used or expired. Atomic: one claim wins.
     fn claim_transfer(&self, id: &str, now: Millis) -> Result<Option<TransferRow>, StoreError>;
+    /// Drops transfers that expired before `before`.
+    fn purge_transfers(&self, before: Millis) -> Result<usize, StoreError>;
 }
 
 /// Shared, cloneable access to the store from async code.

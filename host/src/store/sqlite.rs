@@ -567,6 +567,10 @@ impl Store for SqliteStore {
     ) -> Result<Option<super::TransferRow>, StoreError> {
         super::transfers::claim(&self.conn(), id, now)
     }
+
+    fn purge_transfers(&self, before: Millis) -> Result<usize, StoreError> {
+        super::transfers::purge(&self.conn(), before)
+    }
 }
 
 #[cfg(test)]

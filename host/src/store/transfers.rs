@@ -88,6 +88,13 @@ pub(super) fn claim(
         .optional()?)
 }
 
+/// Drops transfers that expired before `before`; returns how many.
+pub(super) fn purge(conn: &Connection, before: Millis) -> Result<usize, StoreError> {
+    Ok(conn
+        .prepare_cached("DELETE FROM transfers WHERE expires_at < ?1")?
+        .execute([before])?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +154,14 @@ mod tests {
             Some(None)
         );
         assert_eq!(store.claim_transfer("nope", 1).expect("claim"), None);
+
+        // Expired rows go at the purge; others stay.
+        let mut fresh = row.clone();
+        fresh.id = String::from("trf_3");
+        fresh.expires_at = 1_000;
+        store.insert_transfer(&fresh).expect("insert");
+        assert_eq!(store.purge_transfers(500).expect("purge"), 2);
+        assert!(store.get_transfer("trf_1").expect("get").is_none());
+        assert!(store.get_transfer("trf_3").expect("get").is_some());
     }
 }
