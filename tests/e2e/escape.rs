@@ -218,3 +218,39 @@ async fn sandboxes_cannot_see_each_others_processes_or_files() {
     client.kill(&a).await;
     client.kill(&b).await;
 }
+
+#[tokio::test]
+async fn two_servers_on_one_machine_never_share_a_host_uid_range() {
+    // A second server with its own data dir: its store knows nothing of the
+    // shared server's sandboxes, yet their uid ranges must not overlap.
+    let server = Server::start();
+    let mine = server.client(&server.key("uid-slots", None, "all"));
+    let theirs = shared().client();
+    let mut ranges = Vec::new();
+    let mut made = Vec::new();
+    for client in [&theirs, &mine, &theirs, &mine] {
+        let id = client.sandbox("python").await;
+        let map = client.run(&id, "cat /proc/self/uid_map").await;
+        // "0 <host base> <count>" per line: the host side of each mapping.
+        let stdout = map["stdout"].as_str().expect("stdout").to_string();
+        for line in stdout.lines() {
+            let fields: Vec<u64> = line
+                .split_whitespace()
+                .map(|f| f.parse().expect("number"))
+                .collect();
+            ranges.push((fields[1], fields[1] + fields[2]));
+        }
+        made.push((client, id));
+    }
+    for (i, a) in ranges.iter().enumerate() {
+        for b in &ranges[i + 1..] {
+            assert!(
+                a.1 <= b.0 || b.1 <= a.0,
+                "host uid ranges overlap: {a:?} and {b:?} (all: {ranges:?})"
+            );
+        }
+    }
+    for (client, id) in made {
+        client.kill(&id).await;
+    }
+}

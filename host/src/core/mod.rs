@@ -14,6 +14,7 @@ pub mod ledger;
 mod pipeline;
 pub mod previews;
 pub mod sandboxes;
+mod slots;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -145,6 +146,8 @@ pub struct LiveSandbox {
     /// Its row as it started (`running`). The fields requests use do not
     /// change while it lives, so they are served from here, not the store.
     pub row: crate::store::SandboxRow,
+    /// Holds its uid slot machine-wide while it lives.
+    pub(crate) slot: Option<slots::SlotLock>,
     pub agent: AgentClient,
     pub state_dir: PathBuf,
     /// Cancelled when the sandbox is being destroyed, so running commands
@@ -173,6 +176,8 @@ pub struct Host {
     running: Mutex<HashMap<String, Arc<commands::LiveCommand>>>,
     /// Uid slots handed out but maybe not yet in the store.
     reserved_slots: Mutex<Vec<i64>>,
+    /// Where uid slots are held machine-wide (`slots`).
+    slot_dir: PathBuf,
     /// One build at a time per template; a second create waits for the first.
     builds: AsyncMutex<HashMap<String, Arc<AsyncMutex<()>>>>,
     /// Cancelled on shutdown: stops the reaper.
@@ -203,6 +208,7 @@ impl Host {
         blobs: BlobStore,
     ) -> Arc<Self> {
         let rootfs = RootfsCache::new(config.cache_dir.clone());
+        let slot_dir = slots::lock_dir(&config.data_dir);
         let started_at = clock.now_ms();
         Arc::new(Self {
             store,
@@ -218,6 +224,7 @@ impl Host {
             live: Mutex::new(HashMap::new()),
             running: Mutex::new(HashMap::new()),
             reserved_slots: Mutex::new(Vec::new()),
+            slot_dir,
             builds: AsyncMutex::new(HashMap::new()),
             shutdown: CancellationToken::new(),
             admission: AsyncMutex::new(()),

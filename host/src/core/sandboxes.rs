@@ -7,6 +7,7 @@ use std::time::Duration;
 use tokio::sync::Mutex as AsyncMutex;
 use tokio_util::sync::CancellationToken;
 
+use super::slots::{self, SlotLock};
 use super::{CoreError, Host, LiveSandbox, MAX_SLOTS, lock};
 use crate::agent::AgentClient;
 use crate::auth::Principal;
@@ -61,7 +62,7 @@ impl Host {
         let quota = self.quota(&principal.org_id).await?;
         let admission = self.admission.lock().await;
         self.check_sandbox_quota(&principal.org_id, &quota).await?;
-        let slot = self.reserve_slot().await?;
+        let (slot, slot_lock) = self.reserve_slot().await?;
         let now = self.clock.now_ms();
         let row = SandboxRow {
             id: ids::new(ids::Kind::Sandbox),
@@ -89,7 +90,8 @@ impl Host {
         inserted?;
 
         match self.start_container(&row, &template).await {
-            Ok(live) => {
+            Ok(mut live) => {
+                live.slot = Some(slot_lock);
                 lock(&self.live).insert(row.id.clone(), Arc::new(live));
                 let id = row.id.clone();
                 self.store
@@ -148,6 +150,7 @@ impl Host {
             agent,
             state_dir,
             stopping: CancellationToken::new(),
+            slot: None,
         })
     }
 
@@ -191,14 +194,27 @@ impl Host {
 
     /// Picks the lowest uid slot that is neither live in the store nor
     /// reserved by a create in flight.
-    async fn reserve_slot(&self) -> Result<i64, CoreError> {
+    /// A uid slot no live sandbox of this host uses and no other process
+    /// on the machine holds; held until the returned lock is dropped.
+    async fn reserve_slot(&self) -> Result<(i64, SlotLock), CoreError> {
         let used = self.store.call(|s| s.used_uid_slots()).await?;
         let mut reserved = lock(&self.reserved_slots);
-        let slot = (0..MAX_SLOTS)
-            .find(|n| !used.contains(n) && !reserved.contains(n))
-            .ok_or(CoreError::Capacity(used.len()))?;
-        reserved.push(slot);
-        Ok(slot)
+        for slot in (0..MAX_SLOTS).filter(|n| !used.contains(n) && !reserved.contains(n)) {
+            match slots::try_hold(&self.slot_dir, slot) {
+                Ok(Some(held)) => {
+                    reserved.push(slot);
+                    return Ok((slot, held));
+                }
+                Ok(None) => continue,
+                Err(e) => {
+                    return Err(CoreError::StartFailed(format!(
+                        "cannot hold uid slot {slot} in {}: {e}",
+                        self.slot_dir.display()
+                    )));
+                }
+            }
+        }
+        Err(CoreError::Capacity(used.len()))
     }
 
     fn release_slot(&self, slot: i64) {
