@@ -384,3 +384,107 @@ async fn a_preview_reaches_only_the_sandbox_loopback_and_ends_with_the_sandbox()
         .await;
     assert_eq!((status, error_code(&body)), (410, "sandbox_destroyed"));
 }
+
+/// A raw app for the sandbox: answers an `Upgrade: shout` request with 101,
+/// then echoes every byte upper-cased (what a WebSocket server does, minus
+/// the framing).
+const SHOUT_APP: &str = r#"
+import socket, threading
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind(("127.0.0.1", 8100))
+server.listen()
+def handle(conn):
+    head = b""
+    while b"\r\n\r\n" not in head:
+        head += conn.recv(4096)
+    if b"upgrade: shout" not in head.lower():
+        conn.sendall(b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n")
+        return conn.close()
+    conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n")
+    while data := conn.recv(4096):
+        conn.sendall(data.upper())
+    conn.close()
+while True:
+    conn, _ = server.accept()
+    threading.Thread(target=handle, args=(conn,), daemon=True).start()
+"#;
+
+#[tokio::test]
+async fn a_preview_passes_a_protocol_upgrade_through() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let client = shared().client();
+    let key = client.key.clone().expect("key");
+    let sandbox = client.sandbox("python").await;
+    let response = client
+        .request(
+            reqwest::Method::PUT,
+            &format!("/v1/sandboxes/{sandbox}/files?path=shout.py"),
+        )
+        .body(SHOUT_APP)
+        .send()
+        .await
+        .expect("write");
+    assert!(response.status().is_success());
+    let (status, _) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/commands"),
+            json!({ "command": "python3 shout.py", "background": true }),
+        )
+        .await;
+    assert_eq!(status, 200);
+    let (status, preview) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/previews"),
+            json!({ "port": 8100 }),
+        )
+        .await;
+    assert_eq!(status, 201, "{preview}");
+    let id = preview["id"].as_str().expect("id");
+    let address = shared().base_url.trim_start_matches("http://").to_string();
+
+    // Raw HTTP/1 over TCP, as a WebSocket client speaks it.
+    let mut head = String::new();
+    let mut stream = None;
+    for _ in 0..100 {
+        let mut conn = tokio::net::TcpStream::connect(&address)
+            .await
+            .expect("connect");
+        conn.write_all(
+            format!(
+                "GET /previews/{id}/socket HTTP/1.1\r\nHost: {address}\r\nx-api-key: {key}\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .await
+        .expect("request");
+        let mut buf = Vec::new();
+        while !buf.ends_with(b"\r\n\r\n") {
+            let mut byte = [0u8; 1];
+            if conn.read(&mut byte).await.expect("read") == 0 {
+                break;
+            }
+            buf.push(byte[0]);
+        }
+        head = String::from_utf8_lossy(&buf).into_owned();
+        if head.starts_with("HTTP/1.1 101") {
+            stream = Some(conn);
+            break;
+        }
+        // 502 until the app listens.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let mut stream = stream.unwrap_or_else(|| panic!("no 101: {head}"));
+    assert!(
+        head.to_ascii_lowercase().contains("upgrade: shout"),
+        "{head}"
+    );
+    for word in ["hello", "preview"] {
+        stream.write_all(word.as_bytes()).await.expect("send");
+        let mut back = vec![0u8; word.len()];
+        stream.read_exact(&mut back).await.expect("echo");
+        assert_eq!(back, word.to_uppercase().as_bytes());
+    }
+    drop(stream);
+    client.kill(&sandbox).await;
+}

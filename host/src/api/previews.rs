@@ -6,7 +6,9 @@
 //! scope `previews:access`, or the preview's token: once as
 //! `?crownest_preview_token=…` (answered with a cookie and a redirect, the
 //! token-mode browser session), then as that cookie. Neither the key, nor
-//! the token, nor the cookie is passed on to the sandbox.
+//! the token, nor the cookie is passed on to the sandbox. Protocol
+//! upgrades (WebSocket) are passed through: on the app's 101 the two
+//! connections are spliced.
 
 use axum::body::Body;
 use axum::extract::{Request, State};
@@ -374,7 +376,7 @@ async fn proxy(State(state): State<AppState>, request: Request) -> Response {
     }
 }
 
-async fn proxy_inner(state: AppState, request: Request) -> Result<Response, ApiError> {
+async fn proxy_inner(state: AppState, mut request: Request) -> Result<Response, ApiError> {
     let (preview_id, target) = split_target(request.uri()).ok_or_else(|| {
         ApiError::new(
             StatusCode::NOT_FOUND,
@@ -382,13 +384,10 @@ async fn proxy_inner(state: AppState, request: Request) -> Result<Response, ApiE
             "no such preview URL",
         )
     })?;
-    if request.headers().contains_key(header::UPGRADE) {
-        return Err(ApiError::new(
-            StatusCode::NOT_IMPLEMENTED,
-            "preview_upgrade_unsupported",
-            "previews carry plain HTTP/1 requests; protocol upgrades (WebSocket) are not supported yet",
-        ));
-    }
+    // A protocol upgrade (WebSocket): the app's answer decides; on 101 both
+    // connections are spliced together.
+    let upgrade = request.headers().get(header::UPGRADE).cloned();
+    let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let presented = presented(&state, request.headers(), request.uri()).await?;
     let by_token = matches!(presented.credential, PreviewCredential::Token(_));
     let scheme = if request
@@ -439,20 +438,45 @@ async fn proxy_inner(state: AppState, request: Request) -> Result<Response, ApiE
         .await
         .map_err(|e| error_for(e, by_token))?;
     let is_head = request.method() == Method::HEAD;
-    let upstream = upstream_request(request, &target, preview.port, &preview.id, scheme)?;
+    let mut upstream = upstream_request(request, &target, preview.port, &preview.id, scheme)?;
+    if let Some(protocol) = &upgrade {
+        let headers = upstream.headers_mut();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+        headers.insert(header::UPGRADE, protocol.clone());
+    }
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake::<_, Body>(TokioIo::new(tunnel))
             .await
             .map_err(|e| upstream_failed(preview.port, &e))?;
     tokio::spawn(async move {
-        if let Err(e) = connection.await {
+        if let Err(e) = connection.with_upgrades().await {
             tracing::debug!(error = %e, "preview connection ended");
         }
     });
-    let response = sender
+    let mut response = sender
         .send_request(upstream)
         .await
         .map_err(|e| upstream_failed(preview.port, &e))?;
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS
+        && let Some(client_upgrade) = client_upgrade
+    {
+        let app_upgrade = hyper::upgrade::on(&mut response);
+        tokio::spawn(async move {
+            match tokio::try_join!(client_upgrade, app_upgrade) {
+                Ok((client, app)) => {
+                    let _ = tokio::io::copy_bidirectional(
+                        &mut TokioIo::new(client),
+                        &mut TokioIo::new(app),
+                    )
+                    .await;
+                }
+                Err(e) => tracing::debug!(error = %e, "preview upgrade failed"),
+            }
+        });
+        // The 101 keeps its `Connection` and `Upgrade`: they are the answer.
+        let (parts, _) = response.into_parts();
+        return Ok(Response::from_parts(parts, Body::empty()));
+    }
     let (mut parts, body) = response.into_parts();
     for name in HOP_BY_HOP {
         parts.headers.remove(*name);
