@@ -421,10 +421,16 @@ impl Host {
                     Some(Ok(ExecEvent::Started { .. })) => {
                         let now = self.clock.now_ms();
                         lock(&live.state).started_at = Some(now);
+                        // Written beside the run, not before its next event:
+                        // the end record carries `started_at` as well, and
+                        // whichever lands second keeps the first.
                         let id = live.id.clone();
-                        self.store
-                            .call(move |s| s.mark_command_started(&id, now))
-                            .await?;
+                        let store = self.store.clone();
+                        tokio::spawn(async move {
+                            if let Err(e) = store.call(move |s| s.mark_command_started(&id, now)).await {
+                                tracing::error!(error = %e, "could not record a command start");
+                            }
+                        });
                         live.bump();
                     }
                     Some(Ok(ExecEvent::Stdout(data))) => {
@@ -574,6 +580,7 @@ impl Host {
             };
             let end = CommandEnd {
                 status: status.to_string(),
+                started_at: state.started_at,
                 exit_code,
                 signal,
                 stdout: state.stdout.to_vec(),

@@ -150,6 +150,8 @@ pub struct CommandRow {
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandEnd {
     pub status: String,
+    /// When it started, if it did (kept if the store has it already).
+    pub started_at: Option<Millis>,
     pub exit_code: Option<i64>,
     pub signal: Option<i64>,
     pub stdout: Vec<u8>,

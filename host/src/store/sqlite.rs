@@ -478,21 +478,26 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         insert_events(&tx, events)?;
-        tx.prepare_cached("UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
-                stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9, error = ?10, collected = ?11
-             WHERE id = ?1")?.execute(params![
-                id,
-                end.status,
-                end.exit_code,
-                end.signal,
-                end.stdout,
-                end.stderr,
-                end.stdout_dropped,
-                end.stderr_dropped,
-                end.ended_at,
-                end.error,
-                end.collected
-            ])?;
+        tx.prepare_cached(
+            "UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
+                stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9, error = ?10, collected = ?11,
+                started_at = COALESCE(started_at, ?12)
+             WHERE id = ?1",
+        )?
+        .execute(params![
+            id,
+            end.status,
+            end.exit_code,
+            end.signal,
+            end.stdout,
+            end.stderr,
+            end.stdout_dropped,
+            end.stderr_dropped,
+            end.ended_at,
+            end.error,
+            end.collected,
+            end.started_at
+        ])?;
         tx.commit()?;
         Ok(())
     }
