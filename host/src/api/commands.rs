@@ -156,6 +156,7 @@ fn render(row: CommandRow) -> CommandView {
 async fn run_command(
     State(state): State<AppState>,
     caller: Caller,
+    quota: Option<axum::Extension<super::ledger::KnownQuota>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<RunCommandBody>,
 ) -> Result<ApiJson<CommandView>, ApiError> {
@@ -175,6 +176,7 @@ async fn run_command(
                 name: c.name,
             })
             .collect(),
+        quota: quota.map(|q| q.0.0),
     };
     let row = state.host.run_command(principal, &id, request).await?;
     Ok(ApiJson(render(row)))

@@ -100,6 +100,11 @@ fn route_action(method: &Method, template: &str) -> Option<RouteAction> {
     })
 }
 
+/// The caller's org quota as the middleware read it with the key, so a
+/// handler need not read it again.
+#[derive(Clone)]
+pub(crate) struct KnownQuota(pub crate::store::Quota);
+
 fn is_mutating(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
@@ -122,6 +127,9 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
         None => (None, None),
     };
     parts.extensions.insert(Authenticated(principal.clone()));
+    if let Some(quota) = &quota {
+        parts.extensions.insert(KnownQuota(quota.clone()));
+    }
     let template = parts
         .extensions
         .get::<MatchedPath>()

@@ -56,6 +56,8 @@ pub struct RunCommand {
     pub stdin: bool,
     /// Files to promote to artifacts when the command ends.
     pub collect: Vec<CollectItem>,
+    /// The org's quota, when the caller read it already this request.
+    pub quota: Option<crate::store::Quota>,
 }
 
 /// Most paths one command may collect.
@@ -275,7 +277,10 @@ impl Host {
         }
 
         let template = self.template(&sandbox.template)?;
-        let quota = self.quota(&sandbox.org_id).await?;
+        let quota = match request.quota.clone() {
+            Some(quota) => quota,
+            None => self.quota(&sandbox.org_id).await?,
+        };
         let output_limit = quota
             .max_command_output_bytes
             .map_or(limits.output_tail_bytes, |q| {
