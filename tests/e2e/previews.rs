@@ -120,6 +120,16 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
         .expect("get");
     assert_eq!(page.status(), 200);
     assert_eq!(page.text().await.expect("body"), "<h1>hello preview</h1>");
+    let head = client
+        .http
+        .head(format!("{url}index.html"))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("head");
+    assert_eq!(head.status(), 200);
+    assert_eq!(head.headers()["content-length"], "22");
+    assert!(head.bytes().await.expect("body").is_empty());
 
     // What the app saw: its path and its own headers, never our key.
     let seen: Value = client

@@ -138,14 +138,15 @@ pub(crate) fn base_url(headers: &axum::http::HeaderMap, state: &AppState) -> Str
         .and_then(|v| v.to_str().ok())
         .filter(|h| !h.is_empty() && h.bytes().all(|b| b.is_ascii_graphic()))
         .map_or_else(|| state.host.config().listen.to_string(), str::to_string);
-    let scheme = match headers
-        .get("x-forwarded-proto")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some("https") => "https",
+    format!("{}://{host}", request_scheme(headers))
+}
+
+/// `https` when a proxy in front says so (`X-Forwarded-Proto`), else `http`.
+pub(crate) fn request_scheme(headers: &axum::http::HeaderMap) -> &'static str {
+    match headers.get("x-forwarded-proto").map(|v| v.as_bytes()) {
+        Some(b"https") => "https",
         _ => "http",
-    };
-    format!("{scheme}://{host}")
+    }
 }
 
 #[derive(OpenApi)]

@@ -12,7 +12,7 @@
 
 use axum::body::Body;
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri, header};
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode, Uri, header};
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
 use serde::{Deserialize, Serialize};
@@ -22,7 +22,9 @@ use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
 use super::pagination::{Page, PageQuery};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller, base_url};
+use super::{
+    ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller, base_url, request_scheme,
+};
 use crate::auth;
 use crate::clock::rfc3339;
 use crate::core::CoreError;
@@ -203,6 +205,11 @@ struct Presented {
     from_query: bool,
 }
 
+/// Whether a `name=value` pair (query or cookie) is the preview token.
+fn is_token_pair(pair: &str) -> bool {
+    pair.split('=').next() == Some(TOKEN_PARAM)
+}
+
 fn query_token(uri: &Uri) -> Option<String> {
     uri.query()?.split('&').find_map(|pair| {
         let (name, value) = pair.split_once('=')?;
@@ -295,7 +302,7 @@ fn split_target(uri: &Uri) -> Option<(String, String)> {
         .query()
         .unwrap_or("")
         .split('&')
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(TOKEN_PARAM))
+        .filter(|pair| !pair.is_empty() && !is_token_pair(pair))
         .collect();
     let target = if query.is_empty() {
         path
@@ -332,7 +339,7 @@ fn upstream_request(
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .map(str::trim)
-        .filter(|pair| !pair.is_empty() && pair.split('=').next() != Some(TOKEN_PARAM))
+        .filter(|pair| !pair.is_empty() && !is_token_pair(pair))
         .map(str::to_string)
         .collect();
     headers.remove(header::COOKIE);
@@ -390,15 +397,7 @@ async fn proxy_inner(state: AppState, mut request: Request) -> Result<Response, 
     let client_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut request));
     let presented = presented(&state, request.headers(), request.uri()).await?;
     let by_token = matches!(presented.credential, PreviewCredential::Token(_));
-    let scheme = if request
-        .headers()
-        .get("x-forwarded-proto")
-        .is_some_and(|v| v.as_bytes() == b"https")
-    {
-        "https"
-    } else {
-        "http"
-    };
+    let scheme = request_scheme(request.headers());
     if presented.from_query {
         // Token-mode browser session: check the token, set it as a cookie
         // for this preview's path only, and drop it from the address bar.
@@ -410,10 +409,8 @@ async fn proxy_inner(state: AppState, mut request: Request) -> Result<Response, 
         let PreviewCredential::Token(token) = presented.credential else {
             return Err(ApiError::internal());
         };
-        let location = format!("{PREVIEW_PATH}/{}{}", preview.id, {
-            let path = target.strip_prefix('/').unwrap_or(&target);
-            format!("/{path}")
-        });
+        // `target` starts with `/` and no longer has the token.
+        let location = format!("{PREVIEW_PATH}/{}{target}", preview.id);
         let secure = if scheme == "https" { "; Secure" } else { "" };
         let cookie = format!(
             "{TOKEN_PARAM}={token}; Path={PREVIEW_PATH}/{}/; HttpOnly; SameSite=Lax{secure}",
@@ -437,7 +434,6 @@ async fn proxy_inner(state: AppState, mut request: Request) -> Result<Response, 
         .open_preview(&preview_id, &presented.credential)
         .await
         .map_err(|e| error_for(e, by_token))?;
-    let is_head = request.method() == Method::HEAD;
     let mut upstream = upstream_request(request, &target, preview.port, &preview.id, scheme)?;
     if let Some(protocol) = &upgrade {
         let headers = upstream.headers_mut();
@@ -481,12 +477,7 @@ async fn proxy_inner(state: AppState, mut request: Request) -> Result<Response, 
     for name in HOP_BY_HOP {
         parts.headers.remove(*name);
     }
-    let body = if is_head {
-        Body::empty()
-    } else {
-        Body::new(body)
-    };
-    Ok(Response::from_parts(parts, body))
+    Ok(Response::from_parts(parts, Body::new(body)))
 }
 
 fn upstream_failed(port: u16, error: &hyper::Error) -> ApiError {
