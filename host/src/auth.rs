@@ -67,6 +67,17 @@ impl Principal {
         self.scopes.iter().any(|s| s == scope)
     }
 
+    /// Whether a resource of `org_id` / `project_id` is visible to this
+    /// caller: its org, and its project when the key is restricted to one
+    /// (what [`Scope`] asks of the store).
+    pub fn may_see(&self, org_id: &str, project_id: Option<&str>) -> bool {
+        self.org_id == org_id
+            && self
+                .project_id
+                .as_deref()
+                .is_none_or(|p| project_id == Some(p))
+    }
+
     /// What this caller may see in the store.
     pub fn scope(&self) -> Scope {
         Scope {
@@ -167,6 +178,23 @@ pub fn authenticate(store: &dyn Store, secret: &str) -> Result<Option<Principal>
 mod tests {
     use super::*;
     use crate::store::SqliteStore;
+
+    #[test]
+    fn may_see_its_org_and_only_its_project_when_restricted() {
+        let mut principal = Principal {
+            key_id: "key_1".into(),
+            org_id: "org_a".into(),
+            project_id: None,
+            scopes: Vec::new(),
+        };
+        assert!(principal.may_see("org_a", None));
+        assert!(principal.may_see("org_a", Some("prj_x")));
+        assert!(!principal.may_see("org_b", None));
+        principal.project_id = Some("prj_x".into());
+        assert!(principal.may_see("org_a", Some("prj_x")));
+        assert!(!principal.may_see("org_a", Some("prj_y")));
+        assert!(!principal.may_see("org_a", None));
+    }
 
     #[test]
     fn parse_scopes_expands_all_and_rejects_unknown() {

@@ -169,11 +169,7 @@ impl Host {
             .ok_or_else(not_found)?;
         let allowed = match credential {
             PreviewCredential::Key(principal) => {
-                principal.org_id == preview.org_id
-                    && principal
-                        .project_id
-                        .as_ref()
-                        .is_none_or(|p| preview.project_id.as_ref() == Some(p))
+                principal.may_see(&preview.org_id, preview.project_id.as_deref())
             }
             PreviewCredential::Token(token) => same_hash(&token_hash(token), &preview.token_hash),
         };

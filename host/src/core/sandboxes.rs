@@ -250,11 +250,7 @@ impl Host {
     ) -> Result<(SandboxRow, Arc<LiveSandbox>), CoreError> {
         // A live sandbox the caller may see needs no trip to the store.
         if let Some(live) = self.live_sandbox(id)
-            && live.row.org_id == principal.org_id
-            && principal
-                .project_id
-                .as_ref()
-                .is_none_or(|p| live.row.project_id.as_ref() == Some(p))
+            && principal.may_see(&live.row.org_id, live.row.project_id.as_deref())
         {
             return Ok((live.row.clone(), live));
         }
