@@ -38,6 +38,19 @@ fn browser() -> reqwest::Client {
         .expect("client")
 }
 
+/// GET of a preview URL with `key`: the status and the JSON body (if any).
+async fn get_with_key(url: &str, key: &str) -> (u16, Value) {
+    envelope(
+        browser()
+            .get(url)
+            .header("x-api-key", key)
+            .send()
+            .await
+            .expect("preview request"),
+    )
+    .await
+}
+
 async fn envelope(response: reqwest::Response) -> (u16, Value) {
     let status = response.status().as_u16();
     let body = response.json::<Value>().await.unwrap_or(Value::Null);
@@ -183,25 +196,9 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     assert_eq!((status, error_code(&body)), (401, "unauthorized"));
     let reader = server.key("preview-org", None, "previews:read");
     let other_org = server.key("preview-other-org", None, "all");
-    let (status, body) = envelope(
-        browser()
-            .get(url)
-            .header("x-api-key", reader)
-            .send()
-            .await
-            .expect("scope"),
-    )
-    .await;
+    let (status, body) = get_with_key(url, &reader).await;
     assert_eq!((status, error_code(&body)), (403, "forbidden"));
-    let (status, body) = envelope(
-        browser()
-            .get(url)
-            .header("x-api-key", &other_org)
-            .send()
-            .await
-            .expect("other org"),
-    )
-    .await;
+    let (status, body) = get_with_key(url, &other_org).await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
     let (status, body) = server
         .client_with(&other_org)
@@ -232,15 +229,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
         (closed["status"].as_str(), closed["closeReason"].as_str()),
         (Some("closed"), Some("deleted"))
     );
-    let (status, body) = envelope(
-        browser()
-            .get(url)
-            .header("x-api-key", &key)
-            .send()
-            .await
-            .expect("closed"),
-    )
-    .await;
+    let (status, body) = get_with_key(url, &key).await;
     assert_eq!((status, error_code(&body)), (410, "preview_closed"));
     // The port is free again.
     let (status, again) = client.post(&previews, json!({ "port": 8000 })).await;
@@ -347,15 +336,7 @@ async fn a_preview_reaches_only_the_sandbox_loopback_and_ends_with_the_sandbox()
         .await;
     assert_eq!(status, 201, "{preview}");
     let url = preview["url"].as_str().expect("url");
-    let (status, body) = envelope(
-        browser()
-            .get(url)
-            .header("x-api-key", &key)
-            .send()
-            .await
-            .expect("get"),
-    )
-    .await;
+    let (status, body) = get_with_key(url, &key).await;
     assert_eq!(
         (status, error_code(&body)),
         (502, "preview_upstream_unavailable"),
@@ -371,15 +352,7 @@ async fn a_preview_reaches_only_the_sandbox_loopback_and_ends_with_the_sandbox()
 
     // Killing the sandbox closes its previews.
     client.kill(&sandbox).await;
-    let (status, body) = envelope(
-        browser()
-            .get(url)
-            .header("x-api-key", &key)
-            .send()
-            .await
-            .expect("after kill"),
-    )
-    .await;
+    let (status, body) = get_with_key(url, &key).await;
     assert_eq!((status, error_code(&body)), (410, "preview_closed"));
     let (_, list) = client
         .get(&format!("/v1/sandboxes/{sandbox}/previews"))
