@@ -238,8 +238,13 @@ impl LedgerStore for SqliteStore {
         response: &StoredResponse,
         now: Millis,
     ) -> Result<(), StoreError> {
-        self.conn().prepare_cached("UPDATE idempotency_records SET status = ?3, content_type = ?4, body = ?5, completed_at = ?6
-             WHERE org_id = ?1 AND key = ?2")?.execute(params![
+        self.conn()
+            .prepare_cached(
+                "UPDATE idempotency_records
+                 SET status = ?3, content_type = ?4, body = ?5, completed_at = ?6
+                 WHERE org_id = ?1 AND key = ?2",
+            )?
+            .execute(params![
                 org_id,
                 key,
                 i64::from(response.status),

@@ -172,7 +172,11 @@ const BEFORE_CURSOR: &str = "(created_at < :c1 OR (created_at = :c1 AND id < :c2
 impl Store for SqliteStore {
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError> {
         let conn = self.conn();
-        conn.prepare_cached("INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3) ON CONFLICT (name) DO NOTHING")?.execute(params![ids::new(ids::Kind::Org), name, now])?;
+        conn.prepare_cached(
+            "INSERT INTO orgs (id, name, created_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO NOTHING",
+        )?
+        .execute(params![ids::new(ids::Kind::Org), name, now])?;
         Ok(conn
             .prepare_cached("SELECT id, name, created_at FROM orgs WHERE name = ?1")?
             .query_row([name], org_from_row)?)
@@ -214,8 +218,13 @@ impl Store for SqliteStore {
     }
 
     fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError> {
-        self.conn().prepare_cached("INSERT INTO api_keys (id, org_id, project_id, name, prefix, hash, scopes, created_at, revoked_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)")?.execute(params![
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO api_keys (id, org_id, project_id, name, prefix, hash, scopes,
+                    created_at, revoked_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+            )?
+            .execute(params![
                 key.id,
                 key.org_id,
                 key.project_id,
@@ -267,9 +276,15 @@ impl Store for SqliteStore {
     }
 
     fn insert_sandbox(&self, s: &SandboxRow) -> Result<(), StoreError> {
-        let result = self.conn().prepare_cached("INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status, metadata,
-                created_at, expires_at, ended_at, end_reason, uid_slot, vcpus, memory_mib, created_by_key)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)")?.execute(params![
+        let result = self
+            .conn()
+            .prepare_cached(
+                "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status,
+                    metadata, created_at, expires_at, ended_at, end_reason, uid_slot, vcpus,
+                    memory_mib, created_by_key)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+            )?
+            .execute(params![
                 s.id,
                 s.org_id,
                 s.project_id,
@@ -386,11 +401,16 @@ impl Store for SqliteStore {
     }
 
     fn insert_command(&self, c: &CommandRow) -> Result<(), StoreError> {
-        self.conn().prepare_cached("INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background, status,
-                exit_code, signal, stdout, stderr, stdout_dropped, stderr_dropped, timeout_ms,
-                created_at, started_at, ended_at, cancel_requested_at, error, created_by_key, collect)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17,
-                ?18, ?19, ?20, ?21, ?22)")?.execute(params![
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background,
+                    status, exit_code, signal, stdout, stderr, stdout_dropped, stderr_dropped,
+                    timeout_ms, created_at, started_at, ended_at, cancel_requested_at, error,
+                    created_by_key, collect)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
+                    ?17, ?18, ?19, ?20, ?21, ?22)",
+            )?
+            .execute(params![
                 c.id,
                 c.sandbox_id,
                 c.org_id,
@@ -479,9 +499,9 @@ impl Store for SqliteStore {
         let tx = conn.transaction()?;
         insert_events(&tx, events)?;
         tx.prepare_cached(
-            "UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5, stderr = ?6,
-                stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9, error = ?10, collected = ?11,
-                started_at = COALESCE(started_at, ?12)
+            "UPDATE commands SET status = ?2, exit_code = ?3, signal = ?4, stdout = ?5,
+                stderr = ?6, stdout_dropped = ?7, stderr_dropped = ?8, ended_at = ?9,
+                error = ?10, collected = ?11, started_at = COALESCE(started_at, ?12)
              WHERE id = ?1",
         )?
         .execute(params![
@@ -540,13 +560,18 @@ impl Store for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         // Close each log with an exit event, so a log reader sees the end.
-        tx.prepare_cached("INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at)
-             SELECT c.id,
-                    COALESCE((SELECT MAX(e.seq) FROM command_events e WHERE e.command_id = c.id), 0) + 1,
-                    'exit',
-                    CAST(json_object('status', 'failed', 'exitCode', NULL, 'signal', NULL, 'error', ?2) AS BLOB),
-                    ?3
-             FROM commands c WHERE c.sandbox_id = ?1 AND c.status = 'running'")?.execute(params![sandbox_id, error, now])?;
+        tx.prepare_cached(
+            "INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at)
+                 SELECT c.id,
+                     COALESCE((SELECT MAX(e.seq) FROM command_events e
+                               WHERE e.command_id = c.id), 0) + 1,
+                     'exit',
+                     CAST(json_object('status', 'failed', 'exitCode', NULL, 'signal', NULL,
+                                      'error', ?2) AS BLOB),
+                     ?3
+                 FROM commands c WHERE c.sandbox_id = ?1 AND c.status = 'running'",
+        )?
+        .execute(params![sandbox_id, error, now])?;
         let changed = tx
             .prepare_cached(
                 "UPDATE commands SET status = 'failed', error = ?2, ended_at = ?3
