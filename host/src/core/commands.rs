@@ -218,7 +218,7 @@ impl Host {
         self: &Arc<Self>,
         principal: &Principal,
         sandbox_id: &str,
-        request: RunCommand,
+        mut request: RunCommand,
     ) -> Result<CommandRow, CoreError> {
         let (sandbox, live_sandbox) = self.usable_sandbox(principal, sandbox_id).await?;
         let limits = &self.config.limits;
@@ -277,7 +277,7 @@ impl Host {
         }
 
         let template = self.template(&sandbox.template)?;
-        let quota = match request.quota.clone() {
+        let quota = match request.quota.take() {
             Some(quota) => quota,
             None => self.quota(&sandbox.org_id).await?,
         };

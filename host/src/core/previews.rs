@@ -5,7 +5,6 @@
 //! network but loopback, and nothing in it learns the caller's key.
 
 use rand::Rng;
-use sha2::{Digest, Sha256};
 
 use super::{CoreError, Host};
 use crate::agent::{AgentError, Tunnel};
@@ -25,8 +24,9 @@ pub enum PreviewCredential {
     Token(String),
 }
 
+/// Stored like an API key's secret: its SHA-256, here as hex.
 fn token_hash(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
+    hex::encode(crate::auth::hash_secret(token))
 }
 
 fn new_token() -> String {
