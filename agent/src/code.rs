@@ -36,7 +36,7 @@ const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// After SIGINT, how long a run may take to stop before the interpreter is
 /// killed.
 const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
-const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
+use crownest_proto::DEFAULT_PATH;
 
 /// One interpreter process.
 struct Runner {
@@ -122,7 +122,7 @@ fn spawn_runner(language: Language, user: Option<ExecUser>) -> io::Result<Runner
         }
     };
     let home = if user.is_some() {
-        "/workspace"
+        crownest_proto::WORKSPACE
     } else {
         "/root"
     };

@@ -24,7 +24,7 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::time::{Instant, sleep_until};
 
-use crate::{Shared, reaper};
+use crate::{Shared, reaper, tree};
 
 /// After the main process exits, output is drained until the pipes reach EOF
 /// or stay quiet this long (a backgrounded grandchild may hold them open).
@@ -153,9 +153,7 @@ where
             },
             () = sleep_until(deadline.unwrap_or(far)), if deadline.is_some() && exit.is_none() && !timed_out => {
                 timed_out = true;
-                if let Err(e) = killpg(pgid, Signal::SIGKILL) {
-                    eprintln!("crownest-agent: kill process group {pgid} on timeout: {e}");
-                }
+                kill_all(pgid);
             },
             () = sleep_until(drain_until.min(drain_cap)), if exit.is_some() => break,
         }
@@ -223,6 +221,11 @@ async fn input_loop<R: AsyncRead + Unpin>(
                 Ok(ExecInput::Stdin(_)) => {}
                 Ok(ExecInput::CloseStdin) => close_requested = true,
                 Ok(ExecInput::Signal(number)) => signal_group(pgid, number, &exited),
+                Ok(ExecInput::Kill) => {
+                    if !exited.load(Ordering::Relaxed) {
+                        kill_all(pgid);
+                    }
+                }
                 Err(e) => {
                     eprintln!("crownest-agent: bad exec input: {e}");
                     reader_open = false;
@@ -262,6 +265,18 @@ async fn write_some(pipe: &mut Option<pipe::Sender>, bytes: &[u8]) -> io::Result
     match pipe {
         Some(pipe) => pipe.write(bytes).await,
         None => std::future::pending().await,
+    }
+}
+
+/// Kills the command's process, everything below it, and its process
+/// group (what left the tree by undoing its subreaper bit but not its
+/// group).
+fn kill_all(pgid: Pid) {
+    tree::kill_tree(pgid.as_raw());
+    if let Err(e) = killpg(pgid, Signal::SIGKILL)
+        && e != nix::errno::Errno::ESRCH
+    {
+        eprintln!("crownest-agent: kill process group {pgid}: {e}");
     }
 }
 
@@ -306,7 +321,7 @@ fn build_command(request: &ExecRequest) -> Result<Command, String> {
         .stderr(Stdio::piped());
     let user = request.user;
     // SAFETY: the closure runs in the forked child before exec; `child_setup`
-    // only calls async-signal-safe functions (open, write, close, setsid,
+    // only calls async-signal-safe functions (open, write, close, setsid, prctl,
     // setgroups, setgid, setuid) and does not allocate.
     unsafe {
         command.pre_exec(move || child_setup(user));
@@ -329,6 +344,14 @@ fn child_setup(user: Option<ExecUser>) -> io::Result<()> {
     }
     // SAFETY: setsid has no memory-safety preconditions.
     if unsafe { libc::setsid() } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // Orphans of what the command starts come back to it, not to the agent,
+    // so a timeout or cancel can find and kill them (see `tree`). Kept
+    // across exec.
+    // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument
+    // and touches no memory of ours.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
         return Err(io::Error::last_os_error());
     }
     if let Some(user) = user {

@@ -32,8 +32,7 @@ use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, unlinkat};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-/// Where the sandbox's writable workspace is mounted.
-pub const WORKSPACE: &str = "/workspace";
+pub use crownest_proto::WORKSPACE;
 
 /// Deepest directory tree a recursive remove descends into.
 const MAX_REMOVE_DEPTH: usize = 256;

@@ -15,6 +15,7 @@ mod files;
 mod reaper;
 mod session;
 mod transport;
+mod tree;
 mod tunnel;
 
 use std::path::{Path, PathBuf};

@@ -42,8 +42,19 @@ pub struct Limits {
     pub output_tail_bytes: usize,
     /// Log bytes kept per command for replay; older events are dropped.
     pub log_retention_bytes: usize,
+    /// Log events kept per command for replay (output is coalesced, so
+    /// this bounds rows and reader work, not bytes).
+    pub log_retention_events: usize,
+    /// Longest interpreter event line a Code Run keeps (a display bundle
+    /// with its images); longer ones are rejected as `output_too_large`
+    /// without being held whole.
+    pub max_run_event_bytes: usize,
+    /// Rich-output bytes one Code Run keeps in memory for its pipeline.
+    pub max_run_output_bytes: usize,
     /// How long to wait for a new sandbox's agent to answer.
     pub agent_connect_timeout_ms: u64,
+    /// Commands running at once in one sandbox; more are `sandbox_busy`.
+    pub max_running_commands_per_sandbox: usize,
 }
 
 impl Default for Limits {
@@ -60,7 +71,11 @@ impl Default for Limits {
             max_command_timeout_ms: 24 * 60 * 60 * 1000,
             output_tail_bytes: 1024 * 1024,
             log_retention_bytes: 16 * 1024 * 1024,
+            log_retention_events: 100_000,
+            max_run_event_bytes: 8 * 1024 * 1024,
+            max_run_output_bytes: 16 * 1024 * 1024,
             agent_connect_timeout_ms: 10_000,
+            max_running_commands_per_sandbox: 64,
         }
     }
 }

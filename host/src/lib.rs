@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod core;
 pub mod ids;
+pub mod model;
 pub mod plugins;
 pub mod rootfs;
 pub mod runtime;

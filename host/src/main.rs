@@ -18,6 +18,7 @@ use crownest::clock::{Clock, rfc3339};
 use crownest::config::{self, Config, Limits};
 use crownest::core::Host;
 use crownest::ids;
+use crownest::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome};
 use crownest::rootfs::RootfsCache;
 use crownest::runtime::OciRuntime;
 use crownest::store::{AuditRow, Quota, SqliteStore, Store, StoreHandle};
@@ -333,7 +334,7 @@ fn keys(command: KeysCommand) -> Result<()> {
                 store.blocking(),
                 &minted.row.org_id,
                 minted.row.project_id.clone(),
-                "key.create",
+                AuditAction::KeyCreate,
                 &minted.row.id,
                 now,
             )?;
@@ -379,7 +380,7 @@ fn keys(command: KeysCommand) -> Result<()> {
                     store.blocking(),
                     &listing.key.org_id,
                     listing.key.project_id,
-                    "key.revoke",
+                    AuditAction::KeyRevoke,
                     &id,
                     now,
                 )?;
@@ -395,8 +396,8 @@ fn operator_audit(
     store: &dyn Store,
     org_id: &str,
     project_id: Option<String>,
-    action: &str,
-    key_id: &str,
+    action: AuditAction,
+    resource_id: &str,
     now: i64,
 ) -> Result<()> {
     store.insert_audit(&AuditRow {
@@ -405,14 +406,14 @@ fn operator_audit(
         org_id: Some(org_id.to_string()),
         project_id,
         actor_key_id: None,
-        actor: String::from("operator"),
-        action: action.to_string(),
-        resource_type: Some(String::from("key")),
-        resource_id: Some(key_id.to_string()),
-        outcome: String::from("success"),
+        actor: AuditActor::Operator,
+        action,
+        resource_type: Some(action.resource()),
+        resource_id: Some(resource_id.to_string()),
+        outcome: AuditOutcome::Success,
         status: None,
         request_id: None,
-        details: String::from("{}"),
+        details: AuditDetails::default(),
     })?;
     Ok(())
 }
@@ -452,6 +453,14 @@ fn orgs(command: OrgsCommand) -> Result<()> {
                 max_command_output_bytes,
             );
             store.blocking().set_quota(&org_row.id, &quota)?;
+            operator_audit(
+                store.blocking(),
+                &org_row.id,
+                None,
+                AuditAction::QuotaSet,
+                &org_row.id,
+                now,
+            )?;
             print_quota(&org, &quota);
         }
         OrgsCommand::Show { org, data } => {

@@ -322,14 +322,15 @@ async fn remove_if_exists(path: &Path) -> Result<(), RootfsError> {
     }
 }
 
-#[cfg(test)]
-pub(crate) mod tests {
-    use super::*;
+/// Templates and caches for tests of the real parts (the tiny rootfs that
+/// runtime and end-to-end tests build once and share).
+pub mod testing {
+    use super::RootfsCache;
     use crate::templates::{Template, TemplateSource};
 
     /// The smallest useful template: bookworm's Essential packages only
     /// (about 12 s to build here), for tests that need a real rootfs.
-    pub(crate) fn tiny_template() -> Template {
+    pub fn tiny_template() -> Template {
         let text = r#"
 name = "tiny"
 [rootfs]
@@ -354,9 +355,15 @@ name = "user"
 
     /// A cache shared by test runs (built on first use, reused afterwards),
     /// in a world-searchable place so sandboxes can reach it.
-    pub(crate) fn test_cache() -> RootfsCache {
+    pub fn test_cache() -> RootfsCache {
         RootfsCache::new(std::env::temp_dir().join("crownest-test-cache"))
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::tiny_template;
+    use super::*;
 
     #[test]
     fn path_is_name_dash_recipe_hash_under_rootfs() {
@@ -388,28 +395,5 @@ name = "user"
             .expect("hook");
         assert!(hook.contains("user:x:1000:1000:") && hook.contains("/workspace"));
         assert_eq!(&args[args.len() - 2..], ["bookworm", "/x/.tmp"]);
-    }
-
-    /// Real mmdebstrap: builds (or finds) the tiny rootfs, twice at once;
-    /// both callers get the same finished tree and no temp dir is left.
-    #[tokio::test]
-    async fn concurrent_builds_of_one_recipe_share_one_finished_tree() {
-        let cache = test_cache();
-        let t = tiny_template();
-        let (a, b) = tokio::join!(cache.build(&t, false), cache.build(&t, false));
-        let (a, b) = (a.expect("build a"), b.expect("build b"));
-        assert_eq!(a, b);
-        assert!(cache.is_built(&t));
-        let passwd = std::fs::read_to_string(a.join("etc/passwd")).expect("passwd");
-        assert!(passwd.contains("user:x:1000:1000:"), "{passwd}");
-        for dir in ["workspace", "tmp", "run", "home/user"] {
-            assert!(a.join(dir).is_dir(), "{dir} missing");
-        }
-        let leftovers: Vec<_> = std::fs::read_dir(cache.cache_dir().join("rootfs"))
-            .expect("read cache")
-            .filter_map(Result::ok)
-            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
-            .collect();
-        assert!(leftovers.is_empty());
     }
 }

@@ -406,6 +406,13 @@ impl TemplateSet {
         Ok(Self { templates })
     }
 
+    /// A set of exactly these templates (tests, and hosts built in code).
+    pub fn from_templates(templates: impl IntoIterator<Item = Template>) -> Self {
+        Self {
+            templates: templates.into_iter().map(|t| (t.name.clone(), t)).collect(),
+        }
+    }
+
     pub fn get(&self, name: &str) -> Option<&Template> {
         self.templates.get(name)
     }

@@ -21,6 +21,7 @@
 
 pub mod code;
 pub mod frame;
+pub mod fuzzing;
 pub mod handshake;
 #[cfg(feature = "tokio")]
 pub mod mux;
@@ -33,6 +34,13 @@ pub const PROTOCOL_VERSION: u16 = 1;
 
 /// The oldest protocol version this build still accepts from its peer.
 pub const MIN_PROTOCOL_VERSION: u16 = 1;
+
+/// The sandbox's writable workspace: commands start here, file paths are
+/// resolved beneath it, and artifacts are promoted from it.
+pub const WORKSPACE: &str = "/workspace";
+
+/// The `PATH` every process in a sandbox gets unless its caller sets one.
+pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Upper bound of one frame's payload, in bytes. Output chunks are split to
 /// fit, so a peer announcing more is broken or hostile.
@@ -271,6 +279,10 @@ pub enum ExecInput {
     CloseStdin,
     /// Deliver this signal number to the process group.
     Signal(i32),
+    /// Kill the process and everything it started, wherever it moved
+    /// (`setsid`, double forks): cancel. Appended: earlier variants keep
+    /// their encoding.
+    Kill,
 }
 
 /// Agent to host, on an exec stream.

@@ -11,6 +11,7 @@ mod commands;
 mod escape;
 mod files;
 mod ledger;
+mod parts;
 mod previews;
 mod restart;
 mod sandboxes;

@@ -20,6 +20,11 @@ pub const MAX_RUN_BYTES: usize = 256 * 1024 * 1024;
 pub enum RunOutput {
     /// One complete interpreter event line (JSON, untrusted).
     Event(Vec<u8>),
+    /// An event line longer than the run's bound: its bytes were dropped
+    /// as they arrived, never held whole.
+    OversizedEvent {
+        size: usize,
+    },
     Stdout(Vec<u8>),
     Stderr(Vec<u8>),
     Finished(RunEnd),
@@ -30,6 +35,10 @@ pub struct RunSession {
     reader: StreamReader,
     frames: FrameReader,
     partial: Vec<u8>,
+    /// Bytes of the current event when it is being dropped (oversized).
+    dropping: Option<usize>,
+    /// Longest event line kept whole.
+    max_event: usize,
     received: usize,
     done: bool,
     _writer: StreamWriter,
@@ -66,13 +75,18 @@ impl RunSession {
                 crownest_proto::decode(&payload).map_err(AgentError::from_read)?;
             match event {
                 RunEvent::EventPart { data, last } => {
-                    if self.partial.len() + data.len() > MAX_EVENT_LEN {
-                        return Err(AgentError::Protocol(format!(
-                            "an interpreter event exceeded {MAX_EVENT_LEN} bytes"
-                        )));
+                    if let Some(size) = &mut self.dropping {
+                        *size += data.len();
+                    } else if self.partial.len() + data.len() > self.max_event {
+                        self.dropping = Some(self.partial.len() + data.len());
+                        self.partial = Vec::new();
+                    } else {
+                        self.partial.extend_from_slice(&data);
                     }
-                    self.partial.extend_from_slice(&data);
                     if last {
+                        if let Some(size) = self.dropping.take() {
+                            return Ok(RunOutput::OversizedEvent { size });
+                        }
                         return Ok(RunOutput::Event(std::mem::take(&mut self.partial)));
                     }
                 }
@@ -105,13 +119,20 @@ impl AgentClient {
         .await
     }
 
-    /// Runs code in a context.
-    pub async fn code_run(&self, request: RunRequest) -> Result<RunSession, AgentError> {
+    /// Runs code in a context; event lines over `max_event` bytes (at most
+    /// [`MAX_EVENT_LEN`]) come back as [`RunOutput::OversizedEvent`].
+    pub async fn code_run(
+        &self,
+        request: RunRequest,
+        max_event: usize,
+    ) -> Result<RunSession, AgentError> {
         let (reader, writer) = self.open(&Open::CodeRun(request)).await?;
         Ok(RunSession {
             reader,
             frames: FrameReader::default(),
             partial: Vec::new(),
+            dropping: None,
+            max_event: max_event.min(MAX_EVENT_LEN),
             received: 0,
             done: false,
             _writer: writer,

@@ -14,7 +14,6 @@
 //! from the agent can panic the host.
 
 use std::future::poll_fn;
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::Poll;
@@ -37,18 +36,9 @@ pub use code::{MAX_RUN_BYTES, RunOutput, RunSession};
 pub use files::{FileReader, FileWriter};
 pub use tunnel::Tunnel;
 
-/// How long to wait between attempts while the agent's socket does not
-/// accept connections yet.
-const CONNECT_RETRY: Duration = Duration::from_millis(5);
-
 /// Failures talking to an agent.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("cannot connect to agent socket {path}: {source}")]
-    Connect {
-        path: PathBuf,
-        source: std::io::Error,
-    },
     #[error("agent handshake failed: {0}")]
     Handshake(ProtoError),
     #[error("agent connection closed")]
@@ -123,29 +113,8 @@ impl std::fmt::Debug for AgentClient {
 }
 
 impl AgentClient {
-    /// Connects to the agent's unix socket, retrying (socket may not exist yet / refuse) until `timeout`, then handshakes.
-    pub async fn connect_unix(path: &Path, timeout: Duration) -> Result<AgentClient, AgentError> {
-        let deadline = tokio::time::Instant::now() + timeout;
-        let stream = loop {
-            match tokio::net::UnixStream::connect(path).await {
-                Ok(stream) => break stream,
-                Err(source) => {
-                    if tokio::time::Instant::now() + CONNECT_RETRY >= deadline {
-                        return Err(AgentError::Connect {
-                            path: path.to_owned(),
-                            source,
-                        });
-                    }
-                    tokio::time::sleep(CONNECT_RETRY).await;
-                }
-            }
-        };
-        tokio::time::timeout_at(deadline, Self::connect(stream))
-            .await
-            .map_err(|_| AgentError::Timeout)?
-    }
-
-    /// Handshake + yamux over any transport (serial, tests).
+    /// Handshake + yamux over a byte stream to the agent (what a runtime's
+    /// `AgentChannel` opens).
     pub async fn connect<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         mut transport: T,
     ) -> Result<AgentClient, AgentError> {
@@ -405,6 +374,11 @@ impl ExecInput {
     /// Delivers a signal (by number) to the process's process group.
     pub async fn signal(&self, signal: i32) -> Result<(), AgentError> {
         self.send(&crownest_proto::ExecInput::Signal(signal)).await
+    }
+
+    /// Kills the process and every process it started.
+    pub async fn kill_all(&self) -> Result<(), AgentError> {
+        self.send(&crownest_proto::ExecInput::Kill).await
     }
 
     async fn send(&self, message: &crownest_proto::ExecInput) -> Result<(), AgentError> {

@@ -12,14 +12,21 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
+use super::ledger::mutation;
 use super::pagination::{Page, PageQuery};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Audited, Caller};
 use crate::clock::rfc3339;
+use crate::model::AuditAction;
 use crate::store::{ArtifactRow, Cursor};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create_artifact, list_sandbox_artifacts))
+        .routes(routes!(list_sandbox_artifacts))
+        .routes(mutation(
+            AuditAction::ArtifactCreate,
+            Some("artifacts:create"),
+            routes!(create_artifact),
+        ))
         .routes(routes!(list_artifacts))
         .routes(routes!(get_artifact))
         .routes(routes!(artifact_content))
@@ -81,13 +88,13 @@ async fn create_artifact(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CreateArtifactBody>,
-) -> Result<(StatusCode, ApiJson<ArtifactView>), ApiError> {
+) -> Result<Audited<ArtifactView>, ApiError> {
     let principal = caller.require("artifacts:create")?;
     let row = state
         .host
         .create_artifact(principal, &id, &body.path, body.name)
         .await?;
-    Ok((CREATED, ApiJson(render(row))))
+    Ok(Audited::created(row.id.clone(), render(row)))
 }
 
 /// Artifacts promoted from one sandbox (also after it was destroyed).

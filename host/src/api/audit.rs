@@ -11,6 +11,7 @@ use super::error::ErrorEnvelope;
 use super::{ApiError, ApiJson, ApiQuery, AppState, Caller};
 use crate::clock::{parse_rfc3339, rfc3339};
 use crate::core::ledger::UsageGroup;
+use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, ResourceKind};
 use crate::store::{AuditFilter, AuditRow};
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -45,20 +46,19 @@ pub struct AuditEventView {
     /// `evt_…`
     pub id: String,
     pub at: String,
-    /// `key`, `operator`, `system` or `anonymous`.
-    pub actor: String,
+    /// `key` (an API key), `operator` (the CLI), `system` (the host, e.g.
+    /// the TTL reaper) or `token` (a staged transfer URL).
+    pub actor: AuditActor,
     pub actor_key_id: Option<String>,
     pub org_id: Option<String>,
     pub project_id: Option<String>,
-    pub action: String,
-    pub resource_type: Option<String>,
+    pub action: AuditAction,
+    pub resource_type: Option<ResourceKind>,
     pub resource_id: Option<String>,
-    /// `success`, `denied` or `failed`.
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     pub status: Option<i64>,
     pub request_id: Option<String>,
-    #[schema(value_type = Object)]
-    pub details: serde_json::Value,
+    pub details: AuditDetails,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -70,7 +70,7 @@ pub struct AuditPage {
 
 fn render(row: AuditRow) -> AuditEventView {
     AuditEventView {
-        details: serde_json::from_str(&row.details).unwrap_or_else(|_| serde_json::json!({})),
+        details: row.details,
         id: row.id,
         at: rfc3339(row.at),
         actor: row.actor,
@@ -128,7 +128,26 @@ async fn list_audit_events(
         org_id: String::new(),
         project_id: None,
         resource_id: query.resource_id,
-        action: query.action,
+        action: query
+            .action
+            .as_deref()
+            .map(|name| {
+                AuditAction::from_name(name).ok_or_else(|| {
+                    ApiError::invalid(
+                        "action",
+                        format!(
+                            "unknown action `{}`; known: {}",
+                            name.chars().take(64).collect::<String>(),
+                            AuditAction::ALL
+                                .iter()
+                                .map(|a| a.name())
+                                .collect::<Vec<_>>()
+                                .join(", ")
+                        ),
+                    )
+                })
+            })
+            .transpose()?,
         from: time_param("from", query.from.as_deref())?,
         to: time_param("to", query.to.as_deref())?,
         after,

@@ -15,19 +15,35 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
-use super::ledger::IdempotencyTicket;
-use super::{ApiError, ApiJson, ApiPath, AppState, CREATED, Caller};
+use super::ledger::{IdempotencyTicket, mutation};
+use super::{ApiError, ApiJson, ApiPath, AppState, Audited, Caller};
 use crate::clock::rfc3339;
 use crate::core::code::{
-    ArtifactPolicy, CodeContext, RunCode, RunCodeResult, RunStreamEvent, parse_language,
+    ArtifactPolicy, CodeContext, InlineContent, RunCode, RunCodeResult, RunError, RunOutput,
+    RunStreamEvent, parse_language,
 };
+use crate::model::AuditAction;
 use crate::store::StoredResponse;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create_context, list_contexts))
-        .routes(routes!(get_context, delete_context))
-        .routes(routes!(run_code))
+        .routes(routes!(list_contexts))
+        .routes(mutation(
+            AuditAction::CodeContextCreate,
+            Some("code:run"),
+            routes!(create_context),
+        ))
+        .routes(routes!(get_context))
+        .routes(mutation(
+            AuditAction::CodeContextDelete,
+            Some("code:run"),
+            routes!(delete_context),
+        ))
+        .routes(mutation(
+            AuditAction::CodeRun,
+            Some("code:run"),
+            routes!(run_code),
+        ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -96,7 +112,7 @@ async fn create_context(
     caller: Caller,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CreateContextBody>,
-) -> Result<(StatusCode, ApiJson<ContextView>), ApiError> {
+) -> Result<Audited<ContextView>, ApiError> {
     let principal = caller.require("code:run")?;
     let language = language(&body.language)?;
     let context = state
@@ -109,7 +125,7 @@ async fn create_context(
             body.env.unwrap_or_default().into_iter().collect(),
         )
         .await?;
-    Ok((CREATED, ApiJson(render(context))))
+    Ok(Audited::created(context.id.clone(), render(context)))
 }
 
 /// The sandbox's Code Contexts. Scope `code:read`.
@@ -180,26 +196,134 @@ pub struct RunCodeBody {
 /// The result of a Code Run (also the `complete` event of a streamed run).
 #[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct RunCodeResultView {
+pub struct RunCodeResultBody {
     pub context_id: String,
     /// Ordered stdout chunks.
     pub stdout: Vec<String>,
     /// Ordered stderr chunks.
     pub stderr: Vec<String>,
-    /// Rich outputs: `{type:"inline",format,content}`,
-    /// `{type:"artifact",format,artifactId,mime,size}` or
-    /// `{type:"rejected",format,reason}` with reason `output_too_large`,
-    /// `requires_artifact_promotion` or `unsupported_format`.
-    #[schema(value_type = Vec<Object>)]
-    pub outputs: Vec<serde_json::Value>,
+    /// Rich outputs, inline, promoted to Artifacts, or rejected.
+    pub outputs: Vec<RunOutputBody>,
     pub execution_count: Option<u64>,
-    /// The interpreter's error (`name`, `message`, `traceback`), or null.
-    #[schema(value_type = Option<Object>)]
-    pub error: Option<serde_json::Value>,
+    /// The interpreter's error, or null: a result, not an API error.
+    pub error: Option<RunErrorBody>,
     pub duration_ms: u64,
+    /// The interpreter died during this run; its state is gone.
     pub interpreter_restarted: bool,
+    /// This run started on a fresh interpreter: earlier state is gone.
     pub state_lost: bool,
+    /// Plugin failures and fallbacks, one sentence each.
     pub notes: Vec<String>,
+}
+
+/// One rich output of a Code Run.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(tag = "type", rename_all = "camelCase")]
+pub enum RunOutputBody {
+    /// Small enough to travel in the result.
+    Inline {
+        /// `text`, `markdown`, `html`, `json`, `png`, `jpeg`, `svg`,
+        /// `latex`, `chart`, `data` or `unknown`.
+        format: &'static str,
+        /// Text; for `json`, `data` and `chart` the JSON value; for binary
+        /// formats base64.
+        #[schema(value_type = serde_json::Value)]
+        content: Box<serde_json::value::RawValue>,
+        mime: String,
+    },
+    /// Promoted to an Artifact (`artifactPolicy: "promote"`).
+    #[serde(rename_all = "camelCase")]
+    Artifact {
+        format: &'static str,
+        artifact_id: String,
+        mime: String,
+        size: u64,
+    },
+    /// Neither inlined nor promoted.
+    Rejected {
+        format: &'static str,
+        /// `output_too_large`, `requires_artifact_promotion`,
+        /// `unsupported_format`, `policy_failed`, `quota_exceeded` or
+        /// `promotion_failed`.
+        reason: &'static str,
+    },
+}
+
+/// An interpreter error (the seed's `error`: name, message, traceback).
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunErrorBody {
+    pub name: String,
+    pub message: String,
+    pub traceback: Option<String>,
+}
+
+/// The data of a streamed run's `stdout` and `stderr` events.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunTextEvent {
+    pub text: String,
+}
+
+/// Valid JSON text as a raw value (`null` if it is not, which the core's
+/// `InlineContent::Json` rules out).
+fn raw_json(text: String) -> Box<serde_json::value::RawValue> {
+    serde_json::value::RawValue::from_string(text).unwrap_or_default()
+}
+
+fn output_body(output: RunOutput) -> RunOutputBody {
+    match output {
+        RunOutput::Inline {
+            format,
+            content,
+            mime,
+        } => RunOutputBody::Inline {
+            format: format.as_str(),
+            content: match content {
+                InlineContent::Json(text) => raw_json(text),
+                InlineContent::Text(text) | InlineContent::Base64(text) => {
+                    raw_json(serde_json::to_string(&text).unwrap_or_default())
+                }
+            },
+            mime,
+        },
+        RunOutput::Artifact {
+            format,
+            artifact_id,
+            mime,
+            size,
+        } => RunOutputBody::Artifact {
+            format: format.as_str(),
+            artifact_id,
+            mime,
+            size,
+        },
+        RunOutput::Rejected { format, reason } => RunOutputBody::Rejected {
+            format: format.as_str(),
+            reason: reason.as_str(),
+        },
+    }
+}
+
+fn error_body(error: RunError) -> RunErrorBody {
+    RunErrorBody {
+        name: error.name,
+        message: error.message,
+        traceback: error.traceback,
+    }
+}
+
+pub fn result_body(result: RunCodeResult) -> RunCodeResultBody {
+    RunCodeResultBody {
+        context_id: result.context_id,
+        stdout: result.stdout,
+        stderr: result.stderr,
+        outputs: result.outputs.into_iter().map(output_body).collect(),
+        execution_count: result.execution_count,
+        error: result.error.map(error_body),
+        duration_ms: result.duration_ms,
+        interpreter_restarted: result.interpreter_restarted,
+        state_lost: result.state_lost,
+        notes: result.notes,
+    }
 }
 
 fn accepts_event_stream(headers: &HeaderMap) -> bool {
@@ -211,12 +335,16 @@ fn accepts_event_stream(headers: &HeaderMap) -> bool {
 
 /// Runs code in a Code Context. An interpreter exception is a result (200
 /// with `error` set), not an API error. With `Accept: text/event-stream`
-/// the run streams `stdout`, `stderr`, `output`, `error` and a final
-/// `complete` event carrying the same result (no event ids, no resume).
-/// Scope `code:run`.
+/// the run streams `stdout` and `stderr` (`{"text"}`), `output` (one rich
+/// output), `error` and a final `complete` event carrying the same result
+/// (no event ids, no resume). An `error` event is either the interpreter's
+/// exception (`{"name","message","traceback"}`, the run goes on to
+/// `complete`) or an API failure (the error envelope, `{"error":{"code",
+/// "message","details"}}`, and the stream ends): `"error" in data` tells
+/// them apart. Scope `code:run`.
 #[utoipa::path(post, path = "/v1/sandboxes/{id}/code/runs", tag = "code",
     params(("id" = String, Path, description = "sandbox id")), request_body = RunCodeBody,
-    responses((status = 200, body = RunCodeResultView),
+    responses((status = 200, body = RunCodeResultBody),
         (status = 400, description = "unsupported_code_language, context_language_mismatch", body = ErrorEnvelope),
         (status = 413, description = "code_source_too_large", body = ErrorEnvelope),
         (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope)))]
@@ -247,22 +375,26 @@ async fn run_code(
         timeout_ms: body.timeout_ms,
     };
     let host = state.host.clone();
-    host.validate_run(&request)?;
+    let request = request.validate()?;
     let target = host.context_for_run(&principal, &id, &request).await?;
+    let context_id = target.context.id.clone();
     if !accepts_event_stream(&headers) {
         let result = host.run_code(&principal, &target, request, None).await?;
-        return Ok(ApiJson(result).into_response());
+        return Ok(Audited::ok(context_id, result_body(result)).into_response());
     }
     let (tx, rx) = tokio::sync::mpsc::channel(256);
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let ticket = ticket.map(|t| t.0);
     tokio::spawn(async move {
-        let result = host.run_code(&principal, &target, request, Some(tx)).await;
+        let result = host
+            .run_code(&principal, &target, request, Some(tx))
+            .await
+            .map(result_body);
         if let (Some(ticket), Ok(result)) = (&ticket, &result) {
             // The stream cannot be stored; its result can, for replays.
             let body = serde_json::to_vec(result).unwrap_or_default();
             host.idempotency_complete(
-                &ticket.org_id,
+                &ticket.owner,
                 &ticket.key,
                 StoredResponse {
                     status: 200,
@@ -272,44 +404,31 @@ async fn run_code(
             )
             .await;
         } else if let Some(ticket) = &ticket {
-            host.idempotency_abandon(&ticket.org_id, &ticket.key).await;
+            host.idempotency_abandon(&ticket.owner, &ticket.key).await;
         }
         let _ = done_tx.send(result);
     });
     let live = tokio_stream::wrappers::ReceiverStream::new(rx).map(|event| {
         Ok::<_, Infallible>(match event {
-            RunStreamEvent::Stdout(text) => {
-                json_event("stdout", &serde_json::json!({ "text": text }))
-            }
-            RunStreamEvent::Stderr(text) => {
-                json_event("stderr", &serde_json::json!({ "text": text }))
-            }
-            RunStreamEvent::Output(output) => json_event("output", &output),
-            RunStreamEvent::Error(error) => json_event("error", &error),
+            RunStreamEvent::Stdout(text) => json_event("stdout", &RunTextEvent { text }),
+            RunStreamEvent::Stderr(text) => json_event("stderr", &RunTextEvent { text }),
+            RunStreamEvent::Output(output) => json_event("output", &output_body(output)),
+            RunStreamEvent::Error(error) => json_event("error", &error_body(error)),
         })
     });
     let end = futures::stream::once(async move {
         Ok::<_, Infallible>(match done_rx.await {
-            Ok(Ok(result)) => complete_event(&result),
-            Ok(Err(e)) => {
-                let error = ApiError::from(e);
-                json_event(
-                    "error",
-                    &serde_json::json!({ "code": error.code, "message": error.message }),
-                )
-            }
-            Err(_) => json_event(
-                "error",
-                &serde_json::json!({ "code": "internal", "message": "the run ended unexpectedly" }),
-            ),
+            Ok(Ok(result)) => json_event("complete", &result),
+            Ok(Err(e)) => ApiError::from(e).sse_event(),
+            Err(_) => ApiError::internal().sse_event(),
         })
     });
     let mut response = Sse::new(live.chain(end))
         .keep_alive(KeepAlive::new().interval(super::SSE_KEEPALIVE))
         .into_response();
-    response
-        .extensions_mut()
-        .insert(super::ledger::StreamCompletesIdempotency);
+    let extensions = response.extensions_mut();
+    extensions.insert(super::ledger::StreamCompletesIdempotency);
+    extensions.insert(super::ledger::AuditResource(context_id));
     Ok(response)
 }
 
@@ -318,11 +437,6 @@ fn json_event<T: Serialize>(name: &str, data: &T) -> Event {
         .event(name)
         .json_data(data)
         .unwrap_or_default()
-}
-
-/// The `complete` event of a run.
-pub fn complete_event(result: &RunCodeResult) -> Event {
-    json_event("complete", result)
 }
 
 #[cfg(test)]

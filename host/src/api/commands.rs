@@ -15,22 +15,40 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
+use super::ledger::mutation;
 use super::pagination::{Page, PageQuery};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Audited, Caller, KnownQuota};
 use crate::clock::rfc3339;
-use crate::core::artifacts::CollectItem;
 use crate::core::commands::parse_signal;
 use crate::core::{LogEvent, RunCommand};
-use crate::store::{CommandRow, Cursor};
+use crate::model::{AuditAction, CollectItem, Collected, CommandExit, CommandStatus, OutputStream};
+use crate::store::{CommandRow, Cursor, LogBody};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(run_command, list_commands))
+        .routes(routes!(list_commands))
+        .routes(mutation(
+            AuditAction::CommandRun,
+            Some("commands:run"),
+            routes!(run_command),
+        ))
         .routes(routes!(get_command))
         .routes(routes!(command_logs))
-        .routes(routes!(command_stdin))
-        .routes(routes!(command_signal))
-        .routes(routes!(cancel_command))
+        .routes(mutation(
+            AuditAction::CommandStdin,
+            Some("commands:run"),
+            routes!(command_stdin),
+        ))
+        .routes(mutation(
+            AuditAction::CommandSignal,
+            Some("commands:kill"),
+            routes!(command_signal),
+        ))
+        .routes(mutation(
+            AuditAction::CommandCancel,
+            Some("commands:kill"),
+            routes!(cancel_command),
+        ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -66,7 +84,7 @@ pub struct CollectBody {
     pub name: Option<String>,
 }
 
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
+#[derive(Debug, Serialize, ToSchema)]
 #[serde(rename_all = "camelCase")]
 pub struct CollectedView {
     pub path: String,
@@ -86,9 +104,9 @@ pub struct CommandView {
     pub command: String,
     pub cwd: String,
     pub background: bool,
-    /// `running`, `completed` (any exit code), `failed` (could not run or
-    /// the sandbox went away), `timed_out` or `canceled`.
-    pub status: String,
+    /// `completed` is any exit code; `failed`: it could not run or its
+    /// sandbox went away.
+    pub status: CommandStatus,
     /// Exit code when the process exited; null while running or when a
     /// signal ended it.
     pub exit_code: Option<i64>,
@@ -136,11 +154,20 @@ fn render(row: CommandRow) -> CommandView {
         ended_at: row.ended_at.map(rfc3339),
         cancel_requested_at: row.cancel_requested_at.map(rfc3339),
         error: row.error,
-        artifacts: row
-            .collected
-            .as_deref()
-            .and_then(|c| serde_json::from_str(c).ok())
-            .or_else(|| row.collect.as_ref().map(|_| Vec::new())),
+        artifacts: match row.collected {
+            Some(collected) => Some(collected.into_iter().map(collected_view).collect()),
+            None if !row.collect.is_empty() => Some(Vec::new()),
+            None => None,
+        },
+    }
+}
+
+fn collected_view(c: Collected) -> CollectedView {
+    CollectedView {
+        path: c.path,
+        name: c.name,
+        artifact_id: c.artifact_id,
+        error: c.error,
     }
 }
 
@@ -156,10 +183,10 @@ fn render(row: CommandRow) -> CommandView {
 async fn run_command(
     State(state): State<AppState>,
     caller: Caller,
-    quota: Option<axum::Extension<super::ledger::KnownQuota>>,
+    quota: Option<axum::Extension<KnownQuota>>,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<RunCommandBody>,
-) -> Result<ApiJson<CommandView>, ApiError> {
+) -> Result<Audited<CommandView>, ApiError> {
     let principal = caller.require("commands:run")?;
     let request = RunCommand {
         command: body.command,
@@ -176,10 +203,12 @@ async fn run_command(
                 name: c.name,
             })
             .collect(),
-        quota: quota.map(|q| q.0.0),
     };
-    let row = state.host.run_command(principal, &id, request).await?;
-    Ok(ApiJson(render(row)))
+    let row = state
+        .host
+        .run_command(principal, &id, request, quota.map(|q| q.0.0))
+        .await?;
+    Ok(Audited::ok(row.id.clone(), render(row)))
 }
 
 /// Commands of a sandbox, newest first. Scope `commands:read`.
@@ -277,29 +306,53 @@ async fn command_logs(
     let events = futures::StreamExt::map(stream, |item| {
         Ok::<_, Infallible>(match item {
             Ok(event) => sse_event(event),
-            Err(e) => {
-                let error = ApiError::from(e);
-                Event::default()
-                    .event("error")
-                    .json_data(serde_json::json!({ "code": error.code, "message": error.message }))
-                    .unwrap_or_default()
-            }
+            Err(e) => ApiError::from(e).sse_event(),
         })
     });
     Ok(Sse::new(events).keep_alive(KeepAlive::new().interval(super::SSE_KEEPALIVE)))
 }
 
+/// The data of a log's `stdout` or `stderr` event.
+#[derive(Serialize, ToSchema)]
+pub struct OutputEvent<'a> {
+    /// The text (invalid UTF-8 replaced).
+    pub data: std::borrow::Cow<'a, str>,
+}
+
+/// The data of a log's last event, `exit`.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ExitEvent {
+    pub status: CommandStatus,
+    pub exit_code: Option<i64>,
+    pub signal: Option<i64>,
+    pub error: Option<String>,
+}
+
 fn sse_event(event: LogEvent) -> Event {
-    let data = if event.kind == "exit" {
-        serde_json::from_slice(&event.data).unwrap_or(serde_json::Value::Null)
-    } else {
-        serde_json::json!({ "data": String::from_utf8_lossy(&event.data) })
-    };
-    Event::default()
-        .id(event.seq.to_string())
-        .event(event.kind)
-        .json_data(data)
-        .unwrap_or_default()
+    let base = Event::default().id(event.seq.to_string());
+    match &event.body {
+        LogBody::Output { stream, data } => base
+            .event(match stream {
+                OutputStream::Stdout => "stdout",
+                OutputStream::Stderr => "stderr",
+            })
+            .json_data(OutputEvent {
+                data: String::from_utf8_lossy(data),
+            }),
+        LogBody::Exit(CommandExit {
+            status,
+            exit_code,
+            signal,
+            error,
+        }) => base.event("exit").json_data(ExitEvent {
+            status: *status,
+            exit_code: *exit_code,
+            signal: *signal,
+            error: error.clone(),
+        }),
+    }
+    .unwrap_or_default()
 }
 
 #[derive(Debug, Deserialize, ToSchema)]

@@ -100,12 +100,35 @@ impl ApiError {
     }
 }
 
+/// Put in an error response's extensions: its code, for the audit record.
+#[derive(Debug, Clone, Copy)]
+pub struct ErrorCode(pub &'static str);
+
+impl ApiError {
+    /// The envelope, `{"error":{"code","message","details"}}`.
+    pub fn envelope(&self) -> Value {
+        json!({
+            "error": { "code": self.code, "message": self.message, "details": self.details }
+        })
+    }
+
+    /// The same envelope as an SSE `error` event: every stream reports an
+    /// API failure this way, so `"error" in data` tells it apart from a
+    /// Code Run's interpreter error (whose data has `name` and `message`).
+    pub fn sse_event(&self) -> axum::response::sse::Event {
+        axum::response::sse::Event::default()
+            .event("error")
+            .json_data(self.envelope())
+            .unwrap_or_default()
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({
-            "error": { "code": self.code, "message": self.message, "details": self.details }
-        });
-        (self.status, Json(body)).into_response()
+        let code = ErrorCode(self.code);
+        let mut response = (self.status, Json(self.envelope())).into_response();
+        response.extensions_mut().insert(code);
+        response
     }
 }
 
@@ -138,6 +161,17 @@ impl From<CoreError> for ApiError {
             )
             .with_details(json!({ "template": name })),
             E::Invalid { field, message } => Self::invalid(field, message),
+            E::MissingScope(scope) => Self::forbidden(scope),
+            E::SandboxBusy {
+                sandbox_id,
+                what,
+                max,
+            } => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sandbox_busy",
+                format!("sandbox `{sandbox_id}` is at its limit of {max} {what}; wait for some to end and retry"),
+            )
+            .with_details(json!({ "sandboxId": sandbox_id, "limit": what, "max": max })),
             E::CommandNotRunning(id) => Self::new(
                 StatusCode::CONFLICT,
                 "command_not_running",
@@ -150,12 +184,16 @@ impl From<CoreError> for ApiError {
                 format!("command `{id}` was not started with \"stdin\": true"),
             )
             .with_details(json!({ "commandId": id })),
-            E::Capacity(live) => Self::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "capacity_exhausted",
-                "this host runs as many sandboxes as it can; kill one or retry later",
-            )
-            .with_details(json!({ "liveSandboxes": live })),
+            E::Capacity(live) => {
+                // The host-wide count is the operator's business, not a
+                // tenant's: it stays in the log.
+                tracing::warn!(live_sandboxes = live, "sandbox capacity exhausted");
+                Self::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "capacity_exhausted",
+                    "this host runs as many sandboxes as it can; kill one or retry later",
+                )
+            }
             E::TemplateBuild { template, message } => {
                 tracing::error!(%template, %message, "template build failed");
                 Self::new(
@@ -195,14 +233,12 @@ impl From<CoreError> for ApiError {
                 format!("the code is {size} bytes; a run accepts at most {max}"),
             )
             .with_details(json!({ "size": size, "max": max })),
-            E::ContextFailed(message) => {
-                tracing::warn!(%message, "code context failed to start");
-                Self::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "code_context_failed",
-                    format!("the interpreter could not be started: {message}"),
-                )
-            }
+            E::ContextFailed(language) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "code_context_failed",
+                format!("the {} interpreter could not be started; retry, and if it persists the server log has the cause", language.as_str()),
+            )
+            .with_details(json!({ "language": language.as_str() })),
             E::IdempotencyKeyReused(key) => Self::new(
                 StatusCode::CONFLICT,
                 "idempotency_key_reused",
@@ -271,7 +307,7 @@ impl From<CoreError> for ApiError {
                 "transfer_used",
                 "this transfer URL was already used (each is good for one request); create a new one",
             ),
-            other @ E::TransferKey(_) => {
+            other @ E::ServerKey(_) => {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()
             }

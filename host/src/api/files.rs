@@ -17,10 +17,12 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
+use super::ledger::{AuditOrg, mutation};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller};
 use crate::clock::rfc3339;
 use crate::core::CoreError;
-use crate::core::files::{TransferKind, display_path, normalize_path};
+use crate::core::files::{display_path, normalize_path};
+use crate::model::{AuditAction, TransferKind};
 
 /// Largest body of a direct `PUT …/files`; larger files go through
 /// `POST …/files/uploads`.
@@ -33,14 +35,45 @@ const DRAIN_MAX_BYTES: u64 = 2 * DIRECT_MAX_BYTES;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(write_file, read_file, delete_file))
+        .routes(routes!(read_file))
+        .routes(mutation(
+            AuditAction::FileWrite,
+            Some("files:write"),
+            routes!(write_file),
+        ))
+        .routes(mutation(
+            AuditAction::FileDelete,
+            Some("files:write"),
+            routes!(delete_file),
+        ))
         .routes(routes!(list_files))
         .routes(routes!(stat_file))
-        .routes(routes!(move_file))
-        .routes(routes!(make_dir))
-        .routes(routes!(create_upload))
-        .routes(routes!(create_download))
-        .routes(routes!(transfer_upload, transfer_download))
+        .routes(mutation(
+            AuditAction::FileMove,
+            Some("files:write"),
+            routes!(move_file),
+        ))
+        .routes(mutation(
+            AuditAction::FileMkdir,
+            Some("files:write"),
+            routes!(make_dir),
+        ))
+        .routes(mutation(
+            AuditAction::FileUploadUrl,
+            Some("files:write"),
+            routes!(create_upload),
+        ))
+        .routes(mutation(
+            AuditAction::FileDownloadUrl,
+            Some("files:read"),
+            routes!(create_download),
+        ))
+        .routes(routes!(transfer_download))
+        .routes(mutation(
+            AuditAction::FileTransfer,
+            None,
+            routes!(transfer_upload),
+        ))
 }
 
 #[derive(Debug, Deserialize, IntoParams)]
@@ -475,25 +508,35 @@ async fn transfer_upload(
     ApiPath(token): ApiPath<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<ApiJson<FileView>, ApiError> {
-    let transfer = state
+) -> Response {
+    let transfer = match state
         .host
         .claim_transfer(&token, TransferKind::Upload)
-        .await?;
+        .await
+    {
+        Ok(transfer) => transfer,
+        Err(e) => return ApiError::from(e).into_response(),
+    };
+    // A valid token acts for the transfer's org: audit it there.
+    let org = AuditOrg(transfer.org_id.clone());
     let max = transfer.max_bytes.unwrap_or(0).max(0) as u64;
-    if declared_length(&headers).is_some_and(|len| len > max) {
-        return Err(CoreError::File {
+    let result = if declared_length(&headers).is_some_and(|len| len > max) {
+        Err(ApiError::from(CoreError::File {
             kind: FileErrorKind::TooLarge,
             path: display_path(&transfer.path),
             message: format!("the upload is larger than its limit of {max} bytes"),
-        }
-        .into());
-    }
-    let info = state
-        .host
-        .upload_transfer(&transfer, body_stream(body))
-        .await?;
-    Ok(ApiJson(render(display_path(&transfer.path), info)))
+        }))
+    } else {
+        state
+            .host
+            .upload_transfer(&transfer, body_stream(body))
+            .await
+            .map(|info| ApiJson(render(display_path(&transfer.path), info)))
+            .map_err(ApiError::from)
+    };
+    let mut response = result.into_response();
+    response.extensions_mut().insert(org);
+    response
 }
 
 /// Downloads through a staged URL: the raw bytes with `Content-Length`, no

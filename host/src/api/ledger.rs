@@ -1,30 +1,79 @@
-//! The ledger middleware, around every matched mutating route: it
-//! authenticates once, enforces the org's request body quota, makes the
-//! request idempotent when it carries an `Idempotency-Key`, and writes an
-//! audit event for the outcome (success, denied or failed).
+//! The ledger around every mutating route, in layers that each do one thing:
+//!
+//! 1. [`mutation`] registers a route with what it declares about itself
+//!    ([`Declared`]: its audit action and the scope it needs). A route
+//!    registered without it has no ledger at all, and the test
+//!    `every_mutating_route_declares_its_audit_record` fails.
+//! 2. [`audit`] writes one typed audit record for the outcome (success,
+//!    denied, failed) from the declaration, the path, and what the handler
+//!    put in the response's extensions ([`AuditResource`], [`AuditOrg`],
+//!    the error code). Nothing is read back from response bytes.
+//! 3. [`idempotency`] enforces the org's body quota, then makes a request
+//!    with an `Idempotency-Key` replay: authorised exactly like a fresh one
+//!    (the declared scope is checked first), keyed by org and API key, the
+//!    stored response sealed at rest.
+//!
+//! Authentication happened before, once, in `api::authenticate`.
 
 use axum::RequestPartsExt;
 use axum::body::{Body, Bytes};
-use axum::extract::{MatchedPath, RawPathParams, Request, State};
+use axum::extract::{Extension, RawPathParams, Request};
 use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use serde_json::{Value, json};
+use utoipa_axum::router::UtoipaMethodRouter;
 
-use super::error::{ApiError, payload_too_large};
-use super::{AppState, Authenticated, presented_key_of};
-use crate::core::ledger::{AuditEvent, Idempotency, request_hash};
+use super::error::{ApiError, ErrorCode, payload_too_large};
+use super::{AppState, Authenticated, KnownQuota};
+use crate::core::ledger::{AuditEvent, Idempotency, IdempotencyOwner, request_hash};
+use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, ResourceKind};
 use crate::store::StoredResponse;
 
 /// Largest body buffered to fingerprint an idempotent request or to record
 /// a response.
 const MAX_BUFFERED: usize = 64 * 1024 * 1024;
 
+/// Longest file path kept in an audit record.
+const MAX_AUDIT_PATH: usize = 4096;
+
+/// What a mutating route declares about itself.
+#[derive(Debug, Clone, Copy)]
+pub struct Declared {
+    pub action: AuditAction,
+    /// The scope a key needs; `None` for routes authorised by a token in
+    /// the URL (staged transfers).
+    pub scope: Option<&'static str>,
+}
+
+/// Registers a mutating route with its declaration and ledger layers.
+pub fn mutation(
+    action: AuditAction,
+    scope: Option<&'static str>,
+    route: UtoipaMethodRouter<AppState>,
+) -> UtoipaMethodRouter<AppState> {
+    let (schemas, paths, router) = route;
+    let router = router
+        .layer::<_, std::convert::Infallible>(axum::middleware::from_fn(idempotency))
+        .layer::<_, std::convert::Infallible>(axum::middleware::from_fn(audit))
+        .layer::<_, std::convert::Infallible>(Extension(Declared { action, scope }));
+    (schemas, paths, router)
+}
+
+/// Put in a response's extensions by a handler: the resource the request
+/// created or addressed, when the path does not name it.
+#[derive(Debug, Clone)]
+pub struct AuditResource(pub String);
+
+/// Put in a response's extensions by a handler authorised by a token: the
+/// org the request acted for.
+#[derive(Debug, Clone)]
+pub struct AuditOrg(pub String);
+
 /// Put in a request's extensions when it is the first attempt of an
 /// idempotency key, so that a streaming handler can store its final result.
 #[derive(Debug, Clone)]
 pub struct IdempotencyTicket {
-    pub org_id: String,
+    pub owner: IdempotencyOwner,
     pub key: String,
 }
 
@@ -33,108 +82,48 @@ pub struct IdempotencyTicket {
 #[derive(Debug, Clone, Copy)]
 pub struct StreamCompletesIdempotency;
 
-/// What an audit event says about a route.
-struct RouteAction {
-    action: &'static str,
-    resource_type: &'static str,
-    /// Where the resource id comes from: a path parameter, or the `id` of
-    /// the JSON response (creates).
-    id_from: IdFrom,
-}
-
-enum IdFrom {
-    Param(&'static str),
-    Response,
-    /// A named field of the JSON response.
-    ResponseField(&'static str),
-    /// The route names no resource the caller may see (transfer tokens).
-    Nothing,
-}
-
-fn route_action(method: &Method, template: &str) -> Option<RouteAction> {
-    use IdFrom::{Param, Response};
-    let (action, resource_type, id_from) = match (method.as_str(), template) {
-        ("POST", "/v1/sandboxes") => ("sandbox.create", "sandbox", Response),
-        ("DELETE", "/v1/sandboxes/{id}") => ("sandbox.kill", "sandbox", Param("id")),
-        ("POST", "/v1/sandboxes/{id}/commands") => ("command.run", "command", Response),
-        ("POST", "/v1/sandboxes/{id}/commands/{command_id}/stdin") => {
-            ("command.stdin", "command", Param("command_id"))
-        }
-        ("POST", "/v1/sandboxes/{id}/commands/{command_id}/signal") => {
-            ("command.signal", "command", Param("command_id"))
-        }
-        ("POST", "/v1/sandboxes/{id}/commands/{command_id}/cancel") => {
-            ("command.cancel", "command", Param("command_id"))
-        }
-        ("PUT", "/v1/sandboxes/{id}/files") => ("file.write", "sandbox", Param("id")),
-        ("DELETE", "/v1/sandboxes/{id}/files") => ("file.delete", "sandbox", Param("id")),
-        ("POST", "/v1/sandboxes/{id}/files/move") => ("file.move", "sandbox", Param("id")),
-        ("POST", "/v1/sandboxes/{id}/files/mkdir") => ("file.mkdir", "sandbox", Param("id")),
-        ("POST", "/v1/sandboxes/{id}/files/uploads") => ("file.upload_url", "sandbox", Param("id")),
-        ("POST", "/v1/sandboxes/{id}/files/downloads") => {
-            ("file.download_url", "sandbox", Param("id"))
-        }
-        ("POST", "/v1/sandboxes/{id}/artifacts") => ("artifact.create", "artifact", Response),
-        ("POST", "/v1/sandboxes/{id}/previews") => ("preview.create", "preview", Response),
-        ("DELETE", "/v1/sandboxes/{id}/previews/{preview_id}") => {
-            ("preview.delete", "preview", Param("preview_id"))
-        }
-        ("POST", "/v1/sandboxes/{id}/code/contexts") => {
-            ("code_context.create", "code_context", Response)
-        }
-        ("DELETE", "/v1/sandboxes/{id}/code/contexts/{context_id}") => {
-            ("code_context.delete", "code_context", Param("context_id"))
-        }
-        ("POST", "/v1/sandboxes/{id}/code/runs") => (
-            "code.run",
-            "code_context",
-            IdFrom::ResponseField("contextId"),
-        ),
-        (_, "/v1/transfers/{token}") => ("file.transfer", "transfer", IdFrom::Nothing),
-        _ => return None,
-    };
-    Some(RouteAction {
-        action,
-        resource_type,
-        id_from,
-    })
-}
-
-/// The caller's org quota as the middleware read it with the key, so a
-/// handler need not read it again.
-#[derive(Clone)]
-pub(crate) struct KnownQuota(pub crate::store::Quota);
-
 fn is_mutating(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
-pub async fn ledger(State(state): State<AppState>, request: Request, next: Next) -> Response {
+/// The path parameter that names a resource of this kind.
+fn id_param(kind: ResourceKind) -> Option<&'static str> {
+    match kind {
+        ResourceKind::Sandbox => Some("id"),
+        ResourceKind::Command => Some("command_id"),
+        ResourceKind::Preview => Some("preview_id"),
+        ResourceKind::CodeContext => Some("context_id"),
+        ResourceKind::Artifact | ResourceKind::Transfer | ResourceKind::Key | ResourceKind::Org => {
+            None
+        }
+    }
+}
+
+fn outcome_of(status: StatusCode) -> AuditOutcome {
+    if status.is_success() {
+        AuditOutcome::Success
+    } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
+        AuditOutcome::Denied
+    } else {
+        AuditOutcome::Failed
+    }
+}
+
+/// Writes the audit record of a mutating request once it has an answer.
+async fn audit(
+    Extension(state): Extension<AppState>,
+    Extension(declared): Extension<Declared>,
+    request: Request,
+    next: Next,
+) -> Response {
     if !is_mutating(request.method()) {
         return next.run(request).await;
     }
-    let host = state.host.clone();
     let (mut parts, body) = request.into_parts();
-    let (principal, quota) = match presented_key_of(&parts.headers) {
-        Some(secret) => match host.authenticate_with_quota(secret).await {
-            Ok(Some((principal, quota))) => (Some(principal), Some(quota)),
-            Ok(None) => (None, None),
-            Err(e) => {
-                tracing::error!(error = %e, "key lookup failed");
-                return ApiError::internal().into_response();
-            }
-        },
-        None => (None, None),
-    };
-    parts.extensions.insert(Authenticated(principal.clone()));
-    if let Some(quota) = &quota {
-        parts.extensions.insert(KnownQuota(quota.clone()));
-    }
-    let template = parts
+    let principal = parts
         .extensions
-        .get::<MatchedPath>()
-        .map(|m| m.as_str().to_string())
-        .unwrap_or_default();
+        .get::<Authenticated>()
+        .and_then(|a| a.0.clone());
     let params: Vec<(String, String)> = parts
         .extract::<RawPathParams>()
         .await
@@ -153,7 +142,116 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
     let query_path =
         axum::extract::Query::<std::collections::HashMap<String, String>>::try_from_uri(&parts.uri)
             .ok()
-            .and_then(|q| q.0.get("path").cloned());
+            .and_then(|q| q.0.get("path").cloned())
+            .map(|p| p.chars().take(MAX_AUDIT_PATH).collect::<String>());
+    let response = next.run(Request::from_parts(parts, body)).await;
+    if response.headers().contains_key("idempotent-replayed") {
+        return response;
+    }
+    let status = response.status();
+    let param = |name: &str| {
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.chars().take(128).collect::<String>())
+    };
+    let resource_id = response
+        .extensions()
+        .get::<AuditResource>()
+        .map(|r| r.0.clone())
+        .or_else(|| id_param(declared.action.resource()).and_then(param));
+    let org_id = response.extensions().get::<AuditOrg>().map(|o| o.0.clone());
+    let details = AuditDetails {
+        sandbox_id: param("id"),
+        path: query_path,
+        error_code: response
+            .extensions()
+            .get::<ErrorCode>()
+            .map(|c| c.0.to_string()),
+        reason: None,
+    };
+    let actor = if principal.is_some() {
+        AuditActor::Key
+    } else {
+        AuditActor::Token
+    };
+    state
+        .host
+        .audit(AuditEvent {
+            actor,
+            principal,
+            action: declared.action,
+            resource_id,
+            outcome: outcome_of(status),
+            status: Some(status.as_u16()),
+            request_id,
+            details,
+            org_id,
+        })
+        .await;
+    response
+}
+
+/// The org's body quota, then idempotent replay.
+async fn idempotency(
+    Extension(state): Extension<AppState>,
+    Extension(declared): Extension<Declared>,
+    request: Request,
+    next: Next,
+) -> Response {
+    if !is_mutating(request.method()) {
+        return next.run(request).await;
+    }
+    match idempotent(state, declared, request, next).await {
+        Ok(response) => response,
+        Err(error) => error.into_response(),
+    }
+}
+
+async fn idempotent(
+    state: AppState,
+    declared: Declared,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let host = state.host.clone();
+    let (mut parts, body) = request.into_parts();
+    let principal = parts
+        .extensions
+        .get::<Authenticated>()
+        .and_then(|a| a.0.clone());
+    let quota = parts.extensions.get::<KnownQuota>().map(|q| q.0.clone());
+    let mut body = body;
+    if let Some(max) = quota.as_ref().and_then(|q| q.max_request_body_bytes) {
+        let declared_len = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<i64>().ok());
+        if let Some(len) = declared_len
+            && len > max
+        {
+            return Err(ApiError::from(crate::core::CoreError::QuotaExceeded {
+                limit: "maxRequestBodyBytes",
+                max,
+                current: len,
+            }));
+        }
+        body = Body::new(http_body_util::Limited::new(body, max.max(0) as usize));
+    }
+    let idempotency_key = parts
+        .headers
+        .get("idempotency-key")
+        .map(|v| v.to_str().map(str::to_string).unwrap_or_default());
+    let (Some(principal), Some(key)) = (principal, idempotency_key) else {
+        return Ok(next.run(Request::from_parts(parts, body)).await);
+    };
+    // A replay is authorised like the request it repeats.
+    if let Some(scope) = declared.scope
+        && !principal.has_scope(scope)
+    {
+        return Err(ApiError::forbidden(scope));
+    }
     let method = parts.method.clone();
     let path_and_query = parts
         .uri
@@ -164,162 +262,53 @@ pub async fn ledger(State(state): State<AppState>, request: Request, next: Next)
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("text/event-stream"));
-    let idempotency_key = parts
-        .headers
-        .get("idempotency-key")
-        .map(|v| v.to_str().map(str::to_string).unwrap_or_default());
-
-    let response = async {
-        let mut body = body;
-        if let Some(max) = quota.as_ref().and_then(|q| q.max_request_body_bytes) {
-            let declared = parts
-                .headers
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<i64>().ok());
-            if let Some(len) = declared
-                && len > max
-            {
-                return Err(ApiError::from(crate::core::CoreError::QuotaExceeded {
-                    limit: "maxRequestBodyBytes",
-                    max,
-                    current: len,
-                }));
-            }
-            body = Body::new(http_body_util::Limited::new(body, max.max(0) as usize));
-        }
-        let (Some(p), Some(key)) = (&principal, &idempotency_key) else {
-            return Ok(next.run(Request::from_parts(parts, body)).await);
-        };
-        let bytes = axum::body::to_bytes(body, MAX_BUFFERED)
-            .await
-            .map_err(|_| payload_too_large())?;
-        let hash = request_hash(method.as_str(), &path_and_query, &bytes);
-        match host
-            .idempotency_begin(&p.org_id, key, method.as_str(), &path_and_query, hash)
-            .await?
-        {
-            Idempotency::Replay(stored) => Ok(replayed(stored, accepts_event_stream)),
-            Idempotency::Proceed => {
-                parts.extensions.insert(IdempotencyTicket {
-                    org_id: p.org_id.clone(),
-                    key: key.clone(),
-                });
-                let response = next
-                    .run(Request::from_parts(parts, Body::from(bytes)))
-                    .await;
-                if is_event_stream(&response) {
-                    // A stream cannot be stored: either its handler stores
-                    // the final result, or a retry runs again.
-                    if response
-                        .extensions()
-                        .get::<StreamCompletesIdempotency>()
-                        .is_none()
-                    {
-                        host.idempotency_abandon(&p.org_id, key).await;
-                    }
-                    return Ok(response);
+    let bytes = axum::body::to_bytes(body, MAX_BUFFERED)
+        .await
+        .map_err(|_| payload_too_large())?;
+    let hash = request_hash(method.as_str(), &path_and_query, &bytes);
+    let owner = IdempotencyOwner::of(&principal);
+    match host
+        .idempotency_begin(&owner, &key, method.as_str(), &path_and_query, hash)
+        .await?
+    {
+        Idempotency::Replay(stored) => Ok(replayed(stored, accepts_event_stream)),
+        Idempotency::Proceed => {
+            parts.extensions.insert(IdempotencyTicket {
+                owner: owner.clone(),
+                key: key.clone(),
+            });
+            let response = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            if is_event_stream(&response) {
+                // A stream cannot be stored: either its handler stores
+                // the final result, or a retry runs again.
+                if response
+                    .extensions()
+                    .get::<StreamCompletesIdempotency>()
+                    .is_none()
+                {
+                    host.idempotency_abandon(&owner, &key).await;
                 }
-                let (head, body) = response.into_parts();
-                let Ok(bytes) = axum::body::to_bytes(body, MAX_BUFFERED).await else {
-                    host.idempotency_abandon(&p.org_id, key).await;
-                    return Err(ApiError::internal());
-                };
-                let stored = StoredResponse {
-                    status: head.status.as_u16(),
-                    content_type: head
-                        .headers
-                        .get(header::CONTENT_TYPE)
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string),
-                    body: bytes.to_vec(),
-                };
-                host.idempotency_complete(&p.org_id, key, stored).await;
-                Ok(Response::from_parts(head, Body::from(bytes)))
+                return Ok(response);
             }
+            let (head, body) = response.into_parts();
+            let Ok(bytes) = axum::body::to_bytes(body, MAX_BUFFERED).await else {
+                host.idempotency_abandon(&owner, &key).await;
+                return Err(ApiError::internal());
+            };
+            let stored = StoredResponse {
+                status: head.status.as_u16(),
+                content_type: head
+                    .headers
+                    .get(header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string),
+                body: bytes.to_vec(),
+            };
+            host.idempotency_complete(&owner, &key, stored).await;
+            Ok(Response::from_parts(head, Body::from(bytes)))
         }
-    }
-    .await;
-    let response = match response {
-        Ok(response) => response,
-        Err(error) => error.into_response(),
-    };
-    if response.headers().contains_key("idempotent-replayed") {
-        return response;
-    }
-    let Some(route) = route_action(&method, &template) else {
-        return response;
-    };
-    // Read the JSON body for the created id and the error code.
-    let (head, body) = response.into_parts();
-    let json_body = head
-        .headers
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    let (bytes, response) = if json_body {
-        match axum::body::to_bytes(body, MAX_BUFFERED).await {
-            Ok(bytes) => (
-                Some(bytes.clone()),
-                Response::from_parts(head, Body::from(bytes)),
-            ),
-            Err(_) => (None, ApiError::internal().into_response()),
-        }
-    } else {
-        (None, Response::from_parts(head, body))
-    };
-    let parsed: Value = bytes
-        .as_ref()
-        .and_then(|b| serde_json::from_slice(b).ok())
-        .unwrap_or(Value::Null);
-    let status = response.status();
-    let resource_id = match route.id_from {
-        IdFrom::Param(name) => params
-            .iter()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.clone()),
-        IdFrom::Response if status.is_success() => parsed["id"].as_str().map(str::to_string),
-        IdFrom::ResponseField(field) if status.is_success() => {
-            parsed[field].as_str().map(str::to_string)
-        }
-        IdFrom::Response | IdFrom::ResponseField(_) | IdFrom::Nothing => None,
-    };
-    let mut details = serde_json::Map::new();
-    if let Some((_, sandbox)) = params.iter().find(|(k, _)| k == "id") {
-        details.insert("sandboxId".into(), json!(sandbox));
-    }
-    if let Some(path) = query_path {
-        details.insert("path".into(), json!(path));
-    }
-    if let Some(code) = parsed["error"]["code"].as_str() {
-        details.insert("errorCode".into(), json!(code));
-    }
-    host.audit(AuditEvent {
-        actor: if principal.is_some() {
-            "key"
-        } else {
-            "anonymous"
-        },
-        principal,
-        action: route.action.to_string(),
-        resource_type: Some(route.resource_type),
-        resource_id,
-        outcome: outcome_of(status),
-        status: Some(status.as_u16()),
-        request_id,
-        details,
-        org_id: None,
-    })
-    .await;
-    response
-}
-
-fn outcome_of(status: StatusCode) -> &'static str {
-    if status.is_success() {
-        "success"
-    } else if status == StatusCode::UNAUTHORIZED || status == StatusCode::FORBIDDEN {
-        "denied"
-    } else {
-        "failed"
     }
 }
 

@@ -15,6 +15,8 @@ mod ledger;
 mod pagination;
 mod previews;
 mod sandboxes;
+#[cfg(test)]
+mod schema_check;
 mod system;
 
 use std::future::Future;
@@ -24,7 +26,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, FromRequest, FromRequestParts};
 use axum::http::request::Parts;
-use axum::http::{HeaderName, StatusCode};
+use axum::http::{HeaderName, HeaderValue, StatusCode};
 use axum::response::IntoResponse;
 use tokio::net::TcpListener;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -34,7 +36,7 @@ use utoipa::openapi::security::{ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder
 use utoipa::{Modify, OpenApi};
 use utoipa_axum::router::OpenApiRouter;
 
-use crate::auth::{self, Principal};
+use crate::auth::Principal;
 use crate::core::Host;
 pub use error::ApiError;
 
@@ -55,6 +57,44 @@ impl<T: serde::Serialize> IntoResponse for ApiJson<T> {
     }
 }
 
+/// A JSON response that also names, for the audit record, the resource it
+/// created or addressed (see `ledger::AuditResource`).
+pub struct Audited<T> {
+    status: StatusCode,
+    resource_id: String,
+    body: T,
+}
+
+impl<T> Audited<T> {
+    /// `201 Created` of a new resource.
+    pub fn created(resource_id: impl Into<String>, body: T) -> Self {
+        Self {
+            status: StatusCode::CREATED,
+            resource_id: resource_id.into(),
+            body,
+        }
+    }
+
+    /// `200 OK` about a resource the path does not name.
+    pub fn ok(resource_id: impl Into<String>, body: T) -> Self {
+        Self {
+            status: StatusCode::OK,
+            resource_id: resource_id.into(),
+            body,
+        }
+    }
+}
+
+impl<T: serde::Serialize> IntoResponse for Audited<T> {
+    fn into_response(self) -> axum::response::Response {
+        let mut response = (self.status, axum::Json(self.body)).into_response();
+        response
+            .extensions_mut()
+            .insert(ledger::AuditResource(self.resource_id));
+        response
+    }
+}
+
 /// Query parameters; rejections become the error envelope.
 #[derive(FromRequestParts)]
 #[from_request(via(axum::extract::Query), rejection(ApiError))]
@@ -65,7 +105,8 @@ pub struct ApiQuery<T>(pub T);
 #[from_request(via(axum::extract::Path), rejection(ApiError))]
 pub struct ApiPath<T>(pub T);
 
-/// The authenticated caller, from `x-api-key` or `Authorization: Bearer`.
+/// The authenticated caller, from `x-api-key` or `Authorization: Bearer`
+/// (resolved once per request by [`authenticate`]).
 pub struct Caller(pub Principal);
 
 impl Caller {
@@ -79,42 +120,56 @@ impl Caller {
     }
 }
 
-impl FromRequestParts<AppState> for Caller {
+impl<S: Send + Sync> FromRequestParts<S> for Caller {
     type Rejection = ApiError;
 
-    fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> impl Future<Output = Result<Self, Self::Rejection>> + Send {
-        // The ledger middleware has usually authenticated already.
-        let known = parts.extensions.get::<Authenticated>().cloned();
-        let presented = presented_key(parts);
-        let store = state.host.store().clone();
-        async move {
-            if let Some(Authenticated(principal)) = known {
-                return principal.map(Caller).ok_or_else(ApiError::unauthorized);
-            }
-            let secret = presented.ok_or_else(ApiError::unauthorized)?;
-            let principal = store
-                .call(move |s| auth::authenticate(s, &secret))
-                .await
-                .map_err(|e| {
-                    tracing::error!(error = %e, "key lookup failed");
-                    ApiError::internal()
-                })?
-                .ok_or_else(ApiError::unauthorized)?;
-            Ok(Caller(principal))
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        match parts.extensions.get::<Authenticated>() {
+            Some(Authenticated(Some(principal))) => Ok(Caller(principal.clone())),
+            _ => Err(ApiError::unauthorized()),
         }
     }
 }
 
-/// The result of authenticating a request, cached in its extensions by the
-/// ledger middleware (`None`: no valid key).
+/// The result of authenticating a request, in its extensions (`None`: no
+/// valid key).
 #[derive(Clone)]
 pub(crate) struct Authenticated(pub Option<Principal>);
 
-fn presented_key(parts: &Parts) -> Option<String> {
-    presented_key_of(&parts.headers)
+/// The caller's org quota as it was read with the key, so a handler need
+/// not read it again.
+#[derive(Clone)]
+pub(crate) struct KnownQuota(pub crate::store::Quota);
+
+/// The one authentication path of the API: every matched route's request
+/// gets [`Authenticated`] (and the state, for the ledger layers) before its
+/// handler or ledger runs.
+async fn authenticate(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    let principal = match presented_key_of(request.headers()) {
+        Some(secret) => match state.host.authenticate(secret).await {
+            Ok(found) => found,
+            Err(e) => {
+                tracing::error!(error = %e, "key lookup failed");
+                return ApiError::internal().into_response();
+            }
+        },
+        None => None,
+    };
+    let (principal, quota) = match principal {
+        Some((principal, quota)) => (Some(principal), Some(quota)),
+        None => (None, None),
+    };
+    let extensions = request.extensions_mut();
+    extensions.insert(Authenticated(principal));
+    if let Some(quota) = quota {
+        extensions.insert(KnownQuota(quota));
+    }
+    extensions.insert(state);
+    next.run(request).await
 }
 
 fn presented_key_of(headers: &axum::http::HeaderMap) -> Option<String> {
@@ -180,7 +235,7 @@ impl Modify for SecurityAddon {
 
 /// Every route with its OpenAPI description; the document is derived from
 /// the same list that builds the router, so the two cannot drift.
-fn routes() -> OpenApiRouter<AppState> {
+pub(crate) fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .merge(system::routes())
         .merge(sandboxes::routes())
@@ -214,9 +269,10 @@ pub fn app(state: AppState) -> Router {
         )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
-            ledger::ledger,
+            authenticate,
         ))
-        // Preview URLs: after the ledger layer, which they are not under.
+        // Preview URLs: after the API's authentication, which they are not
+        // under (they take a key or a preview token themselves).
         .merge(previews::proxy_routes())
         .fallback(|| async { ApiError::route_not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
@@ -237,7 +293,31 @@ pub fn app(state: AppState) -> Router {
             }),
         )
         .layer(SetRequestIdLayer::new(request_id, MakeRequestUuid))
+        .layer(axum::middleware::map_request(drop_unsafe_request_id))
         .with_state(state)
+}
+
+/// Longest client-chosen `x-request-id` kept; longer or odd ones are
+/// replaced by a server-generated id (it is logged and audited).
+pub const MAX_REQUEST_ID_LEN: usize = 128;
+
+/// Whether a client's request id is short and made of safe characters.
+fn is_safe_request_id(value: &HeaderValue) -> bool {
+    let bytes = value.as_bytes();
+    !bytes.is_empty()
+        && bytes.len() <= MAX_REQUEST_ID_LEN
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':'))
+}
+
+async fn drop_unsafe_request_id(mut request: axum::extract::Request) -> axum::extract::Request {
+    let headers = request.headers_mut();
+    let values: Vec<HeaderValue> = headers.get_all("x-request-id").iter().cloned().collect();
+    if values.len() > 1 || values.first().is_some_and(|v| !is_safe_request_id(v)) {
+        headers.remove("x-request-id");
+    }
+    request
 }
 
 /// Serves `app` on `listener` until `shutdown` resolves, then drains
@@ -262,55 +342,30 @@ pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::clock::Clock;
-    use crate::config::{Config, Limits};
-    use crate::runtime::OciRuntime;
-    use crate::store::{SqliteStore, StoreHandle};
-    use crate::templates::TemplateSet;
+    use crate::auth;
+    use crate::config::Limits;
+    use crate::store::StoreHandle;
     use axum::body::Body;
     use axum::http::Request;
     use tower::ServiceExt;
 
-    /// An app over an in-memory store. No route used here reaches the
-    /// runtime, so its binary is never run.
-    fn test_app(max_body_bytes: usize) -> (Router, StoreHandle) {
-        let (app, store, _) = test_app_with_clock(max_body_bytes);
-        (app, store)
+    /// An app over an in-memory store and the fake runtime; the host (and
+    /// its temporary dirs) lives as long as the returned `TestHost`.
+    fn test_app(max_body_bytes: usize) -> (Router, crate::core::tests::TestHost) {
+        test_app_host(Limits {
+            max_body_bytes,
+            ..Limits::default()
+        })
     }
 
-    fn test_app_with_clock(max_body_bytes: usize) -> (Router, StoreHandle, Clock) {
-        let store = StoreHandle::new(SqliteStore::open_in_memory().expect("store"));
-        let config = Config {
-            listen: "127.0.0.1:0".parse().expect("addr"),
-            data_dir: std::env::temp_dir(),
-            cache_dir: std::env::temp_dir(),
-            templates_dir: None,
-            runtime_binary: "runc".into(),
-            agent_binary: "crownest-agent".into(),
-            limits: Limits {
-                max_body_bytes,
-                ..Limits::default()
-            },
-        };
-        let runtime = Arc::new(OciRuntime::new(
-            "runc".into(),
-            std::env::temp_dir().join("cn-api-test-runc"),
-        ));
-        let templates = TemplateSet::load(None).expect("templates");
-        let clock = Clock::system();
-        let blobs = crate::blobs::BlobStore::open(
-            std::env::temp_dir().join(format!("cn-api-test-blobs-{}", std::process::id())),
+    fn test_app_host(limits: Limits) -> (Router, crate::core::tests::TestHost) {
+        let t = crate::core::tests::test_host_with(limits);
+        (
+            app(AppState {
+                host: t.host.clone(),
+            }),
+            t,
         )
-        .expect("blobs");
-        let host = Host::new(
-            config,
-            store.clone(),
-            clock.clone(),
-            templates,
-            runtime,
-            blobs,
-        );
-        (app(AppState { host }), store, clock)
     }
 
     async fn call(app: Router, request: Request<Body>) -> (StatusCode, serde_json::Value) {
@@ -337,7 +392,7 @@ mod tests {
 
     #[tokio::test]
     async fn unknown_routes_get_the_not_found_envelope() {
-        let (app, _) = test_app(1024);
+        let (app, _t) = test_app(1024);
         let (status, body) = call(
             app,
             Request::get("/v2/nope").body(Body::empty()).expect("req"),
@@ -350,7 +405,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_wrong_method_gets_the_method_not_allowed_envelope() {
-        let (app, _) = test_app(1024);
+        let (app, _t) = test_app(1024);
         let (status, body) = call(
             app,
             Request::patch("/v1/sandboxes")
@@ -364,7 +419,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_missing_key_is_unauthorized_and_a_missing_scope_forbidden() {
-        let (app, store) = test_app(1024);
+        let (app, t) = test_app(1024);
         let (status, body) = call(
             app.clone(),
             Request::get("/v1/templates")
@@ -376,7 +431,7 @@ mod tests {
             (status, body["error"]["code"].as_str()),
             (StatusCode::UNAUTHORIZED, Some("unauthorized"))
         );
-        let secret = key(&store, &["sandboxes:read"]);
+        let secret = key(&t.store, &["sandboxes:read"]);
         let (status, body) = call(
             app,
             Request::get("/v1/templates")
@@ -391,8 +446,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_oversized_body_is_payload_too_large() {
-        let (app, store) = test_app(64);
-        let secret = key(&store, &["sandboxes:create"]);
+        let (app, t) = test_app(64);
+        let secret = key(&t.store, &["sandboxes:create"]);
         let body = format!("{{\"template\":\"{}\"}}", "x".repeat(200));
         let (status, body) = call(
             app,
@@ -409,7 +464,7 @@ mod tests {
 
     #[tokio::test]
     async fn responses_carry_a_request_id() {
-        let (app, _) = test_app(1024);
+        let (app, _t) = test_app(1024);
         let response = app
             .oneshot(Request::get("/v1/health").body(Body::empty()).expect("req"))
             .await
@@ -428,7 +483,8 @@ mod tests {
 
     #[tokio::test]
     async fn an_idempotency_key_replays_for_24_hours_then_does_the_work_again() {
-        let (app, store, clock) = test_app_with_clock(1024);
+        let (app, t) = test_app(1024);
+        let (store, clock) = (t.store.clone(), t.clock.clone());
         let secret = key(&store, &["sandboxes:create"]);
         // An unknown template fails before anything starts: a stored 404.
         let first = app
@@ -467,11 +523,324 @@ mod tests {
 
     #[tokio::test]
     async fn a_malformed_idempotency_key_is_refused() {
-        let (app, store) = test_app(1024);
-        let secret = key(&store, &["sandboxes:create"]);
+        let (app, t) = test_app(1024);
+        let secret = key(&t.store, &["sandboxes:create"]);
         let (status, body) = call(app, create(&secret, &"k".repeat(300), "python")).await;
         assert_eq!(status, StatusCode::BAD_REQUEST);
         assert_eq!(body["error"]["details"]["field"], "Idempotency-Key");
+    }
+
+    /// Every mutating operation of the document, with its path filled in
+    /// from `ids` (parameter name -> value).
+    fn mutating_operations(ids: &[(&str, String)]) -> Vec<(axum::http::Method, String)> {
+        let doc = serde_json::to_value(openapi()).expect("json");
+        let mut out = Vec::new();
+        for (template, item) in doc["paths"].as_object().expect("paths") {
+            for method in ["post", "put", "patch", "delete"] {
+                if item.get(method).is_none() {
+                    continue;
+                }
+                let mut path = template.clone();
+                for (name, value) in ids {
+                    path = path.replace(&format!("{{{name}}}"), value);
+                }
+                let method = axum::http::Method::from_bytes(method.to_uppercase().as_bytes())
+                    .expect("method");
+                out.push((method, path));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn every_mutating_route_declares_its_audit_record() {
+        let (app, t) = test_app_host(Limits::default());
+        let principal = t.principal("acme", "all");
+        let sandbox = t.sandbox(&principal, "python").await;
+        let secret = key(&t.store, &["files:write"]);
+        let (status, upload) = call(
+            app.clone(),
+            Request::post(format!("/v1/sandboxes/{}/files/uploads", sandbox.id))
+                .header("x-api-key", &secret)
+                .header("content-type", "application/json")
+                .body(Body::from(r#"{"path":"x.txt"}"#))
+                .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::CREATED, "{upload}");
+        let token = upload["url"]
+            .as_str()
+            .and_then(|u| u.rsplit('/').next())
+            .expect("token")
+            .to_string();
+        let admin = key(&t.store, auth::SCOPES);
+        let ids = [
+            ("id", sandbox.id.clone()),
+            ("command_id", String::from("cmd_00000000000000000000")),
+            ("context_id", String::from("cctx_00000000000000000000")),
+            ("preview_id", String::from("prv_00000000000000000000")),
+            ("token", token),
+        ];
+        let operations = mutating_operations(&ids);
+        assert!(operations.len() >= 19, "{operations:?}");
+        for (method, path) in operations {
+            let before = audit_count(&t);
+            let response = app
+                .clone()
+                .oneshot(
+                    Request::builder()
+                        .method(method.clone())
+                        .uri(&path)
+                        .header("x-api-key", &admin)
+                        .header("content-type", "application/json")
+                        .body(Body::from("{}"))
+                        .expect("req"),
+                )
+                .await
+                .expect("response");
+            let status = response.status();
+            let _ = axum::body::to_bytes(response.into_body(), usize::MAX).await;
+            assert_eq!(
+                audit_count(&t),
+                before + 1,
+                "{method} {path} ({status}) wrote no audit record: register it with ledger::mutation"
+            );
+        }
+    }
+
+    fn audit_count(t: &crate::core::tests::TestHost) -> usize {
+        let org = t
+            .store
+            .blocking()
+            .find_org("acme")
+            .expect("org")
+            .expect("acme");
+        t.store
+            .blocking()
+            .list_audit(&crate::store::AuditFilter {
+                org_id: org.id,
+                limit: 10_000,
+                ..crate::store::AuditFilter::default()
+            })
+            .expect("audit")
+            .len()
+    }
+
+    #[tokio::test]
+    async fn an_unauthenticated_mutation_writes_nothing_durable() {
+        let (app, t) = test_app_host(Limits::default());
+        let principal = t.principal("acme", "all");
+        let sandbox = t.sandbox(&principal, "python").await;
+        let before = audit_count(&t);
+        let (status, _) = call(
+            app,
+            Request::put(format!(
+                "/v1/sandboxes/{}/files?path={}",
+                sandbox.id,
+                "p".repeat(8_000)
+            ))
+            .header("x-request-id", "r".repeat(60_000))
+            .body(Body::from("data"))
+            .expect("req"),
+        )
+        .await;
+        assert_eq!(status, StatusCode::UNAUTHORIZED);
+        assert_eq!(audit_count(&t), before);
+    }
+
+    /// One request of the schema scenario: method, route template, the
+    /// concrete path, a JSON body.
+    struct Step {
+        method: &'static str,
+        template: &'static str,
+        path: String,
+        body: Option<serde_json::Value>,
+    }
+
+    #[tokio::test]
+    async fn served_bodies_match_the_openapi_schemas_of_their_operations() {
+        let (app, t) = test_app_host(Limits::default());
+        let admin = key(&t.store, auth::SCOPES);
+        let doc = serde_json::to_value(openapi()).expect("json");
+        let send = |step: &Step| {
+            let mut request = Request::builder()
+                .method(step.method)
+                .uri(&step.path)
+                .header("x-api-key", &admin);
+            let body = match &step.body {
+                Some(body) => {
+                    request = request.header("content-type", "application/json");
+                    Body::from(body.to_string())
+                }
+                None => Body::empty(),
+            };
+            request.body(body).expect("request")
+        };
+        let step = |method, template, path: String, body| Step {
+            method,
+            template,
+            path,
+            body,
+        };
+        use serde_json::json;
+        let create = step(
+            "POST",
+            "/v1/sandboxes",
+            "/v1/sandboxes".into(),
+            Some(json!({"template": "python", "metadata": {"job": "schema"}})),
+        );
+        let (status, sandbox) = call(app.clone(), send(&create)).await;
+        assert_eq!(status, StatusCode::CREATED, "{sandbox}");
+        let id = sandbox["id"].as_str().expect("id").to_string();
+        let (_, command) = call(
+            app.clone(),
+            send(&step(
+                "POST",
+                "/v1/sandboxes/{id}/commands",
+                format!("/v1/sandboxes/{id}/commands"),
+                Some(json!({"command": "echo hi > out.txt; cat out.txt", "collect": [{"path": "out.txt"}]})),
+            )),
+        )
+        .await;
+        let command_id = command["id"].as_str().expect("command id").to_string();
+        let sandbox_path = format!("/v1/sandboxes/{id}");
+        let steps = vec![
+            step("GET", "/v1/health", "/v1/health".into(), None),
+            step("GET", "/v1/templates", "/v1/templates".into(), None),
+            step("GET", "/v1/sandboxes", "/v1/sandboxes".into(), None),
+            step("GET", "/v1/sandboxes/{id}", sandbox_path.clone(), None),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/commands",
+                format!("{sandbox_path}/commands"),
+                None,
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/commands/{command_id}",
+                format!("{sandbox_path}/commands/{command_id}"),
+                None,
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/commands",
+                format!("{sandbox_path}/commands"),
+                Some(json!({"command": "sleep 5", "background": true})),
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/code/contexts",
+                format!("{sandbox_path}/code/contexts"),
+                Some(json!({"language": "python"})),
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/code/contexts",
+                format!("{sandbox_path}/code/contexts"),
+                None,
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/code/runs",
+                format!("{sandbox_path}/code/runs"),
+                Some(json!({"language": "python", "code": "print hi\nraise KeyError k"})),
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/files/list",
+                format!("{sandbox_path}/files/list"),
+                None,
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/files/stat",
+                format!("{sandbox_path}/files/stat?path=out.txt"),
+                None,
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/files/mkdir",
+                format!("{sandbox_path}/files/mkdir"),
+                Some(json!({"path": "d", "parents": true})),
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/files/uploads",
+                format!("{sandbox_path}/files/uploads"),
+                Some(json!({"path": "u.bin"})),
+            ),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/artifacts",
+                format!("{sandbox_path}/artifacts"),
+                Some(json!({"path": "out.txt"})),
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/artifacts",
+                format!("{sandbox_path}/artifacts"),
+                None,
+            ),
+            step("GET", "/v1/artifacts", "/v1/artifacts".into(), None),
+            step(
+                "POST",
+                "/v1/sandboxes/{id}/previews",
+                format!("{sandbox_path}/previews"),
+                Some(json!({"port": 8000})),
+            ),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/previews",
+                format!("{sandbox_path}/previews"),
+                None,
+            ),
+            step("GET", "/v1/audit-events", "/v1/audit-events".into(), None),
+            step("GET", "/v1/usage", "/v1/usage".into(), None),
+            step(
+                "GET",
+                "/v1/sandboxes/{id}/commands/{command_id}",
+                format!("{sandbox_path}/commands/cmd_00000000000000000000"),
+                None,
+            ),
+            step("DELETE", "/v1/sandboxes/{id}", sandbox_path.clone(), None),
+            step("DELETE", "/v1/sandboxes/{id}", sandbox_path.clone(), None),
+        ];
+        let mut checked = 0;
+        for step in std::iter::once(create).chain(steps) {
+            let (status, body) = call(app.clone(), send(&step)).await;
+            let schema = response_schema_or_error(&doc, &step, status.as_u16());
+            schema_check::check(&doc, schema, &body, "$").unwrap_or_else(|e| {
+                panic!(
+                    "{} {} ({status}) does not match its schema: {e}\n{body}",
+                    step.method, step.path
+                )
+            });
+            checked += 1;
+        }
+        assert!(checked >= 24);
+        // The schemas are specific: a body with a wrong status fails.
+        let schema = schema_check::response_schema(&doc, "GET", "/v1/sandboxes/{id}", 200)
+            .expect("sandbox schema");
+        let mut wrong = sandbox.clone();
+        wrong["status"] = json!("sleeping");
+        assert!(schema_check::check(&doc, schema, &wrong, "$").is_err());
+    }
+
+    /// The documented schema of a response, or the error envelope's for a
+    /// documented error status.
+    fn response_schema_or_error<'a>(
+        doc: &'a serde_json::Value,
+        step: &Step,
+        status: u16,
+    ) -> &'a serde_json::Value {
+        schema_check::response_schema(doc, step.method, step.template, status).unwrap_or_else(
+            || {
+                panic!(
+                    "{} {} answered {status}, which its operation does not document",
+                    step.method, step.template
+                )
+            },
+        )
     }
 
     #[test]

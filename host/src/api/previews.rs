@@ -21,14 +21,16 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
+use super::ledger::mutation;
 use super::pagination::{Page, PageQuery};
 use super::{
-    ApiError, ApiJson, ApiPath, ApiQuery, AppState, CREATED, Caller, base_url, request_scheme,
+    ApiError, ApiJson, ApiPath, ApiQuery, AppState, Audited, Caller, base_url, request_scheme,
 };
 use crate::auth;
 use crate::clock::rfc3339;
 use crate::core::CoreError;
 use crate::core::previews::{PreviewCredential, TOKEN_PREFIX};
+use crate::model::{AuditAction, PreviewCloseReason, PreviewStatus};
 use crate::store::{Cursor, PreviewRow};
 
 /// Where preview URLs live on this server.
@@ -38,8 +40,18 @@ pub const TOKEN_PARAM: &str = "crownest_preview_token";
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create_preview, list_previews))
-        .routes(routes!(get_preview, delete_preview))
+        .routes(routes!(list_previews))
+        .routes(mutation(
+            AuditAction::PreviewCreate,
+            Some("previews:create"),
+            routes!(create_preview),
+        ))
+        .routes(routes!(get_preview))
+        .routes(mutation(
+            AuditAction::PreviewDelete,
+            Some("previews:delete"),
+            routes!(delete_preview),
+        ))
 }
 
 /// The proxy routes: outside the API's idempotency and audit middleware
@@ -66,15 +78,13 @@ pub struct PreviewView {
     pub id: String,
     pub sandbox_id: String,
     pub port: u16,
-    /// `active` or `closed`.
-    pub status: String,
+    pub status: PreviewStatus,
     /// The preview URL. Requests need an API key with scope
     /// `previews:access`, or the preview's token.
     pub url: String,
     pub created_at: String,
     pub closed_at: Option<String>,
-    /// `deleted` or `sandbox_destroyed`.
-    pub close_reason: Option<String>,
+    pub close_reason: Option<PreviewCloseReason>,
     /// The browser token (`cn_prv_…`). Only in the create response: keep it.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -120,11 +130,14 @@ async fn create_preview(
     headers: HeaderMap,
     ApiPath(id): ApiPath<String>,
     ApiJson(body): ApiJson<CreatePreviewBody>,
-) -> Result<(StatusCode, ApiJson<PreviewView>), ApiError> {
+) -> Result<Audited<PreviewView>, ApiError> {
     let principal = caller.require("previews:create")?;
     let (row, token) = state.host.create_preview(principal, &id, body.port).await?;
     let base = base_url(&headers, &state);
-    Ok((CREATED, ApiJson(render(row, &base, Some(token)))))
+    Ok(Audited::created(
+        row.id.clone(),
+        render(row, &base, Some(token)),
+    ))
 }
 
 /// A sandbox's previews, newest first, closed ones included. Scope
@@ -258,10 +271,9 @@ async fn presented(
 ) -> Result<Presented, ApiError> {
     if headers.contains_key("x-api-key") || authorization_is_ours(headers) {
         let secret = super::presented_key_of(headers).ok_or_else(preview_unauthorized)?;
-        let principal = state
+        let (principal, _) = state
             .host
-            .store()
-            .call(move |s| auth::authenticate(s, &secret))
+            .authenticate(secret)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "key lookup failed");

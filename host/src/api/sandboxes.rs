@@ -1,23 +1,34 @@
 //! `/v1/sandboxes`: create, list, get, kill.
 
 use axum::extract::State;
-use axum::http::StatusCode;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::ErrorEnvelope;
+use super::ledger::mutation;
 use super::pagination::{Page, PageQuery};
-use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Caller};
+use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Audited, Caller};
 use crate::clock::rfc3339;
 use crate::core::CreateSandbox;
+use crate::model::{AuditAction, EndReason, SandboxStatus};
 use crate::store::{Cursor, SandboxRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
-        .routes(routes!(create_sandbox, list_sandboxes))
-        .routes(routes!(get_sandbox, kill_sandbox))
+        .routes(routes!(list_sandboxes))
+        .routes(mutation(
+            AuditAction::SandboxCreate,
+            Some("sandboxes:create"),
+            routes!(create_sandbox),
+        ))
+        .routes(routes!(get_sandbox))
+        .routes(mutation(
+            AuditAction::SandboxKill,
+            Some("sandboxes:kill"),
+            routes!(kill_sandbox),
+        ))
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -38,15 +49,14 @@ pub struct CreateSandboxBody {
 pub struct SandboxView {
     /// `sbx_…`
     pub id: String,
-    /// `starting`, `running` or `destroyed`.
-    pub status: String,
+    pub status: SandboxStatus,
     pub template: String,
     pub created_at: String,
     pub expires_at: String,
     /// When it was destroyed; null while alive.
     pub ended_at: Option<String>,
-    /// Why it ended: `killed`, `expired`, `failed`, `host_restart`, `host_shutdown`.
-    pub end_reason: Option<String>,
+    /// Why it ended; null while alive.
+    pub end_reason: Option<EndReason>,
     #[schema(value_type = Object)]
     pub metadata: serde_json::Value,
     pub vcpus: i64,
@@ -56,7 +66,7 @@ pub struct SandboxView {
 
 pub fn render(row: SandboxRow) -> SandboxView {
     SandboxView {
-        metadata: serde_json::from_str(&row.metadata).unwrap_or_else(|_| serde_json::json!({})),
+        metadata: serde_json::Value::Object(row.metadata),
         id: row.id,
         status: row.status,
         template: row.template,
@@ -80,7 +90,7 @@ async fn create_sandbox(
     State(state): State<AppState>,
     caller: Caller,
     ApiJson(body): ApiJson<CreateSandboxBody>,
-) -> Result<(StatusCode, ApiJson<SandboxView>), ApiError> {
+) -> Result<Audited<SandboxView>, ApiError> {
     let principal = caller.require("sandboxes:create")?;
     let metadata = match body.metadata {
         None | Some(serde_json::Value::Null) => serde_json::Map::new(),
@@ -103,7 +113,7 @@ async fn create_sandbox(
             },
         )
         .await?;
-    Ok((super::CREATED, ApiJson(render(row))))
+    Ok(Audited::created(row.id.clone(), render(row)))
 }
 
 /// Lists the caller's sandboxes, newest first, destroyed ones included.

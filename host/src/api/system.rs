@@ -48,10 +48,10 @@ pub struct TemplateView {
     /// Whether the rootfs is built; the first create of an unbuilt template
     /// builds it and takes minutes.
     pub built: bool,
-    pub runtime: String,
+    pub runtime: &'static str,
     pub resources: ResourcesView,
     /// `none`: loopback only.
-    pub network: String,
+    pub network: &'static str,
 }
 
 #[derive(Serialize, ToSchema)]
@@ -88,7 +88,7 @@ async fn list_templates(
             recipe_hash: t.recipe_hash(),
             built: host.rootfs().is_built(t),
             runtime: match t.runtime {
-                RuntimeKind::Oci => String::from("oci"),
+                RuntimeKind::Oci => "oci",
             },
             resources: ResourcesView {
                 vcpus: t.resources.vcpus,
@@ -97,7 +97,7 @@ async fn list_templates(
                 disk_mib: t.resources.disk_mib,
             },
             network: match t.network {
-                NetworkMode::None => String::from("none"),
+                NetworkMode::None => "none",
             },
         })
         .collect();

@@ -74,13 +74,13 @@ pub async fn run(api: &Api, output: Output, command: CodeCommand) -> Result<i32,
             match event.name.as_str() {
                 "stdout" => write_out(&event.data["text"], false)?,
                 "stderr" => write_out(&event.data["text"], true)?,
-                // A run error has `name`; an API failure has `code`. The run
-                // error is printed with the result.
-                "error" if event.data["code"].is_string() => {
+                // A run error has `name`; an API failure is the error
+                // envelope. The run error is printed with the result.
+                "error" if event.data.get("error").is_some() => {
                     return Err(ClientError::Api {
                         status: 0,
-                        code: text(&event.data["code"]),
-                        message: text(&event.data["message"]),
+                        code: text(&event.data["error"]["code"]),
+                        message: text(&event.data["error"]["message"]),
                     });
                 }
                 "complete" => return Ok(print_result(&event.data)),

@@ -174,8 +174,8 @@ fn handle(event: &Event, echo: bool) -> Result<Option<Value>, ClientError> {
         "exit" => Ok(Some(event.data.clone())),
         "error" => Err(ClientError::Api {
             status: 0,
-            code: text(&event.data["code"]),
-            message: text(&event.data["message"]),
+            code: text(&event.data["error"]["code"]),
+            message: text(&event.data["error"]["message"]),
         }),
         _ => Ok(None),
     }

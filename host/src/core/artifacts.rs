@@ -14,24 +14,7 @@ use crate::store::{ArtifactRow, Cursor};
 pub const MAX_ARTIFACT_BYTES: u64 = 8 * 1024 * 1024 * 1024;
 const MAX_NAME_LEN: usize = 255;
 
-/// A path to promote when a command ends.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct CollectItem {
-    pub path: String,
-    pub name: Option<String>,
-}
-
-/// What became of one collect item.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Collected {
-    pub path: String,
-    pub name: String,
-    /// The artifact, when promotion worked.
-    pub artifact_id: Option<String>,
-    /// Why it did not (a missing path, a quota), when it did not.
-    pub error: Option<String>,
-}
+pub use crate::model::{CollectItem, Collected};
 
 fn default_name(path: &str) -> String {
     path.trim_end_matches('/')

@@ -11,14 +11,14 @@ use std::time::Instant;
 
 use crownest_proto::ExecUser;
 use crownest_proto::code::{ContextCreate, ContextReply, Language, RunEnd, RunRequest};
-use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use super::{CoreError, Host, lock};
-use crate::agent::RunOutput;
+use crate::agent::RunOutput as AgentOutput;
 use crate::auth::Principal;
 use crate::clock::Millis;
 use crate::ids;
+use crate::plugins::{Format, RawEvent, RejectReason, RunnerEvent, StreamName};
 use crate::store::SandboxRow;
 
 /// Largest accepted source of one run.
@@ -55,15 +55,14 @@ pub fn parse_language(text: &str) -> Option<Language> {
 }
 
 /// Whether eligible rich outputs become artifacts.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum ArtifactPolicy {
     #[default]
     Inline,
     Promote,
 }
 
-/// A validated run request.
+/// A request to run code, as the client sent it.
 #[derive(Debug, Clone)]
 pub struct RunCode {
     pub language: Language,
@@ -73,8 +72,48 @@ pub struct RunCode {
     pub timeout_ms: Option<u64>,
 }
 
+/// A request that passed [`RunCode::validate`].
+#[derive(Debug, Clone)]
+pub struct ValidRunCode {
+    pub language: Language,
+    pub code: String,
+    pub context_id: Option<String>,
+    pub artifact_policy: ArtifactPolicy,
+    pub timeout_ms: u64,
+}
+
+impl RunCode {
+    /// Checks a run before anything starts (so that streaming callers can
+    /// answer errors with a status, not a stream).
+    pub fn validate(self) -> Result<ValidRunCode, CoreError> {
+        if self.code.len() > MAX_CODE_BYTES {
+            return Err(CoreError::CodeTooLarge {
+                size: self.code.len(),
+                max: MAX_CODE_BYTES,
+            });
+        }
+        let timeout_ms = match self.timeout_ms {
+            None => DEFAULT_RUN_TIMEOUT_MS,
+            Some(t) if t > 0 && t <= MAX_RUN_TIMEOUT_MS => t,
+            Some(_) => {
+                return Err(CoreError::invalid(
+                    "timeoutMs",
+                    format!("timeoutMs must be between 1 and {MAX_RUN_TIMEOUT_MS}"),
+                ));
+            }
+        };
+        Ok(ValidRunCode {
+            language: self.language,
+            code: self.code,
+            context_id: self.context_id,
+            artifact_policy: self.artifact_policy,
+            timeout_ms,
+        })
+    }
+}
+
 /// An interpreter error (a result, not an API error).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunError {
     pub name: String,
     pub message: String,
@@ -89,38 +128,43 @@ pub struct RunTarget {
     pub context: CodeContext,
 }
 
+/// The content of an inlined output.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InlineContent {
+    Text(String),
+    /// Valid JSON text (the `json`, `data` and `chart` formats).
+    Json(String),
+    /// Binary content, base64-encoded.
+    Base64(String),
+}
+
 /// One rich output of a run, after the pipeline.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "camelCase")]
-pub enum RunOutputView {
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunOutput {
     Inline {
-        format: String,
-        /// Text, or for `json`, `data` and `chart` the JSON value.
-        content: serde_json::Value,
-        #[serde(skip_serializing_if = "Option::is_none")]
-        mime: Option<String>,
+        format: Format,
+        content: InlineContent,
+        mime: String,
     },
-    #[serde(rename_all = "camelCase")]
     Artifact {
-        format: String,
+        format: Format,
         artifact_id: String,
         mime: String,
         size: u64,
     },
     Rejected {
-        format: String,
-        reason: String,
+        format: Format,
+        reason: RejectReason,
     },
 }
 
 /// The result of a run: the same shape blocking and streamed (`complete`).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RunCodeResult {
     pub context_id: String,
     pub stdout: Vec<String>,
     pub stderr: Vec<String>,
-    pub outputs: Vec<RunOutputView>,
+    pub outputs: Vec<RunOutput>,
     pub execution_count: Option<u64>,
     pub error: Option<RunError>,
     pub duration_ms: u64,
@@ -135,54 +179,30 @@ pub struct RunCodeResult {
 }
 
 /// What a streaming caller receives as the run goes.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RunStreamEvent {
     Stdout(String),
     Stderr(String),
-    Output(RunOutputView),
+    Output(RunOutput),
     Error(RunError),
-}
-
-/// An interpreter event as the runners write it (Jupyter-shaped).
-#[derive(Debug, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-pub enum RawEvent {
-    Stream {
-        name: String,
-        text: String,
-    },
-    DisplayData {
-        data: serde_json::Map<String, serde_json::Value>,
-    },
-    ExecuteResult {
-        execution_count: Option<u64>,
-        data: serde_json::Map<String, serde_json::Value>,
-    },
-    Error {
-        ename: String,
-        evalue: String,
-        #[serde(default)]
-        traceback: Vec<String>,
-    },
-    Done {
-        execution_count: Option<u64>,
-    },
-    #[serde(other)]
-    Other,
 }
 
 /// Everything a run produced before the pipeline.
 #[derive(Debug, Default)]
-pub struct RawRun {
-    pub stdout: Vec<String>,
-    pub stderr: Vec<String>,
-    /// `(execute_result?, MIME bundle)` in order.
-    pub bundles: Vec<(bool, serde_json::Map<String, serde_json::Value>)>,
-    pub error: Option<RunError>,
-    pub execution_count: Option<u64>,
-    pub end: Option<RunEnd>,
-    pub stream_bytes: usize,
-    pub notes: Vec<String>,
+struct RawRun {
+    stdout: Vec<String>,
+    stderr: Vec<String>,
+    /// Display data and execute results, in order, for the pipeline.
+    bundles: Vec<RawEvent>,
+    /// Bytes of `bundles`, bounded by the host's limit.
+    bundle_bytes: usize,
+    /// Outputs refused before the pipeline (too large).
+    refused: Vec<RunOutput>,
+    error: Option<RunError>,
+    execution_count: Option<u64>,
+    end: Option<RunEnd>,
+    stream_bytes: usize,
+    notes: Vec<String>,
 }
 
 impl RawRun {
@@ -205,6 +225,18 @@ impl RawRun {
             self.stderr.push(text.clone());
         }
         Some(text)
+    }
+
+    fn refuse_oversized(&mut self, size: usize, max: usize) -> RunOutput {
+        let output = RunOutput::Rejected {
+            format: Format::Unknown,
+            reason: RejectReason::OutputTooLarge,
+        };
+        self.notes.push(format!(
+            "an output of {size} bytes was rejected: a run keeps at most {max} bytes of rich output"
+        ));
+        self.refused.push(output.clone());
+        output
     }
 }
 
@@ -268,16 +300,7 @@ impl Host {
     ) -> Result<CodeContext, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
         self.check_language(&sandbox.template, language)?;
-        for (key, value) in &env {
-            if !super::commands::valid_env_name(key) || value.contains('\0') {
-                return Err(CoreError::invalid(
-                    "env",
-                    format!(
-                        "`{key}` is not a valid environment variable name or its value has a NUL"
-                    ),
-                ));
-            }
-        }
+        super::commands::validate_env(&env)?;
         let cwd = super::commands::resolve_cwd(cwd.as_deref())?;
         let count = lock(&self.code_contexts)
             .values()
@@ -309,12 +332,14 @@ impl Host {
         let implementation = match reply {
             ContextReply::Ready { implementation, .. } => implementation,
             ContextReply::Failed { message } => {
-                return Err(CoreError::ContextFailed(message));
+                // The agent's words stay in the log: they can name paths
+                // and processes of the sandbox's implementation.
+                tracing::warn!(sandbox = %sandbox.id, %message, "an interpreter failed to start");
+                return Err(CoreError::ContextFailed(language));
             }
             ContextReply::Deleted => {
-                return Err(CoreError::ContextFailed(String::from(
-                    "unexpected reply from the agent",
-                )));
+                tracing::warn!(sandbox = %sandbox.id, "unexpected context reply from the agent");
+                return Err(CoreError::ContextFailed(language));
             }
         };
         let context = CodeContext {
@@ -379,33 +404,13 @@ impl Host {
         Ok(context)
     }
 
-    /// Checks a run before anything starts (so that streaming callers can
-    /// answer errors with a status, not a stream).
-    pub fn validate_run(&self, request: &RunCode) -> Result<(), CoreError> {
-        if request.code.len() > MAX_CODE_BYTES {
-            return Err(CoreError::CodeTooLarge {
-                size: request.code.len(),
-                max: MAX_CODE_BYTES,
-            });
-        }
-        if let Some(t) = request.timeout_ms
-            && (t == 0 || t > MAX_RUN_TIMEOUT_MS)
-        {
-            return Err(CoreError::invalid(
-                "timeoutMs",
-                format!("timeoutMs must be between 1 and {MAX_RUN_TIMEOUT_MS}"),
-            ));
-        }
-        Ok(())
-    }
-
     /// The context a run uses: the given one (same sandbox and language), or
     /// the sandbox's default context for the language, created on first use.
     pub async fn context_for_run(
         &self,
         principal: &Principal,
         sandbox_id: &str,
-        request: &RunCode,
+        request: &ValidRunCode,
     ) -> Result<RunTarget, CoreError> {
         let (sandbox, _) = self.usable_sandbox(principal, sandbox_id).await?;
         self.check_language(&sandbox.template, request.language)?;
@@ -452,7 +457,7 @@ impl Host {
         &self,
         principal: &Principal,
         target: &RunTarget,
-        request: RunCode,
+        request: ValidRunCode,
         events: Option<mpsc::Sender<RunStreamEvent>>,
     ) -> Result<RunCodeResult, CoreError> {
         let started = Instant::now();
@@ -462,14 +467,23 @@ impl Host {
         let live = self
             .live_sandbox(&sandbox.id)
             .ok_or_else(|| CoreError::SandboxDestroyed(sandbox.id.clone()))?;
-        let timeout_ms = request.timeout_ms.unwrap_or(DEFAULT_RUN_TIMEOUT_MS);
+        if request.artifact_policy == ArtifactPolicy::Promote
+            && !principal.has_scope("artifacts:create")
+        {
+            return Err(CoreError::MissingScope("artifacts:create"));
+        }
+        let limits = &self.config.limits;
+        let timeout_ms = request.timeout_ms;
         let mut session = live
             .agent
-            .code_run(RunRequest {
-                context_id: context.id.clone(),
-                code: request.code,
-                timeout_ms,
-            })
+            .code_run(
+                RunRequest {
+                    context_id: context.id.clone(),
+                    code: request.code,
+                    timeout_ms,
+                },
+                limits.max_run_event_bytes,
+            )
             .await?;
         let mut raw = RawRun::default();
         let send = |event: RunStreamEvent| {
@@ -481,70 +495,96 @@ impl Host {
         while let Some(output) = session.next().await {
             match output {
                 Err(e) => {
+                    tracing::warn!(sandbox = %sandbox.id, error = %e, "lost the agent during a code run");
                     raw.notes
-                        .push(format!("lost the sandbox agent during the run: {e}"));
+                        .push(String::from("lost the sandbox agent during the run"));
                     break;
                 }
-                Ok(RunOutput::Finished(end)) => {
+                Ok(AgentOutput::Finished(end)) => {
                     raw.end = Some(end);
                     break;
                 }
-                Ok(RunOutput::Stdout(bytes)) => {
+                Ok(AgentOutput::Stdout(bytes)) => {
                     if let Some(text) =
                         raw.push_stream(true, String::from_utf8_lossy(&bytes).into_owned())
                     {
                         send(RunStreamEvent::Stdout(text));
                     }
                 }
-                Ok(RunOutput::Stderr(bytes)) => {
+                Ok(AgentOutput::Stderr(bytes)) => {
                     if let Some(text) =
                         raw.push_stream(false, String::from_utf8_lossy(&bytes).into_owned())
                     {
                         send(RunStreamEvent::Stderr(text));
                     }
                 }
-                Ok(RunOutput::Event(line)) => match serde_json::from_slice::<RawEvent>(&line) {
-                    Ok(RawEvent::Stream { name, text }) => {
-                        let stdout = name != "stderr";
-                        if let Some(text) = raw.push_stream(stdout, text) {
-                            send(if stdout {
-                                RunStreamEvent::Stdout(text)
-                            } else {
-                                RunStreamEvent::Stderr(text)
-                            });
+                Ok(AgentOutput::OversizedEvent { size }) => {
+                    let output = raw.refuse_oversized(size, limits.max_run_event_bytes);
+                    send(RunStreamEvent::Output(output));
+                }
+                Ok(AgentOutput::Event(line)) => {
+                    match RunnerEvent::decode(&line, limits.max_run_event_bytes) {
+                        Ok(RunnerEvent::Raw(RawEvent::Stream { name, text })) => {
+                            let stdout = name == StreamName::Stdout;
+                            if let Some(text) = raw.push_stream(stdout, text) {
+                                send(if stdout {
+                                    RunStreamEvent::Stdout(text)
+                                } else {
+                                    RunStreamEvent::Stderr(text)
+                                });
+                            }
                         }
+                        Ok(RunnerEvent::Raw(
+                            event @ (RawEvent::DisplayData { .. } | RawEvent::ExecuteResult { .. }),
+                        )) => {
+                            let size = line.len();
+                            if raw.bundle_bytes + size > limits.max_run_output_bytes {
+                                let output =
+                                    raw.refuse_oversized(size, limits.max_run_output_bytes);
+                                send(RunStreamEvent::Output(output));
+                                continue;
+                            }
+                            raw.bundle_bytes += size;
+                            if let RawEvent::ExecuteResult {
+                                execution_count: Some(n),
+                                ..
+                            } = &event
+                            {
+                                raw.execution_count = Some(u64::from(*n));
+                            }
+                            raw.bundles.push(event);
+                        }
+                        Ok(RunnerEvent::Raw(RawEvent::Error {
+                            ename,
+                            evalue,
+                            traceback,
+                        })) => {
+                            let error = RunError {
+                                name: ename,
+                                message: evalue,
+                                traceback: (!traceback.is_empty()).then(|| traceback.join("\n")),
+                            };
+                            send(RunStreamEvent::Error(error.clone()));
+                            raw.error = Some(error);
+                        }
+                        Ok(RunnerEvent::Done { execution_count }) => {
+                            if let Some(n) = execution_count {
+                                raw.execution_count = Some(u64::from(n));
+                            }
+                        }
+                        Ok(RunnerEvent::Other) => {}
+                        Err(crate::plugins::DecodeError::TooLarge { size, max }) => {
+                            let output = raw.refuse_oversized(size, max);
+                            send(RunStreamEvent::Output(output));
+                        }
+                        Err(crate::plugins::DecodeError::Malformed(_)) => raw
+                            .notes
+                            .push(String::from("an unreadable interpreter event was ignored")),
                     }
-                    Ok(RawEvent::DisplayData { data }) => raw.bundles.push((false, data)),
-                    Ok(RawEvent::ExecuteResult {
-                        execution_count,
-                        data,
-                    }) => {
-                        raw.execution_count = execution_count.or(raw.execution_count);
-                        raw.bundles.push((true, data));
-                    }
-                    Ok(RawEvent::Error {
-                        ename,
-                        evalue,
-                        traceback,
-                    }) => {
-                        let error = RunError {
-                            name: ename,
-                            message: evalue,
-                            traceback: (!traceback.is_empty()).then(|| traceback.join("\n")),
-                        };
-                        send(RunStreamEvent::Error(error.clone()));
-                        raw.error = Some(error);
-                    }
-                    Ok(RawEvent::Done { execution_count }) => {
-                        raw.execution_count = execution_count.or(raw.execution_count);
-                    }
-                    Ok(RawEvent::Other) => {}
-                    Err(_) => raw
-                        .notes
-                        .push(String::from("an unreadable interpreter event was ignored")),
-                },
+                }
             }
         }
+        drop(session);
         let end = raw.end.clone().unwrap_or(RunEnd {
             timed_out: false,
             interpreter_died: Some(String::from("the run ended without a result")),
@@ -580,20 +620,23 @@ impl Host {
             }
         }
         let template = self.template(&sandbox.template)?;
-        let outputs = self
+        let bundles = std::mem::take(&mut raw.bundles);
+        let mut outputs = std::mem::take(&mut raw.refused);
+        let processed = self
             .process_outputs(
                 principal,
                 sandbox,
                 &template,
                 context.language,
-                &raw.bundles,
+                bundles,
                 request.artifact_policy,
                 &mut raw.notes,
             )
             .await;
-        for output in &outputs {
+        for output in &processed {
             send(RunStreamEvent::Output(output.clone()));
         }
+        outputs.extend(processed);
         Ok(RunCodeResult {
             context_id: context.id.clone(),
             stdout: raw.stdout,

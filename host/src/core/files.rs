@@ -9,8 +9,6 @@
 //! symlinks (planted or raced) from leading outside. Bytes stream in bounded
 //! chunks in both directions; no whole file is held in host memory.
 
-use std::path::{Path, PathBuf};
-
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64URL;
 use bytes::Bytes;
@@ -19,14 +17,15 @@ use futures::{Stream, StreamExt};
 use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
+use super::secrets::KeyUse;
 use super::{CoreError, Host};
 use crate::agent::AgentError;
 use crate::auth::Principal;
 use crate::clock::Millis;
 use crate::store::TransferRow;
 
-/// The workspace as seen inside the sandbox.
-pub const WORKSPACE: &str = "/workspace";
+pub use crate::model::TransferKind;
+use crownest_proto::WORKSPACE;
 
 /// Longest path accepted, in bytes (Linux's `PATH_MAX`).
 pub const MAX_PATH_BYTES: usize = 4096;
@@ -39,9 +38,6 @@ pub const MAX_LIST_ENTRIES: usize = 10_000;
 
 /// How long a staged transfer URL stays valid.
 pub const TRANSFER_TTL_MS: Millis = 5 * 60 * 1000;
-
-/// File of the transfer-signing key under the data dir.
-const TRANSFER_KEY_FILE: &str = "transfer.key";
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -140,22 +136,6 @@ pub struct FileListing {
     pub entries: Vec<FileEntry>,
     /// More than [`MAX_LIST_ENTRIES`] entries: the rest were left out.
     pub truncated: bool,
-}
-
-/// Direction of a staged transfer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TransferKind {
-    Upload,
-    Download,
-}
-
-impl TransferKind {
-    fn as_str(self) -> &'static str {
-        match self {
-            TransferKind::Upload => "upload",
-            TransferKind::Download => "download",
-        }
-    }
 }
 
 /// A created staged transfer: the token goes into the URL.
@@ -444,13 +424,13 @@ impl Host {
         path: &str,
         max_bytes: Option<u64>,
     ) -> Result<(String, Millis), CoreError> {
-        let key = self.transfer_key().await?;
+        let key = self.server_key(KeyUse::Transfers).await?;
         let now = self.clock.now_ms();
         let row = TransferRow {
             id: format!("trf_{}", hex::encode(rand::random::<[u8; 16]>())),
             sandbox_id: sandbox_id.to_string(),
             org_id: org_id.to_string(),
-            kind: kind.as_str().to_string(),
+            kind,
             path: path.to_string(),
             max_bytes: max_bytes.map(|m| m as i64),
             created_at: now,
@@ -470,7 +450,7 @@ impl Host {
         token: &str,
         kind: TransferKind,
     ) -> Result<TransferRow, CoreError> {
-        let key = self.transfer_key().await?;
+        let key = self.server_key(KeyUse::Transfers).await?;
         let (id, expires_at) = verify_token(&key, token).ok_or(CoreError::TransferNotFound)?;
         let now = self.clock.now_ms();
         if expires_at <= now {
@@ -482,14 +462,13 @@ impl Host {
             .call(move |s| s.get_transfer(&lookup))
             .await?
             .ok_or(CoreError::TransferNotFound)?;
-        if row.kind != kind.as_str() {
+        if row.kind != kind {
             return Err(CoreError::Invalid {
                 field: "method",
-                message: format!(
-                    "this URL is for an {}; use {}",
-                    row.kind,
-                    if row.kind == "upload" { "PUT" } else { "GET" }
-                ),
+                message: String::from(match row.kind {
+                    TransferKind::Upload => "this URL is for an upload; use PUT",
+                    TransferKind::Download => "this URL is for a download; use GET",
+                }),
             });
         }
         let claimed = self.store.call(move |s| s.claim_transfer(&id, now)).await?;
@@ -528,20 +507,6 @@ impl Host {
             .usable_sandbox(&principal, &transfer.sandbox_id)
             .await?;
         self.read_live(&live.agent, transfer.path.clone()).await
-    }
-
-    /// The transfer-signing key: 32 random bytes in `<data_dir>/transfer.key`
-    /// (mode 0600), created on first use and kept for the process.
-    async fn transfer_key(&self) -> Result<[u8; 32], CoreError> {
-        let path = self.config.data_dir.join(TRANSFER_KEY_FILE);
-        self.transfer_key
-            .get_or_try_init(|| async move {
-                tokio::task::spawn_blocking(move || load_or_create_key(&path))
-                    .await
-                    .map_err(|e| CoreError::TransferKey(e.to_string()))?
-            })
-            .await
-            .copied()
     }
 }
 
@@ -595,46 +560,11 @@ where
     writer.finish().await.map_err(file_error(&path))
 }
 
-fn load_or_create_key(path: &Path) -> Result<[u8; 32], CoreError> {
-    use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let failed = |e: std::io::Error| CoreError::TransferKey(format!("{}: {e}", path.display()));
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            return bytes.try_into().map_err(|_| {
-                CoreError::TransferKey(format!("{} is not 32 bytes", path.display()))
-            });
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(failed(e)),
-    }
-    let key: [u8; 32] = rand::random();
-    // Written whole under a temporary name, then linked into place: a
-    // concurrent starter either wins or reads the winner's key.
-    let temp: PathBuf = path.with_extension(format!("tmp{:016x}", rand::random::<u64>()));
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(&temp)
-        .map_err(failed)?;
-    file.write_all(&key)
-        .and_then(|()| file.sync_all())
-        .map_err(failed)?;
-    let linked = std::fs::hard_link(&temp, path);
-    let _ = std::fs::remove_file(&temp);
-    match linked {
-        Ok(()) => Ok(key),
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => load_or_create_key(path),
-        Err(e) => Err(failed(e)),
-    }
-}
-
 /// `base64url(id "." expires_at) "." base64url(HMAC-SHA256(key, first part))`.
 fn sign_token(key: &[u8; 32], id: &str, expires_at: Millis) -> Result<String, CoreError> {
     let payload = B64URL.encode(format!("{id}.{expires_at}"));
     let mut mac =
-        HmacSha256::new_from_slice(key).map_err(|e| CoreError::TransferKey(e.to_string()))?;
+        HmacSha256::new_from_slice(key).map_err(|e| CoreError::ServerKey(e.to_string()))?;
     mac.update(payload.as_bytes());
     let signature = B64URL.encode(mac.finalize().into_bytes());
     Ok(format!("{payload}.{signature}"))
@@ -721,16 +651,5 @@ mod tests {
             None
         );
         assert_eq!(verify_token(&key, "garbage"), None);
-    }
-
-    #[test]
-    fn the_transfer_key_is_created_once_with_mode_0600() {
-        use std::os::unix::fs::PermissionsExt;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let path = dir.path().join(TRANSFER_KEY_FILE);
-        let first = load_or_create_key(&path).expect("create");
-        assert_eq!(load_or_create_key(&path).expect("load"), first);
-        let mode = std::fs::metadata(&path).expect("meta").permissions().mode();
-        assert_eq!(mode & 0o777, 0o600);
     }
 }

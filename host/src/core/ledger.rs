@@ -7,10 +7,12 @@ use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 
-use super::{CoreError, Host};
+use super::secrets::{self, KeyUse};
+use super::{CoreError, Host, lock};
 use crate::auth::Principal;
 use crate::clock::Millis;
 use crate::ids;
+use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome};
 use crate::store::{
     AuditFilter, AuditRow, IdempotencyBegin, IdempotentRequest, MeterRow, Quota, StoredResponse,
 };
@@ -19,10 +21,46 @@ use crate::store::{
 pub const IDEMPOTENCY_TTL_MS: i64 = 24 * 60 * 60 * 1000;
 /// How long a repeat waits for the first attempt of its key to finish.
 const IDEMPOTENCY_WAIT: Duration = Duration::from_secs(15 * 60);
-const IDEMPOTENCY_POLL: Duration = Duration::from_millis(10);
+/// A waiter re-reads the record at least this often (the first attempt
+/// may belong to another process on the same database).
+const IDEMPOTENCY_RECHECK: Duration = Duration::from_millis(500);
+/// Most requests that may wait on one key's first attempt at once.
+pub const MAX_IDEMPOTENCY_WAITERS: usize = 8;
 /// Longest accepted `Idempotency-Key`.
 pub const MAX_IDEMPOTENCY_KEY_LEN: usize = 255;
 const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+
+/// Whose an idempotency key is: records are per org and per API key, so
+/// no other key (with other scopes or another project) can replay them.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct IdempotencyOwner {
+    pub org_id: String,
+    pub key_id: String,
+}
+
+impl IdempotencyOwner {
+    pub fn of(principal: &Principal) -> Self {
+        Self {
+            org_id: principal.org_id.clone(),
+            key_id: principal.key_id.clone(),
+        }
+    }
+
+    /// What a sealed response is bound to.
+    fn context(&self, key: &str) -> Vec<u8> {
+        format!("{}\n{}\n{key}", self.org_id, self.key_id).into_bytes()
+    }
+}
+
+/// One idempotency record, for waiting on it.
+pub type IdempotencySlot = (IdempotencyOwner, String);
+
+/// The requests waiting on one record's first attempt.
+#[derive(Debug, Default)]
+pub struct Waiters {
+    notify: std::sync::Arc<tokio::sync::Notify>,
+    count: usize,
+}
 
 /// What to do with a mutating request that carries an idempotency key.
 #[derive(Debug)]
@@ -46,19 +84,17 @@ pub fn request_hash(method: &str, path_and_query: &str, body: &[u8]) -> Vec<u8> 
 }
 
 /// An audit event about to be recorded.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct AuditEvent {
     pub principal: Option<Principal>,
-    /// `key`, `operator`, `system`, or `anonymous`.
-    pub actor: &'static str,
-    pub action: String,
-    pub resource_type: Option<&'static str>,
+    pub actor: AuditActor,
+    pub action: AuditAction,
     pub resource_id: Option<String>,
-    pub outcome: &'static str,
+    pub outcome: AuditOutcome,
     pub status: Option<u16>,
     pub request_id: Option<String>,
-    pub details: serde_json::Map<String, serde_json::Value>,
-    /// For events without a principal (system, operator): the org.
+    pub details: AuditDetails,
+    /// For events without a principal (system, operator, token): the org.
     pub org_id: Option<String>,
 }
 
@@ -84,11 +120,12 @@ pub struct UsageLine {
 
 impl Host {
     /// Starts or resolves an idempotent request. A repeat of a request still
-    /// in flight waits for it; the same key with another request is
-    /// `idempotency_key_reused`.
+    /// in flight waits for it (woken when it ends, at most
+    /// [`MAX_IDEMPOTENCY_WAITERS`] at once); the same key with another
+    /// request is `idempotency_key_reused`.
     pub async fn idempotency_begin(
         &self,
-        org_id: &str,
+        owner: &IdempotencyOwner,
         key: &str,
         method: &str,
         path: &str,
@@ -106,10 +143,22 @@ impl Host {
             ));
         }
         let deadline = tokio::time::Instant::now() + IDEMPOTENCY_WAIT;
-        loop {
+        let slot: IdempotencySlot = (owner.clone(), key.to_string());
+        let mut waiting = false;
+        let result = loop {
+            // Registered before the store is read, so a completion between
+            // the read and the wait still wakes this request.
+            let notify = {
+                let mut waits = lock(&self.idempotency_waits);
+                let entry = waits.entry(slot.clone()).or_default();
+                entry.notify.clone()
+            };
+            let notified = notify.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             let now = self.clock.now_ms();
-            let (org, k, m, p, h) = (
-                org_id.to_string(),
+            let (o, k, m, p, h) = (
+                owner.clone(),
                 key.to_string(),
                 method.to_string(),
                 path.to_string(),
@@ -119,7 +168,8 @@ impl Host {
                 .store
                 .call(move |s| {
                     let request = IdempotentRequest {
-                        org_id: &org,
+                        org_id: &o.org_id,
+                        key_id: &o.key_id,
                         key: &k,
                         method: &m,
                         path: &p,
@@ -127,54 +177,121 @@ impl Host {
                     };
                     s.begin_idempotent(&request, now, now - IDEMPOTENCY_TTL_MS)
                 })
-                .await?;
+                .await;
             let record = match begin {
-                IdempotencyBegin::Started => return Ok(Idempotency::Proceed),
-                IdempotencyBegin::Existing(record) => record,
+                Err(e) => break Err(e.into()),
+                Ok(IdempotencyBegin::Started) => break Ok(Idempotency::Proceed),
+                Ok(IdempotencyBegin::Existing(record)) => record,
             };
             if record.request_hash != hash {
-                return Err(CoreError::IdempotencyKeyReused(key.to_string()));
+                break Err(CoreError::IdempotencyKeyReused(key.to_string()));
             }
             if let Some(response) = record.response {
-                return Ok(Idempotency::Replay(response));
+                break self
+                    .unseal(owner, key, response)
+                    .await
+                    .map(Idempotency::Replay);
             }
             if tokio::time::Instant::now() > deadline {
-                return Err(CoreError::IdempotencyInFlight(key.to_string()));
+                break Err(CoreError::IdempotencyInFlight(key.to_string()));
             }
-            tokio::time::sleep(IDEMPOTENCY_POLL).await;
+            if !waiting {
+                let mut waits = lock(&self.idempotency_waits);
+                let entry = waits.entry(slot.clone()).or_default();
+                if entry.count >= MAX_IDEMPOTENCY_WAITERS {
+                    drop(waits);
+                    break Err(CoreError::IdempotencyInFlight(key.to_string()));
+                }
+                entry.count += 1;
+                waiting = true;
+            }
+            let _ = tokio::time::timeout(IDEMPOTENCY_RECHECK, notified).await;
+        };
+        let mut waits = lock(&self.idempotency_waits);
+        if let Some(entry) = waits.get_mut(&slot) {
+            if waiting {
+                entry.count = entry.count.saturating_sub(1);
+            }
+            if entry.count == 0 && std::sync::Arc::strong_count(&entry.notify) == 1 {
+                waits.remove(&slot);
+            }
+        }
+        result
+    }
+
+    /// Wakes the requests waiting on a record.
+    fn idempotency_wake(&self, owner: &IdempotencyOwner, key: &str) {
+        let slot: IdempotencySlot = (owner.clone(), key.to_string());
+        let waits = lock(&self.idempotency_waits);
+        if let Some(entry) = waits.get(&slot) {
+            entry.notify.notify_waiters();
         }
     }
 
-    /// Stores the response of a first attempt. Server errors are not stored
-    /// (the key is released) so that a retry does the work again.
-    pub async fn idempotency_complete(&self, org_id: &str, key: &str, response: StoredResponse) {
+    async fn unseal(
+        &self,
+        owner: &IdempotencyOwner,
+        key: &str,
+        stored: StoredResponse,
+    ) -> Result<StoredResponse, CoreError> {
+        let secret = self.server_key(KeyUse::Idempotency).await?;
+        let body = secrets::open(&secret, &owner.context(key), &stored.body)?;
+        Ok(StoredResponse { body, ..stored })
+    }
+
+    /// Stores the response of a first attempt, sealed (it can hold preview
+    /// tokens and signed URLs). Server errors are not stored (the key is
+    /// released) so that a retry does the work again.
+    pub async fn idempotency_complete(
+        &self,
+        owner: &IdempotencyOwner,
+        key: &str,
+        response: StoredResponse,
+    ) {
         let now = self.clock.now_ms();
-        let (org, k) = (org_id.to_string(), key.to_string());
-        let result = self
-            .store
-            .call(move |s| {
-                if response.status >= 500 {
-                    s.abandon_idempotent(&org, &k)
-                } else {
-                    s.complete_idempotent(&org, &k, &response, now)
-                }
-            })
-            .await;
+        let sealed = match self.server_key(KeyUse::Idempotency).await {
+            Ok(secret) => secrets::seal_response(&secret, &owner.context(key), response),
+            Err(e) => Err(e),
+        };
+        let (o, k) = (owner.clone(), key.to_string());
+        let result = match sealed {
+            Ok(sealed) => self
+                .store
+                .call(move |s| {
+                    if sealed.status >= 500 {
+                        s.abandon_idempotent(&o.org_id, &o.key_id, &k)
+                    } else {
+                        s.complete_idempotent(&o.org_id, &o.key_id, &k, &sealed, now)
+                    }
+                })
+                .await
+                .map_err(CoreError::from),
+            Err(e) => {
+                let (o, k) = (owner.clone(), key.to_string());
+                let _ = self
+                    .store
+                    .call(move |s| s.abandon_idempotent(&o.org_id, &o.key_id, &k))
+                    .await;
+                Err(e)
+            }
+        };
         if let Err(e) = result {
             tracing::error!(error = %e, "could not record an idempotent response");
         }
+        self.idempotency_wake(owner, key);
     }
 
     /// Releases a key whose response could not be recorded (streams).
-    pub async fn idempotency_abandon(&self, org_id: &str, key: &str) {
-        let (org, k) = (org_id.to_string(), key.to_string());
+    pub async fn idempotency_abandon(&self, owner: &IdempotencyOwner, key: &str) {
+        let (o, k) = (owner.clone(), key.to_string());
         if let Err(e) = self
             .store
-            .call(move |s| s.abandon_idempotent(&org, &k))
+            .call(move |s| s.abandon_idempotent(&o.org_id, &o.key_id, &k))
             .await
         {
             tracing::error!(error = %e, "could not release an idempotency key");
         }
+        self.idempotency_wake(owner, key);
     }
 
     /// Records an audit event. Failing to record is logged, not fatal to
@@ -190,15 +307,24 @@ impl Host {
                 .or(event.org_id),
             project_id: event.principal.as_ref().and_then(|p| p.project_id.clone()),
             actor_key_id: event.principal.as_ref().map(|p| p.key_id.clone()),
-            actor: event.actor.to_string(),
+            actor: event.actor,
             action: event.action,
-            resource_type: event.resource_type.map(str::to_string),
+            resource_type: Some(event.action.resource()),
             resource_id: event.resource_id,
-            outcome: event.outcome.to_string(),
+            outcome: event.outcome,
             status: event.status.map(i64::from),
             request_id: event.request_id,
-            details: serde_json::Value::Object(event.details).to_string(),
+            details: event.details,
         };
+        if row.org_id.is_none() {
+            // Nothing names whose event it is: unauthenticated requests
+            // write nothing durable.
+            tracing::debug!(
+                action = row.action.name(),
+                "audit event without an org dropped"
+            );
+            return;
+        }
         if let Err(e) = self.store.call(move |s| s.insert_audit(&row)).await {
             tracing::error!(error = %e, "could not record an audit event");
         }
@@ -239,10 +365,9 @@ impl Host {
         Ok(usage_lines(&meters, from, to, group))
     }
 
-    /// The caller org's quota.
     /// The key's principal and its org's quota, in one trip to the store
-    /// (every mutation needs both). `None` for an unknown or revoked key.
-    pub async fn authenticate_with_quota(
+    /// (every request needs both). `None` for an unknown or revoked key.
+    pub async fn authenticate(
         &self,
         secret: String,
     ) -> Result<Option<(Principal, Quota)>, CoreError> {

@@ -4,7 +4,10 @@
 //!
 //! **Architecture Invariant:** nothing here knows HTTP or JSON bodies, SQL,
 //! or runc. Sandboxes are started through the [`Runtime`] trait and reached
-//! through [`AgentClient`]; state goes through [`StoreHandle`].
+//! through [`AgentClient`] over the runtime's channel; state goes through
+//! [`StoreHandle`], which no other layer reaches through `Host`. `core`
+//! returns typed values and rows; `api` renders every body (ARCHITECTURE.md
+//! has the command that checks it).
 
 pub mod artifacts;
 pub mod code;
@@ -14,7 +17,10 @@ pub mod ledger;
 mod pipeline;
 pub mod previews;
 pub mod sandboxes;
+mod secrets;
 mod slots;
+#[cfg(test)]
+pub(crate) mod tests;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -36,6 +42,8 @@ use crate::templates::TemplateSet;
 pub use commands::{CommandLog, LogEvent, RunCommand};
 pub use sandboxes::CreateSandbox;
 
+use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, EndReason, SandboxStatus};
+
 /// Failures of core operations. The API layer maps each to a status and a
 /// stable error code; internal ones are logged in full and shown generically.
 #[derive(Debug, thiserror::Error)]
@@ -53,12 +61,23 @@ pub enum CoreError {
         field: &'static str,
         message: String,
     },
+    /// The caller's key lacks a scope an option of the request needs
+    /// (e.g. `collect` needs `artifacts:create`).
+    #[error("this API key lacks the `{0}` scope")]
+    MissingScope(&'static str),
     #[error("command `{0}` is not running")]
     CommandNotRunning(String),
     #[error("command `{0}` was not started with stdin open (pass \"stdin\": true)")]
     StdinNotOpen(String),
     #[error("no free sandbox slot: {0} sandboxes are live")]
     Capacity(usize),
+    /// A per-sandbox limit (streams, commands, contexts, previews).
+    #[error("sandbox `{sandbox_id}` is at its limit of {max} {what}")]
+    SandboxBusy {
+        sandbox_id: String,
+        what: &'static str,
+        max: usize,
+    },
     #[error("template `{template}` could not be built: {message}")]
     TemplateBuild { template: String, message: String },
     #[error("sandbox failed to start: {0}")]
@@ -83,8 +102,9 @@ pub enum CoreError {
     },
     #[error("the code is {size} bytes; the limit is {max}")]
     CodeTooLarge { size: usize, max: usize },
-    #[error("the interpreter could not be started: {0}")]
-    ContextFailed(String),
+    /// The interpreter of a context did not start (the cause is logged).
+    #[error("the {} interpreter could not be started", .0.as_str())]
+    ContextFailed(crownest_proto::code::Language),
     #[error("blob storage: {0}")]
     Blob(#[from] crate::blobs::BlobError),
     #[error("idempotency key `{0}` was used for a different request")]
@@ -104,8 +124,8 @@ pub enum CoreError {
     TransferExpired,
     #[error("the transfer URL was already used")]
     TransferUsed,
-    #[error("transfer signing key: {0}")]
-    TransferKey(String),
+    #[error("server key: {0}")]
+    ServerKey(String),
     #[error("sandbox `{sandbox_id}` already has preview `{existing_id}` of port {port}")]
     PreviewPortTaken {
         sandbox_id: String,
@@ -125,7 +145,7 @@ pub enum CoreError {
 }
 
 impl CoreError {
-    fn invalid(field: &'static str, message: impl Into<String>) -> Self {
+    pub(crate) fn invalid(field: &'static str, message: impl Into<String>) -> Self {
         CoreError::Invalid {
             field,
             message: message.into(),
@@ -149,6 +169,8 @@ pub struct LiveSandbox {
     /// Holds its uid slot machine-wide while it lives.
     pub(crate) slot: Option<slots::SlotLock>,
     pub agent: AgentClient,
+    /// How its agent was reached (and can be reached again).
+    pub channel: Arc<dyn crate::runtime::AgentChannel>,
     pub state_dir: PathBuf,
     /// Cancelled when the sandbox is being destroyed, so running commands
     /// stop waiting on an agent that is going away.
@@ -188,8 +210,11 @@ pub struct Host {
     /// When this process started: idempotency records still in flight from
     /// before it belong to a dead process.
     started_at: crate::clock::Millis,
-    /// Signs staged transfer URLs; loaded (or created) on first use.
-    transfer_key: tokio::sync::OnceCell<[u8; 32]>,
+    /// Keys that sign transfer URLs and seal idempotent responses; loaded
+    /// (or created) on first use.
+    keys: secrets::ServerKeys,
+    /// Requests waiting for the first attempt of their idempotency key.
+    idempotency_waits: Mutex<HashMap<ledger::IdempotencySlot, ledger::Waiters>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -229,12 +254,9 @@ impl Host {
             shutdown: CancellationToken::new(),
             admission: AsyncMutex::new(()),
             started_at,
-            transfer_key: tokio::sync::OnceCell::new(),
+            keys: secrets::ServerKeys::default(),
+            idempotency_waits: Mutex::new(HashMap::new()),
         })
-    }
-
-    pub fn store(&self) -> &StoreHandle {
-        &self.store
     }
 
     pub fn clock(&self) -> &Clock {
@@ -278,10 +300,10 @@ impl Host {
             self.store
                 .call(move |s| {
                     s.fail_running_commands(&id, "the host restarted while the command ran", now)?;
-                    s.end_sandbox(&id, "host_restart", now)
+                    s.end_sandbox(&id, EndReason::HostRestart, now)
                 })
                 .await?;
-            self.audit_system_destroy(&sandbox.id, &sandbox.org_id, "host_restart")
+            self.audit_system_destroy(&sandbox.id, &sandbox.org_id, EndReason::HostRestart)
                 .await;
             tracing::info!(sandbox = %sandbox.id, "reconciled sandbox left by a previous host process");
         }
@@ -342,18 +364,18 @@ impl Host {
             .await?;
         for sandbox in live {
             let reason = if sandbox.expires_at <= now {
-                Some("expired")
-            } else if sandbox.status == "running"
+                Some(EndReason::Expired)
+            } else if sandbox.status == SandboxStatus::Running
                 && self
                     .live_sandbox(&sandbox.id)
                     .is_some_and(|l| l.agent.is_closed())
             {
-                Some("failed")
+                Some(EndReason::Failed)
             } else {
                 None
             };
             if let Some(reason) = reason {
-                tracing::info!(sandbox = %sandbox.id, reason, "reaping sandbox");
+                tracing::info!(sandbox = %sandbox.id, ?reason, "reaping sandbox");
                 self.destroy_sandbox(&sandbox.id, reason).await?;
                 self.audit_system_destroy(&sandbox.id, &sandbox.org_id, reason)
                     .await;
@@ -368,29 +390,32 @@ impl Host {
         self.shutdown.cancel();
         let ids: Vec<String> = lock(&self.live).keys().cloned().collect();
         for id in ids {
-            if let Err(e) = self.destroy_sandbox(&id, "host_shutdown").await {
+            if let Err(e) = self.destroy_sandbox(&id, EndReason::HostShutdown).await {
                 tracing::warn!(sandbox = %id, error = %e, "could not destroy sandbox on shutdown");
             }
             let key = id.clone();
             if let Ok(Some(org)) = self.store.call(move |s| s.sandbox_org(&key)).await {
-                self.audit_system_destroy(&id, &org, "host_shutdown").await;
+                self.audit_system_destroy(&id, &org, EndReason::HostShutdown)
+                    .await;
             }
         }
     }
 
     /// Audits a destroy the host did on its own (expiry, failure, restart).
-    async fn audit_system_destroy(&self, id: &str, org_id: &str, reason: &str) {
-        let mut details = serde_json::Map::new();
-        details.insert("reason".into(), reason.into());
+    async fn audit_system_destroy(&self, id: &str, org_id: &str, reason: EndReason) {
         self.audit(ledger::AuditEvent {
-            actor: "system",
-            action: String::from("sandbox.destroy"),
-            resource_type: Some("sandbox"),
+            actor: AuditActor::System,
+            action: AuditAction::SandboxDestroy,
             resource_id: Some(id.to_string()),
-            outcome: "success",
+            outcome: AuditOutcome::Success,
             org_id: Some(org_id.to_string()),
-            details,
-            ..ledger::AuditEvent::default()
+            details: AuditDetails {
+                reason: Some(reason),
+                ..AuditDetails::default()
+            },
+            principal: None,
+            status: None,
+            request_id: None,
         })
         .await;
     }

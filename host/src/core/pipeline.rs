@@ -6,18 +6,18 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use crownest_proto::code::Language;
 
-use super::code::{ArtifactPolicy, RunOutputView};
+use super::code::{ArtifactPolicy, InlineContent, RunOutput};
 use super::{CoreError, Host, lock};
 use crate::auth::Principal;
 use crate::ids;
 use crate::plugins::{
     self, Adapter, Decision, Format, Formatter, Output, OutputKind, PipelineLimits, PluginHost,
-    Policy, RawEvent, bundle_from_json,
+    Policy, RawEvent, RejectReason,
 };
 use crate::store::{ArtifactRow, SandboxRow};
 use crate::templates::Template;
@@ -33,18 +33,24 @@ pub struct LanguagePipeline {
 /// loaded, by template and language.
 #[derive(Default)]
 pub struct Pipelines {
-    host: OnceLock<Result<Arc<PluginHost>, String>>,
+    host: tokio::sync::OnceCell<Result<Arc<PluginHost>, String>>,
     loaded: std::sync::Mutex<HashMap<(String, String), Arc<LanguagePipeline>>>,
 }
 
 impl Pipelines {
-    fn plugin_host(&self, cache_dir: &std::path::Path) -> Result<Arc<PluginHost>, String> {
+    /// The plugin host, started (on the blocking pool) on first use.
+    async fn plugin_host(&self, cache_dir: PathBuf) -> Result<Arc<PluginHost>, String> {
         self.host
-            .get_or_init(|| {
-                PluginHost::new(cache_dir)
-                    .map(Arc::new)
-                    .map_err(|e| format!("the plugin host could not start: {e}"))
+            .get_or_init(|| async move {
+                tokio::task::spawn_blocking(move || {
+                    PluginHost::new(&cache_dir)
+                        .map(Arc::new)
+                        .map_err(|e| format!("the plugin host could not start: {e}"))
+                })
+                .await
+                .map_err(|e| format!("the plugin host could not start: {e}"))?
             })
+            .await
             .clone()
     }
 }
@@ -54,50 +60,57 @@ pub fn plugins_dir() -> PathBuf {
     PluginHost::default_plugins_dir()
 }
 
-impl Host {
-    /// Loads (once) and returns the pipeline of a template language. A
-    /// component for the wrong world or with forbidden imports fails here
-    /// with the plugin host's message.
-    /// The template's pipeline for `language`, if it is loaded already.
-    fn loaded_pipeline(
-        &self,
-        template: &Template,
-        language: Language,
-    ) -> Option<Arc<LanguagePipeline>> {
-        let key = (template.name.clone(), language.as_str().to_string());
-        lock(&self.pipelines.loaded).get(&key).cloned()
-    }
+/// Loads the three components of one template language (compiling them
+/// on first use; blocking).
+fn load_pipeline(
+    host: &PluginHost,
+    template: &Template,
+    language: Language,
+) -> Result<LanguagePipeline, String> {
+    let plugins = template.languages.get(language.as_str()).ok_or_else(|| {
+        format!(
+            "template `{}` has no {} pipeline",
+            template.name,
+            language.as_str()
+        )
+    })?;
+    let dir = plugins_dir();
+    let path = |name: &str| PluginHost::resolve(name, &dir);
+    Ok(LanguagePipeline {
+        adapter: host
+            .load_adapter(&path(&plugins.adapter))
+            .map_err(|e| format!("result adapter `{}`: {e}", plugins.adapter))?,
+        formatter: host
+            .load_formatter(&path(&plugins.formatter))
+            .map_err(|e| format!("output formatter `{}`: {e}", plugins.formatter))?,
+        policy: host
+            .load_policy(&path(&plugins.policy))
+            .map_err(|e| format!("promotion policy `{}`: {e}", plugins.policy))?,
+    })
+}
 
-    fn language_pipeline(
+impl Host {
+    /// The pipeline of a template language, loaded once (on the blocking
+    /// pool: a first load may compile). A component for the wrong world or
+    /// with forbidden imports fails here with the plugin host's message.
+    async fn language_pipeline(
         &self,
         template: &Template,
         language: Language,
     ) -> Result<Arc<LanguagePipeline>, String> {
-        if let Some(loaded) = self.loaded_pipeline(template, language) {
+        let key = (template.name.clone(), language.as_str().to_string());
+        if let Some(loaded) = lock(&self.pipelines.loaded).get(&key).cloned() {
             return Ok(loaded);
         }
-        let key = (template.name.clone(), language.as_str().to_string());
-        let plugins = template.languages.get(language.as_str()).ok_or_else(|| {
-            format!(
-                "template `{}` has no {} pipeline",
-                template.name,
-                language.as_str()
-            )
-        })?;
-        let host = self.pipelines.plugin_host(&self.config.cache_dir)?;
-        let dir = plugins_dir();
-        let path = |name: &str| PluginHost::resolve(name, &dir);
-        let pipeline = LanguagePipeline {
-            adapter: host
-                .load_adapter(&path(&plugins.adapter))
-                .map_err(|e| format!("result adapter `{}`: {e}", plugins.adapter))?,
-            formatter: host
-                .load_formatter(&path(&plugins.formatter))
-                .map_err(|e| format!("output formatter `{}`: {e}", plugins.formatter))?,
-            policy: host
-                .load_policy(&path(&plugins.policy))
-                .map_err(|e| format!("promotion policy `{}`: {e}", plugins.policy))?,
-        };
+        let host = self
+            .pipelines
+            .plugin_host(self.config.cache_dir.clone())
+            .await?;
+        let template = template.clone();
+        let pipeline =
+            tokio::task::spawn_blocking(move || load_pipeline(&host, &template, language))
+                .await
+                .map_err(|e| format!("loading the pipeline failed: {e}"))??;
         let pipeline = Arc::new(pipeline);
         lock(&self.pipelines.loaded).insert(key, pipeline.clone());
         Ok(pipeline)
@@ -112,41 +125,20 @@ impl Host {
         sandbox: &SandboxRow,
         template: &Template,
         language: Language,
-        bundles: &[(bool, serde_json::Map<String, serde_json::Value>)],
+        events: Vec<RawEvent>,
         policy: ArtifactPolicy,
         notes: &mut Vec<String>,
-    ) -> Vec<RunOutputView> {
-        if bundles.is_empty() {
+    ) -> Vec<RunOutput> {
+        if events.is_empty() {
             return Vec::new();
         }
-        let events: Vec<RawEvent> = bundles
-            .iter()
-            .map(|(result, data)| {
-                let bundle = bundle_from_json(data);
-                if *result {
-                    RawEvent::ExecuteResult {
-                        bundle,
-                        execution_count: None,
-                    }
-                } else {
-                    RawEvent::DisplayData {
-                        bundle,
-                        execution_count: None,
-                    }
-                }
-            })
-            .collect();
         let choice = match policy {
             ArtifactPolicy::Inline => plugins::ArtifactPolicy::Inline,
             ArtifactPolicy::Promote => plugins::ArtifactPolicy::Promote,
         };
-        // Loading reads the cached precompiled components (compiling them
-        // once), so only a first load leaves the async worker; calling them
-        // is CPU-bound and runs on the blocking pool.
-        let loaded = match self.loaded_pipeline(template, language).map_or_else(
-            || tokio::task::block_in_place(|| self.language_pipeline(template, language)),
-            Ok,
-        ) {
+        // Loading and calling components is CPU-bound: both run on the
+        // blocking pool.
+        let loaded = match self.language_pipeline(template, language).await {
             Ok(pipeline) => pipeline,
             Err(message) => {
                 notes.push(format!(
@@ -178,27 +170,30 @@ impl Host {
         notes.extend(result.notes);
         let mut views = Vec::with_capacity(result.outputs.len());
         for (index, item) in result.outputs.into_iter().enumerate() {
-            let format = item.output.format.as_str().to_string();
+            let format = item.output.format;
             let view = match item.decision {
-                Decision::Inline => inline_view(item.output),
-                Decision::Reject(reason) => RunOutputView::Rejected {
-                    format,
-                    reason: reason.as_str().to_string(),
-                },
+                Decision::Inline => inline_output(item.output),
+                Decision::Reject(reason) => RunOutput::Rejected { format, reason },
                 Decision::Promote => match self
                     .promote_output(principal, sandbox, index, item.output)
                     .await
                 {
                     Ok(view) => view,
                     Err(e) => {
-                        notes.push(format!("output {index} could not be promoted: {e}"));
-                        RunOutputView::Rejected {
-                            format,
-                            reason: match e {
-                                CoreError::QuotaExceeded { .. } => String::from("quota_exceeded"),
-                                _ => String::from("promotion_failed"),
-                            },
-                        }
+                        let reason = match e {
+                            CoreError::QuotaExceeded { .. } => {
+                                notes.push(format!(
+                                    "output {index} was not promoted: the org's artifact quota is used up"
+                                ));
+                                RejectReason::QuotaExceeded
+                            }
+                            other => {
+                                tracing::warn!(error = %other, "could not promote an output");
+                                notes.push(format!("output {index} could not be promoted"));
+                                RejectReason::PromotionFailed
+                            }
+                        };
+                        RunOutput::Rejected { format, reason }
                     }
                 },
             };
@@ -214,7 +209,7 @@ impl Host {
         sandbox: &SandboxRow,
         index: usize,
         output: Output,
-    ) -> Result<RunOutputView, CoreError> {
+    ) -> Result<RunOutput, CoreError> {
         let bytes = match (output.bytes, output.text) {
             (Some(bytes), _) => bytes,
             (None, Some(text)) => text.into_bytes(),
@@ -259,8 +254,8 @@ impl Host {
         };
         let stored = row.clone();
         self.store.call(move |s| s.insert_artifact(&stored)).await?;
-        Ok(RunOutputView::Artifact {
-            format: output.format.as_str().to_string(),
+        Ok(RunOutput::Artifact {
+            format: output.format,
             artifact_id: row.id,
             mime: output.mime,
             size,
@@ -281,24 +276,26 @@ fn extension_of(format: Format) -> &'static str {
     }
 }
 
-/// An inlined output: JSON formats as their JSON value, text as text, bytes
-/// as base64.
-fn inline_view(output: Output) -> RunOutputView {
+/// An inlined output: JSON formats as JSON text (when it parses), text as
+/// text, bytes as base64.
+fn inline_output(output: Output) -> RunOutput {
     let format = output.format;
     let content = match (output.text, output.bytes) {
-        (Some(text), _) if format.is_json() => {
-            serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text))
+        (Some(text), _)
+            if format.is_json() && serde_json::from_str::<serde::de::IgnoredAny>(&text).is_ok() =>
+        {
+            InlineContent::Json(text)
         }
-        (Some(text), _) => serde_json::Value::String(text),
+        (Some(text), _) => InlineContent::Text(text),
         (None, Some(bytes)) => {
             use base64::Engine;
-            serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes))
+            InlineContent::Base64(base64::engine::general_purpose::STANDARD.encode(bytes))
         }
-        (None, None) => serde_json::Value::Null,
+        (None, None) => InlineContent::Json(String::from("null")),
     };
-    RunOutputView::Inline {
-        format: format.as_str().to_string(),
+    RunOutput::Inline {
+        format,
         content,
-        mime: Some(output.mime),
+        mime: output.mime,
     }
 }

@@ -10,6 +10,7 @@ use super::{CoreError, Host};
 use crate::agent::{AgentError, Tunnel};
 use crate::auth::Principal;
 use crate::ids;
+use crate::model::{PreviewCloseReason, PreviewStatus};
 use crate::store::{Cursor, InsertPreview, PreviewRow};
 
 /// The browser token of a preview: this prefix and 40 random characters.
@@ -64,7 +65,7 @@ impl Host {
             project_id: sandbox.project_id.clone(),
             sandbox_id: sandbox.id.clone(),
             port,
-            status: String::from("active"),
+            status: PreviewStatus::Active,
             token_hash: token_hash(&token),
             created_at: self.clock.now_ms(),
             closed_at: None,
@@ -130,11 +131,11 @@ impl Host {
         preview_id: &str,
     ) -> Result<PreviewRow, CoreError> {
         let preview = self.get_preview(principal, sandbox_id, preview_id).await?;
-        if preview.status == "active" {
+        if preview.status == PreviewStatus::Active {
             let id = preview.id.clone();
             let now = self.clock.now_ms();
             self.store
-                .call(move |s| s.close_preview(&id, "deleted", now))
+                .call(move |s| s.close_preview(&id, PreviewCloseReason::Deleted, now))
                 .await?;
         }
         let scope = principal.scope();
@@ -176,7 +177,7 @@ impl Host {
         if !allowed {
             return Err(not_found());
         }
-        if preview.status != "active" {
+        if preview.status != PreviewStatus::Active {
             return Err(CoreError::PreviewClosed(preview.id));
         }
         Ok(preview)

@@ -12,18 +12,63 @@ use super::{CoreError, Host, LiveSandbox, MAX_SLOTS, lock};
 use crate::agent::AgentClient;
 use crate::auth::Principal;
 use crate::clock::Millis;
+use crate::config::Limits;
 use crate::ids;
+use crate::model::{EndReason, Metadata, SandboxStatus};
 use crate::runtime::SandboxSpec;
 use crate::store::{Cursor, SandboxRow};
 use crate::templates::Template;
 
-/// A validated request to create a sandbox.
-#[derive(Debug, Clone)]
+/// A request to create a sandbox, as the client sent it.
+#[derive(Debug, Clone, Default)]
 pub struct CreateSandbox {
     pub template: String,
     pub ttl_ms: Option<i64>,
-    /// A JSON object, already checked to be one.
-    pub metadata: serde_json::Map<String, serde_json::Value>,
+    pub metadata: Metadata,
+}
+
+/// A request that passed [`CreateSandbox::validate`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct ValidCreateSandbox {
+    pub template: String,
+    pub ttl_ms: i64,
+    pub metadata: Metadata,
+}
+
+impl CreateSandbox {
+    pub fn validate(self, limits: &Limits) -> Result<ValidCreateSandbox, CoreError> {
+        let ttl_ms = self.ttl_ms.unwrap_or(limits.default_ttl_ms);
+        if ttl_ms < limits.min_ttl_ms || ttl_ms > limits.max_ttl_ms {
+            return Err(CoreError::invalid(
+                "ttlMs",
+                format!(
+                    "ttlMs must be between {} and {} milliseconds, got {ttl_ms}",
+                    limits.min_ttl_ms, limits.max_ttl_ms
+                ),
+            ));
+        }
+        let size = serde_json::to_vec(&self.metadata).map_or(usize::MAX, |v| v.len());
+        if size > limits.max_metadata_bytes {
+            return Err(CoreError::invalid(
+                "metadata",
+                format!(
+                    "metadata is {size} bytes serialized; the limit is {}",
+                    limits.max_metadata_bytes
+                ),
+            ));
+        }
+        if self.template.is_empty() || self.template.len() > 64 {
+            return Err(CoreError::invalid(
+                "template",
+                "template must be a template name of 1 to 64 characters; see GET /v1/templates",
+            ));
+        }
+        Ok(ValidCreateSandbox {
+            template: self.template,
+            ttl_ms,
+            metadata: self.metadata,
+        })
+    }
 }
 
 impl Host {
@@ -34,29 +79,12 @@ impl Host {
         principal: &Principal,
         request: CreateSandbox,
     ) -> Result<SandboxRow, CoreError> {
-        let limits = &self.config.limits;
-        let ttl_ms = request.ttl_ms.unwrap_or(limits.default_ttl_ms);
-        if ttl_ms < limits.min_ttl_ms || ttl_ms > limits.max_ttl_ms {
-            return Err(CoreError::invalid(
-                "ttlMs",
-                format!(
-                    "ttlMs must be between {} and {} milliseconds, got {ttl_ms}",
-                    limits.min_ttl_ms, limits.max_ttl_ms
-                ),
-            ));
-        }
-        let metadata = serde_json::Value::Object(request.metadata).to_string();
-        if metadata.len() > limits.max_metadata_bytes {
-            return Err(CoreError::invalid(
-                "metadata",
-                format!(
-                    "metadata is {} bytes serialized; the limit is {}",
-                    metadata.len(),
-                    limits.max_metadata_bytes
-                ),
-            ));
-        }
-        let template = self.template(&request.template)?;
+        let ValidCreateSandbox {
+            template,
+            ttl_ms,
+            metadata,
+        } = request.validate(&self.config.limits)?;
+        let template = self.template(&template)?;
         self.ensure_rootfs(&template).await?;
 
         let quota = self.quota(&principal.org_id).await?;
@@ -70,7 +98,7 @@ impl Host {
             project_id: principal.project_id.clone(),
             template: template.name.clone(),
             template_hash: template.recipe_hash(),
-            status: String::from("starting"),
+            status: SandboxStatus::Starting,
             metadata,
             created_at: now,
             expires_at: now + ttl_ms,
@@ -95,10 +123,10 @@ impl Host {
                 lock(&self.live).insert(row.id.clone(), Arc::new(live));
                 let id = row.id.clone();
                 self.store
-                    .call(move |s| s.set_sandbox_status(&id, "running"))
+                    .call(move |s| s.set_sandbox_status(&id, SandboxStatus::Running))
                     .await?;
                 Ok(SandboxRow {
-                    status: String::from("running"),
+                    status: SandboxStatus::Running,
                     ..row
                 })
             }
@@ -111,7 +139,7 @@ impl Host {
                 let id = row.id.clone();
                 let ended = self.clock.now_ms();
                 self.store
-                    .call(move |s| s.end_sandbox(&id, "failed", ended))
+                    .call(move |s| s.end_sandbox(&id, EndReason::Failed, ended))
                     .await?;
                 Err(e)
             }
@@ -136,18 +164,15 @@ impl Host {
         };
         let started = self.runtime.start(&spec).await?;
         let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms);
-        let agent = AgentClient::connect_unix(&started.agent_socket, timeout)
-            .await
-            .map_err(|e| {
-                CoreError::StartFailed(format!("the sandbox agent did not answer: {e}"))
-            })?;
+        let agent = connect_agent(started.channel.as_ref(), timeout).await?;
         Ok(LiveSandbox {
             id: row.id.clone(),
             row: SandboxRow {
-                status: String::from("running"),
+                status: SandboxStatus::Running,
                 ..row.clone()
             },
             agent,
+            channel: started.channel,
             state_dir,
             stopping: CancellationToken::new(),
             slot: None,
@@ -192,8 +217,6 @@ impl Host {
             })
     }
 
-    /// Picks the lowest uid slot that is neither live in the store nor
-    /// reserved by a create in flight.
     /// A uid slot no live sandbox of this host uses and no other process
     /// on the machine holds; held until the returned lock is dropped.
     async fn reserve_slot(&self) -> Result<(i64, SlotLock), CoreError> {
@@ -255,7 +278,7 @@ impl Host {
             return Ok((live.row.clone(), live));
         }
         let row = self.get_sandbox(principal, id).await?;
-        if row.status == "destroyed" {
+        if row.status == SandboxStatus::Destroyed {
             return Err(CoreError::SandboxDestroyed(row.id));
         }
         let live = self
@@ -284,16 +307,20 @@ impl Host {
         id: &str,
     ) -> Result<SandboxRow, CoreError> {
         let row = self.get_sandbox(principal, id).await?;
-        if row.status == "destroyed" {
+        if row.status == SandboxStatus::Destroyed {
             return Err(CoreError::SandboxDestroyed(row.id));
         }
-        self.destroy_sandbox(&row.id, "killed").await?;
+        self.destroy_sandbox(&row.id, EndReason::Killed).await?;
         self.get_sandbox(principal, id).await
     }
 
     /// Destroys a sandbox's container and tombstones its record. Running
     /// commands end as `failed`. Safe to call for a sandbox already gone.
-    pub(crate) async fn destroy_sandbox(&self, id: &str, reason: &str) -> Result<(), CoreError> {
+    pub(crate) async fn destroy_sandbox(
+        &self,
+        id: &str,
+        reason: EndReason,
+    ) -> Result<(), CoreError> {
         let live = lock(&self.live).remove(id);
         if let Some(live) = &live {
             live.stopping.cancel();
@@ -305,13 +332,31 @@ impl Host {
         // buffered log) before the store marks stragglers failed.
         self.wait_for_commands_of(id, Duration::from_secs(5)).await;
         let now: Millis = self.clock.now_ms();
-        let (key, reason) = (id.to_string(), reason.to_string());
+        let key = id.to_string();
         self.store
             .call(move |s| {
-                s.end_sandbox(&key, &reason, now)?;
+                s.end_sandbox(&key, reason, now)?;
                 s.fail_running_commands(&key, "the sandbox was destroyed", now)
             })
             .await?;
         Ok(())
     }
+}
+
+/// Opens the channel and runs the handshake, bounded by `timeout`.
+pub(crate) async fn connect_agent(
+    channel: &dyn crate::runtime::AgentChannel,
+    timeout: Duration,
+) -> Result<AgentClient, CoreError> {
+    let deadline = tokio::time::Instant::now() + timeout;
+    let stream = channel
+        .open(timeout)
+        .await
+        .map_err(|e| CoreError::StartFailed(format!("the sandbox agent did not answer: {e}")))?;
+    tokio::time::timeout_at(deadline, AgentClient::connect(stream))
+        .await
+        .map_err(|_| {
+            CoreError::StartFailed(String::from("the sandbox agent did not answer in time"))
+        })?
+        .map_err(|e| CoreError::StartFailed(format!("the sandbox agent did not answer: {e}")))
 }

@@ -27,9 +27,9 @@ mod tests;
 
 pub use pipeline::{PipelineLimits, PipelineOutput, PipelineResult, pipeline};
 pub use types::{
-    Adapted, ArtifactPolicy, Decision, Format, FormatLimits, MimeData, MimeItem, Output,
-    OutputKind, PolicyLimits, RawEvent, RejectReason, RichOutput, RunError, StreamName,
-    bundle_from_json,
+    Adapted, ArtifactPolicy, Decision, DecodeError, Format, FormatLimits, MimeData, MimeItem,
+    Output, OutputKind, PolicyLimits, RawEvent, RejectReason, RichOutput, RunError, RunnerEvent,
+    StreamName,
 };
 
 use bindings::adapter::{ResultAdapter, ResultAdapterPre};

@@ -674,7 +674,7 @@ fn resolve_takes_absolute_paths_as_is_and_finds_cargo_names() {
 }
 
 #[test]
-fn from_jupyter_decodes_base64_images_and_keeps_json_as_text() {
+fn runner_lines_decode_base64_images_and_keep_json_as_text() {
     use base64::Engine as _;
     let event = serde_json::json!({
         "type": "display_data",
@@ -684,7 +684,10 @@ fn from_jupyter_decodes_base64_images_and_keeps_json_as_text() {
         },
         "metadata": {}
     });
-    let Some(RawEvent::DisplayData { bundle, .. }) = RawEvent::from_jupyter(&event) else {
+    let line = serde_json::to_vec(&event).expect("json");
+    let Ok(RunnerEvent::Raw(RawEvent::DisplayData { bundle, .. })) =
+        RunnerEvent::decode(&line, 1 << 20)
+    else {
         panic!("not display data");
     };
     assert!(bundle.contains(&MimeItem {
@@ -692,6 +695,32 @@ fn from_jupyter_decodes_base64_images_and_keeps_json_as_text() {
         data: MimeData::Bytes(PNG.to_vec())
     }));
     assert!(bundle.contains(&text(FIGURE_MIME, r#"{"axes":[]}"#)));
+}
+
+#[test]
+fn an_oversized_runner_line_is_refused_before_it_is_parsed() {
+    let line = vec![b'x'; 1000];
+    assert_eq!(
+        RunnerEvent::decode(&line, 999),
+        Err(DecodeError::TooLarge {
+            size: 1000,
+            max: 999
+        })
+    );
+    assert!(matches!(
+        RunnerEvent::decode(b"{\"type\":\"stream\"}", 999),
+        Err(DecodeError::Malformed(_))
+    ));
+    assert_eq!(
+        RunnerEvent::decode(b"{\"type\":\"done\",\"execution_count\":3}", 999),
+        Ok(RunnerEvent::Done {
+            execution_count: Some(3)
+        })
+    );
+    assert_eq!(
+        RunnerEvent::decode(b"{\"type\":\"ready\"}", 999),
+        Ok(RunnerEvent::Other)
+    );
 }
 
 #[test]

@@ -60,30 +60,77 @@ pub enum RawEvent {
     },
 }
 
-impl RawEvent {
-    /// Reads one runner event line (`{"type":"stream"|"display_data"|
-    /// "execute_result"|"error", …}`); `None` for other event types
-    /// (`ready`, `done`, …) and malformed ones. Bundle values that are
-    /// strings stay text, except base64 images (`image/png`, `image/jpeg`,
-    /// `image/gif`, `image/webp`), which are decoded to bytes; JSON values
-    /// become their JSON text.
-    pub fn from_jupyter(event: &serde_json::Value) -> Option<RawEvent> {
-        let field = |key: &str| event.get(key).and_then(serde_json::Value::as_str);
-        let count = event
-            .get("execution_count")
-            .and_then(serde_json::Value::as_u64)
-            .and_then(|n| u32::try_from(n).ok());
-        match field("type")? {
-            "stream" => Some(RawEvent::Stream {
-                name: match field("name")? {
-                    "stderr" => StreamName::Stderr,
+/// One line of a runner's event pipe, decoded once: an event for the
+/// pipeline, the end of a run, or something the host ignores.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RunnerEvent {
+    Raw(RawEvent),
+    /// The run finished (`{"type":"done"}`).
+    Done {
+        execution_count: Option<u32>,
+    },
+    /// `ready` and unknown event types.
+    Other,
+}
+
+/// Why a runner line could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    #[error("the event is {size} bytes; at most {max} are accepted")]
+    TooLarge { size: usize, max: usize },
+    #[error("the event is not valid JSON of the runner protocol: {0}")]
+    Malformed(String),
+}
+
+/// The flat shape of every runner line: no `serde_json::Value` tree is
+/// built; bundle values stay raw JSON text until they are needed.
+#[derive(serde::Deserialize)]
+struct Line<'a> {
+    #[serde(rename = "type")]
+    kind: std::borrow::Cow<'a, str>,
+    name: Option<std::borrow::Cow<'a, str>>,
+    text: Option<String>,
+    #[serde(borrow)]
+    data: Option<std::collections::BTreeMap<String, &'a serde_json::value::RawValue>>,
+    execution_count: Option<u64>,
+    ename: Option<String>,
+    evalue: Option<String>,
+    traceback: Option<Vec<String>>,
+}
+
+impl RunnerEvent {
+    /// Decodes one runner event line (`{"type":"stream"|"display_data"|
+    /// "execute_result"|"error"|"done", …}`), refusing lines over `max`
+    /// bytes before parsing anything. Bundle values that are strings stay
+    /// text, except base64 images (`image/png`, `image/jpeg`, `image/gif`,
+    /// `image/webp`), which are decoded to bytes; other JSON values become
+    /// their JSON text.
+    pub fn decode(line: &[u8], max: usize) -> Result<RunnerEvent, DecodeError> {
+        if line.len() > max {
+            return Err(DecodeError::TooLarge {
+                size: line.len(),
+                max,
+            });
+        }
+        let line: Line<'_> =
+            serde_json::from_slice(line).map_err(|e| DecodeError::Malformed(e.to_string()))?;
+        let count = line.execution_count.and_then(|n| u32::try_from(n).ok());
+        let missing = |field: &str| DecodeError::Malformed(format!("`{field}` is missing"));
+        Ok(match line.kind.as_ref() {
+            "stream" => RunnerEvent::Raw(RawEvent::Stream {
+                name: match line.name.as_deref() {
+                    Some("stderr") => StreamName::Stderr,
                     _ => StreamName::Stdout,
                 },
-                text: field("text")?.to_owned(),
+                text: line.text.ok_or_else(|| missing("text"))?,
             }),
             kind @ ("display_data" | "execute_result") => {
-                let bundle = bundle_from_json(event.get("data")?.as_object()?);
-                Some(if kind == "display_data" {
+                let data = line.data.ok_or_else(|| missing("data"))?;
+                let bundle = data
+                    .into_iter()
+                    .map(|(mime, value)| bundle_item(mime, value))
+                    .collect();
+                RunnerEvent::Raw(if kind == "display_data" {
                     RawEvent::DisplayData {
                         bundle,
                         execution_count: count,
@@ -95,45 +142,37 @@ impl RawEvent {
                     }
                 })
             }
-            "error" => Some(RawEvent::Error {
-                ename: field("ename").unwrap_or_default().to_owned(),
-                evalue: field("evalue").unwrap_or_default().to_owned(),
-                traceback: event
-                    .get("traceback")
-                    .and_then(serde_json::Value::as_array)
-                    .map(|lines| {
-                        lines
-                            .iter()
-                            .filter_map(|l| l.as_str().map(str::to_owned))
-                            .collect()
-                    })
-                    .unwrap_or_default(),
+            "error" => RunnerEvent::Raw(RawEvent::Error {
+                ename: line.ename.unwrap_or_default(),
+                evalue: line.evalue.unwrap_or_default(),
+                traceback: line.traceback.unwrap_or_default(),
             }),
-            _ => None,
-        }
+            "done" => RunnerEvent::Done {
+                execution_count: count,
+            },
+            _ => RunnerEvent::Other,
+        })
     }
 }
 
-/// A Jupyter `data` object as a bundle (see [`RawEvent::from_jupyter`]).
-pub fn bundle_from_json(data: &serde_json::Map<String, serde_json::Value>) -> Vec<MimeItem> {
-    data.iter()
-        .map(|(mime, value)| {
-            let data = match value {
-                serde_json::Value::String(text) if is_binary_image(mime) => {
-                    match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
-                        Ok(bytes) => MimeData::Bytes(bytes),
-                        Err(_) => MimeData::Text(text.clone()),
-                    }
+/// One representation of a bundle from its raw JSON value.
+fn bundle_item(mime: String, value: &serde_json::value::RawValue) -> MimeItem {
+    let raw = value.get();
+    let data = if raw.starts_with('"') {
+        match serde_json::from_str::<String>(raw) {
+            Ok(text) if is_binary_image(&mime) => {
+                match base64::engine::general_purpose::STANDARD.decode(text.trim()) {
+                    Ok(bytes) => MimeData::Bytes(bytes),
+                    Err(_) => MimeData::Text(text),
                 }
-                serde_json::Value::String(text) => MimeData::Text(text.clone()),
-                other => MimeData::Text(other.to_string()),
-            };
-            MimeItem {
-                mime: mime.clone(),
-                data,
             }
-        })
-        .collect()
+            Ok(text) => MimeData::Text(text),
+            Err(_) => MimeData::Text(raw.to_owned()),
+        }
+    } else {
+        MimeData::Text(raw.to_owned())
+    };
+    MimeItem { mime, data }
 }
 
 fn is_binary_image(mime: &str) -> bool {
@@ -278,6 +317,10 @@ pub enum RejectReason {
     /// Host-only: the policy plugin failed, so nothing is promoted or
     /// inlined (fail closed). A policy cannot return this.
     PolicyFailed,
+    /// Host-only: promoting it would exceed the org's artifact quota.
+    QuotaExceeded,
+    /// Host-only: the artifact could not be stored.
+    PromotionFailed,
 }
 
 impl RejectReason {
@@ -288,6 +331,8 @@ impl RejectReason {
             RejectReason::RequiresArtifactPromotion => "requires_artifact_promotion",
             RejectReason::UnsupportedFormat => "unsupported_format",
             RejectReason::PolicyFailed => "policy_failed",
+            RejectReason::QuotaExceeded => "quota_exceeded",
+            RejectReason::PromotionFailed => "promotion_failed",
         }
     }
 }

@@ -1,19 +1,27 @@
 //! Runtime drivers: boot a sandbox (an isolation instance whose PID 1 is
-//! `crownest-agent`), hand back where its agent listens, destroy it, and list
+//! `crownest-agent`), hand back a channel to its agent, destroy it, and list
 //! what is running so the host can reconcile after a restart.
 //!
-//! The rest of the host only sees [`Runtime`], [`SandboxSpec`] and
-//! [`Started`]; nothing outside this module builds a runc command line or an
-//! OCI config.
+//! The rest of the host only sees [`Runtime`], [`SandboxSpec`], [`Started`]
+//! and [`AgentChannel`]: a way to open a byte stream to the agent. Whether
+//! that stream is a unix socket, a container's stdio or a VM's serial port
+//! is the driver's business; nothing outside this module builds a runc
+//! command line or an OCI config.
 //!
 //! **Architecture Invariant**: every sandbox runs in its own user namespace
 //! whose root maps to an unprivileged host id range
 //! ([`host_id_base`]`(uid_slot)`, 65536 ids) that no host account and no
 //! other live sandbox uses.
 
+#[cfg(test)]
+pub mod fake;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use oci::OciRuntime;
 
@@ -93,12 +101,61 @@ pub struct SandboxSpec {
     pub user: SandboxUser,
 }
 
+/// A byte stream to an agent: what the handshake and yamux run over.
+pub trait AgentIo: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<T: AsyncRead + AsyncWrite + Unpin + Send + 'static> AgentIo for T {}
+
+/// An open byte stream to an agent.
+pub type AgentStream = Box<dyn AgentIo>;
+
+/// How the host reaches one sandbox's agent: opened after the start, and
+/// opened again when a session breaks or a restarted host takes the
+/// sandbox over. The agent's handshake resyncs on a reused stream, so a
+/// channel may hand back the same underlying transport twice.
+#[async_trait::async_trait]
+pub trait AgentChannel: Send + Sync + std::fmt::Debug {
+    /// Opens the stream, waiting up to `timeout` for the agent to accept it.
+    async fn open(&self, timeout: Duration) -> Result<AgentStream, RuntimeError>;
+}
+
 /// What a successful start hands back.
 #[derive(Debug, Clone)]
 pub struct Started {
-    /// Host path of the agent's unix socket (`<state_dir>/run/agent.sock`).
-    /// It appears once the agent is up; the caller polls/connects.
-    pub agent_socket: PathBuf,
+    /// The way to the agent. It may not accept connections yet; `open`
+    /// waits.
+    pub channel: Arc<dyn AgentChannel>,
+}
+
+/// An agent listening on a unix socket on the host's side of the sandbox.
+#[derive(Debug, Clone)]
+pub struct UnixChannel {
+    pub path: PathBuf,
+}
+
+/// How long to wait between attempts while the socket does not accept yet.
+const CONNECT_RETRY: Duration = Duration::from_millis(5);
+
+#[async_trait::async_trait]
+impl AgentChannel for UnixChannel {
+    async fn open(&self, timeout: Duration) -> Result<AgentStream, RuntimeError> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            match tokio::net::UnixStream::connect(&self.path).await {
+                Ok(stream) => return Ok(Box::new(stream)),
+                Err(source) => {
+                    if tokio::time::Instant::now() + CONNECT_RETRY >= deadline {
+                        return Err(RuntimeError::Io {
+                            action: "cannot connect to the agent at",
+                            path: self.path.clone(),
+                            source,
+                        });
+                    }
+                    tokio::time::sleep(CONNECT_RETRY).await;
+                }
+            }
+        }
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -182,6 +239,18 @@ pub(crate) fn validate_id(id: &str) -> Result<(), RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn a_unix_channel_gives_up_after_its_timeout() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let channel = UnixChannel {
+            path: dir.path().join("none.sock"),
+        };
+        let started = std::time::Instant::now();
+        let result = channel.open(Duration::from_millis(50)).await;
+        assert!(matches!(result, Err(RuntimeError::Io { .. })));
+        assert!(started.elapsed() < Duration::from_secs(2));
+    }
 
     #[test]
     fn host_id_ranges_of_slots_do_not_overlap_and_fit_in_u32() {

@@ -5,14 +5,17 @@
 
 use rusqlite::{OptionalExtension, Row, params};
 
-use super::{SqliteStore, StoreError};
+use super::{SqliteStore, StoreError, codec};
 use crate::clock::Millis;
+use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, ResourceKind};
 
 /// A stored idempotency record: the request's fingerprint and, once the
 /// first attempt finished, its response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IdempotencyRecord {
     pub org_id: String,
+    /// The API key that sent the first attempt: only it can replay.
+    pub key_id: String,
     pub key: String,
     /// SHA-256 over method, path, query and body.
     pub request_hash: Vec<u8>,
@@ -25,6 +28,7 @@ pub struct IdempotencyRecord {
 pub struct StoredResponse {
     pub status: u16,
     pub content_type: Option<String>,
+    /// Sealed by the core before it is stored (see `core::secrets`).
     pub body: Vec<u8>,
 }
 
@@ -32,6 +36,7 @@ pub struct StoredResponse {
 #[derive(Debug, Clone, Copy)]
 pub struct IdempotentRequest<'a> {
     pub org_id: &'a str,
+    pub key_id: &'a str,
     pub key: &'a str,
     pub method: &'a str,
     pub path: &'a str,
@@ -55,20 +60,16 @@ pub struct AuditRow {
     pub org_id: Option<String>,
     pub project_id: Option<String>,
     pub actor_key_id: Option<String>,
-    /// `key` (an API key), `operator` (the CLI), `system` (the host itself,
-    /// e.g. the TTL reaper) or `anonymous` (no valid key).
-    pub actor: String,
-    /// `sandbox.create`, `command.run`, `key.revoke`, …
-    pub action: String,
-    pub resource_type: Option<String>,
+    pub actor: AuditActor,
+    pub action: AuditAction,
+    pub resource_type: Option<ResourceKind>,
     pub resource_id: Option<String>,
-    /// `success`, `denied` or `failed`.
-    pub outcome: String,
+    pub outcome: AuditOutcome,
     /// HTTP status for API requests.
     pub status: Option<i64>,
     pub request_id: Option<String>,
-    /// JSON object with context (error code, reason, path, …).
-    pub details: String,
+    /// Context (error code, reason, path, …).
+    pub details: AuditDetails,
 }
 
 /// Filters of an audit query; `None` means any.
@@ -77,7 +78,7 @@ pub struct AuditFilter {
     pub org_id: String,
     pub project_id: Option<String>,
     pub resource_id: Option<String>,
-    pub action: Option<String>,
+    pub action: Option<AuditAction>,
     pub from: Option<Millis>,
     pub to: Option<Millis>,
     /// Continue after this `(at, id)`.
@@ -119,15 +120,17 @@ pub trait LedgerStore {
     fn complete_idempotent(
         &self,
         org_id: &str,
+        key_id: &str,
         key: &str,
         response: &StoredResponse,
         now: Millis,
     ) -> Result<(), StoreError>;
     /// Forgets a record whose attempt must be retryable (server errors).
-    fn abandon_idempotent(&self, org_id: &str, key: &str) -> Result<(), StoreError>;
+    fn abandon_idempotent(&self, org_id: &str, key_id: &str, key: &str) -> Result<(), StoreError>;
     fn get_idempotent(
         &self,
         org_id: &str,
+        key_id: &str,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError>;
     /// Deletes records created before `before` and in-flight records left by
@@ -163,6 +166,7 @@ fn record_from_row(row: &Row<'_>) -> rusqlite::Result<IdempotencyRecord> {
     let status: Option<i64> = row.get("status")?;
     Ok(IdempotencyRecord {
         org_id: row.get("org_id")?,
+        key_id: row.get("key_id")?,
         key: row.get("key")?,
         request_hash: row.get("request_hash")?,
         created_at: row.get("created_at")?,
@@ -191,7 +195,7 @@ fn audit_from_row(row: &Row<'_>) -> rusqlite::Result<AuditRow> {
         outcome: row.get("outcome")?,
         status: row.get("status")?,
         request_id: row.get("request_id")?,
-        details: row.get("details")?,
+        details: codec::details_from_sql(&row.get::<_, String>("details")?),
     })
 }
 
@@ -204,6 +208,7 @@ impl LedgerStore for SqliteStore {
     ) -> Result<IdempotencyBegin, StoreError> {
         let IdempotentRequest {
             org_id,
+            key_id,
             key,
             method,
             path,
@@ -212,21 +217,34 @@ impl LedgerStore for SqliteStore {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         let existing = tx
-            .prepare_cached("SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
-            .query_row(params![org_id, key], record_from_row)
+            .prepare_cached(
+                "SELECT * FROM idempotency_records WHERE org_id = ?1 AND key_id = ?2 AND key = ?3",
+            )?
+            .query_row(params![org_id, key_id, key], record_from_row)
             .optional()?;
         if let Some(record) = existing {
             if record.created_at >= expired_before {
                 return Ok(IdempotencyBegin::Existing(record));
             }
-            tx.prepare_cached("DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
-                .execute(params![org_id, key])?;
+            tx.prepare_cached(
+                "DELETE FROM idempotency_records WHERE org_id = ?1 AND key_id = ?2 AND key = ?3",
+            )?
+            .execute(params![org_id, key_id, key])?;
         }
         tx.prepare_cached(
-            "INSERT INTO idempotency_records (org_id, key, method, path, request_hash, created_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+            "INSERT INTO idempotency_records (org_id, key_id, key, method, path, request_hash,
+                created_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         )?
-        .execute(params![org_id, key, method, path, request_hash, now])?;
+        .execute(params![
+            org_id,
+            key_id,
+            key,
+            method,
+            path,
+            request_hash,
+            now
+        ])?;
         tx.commit()?;
         Ok(IdempotencyBegin::Started)
     }
@@ -234,6 +252,7 @@ impl LedgerStore for SqliteStore {
     fn complete_idempotent(
         &self,
         org_id: &str,
+        key_id: &str,
         key: &str,
         response: &StoredResponse,
         now: Millis,
@@ -241,11 +260,12 @@ impl LedgerStore for SqliteStore {
         self.conn()
             .prepare_cached(
                 "UPDATE idempotency_records
-                 SET status = ?3, content_type = ?4, body = ?5, completed_at = ?6
-                 WHERE org_id = ?1 AND key = ?2",
+                 SET status = ?4, content_type = ?5, body = ?6, completed_at = ?7
+                 WHERE org_id = ?1 AND key_id = ?2 AND key = ?3",
             )?
             .execute(params![
                 org_id,
+                key_id,
                 key,
                 i64::from(response.status),
                 response.content_type,
@@ -255,22 +275,27 @@ impl LedgerStore for SqliteStore {
         Ok(())
     }
 
-    fn abandon_idempotent(&self, org_id: &str, key: &str) -> Result<(), StoreError> {
+    fn abandon_idempotent(&self, org_id: &str, key_id: &str, key: &str) -> Result<(), StoreError> {
         self.conn()
-            .prepare_cached("DELETE FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
-            .execute(params![org_id, key])?;
+            .prepare_cached(
+                "DELETE FROM idempotency_records WHERE org_id = ?1 AND key_id = ?2 AND key = ?3",
+            )?
+            .execute(params![org_id, key_id, key])?;
         Ok(())
     }
 
     fn get_idempotent(
         &self,
         org_id: &str,
+        key_id: &str,
         key: &str,
     ) -> Result<Option<IdempotencyRecord>, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached("SELECT * FROM idempotency_records WHERE org_id = ?1 AND key = ?2")?
-            .query_row(params![org_id, key], record_from_row)
+            .prepare_cached(
+                "SELECT * FROM idempotency_records WHERE org_id = ?1 AND key_id = ?2 AND key = ?3",
+            )?
+            .query_row(params![org_id, key_id, key], record_from_row)
             .optional()?)
     }
 
@@ -313,7 +338,7 @@ impl LedgerStore for SqliteStore {
                 e.outcome,
                 e.status,
                 e.request_id,
-                e.details
+                codec::details_to_sql(&e.details)
             ])?;
         Ok(())
     }
@@ -461,6 +486,7 @@ mod tests {
     fn req<'a>(org: &'a str, key: &'a str) -> IdempotentRequest<'a> {
         IdempotentRequest {
             org_id: org,
+            key_id: "key_a",
             key,
             method: "POST",
             path: "/x",
@@ -485,7 +511,7 @@ mod tests {
             panic!("expected the in-flight record");
         };
         assert!(record.response.is_none());
-        s.complete_idempotent(&org, "k", &response(201), 30)
+        s.complete_idempotent(&org, "key_a", "k", &response(201), 30)
             .expect("complete");
         let IdempotencyBegin::Existing(record) = begin(40, 0).expect("begin") else {
             panic!("expected the completed record");
@@ -493,6 +519,23 @@ mod tests {
         assert_eq!(record.response, Some(response(201)));
         // Created at 10; anything created before 11 has expired.
         assert_eq!(begin(50, 11).expect("begin"), IdempotencyBegin::Started);
+    }
+
+    #[test]
+    fn idempotency_keys_are_scoped_to_the_api_key() {
+        let (s, org) = store();
+        assert_eq!(
+            s.begin_idempotent(&req(&org, "k"), 1, 0).expect("begin"),
+            IdempotencyBegin::Started
+        );
+        let other_key = IdempotentRequest {
+            key_id: "key_b",
+            ..req(&org, "k")
+        };
+        assert_eq!(
+            s.begin_idempotent(&other_key, 1, 0).expect("begin"),
+            IdempotencyBegin::Started
+        );
     }
 
     #[test]
@@ -517,10 +560,14 @@ mod tests {
             .expect("begin");
         s.begin_idempotent(&req(&org, "done"), 100, 0)
             .expect("begin");
-        s.complete_idempotent(&org, "done", &response(200), 101)
+        s.complete_idempotent(&org, "key_a", "done", &response(200), 101)
             .expect("complete");
         assert_eq!(s.purge_idempotent(50, Some(200)).expect("purge"), 2);
-        assert!(s.get_idempotent(&org, "done").expect("get").is_some());
+        assert!(
+            s.get_idempotent(&org, "key_a", "done")
+                .expect("get")
+                .is_some()
+        );
     }
 
     #[test]

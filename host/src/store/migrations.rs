@@ -181,6 +181,27 @@ pub const MIGRATIONS: &[&str] = &[
         WHERE status = 'active';
     CREATE INDEX previews_by_sandbox ON previews (org_id, sandbox_id, created_at, id);
     "#,
+    // 5: idempotency records belong to the API key that sent them (a
+    // replay is authorised like the first request); records of before are
+    // dropped (they live 24 hours and could be replayed by any key).
+    r#"
+    DROP TABLE idempotency_records;
+    CREATE TABLE idempotency_records (
+        org_id        TEXT NOT NULL,
+        key_id        TEXT NOT NULL,
+        key           TEXT NOT NULL,
+        method        TEXT NOT NULL,
+        path          TEXT NOT NULL,
+        request_hash  BLOB NOT NULL,
+        status        INTEGER,
+        content_type  TEXT,
+        body          BLOB,
+        created_at    INTEGER NOT NULL,
+        completed_at  INTEGER,
+        PRIMARY KEY (org_id, key_id, key)
+    ) WITHOUT ROWID;
+    CREATE INDEX idempotency_by_age ON idempotency_records (created_at);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

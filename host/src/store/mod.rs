@@ -8,6 +8,7 @@
 //! executor never waits on disk.
 
 pub mod artifacts;
+mod codec;
 pub mod ledger;
 mod migrations;
 pub mod previews;
@@ -17,6 +18,10 @@ pub mod transfers;
 use std::sync::Arc;
 
 use crate::clock::Millis;
+use crate::model::{
+    CollectItem, Collected, CommandExit, CommandStatus, EndReason, Metadata, OutputStream,
+    SandboxStatus,
+};
 
 pub use artifacts::{ArtifactRow, ArtifactStore};
 pub use ledger::{
@@ -99,14 +104,14 @@ pub struct SandboxRow {
     pub template: String,
     /// Recipe hash of the template at create time: which rootfs it ran on.
     pub template_hash: String,
-    pub status: String,
-    /// JSON object supplied by the client, stored verbatim.
-    pub metadata: String,
+    pub status: SandboxStatus,
+    /// The object supplied by the client, kept verbatim.
+    pub metadata: Metadata,
     pub created_at: Millis,
     pub expires_at: Millis,
     pub ended_at: Option<Millis>,
-    /// Why it ended: `killed`, `expired`, `failed`, `host_restart`.
-    pub end_reason: Option<String>,
+    /// Why it ended, once destroyed.
+    pub end_reason: Option<EndReason>,
     /// Index of the host uid range; unique among sandboxes not destroyed.
     pub uid_slot: i64,
     pub vcpus: i64,
@@ -121,10 +126,10 @@ pub struct CommandRow {
     pub org_id: String,
     pub command: String,
     pub cwd: String,
-    /// JSON object of the extra environment the client passed.
-    pub env: String,
+    /// The extra environment the client passed.
+    pub env: Vec<(String, String)>,
     pub background: bool,
-    pub status: String,
+    pub status: CommandStatus,
     pub exit_code: Option<i64>,
     pub signal: Option<i64>,
     /// Tail of stdout (at most the output limit), with `stdout_dropped`
@@ -140,16 +145,16 @@ pub struct CommandRow {
     pub cancel_requested_at: Option<Millis>,
     pub error: Option<String>,
     pub created_by_key: String,
-    /// JSON list of `{path, name}` to promote to artifacts when it ends.
-    pub collect: Option<String>,
-    /// JSON list of the promotion results, once it ended.
-    pub collected: Option<String>,
+    /// Files to promote to artifacts when it ends (empty: none).
+    pub collect: Vec<CollectItem>,
+    /// The promotion results, once it ended (only when `collect` is not empty).
+    pub collected: Option<Vec<Collected>>,
 }
 
 /// The final state of a command, written once when it ends.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CommandEnd {
-    pub status: String,
+    pub status: CommandStatus,
     /// When it started, if it did (kept if the store has it already).
     pub started_at: Option<Millis>,
     pub exit_code: Option<i64>,
@@ -160,7 +165,30 @@ pub struct CommandEnd {
     pub stderr_dropped: i64,
     pub ended_at: Millis,
     pub error: Option<String>,
-    pub collected: Option<String>,
+    pub collected: Option<Vec<Collected>>,
+}
+
+/// What one log event holds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogBody {
+    /// A chunk of output, split only on UTF-8 character boundaries.
+    Output { stream: OutputStream, data: Vec<u8> },
+    /// The end of the command; always the last event.
+    Exit(CommandExit),
+}
+
+impl LogBody {
+    /// Bytes this event counts against log retention.
+    pub fn len(&self) -> usize {
+        match self {
+            LogBody::Output { data, .. } => data.len(),
+            LogBody::Exit(_) => 64,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        matches!(self, LogBody::Output { data, .. } if data.is_empty())
+    }
 }
 
 /// One entry of a command's log: a chunk of output or the exit.
@@ -169,9 +197,7 @@ pub struct CommandEventRow {
     pub command_id: String,
     /// 1-based, dense per command; the SSE event id.
     pub seq: i64,
-    /// `stdout`, `stderr` or `exit`.
-    pub kind: String,
-    pub data: Vec<u8>,
+    pub body: LogBody,
     pub at: Millis,
 }
 
@@ -221,9 +247,9 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<SandboxRow>, StoreError>;
-    fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), StoreError>;
+    fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError>;
     /// Marks a sandbox destroyed (its tombstone) and frees its uid slot.
-    fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError>;
+    fn end_sandbox(&self, id: &str, reason: EndReason, now: Millis) -> Result<(), StoreError>;
     /// Every sandbox whose status is not `destroyed`.
     fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
     fn used_uid_slots(&self) -> Result<Vec<i64>, StoreError>;

@@ -6,6 +6,7 @@ use rusqlite::{OptionalExtension, Row, params};
 
 use super::{Cursor, Scope, SqliteStore, StoreError};
 use crate::clock::Millis;
+use crate::model::{PreviewCloseReason, PreviewStatus};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PreviewRow {
@@ -14,14 +15,13 @@ pub struct PreviewRow {
     pub project_id: Option<String>,
     pub sandbox_id: String,
     pub port: u16,
-    /// `active` or `closed`.
-    pub status: String,
+    pub status: PreviewStatus,
     /// Hex SHA-256 of the preview's browser token; the token is shown once.
     pub token_hash: String,
     pub created_at: Millis,
     pub closed_at: Option<Millis>,
-    /// `deleted` or `sandbox_destroyed`, once closed.
-    pub close_reason: Option<String>,
+    /// Once closed: why.
+    pub close_reason: Option<PreviewCloseReason>,
     pub created_by_key: String,
 }
 
@@ -50,7 +50,12 @@ pub trait PreviewStore {
         limit: usize,
     ) -> Result<Vec<PreviewRow>, StoreError>;
     /// Closes an active preview; `false` when it was not active.
-    fn close_preview(&self, id: &str, reason: &str, now: Millis) -> Result<bool, StoreError>;
+    fn close_preview(
+        &self,
+        id: &str,
+        reason: PreviewCloseReason,
+        now: Millis,
+    ) -> Result<bool, StoreError>;
 }
 
 fn preview_from_row(row: &Row<'_>) -> rusqlite::Result<PreviewRow> {
@@ -156,7 +161,12 @@ impl PreviewStore for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn close_preview(&self, id: &str, reason: &str, now: Millis) -> Result<bool, StoreError> {
+    fn close_preview(
+        &self,
+        id: &str,
+        reason: PreviewCloseReason,
+        now: Millis,
+    ) -> Result<bool, StoreError> {
         let changed = self.conn().execute(
             "UPDATE previews SET status = 'closed', closed_at = ?3, close_reason = ?2
              WHERE id = ?1 AND status = 'active'",
@@ -169,6 +179,7 @@ impl PreviewStore for SqliteStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::EndReason;
     use crate::store::Store;
 
     fn preview(id: &str, sandbox: &str, port: u16) -> PreviewRow {
@@ -178,7 +189,7 @@ mod tests {
             project_id: None,
             sandbox_id: sandbox.into(),
             port,
-            status: "active".into(),
+            status: PreviewStatus::Active,
             token_hash: "00".into(),
             created_at: 1,
             closed_at: None,
@@ -206,8 +217,16 @@ mod tests {
             store.insert_preview(&preview("prv_3", "sbx_1", 8001)),
             Ok(InsertPreview::Inserted)
         ));
-        assert!(store.close_preview("prv_1", "deleted", 5).expect("close"));
-        assert!(!store.close_preview("prv_1", "deleted", 6).expect("again"));
+        assert!(
+            store
+                .close_preview("prv_1", PreviewCloseReason::Deleted, 5)
+                .expect("close")
+        );
+        assert!(
+            !store
+                .close_preview("prv_1", PreviewCloseReason::Deleted, 6)
+                .expect("again")
+        );
         assert!(matches!(
             store.insert_preview(&preview("prv_4", "sbx_1", 8000)),
             Ok(InsertPreview::Inserted)
@@ -217,8 +236,8 @@ mod tests {
             .expect("get")
             .expect("row");
         assert_eq!(
-            (closed.status.as_str(), closed.closed_at),
-            ("closed", Some(5))
+            (closed.status, closed.closed_at),
+            (PreviewStatus::Closed, Some(5))
         );
         let other = Scope {
             org_id: "org_b".into(),
@@ -230,17 +249,22 @@ mod tests {
             .expect("list");
         assert_eq!(listed.len(), 3);
         // Destroying the sandbox closes what is still active.
-        store.end_sandbox("sbx_1", "killed", 9).expect("end");
+        store
+            .end_sandbox("sbx_1", EndReason::Killed, 9)
+            .expect("end");
         let after = store
             .list_previews(&scope, "sbx_1", None, 10)
             .expect("list");
-        assert!(after.iter().all(|p| p.status == "closed"), "{after:?}");
+        assert!(
+            after.iter().all(|p| p.status == PreviewStatus::Closed),
+            "{after:?}"
+        );
         assert_eq!(
             store
                 .find_preview("prv_4")
                 .expect("find")
                 .and_then(|p| p.close_reason),
-            Some("sandbox_destroyed".into())
+            Some(PreviewCloseReason::SandboxDestroyed)
         );
     }
 }

@@ -7,12 +7,14 @@ use std::sync::{Mutex, MutexGuard};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+use super::codec::{self, LOG_EXIT, SqlText};
 use super::{
-    CommandEnd, CommandEventRow, CommandRow, Cursor, KeyListing, KeyRow, OrgRow, ProjectRow,
-    SandboxRow, Scope, Store, StoreError, migrations,
+    CommandEnd, CommandEventRow, CommandRow, Cursor, KeyListing, KeyRow, LogBody, OrgRow,
+    ProjectRow, SandboxRow, Scope, Store, StoreError, migrations,
 };
 use crate::clock::Millis;
 use crate::ids;
+use crate::model::{EndReason, OutputStream, SandboxStatus};
 
 pub struct SqliteStore {
     conn: Mutex<Connection>,
@@ -54,6 +56,15 @@ impl SqliteStore {
         // (transactions roll back on drop), so a poisoned lock is usable.
         self.conn.lock().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// A column whose structured content does not decode.
+pub(super) fn corrupt(column: usize, error: StoreError) -> rusqlite::Error {
+    rusqlite::Error::FromSqlConversionFailure(
+        column,
+        rusqlite::types::Type::Text,
+        Box::new(std::io::Error::other(error.to_string())),
+    )
 }
 
 fn json_list(items: &[String]) -> String {
@@ -100,7 +111,8 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         template: row.get("template")?,
         template_hash: row.get("template_hash")?,
         status: row.get("status")?,
-        metadata: row.get("metadata")?,
+        metadata: codec::metadata_from_sql(&row.get::<_, String>("metadata")?)
+            .map_err(|e| corrupt(0, e))?,
         created_at: row.get("created_at")?,
         expires_at: row.get("expires_at")?,
         ended_at: row.get("ended_at")?,
@@ -119,7 +131,7 @@ fn command_from_row(row: &Row<'_>) -> rusqlite::Result<CommandRow> {
         org_id: row.get("org_id")?,
         command: row.get("command")?,
         cwd: row.get("cwd")?,
-        env: row.get("env")?,
+        env: codec::env_from_sql(&row.get::<_, String>("env")?).map_err(|e| corrupt(0, e))?,
         background: row.get("background")?,
         status: row.get("status")?,
         exit_code: row.get("exit_code")?,
@@ -135,17 +147,29 @@ fn command_from_row(row: &Row<'_>) -> rusqlite::Result<CommandRow> {
         cancel_requested_at: row.get("cancel_requested_at")?,
         error: row.get("error")?,
         created_by_key: row.get("created_by_key")?,
-        collect: row.get("collect")?,
-        collected: row.get("collected")?,
+        collect: codec::collect_from_sql(row.get("collect")?).map_err(|e| corrupt(0, e))?,
+        collected: codec::collected_from_sql(row.get("collected")?).map_err(|e| corrupt(0, e))?,
     })
 }
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<CommandEventRow> {
+    let kind: String = row.get("kind")?;
+    let data: Vec<u8> = row.get("data")?;
+    let body = if kind == LOG_EXIT {
+        LogBody::Exit(codec::exit_from_sql(&data).map_err(|e| corrupt(0, e))?)
+    } else {
+        let stream = OutputStream::from_sql_text(&kind).ok_or_else(|| {
+            corrupt(
+                0,
+                StoreError::Corrupt(format!("command event kind `{kind}`")),
+            )
+        })?;
+        LogBody::Output { stream, data }
+    };
     Ok(CommandEventRow {
         command_id: row.get("command_id")?,
         seq: row.get("seq")?,
-        kind: row.get("kind")?,
-        data: row.get("data")?,
+        body,
         at: row.get("at")?,
     })
 }
@@ -155,11 +179,15 @@ fn insert_events(conn: &Connection, events: &[CommandEventRow]) -> rusqlite::Res
         "INSERT OR IGNORE INTO command_events (command_id, seq, kind, data, at) VALUES (?1, ?2, ?3, ?4, ?5)",
     )?;
     for event in events {
+        let (kind, data) = match &event.body {
+            LogBody::Output { stream, data } => (stream.sql(), std::borrow::Cow::Borrowed(data)),
+            LogBody::Exit(exit) => (LOG_EXIT, std::borrow::Cow::Owned(codec::exit_to_sql(exit))),
+        };
         stmt.execute(params![
             event.command_id,
             event.seq,
-            event.kind,
-            event.data,
+            kind,
+            data.as_slice(),
             event.at
         ])?;
     }
@@ -291,7 +319,7 @@ impl Store for SqliteStore {
                 s.template,
                 s.template_hash,
                 s.status,
-                s.metadata,
+                codec::metadata_to_sql(&s.metadata),
                 s.created_at,
                 s.expires_at,
                 s.ended_at,
@@ -352,7 +380,7 @@ impl Store for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
-    fn set_sandbox_status(&self, id: &str, status: &str) -> Result<(), StoreError> {
+    fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached(
                 "UPDATE sandboxes SET status = ?2 WHERE id = ?1 AND status <> 'destroyed'",
@@ -361,7 +389,7 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn end_sandbox(&self, id: &str, reason: &str, now: Millis) -> Result<(), StoreError> {
+    fn end_sandbox(&self, id: &str, reason: EndReason, now: Millis) -> Result<(), StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
         tx.execute(
@@ -416,7 +444,7 @@ impl Store for SqliteStore {
                 c.org_id,
                 c.command,
                 c.cwd,
-                c.env,
+                codec::env_to_sql(&c.env),
                 c.background,
                 c.status,
                 c.exit_code,
@@ -432,7 +460,7 @@ impl Store for SqliteStore {
                 c.cancel_requested_at,
                 c.error,
                 c.created_by_key,
-                c.collect
+                codec::collect_to_sql(&c.collect)
             ])?;
         Ok(())
     }
@@ -515,7 +543,7 @@ impl Store for SqliteStore {
             end.stderr_dropped,
             end.ended_at,
             end.error,
-            end.collected,
+            codec::collected_to_sql(end.collected.as_deref()),
             end.started_at
         ])?;
         tx.commit()?;
@@ -624,8 +652,8 @@ mod tests {
             project_id: project.map(Into::into),
             template: "python".into(),
             template_hash: "h".into(),
-            status: "running".into(),
-            metadata: "{}".into(),
+            status: SandboxStatus::Running,
+            metadata: Default::default(),
             created_at,
             expires_at: created_at + 1000,
             ended_at: None,
@@ -719,7 +747,7 @@ mod tests {
             s.insert_sandbox(&sandbox(&org.id, None, "sbx_2", 1, 7)),
             Err(StoreError::Conflict(_))
         ));
-        s.end_sandbox("sbx_1", "killed", 5).expect("end");
+        s.end_sandbox("sbx_1", EndReason::Killed, 5).expect("end");
         s.insert_sandbox(&sandbox(&org.id, None, "sbx_2", 1, 7))
             .expect("slot reused");
         assert_eq!(s.used_uid_slots().expect("slots"), vec![7]);

@@ -5,6 +5,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::StoreError;
 use crate::clock::Millis;
+use crate::model::TransferKind;
 
 /// A staged transfer. The URL's token names `id`; the row says what it may
 /// do, until when, and whether it was used.
@@ -13,8 +14,7 @@ pub struct TransferRow {
     pub id: String,
     pub sandbox_id: String,
     pub org_id: String,
-    /// `upload` or `download`.
-    pub kind: String,
+    pub kind: TransferKind,
     /// Relative to /workspace, already normalized.
     pub path: String,
     /// Upload size limit.
@@ -29,33 +29,33 @@ const COLUMNS: &str =
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<TransferRow> {
     Ok(TransferRow {
-        id: row.get(0)?,
-        sandbox_id: row.get(1)?,
-        org_id: row.get(2)?,
-        kind: row.get(3)?,
-        path: row.get(4)?,
-        max_bytes: row.get(5)?,
-        created_at: row.get(6)?,
-        expires_at: row.get(7)?,
-        used_at: row.get(8)?,
+        id: row.get("id")?,
+        sandbox_id: row.get("sandbox_id")?,
+        org_id: row.get("org_id")?,
+        kind: row.get("kind")?,
+        path: row.get("path")?,
+        max_bytes: row.get("max_bytes")?,
+        created_at: row.get("created_at")?,
+        expires_at: row.get("expires_at")?,
+        used_at: row.get("used_at")?,
     })
 }
 
 pub(super) fn insert(conn: &Connection, t: &TransferRow) -> Result<(), StoreError> {
-    conn.execute(
-        &format!("INSERT INTO transfers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"),
-        params![
-            t.id,
-            t.sandbox_id,
-            t.org_id,
-            t.kind,
-            t.path,
-            t.max_bytes,
-            t.created_at,
-            t.expires_at,
-            t.used_at
-        ],
-    )?;
+    conn.prepare_cached(&format!(
+        "INSERT INTO transfers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+    ))?
+    .execute(params![
+        t.id,
+        t.sandbox_id,
+        t.org_id,
+        t.kind,
+        t.path,
+        t.max_bytes,
+        t.created_at,
+        t.expires_at,
+        t.used_at
+    ])?;
     Ok(())
 }
 
@@ -98,6 +98,7 @@ pub(super) fn purge(conn: &Connection, before: Millis) -> Result<usize, StoreErr
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::SandboxStatus;
     use crate::store::{SandboxRow, SqliteStore, Store};
 
     fn store_with_sandbox() -> SqliteStore {
@@ -110,8 +111,8 @@ mod tests {
                 project_id: None,
                 template: String::from("python"),
                 template_hash: String::from("h"),
-                status: String::from("running"),
-                metadata: String::from("{}"),
+                status: SandboxStatus::Running,
+                metadata: Default::default(),
                 created_at: 0,
                 expires_at: 1_000_000,
                 ended_at: None,
@@ -133,7 +134,7 @@ mod tests {
             id: String::from("trf_1"),
             sandbox_id: String::from("sbx_00000000000000000000"),
             org_id: org.id,
-            kind: String::from("upload"),
+            kind: TransferKind::Upload,
             path: String::from("a"),
             max_bytes: Some(10),
             created_at: 0,

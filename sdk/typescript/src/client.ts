@@ -287,9 +287,16 @@ export class CrowNestClient {
           if (sse.event === "stdout") await callbacks.onStdout?.(String(data.text ?? ""));
           else if (sse.event === "stderr") await callbacks.onStderr?.(String(data.text ?? ""));
           else if (sse.event === "output") await callbacks.onOutput?.(payload as CodeOutput);
-          else if (sse.event === "error" && typeof data.code === "string" && !("name" in data)) {
-            // The run failed on the server after the stream began.
-            throw new CrowNestApiError(response.status >= 400 ? response.status : 500, data.code, String(data.message ?? ""), {});
+          else if (sse.event === "error" && typeof data.error === "object" && data.error !== null) {
+            // The run failed on the server after the stream began: the
+            // error envelope (an interpreter error has `name` instead).
+            const envelope = data.error as Record<string, unknown>;
+            throw new CrowNestApiError(
+              response.status >= 400 ? response.status : 500,
+              String(envelope.code ?? "internal"),
+              String(envelope.message ?? ""),
+              (envelope.details as Record<string, unknown>) ?? {},
+            );
           } else if (sse.event === "complete") return payload as RunCodeResult;
         }
       } catch (error) {

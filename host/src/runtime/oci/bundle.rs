@@ -111,7 +111,7 @@ fn build(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, oci_spec::OciSpe
         .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
         .args(args)
         .env(vec![
-            "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin".to_owned(),
+            format!("PATH={}", crownest_proto::DEFAULT_PATH),
             "HOME=/root".to_owned(),
             "LANG=C.UTF-8".to_owned(),
         ])
@@ -332,7 +332,7 @@ fn mounts(spec: &SandboxSpec) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
             &["nosuid", "nodev", "mode=1777", &disk],
         )?,
         mount(
-            "/workspace",
+            crownest_proto::WORKSPACE,
             "tmpfs",
             "tmpfs",
             &["nosuid", "nodev", "mode=0755", &user_uid, &user_gid, &disk],

@@ -31,8 +31,8 @@ use nix::unistd::Pid;
 
 use self::runc::Runc;
 use super::{
-    MAX_SOCKET_PATH, MAX_UID_SLOTS, Runtime, RuntimeError, SandboxSpec, Started, host_id_base,
-    validate_id,
+    MAX_SOCKET_PATH, MAX_UID_SLOTS, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel,
+    host_id_base, validate_id,
 };
 
 /// The `oci` runtime driver.
@@ -118,7 +118,9 @@ impl OciRuntime {
             }
             return Err(e);
         }
-        Ok(Started { agent_socket })
+        Ok(Started {
+            channel: std::sync::Arc::new(UnixChannel { path: agent_socket }),
+        })
     }
 
     async fn create_and_run(
@@ -309,149 +311,4 @@ fn check_reachable(rootfs: &Path) -> Result<(), RuntimeError> {
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::rootfs::tests::{test_cache, tiny_template};
-    use crate::runtime::{NetworkMode, Resources, SandboxUser};
-
-    struct Fixture {
-        runtime: OciRuntime,
-        spec: SandboxSpec,
-        _dir: tempfile::TempDir,
-    }
-
-    /// A real runc runtime with its own `--root`, the tiny rootfs (built
-    /// when absent) and, as "agent", a script that ignores its arguments
-    /// and sleeps: the real agent is tested end to end elsewhere.
-    async fn fixture(name: &str, agent_script: &str, agent_mode: u32) -> Fixture {
-        let rootfs = test_cache()
-            .build(&tiny_template(), false)
-            .await
-            .expect("tiny rootfs");
-        let dir = tempfile::tempdir().expect("tempdir");
-        let agent = dir.path().join("agent");
-        std::fs::write(&agent, agent_script).expect("write agent");
-        std::fs::set_permissions(&agent, std::fs::Permissions::from_mode(agent_mode))
-            .expect("chmod agent");
-        let pid = std::process::id();
-        let spec = SandboxSpec {
-            id: format!("sbx_{name}{pid}"),
-            rootfs,
-            state_dir: dir.path().join("sandboxes").join(name),
-            agent_binary: agent,
-            resources: Resources {
-                vcpus: 1,
-                memory_mib: 128,
-                pids: 64,
-                disk_mib: 16,
-            },
-            network: NetworkMode::None,
-            uid_slot: 40_000 + pid % 4_000,
-            user: SandboxUser {
-                uid: 1000,
-                gid: 1000,
-            },
-        };
-        let runtime = OciRuntime::new(PathBuf::from("runc"), dir.path().join("runc"));
-        Fixture {
-            runtime,
-            spec,
-            _dir: dir,
-        }
-    }
-
-    fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
-        ["memory", "pids", "cpu", "devices"]
-            .iter()
-            .map(|c| {
-                Path::new("/sys/fs/cgroup")
-                    .join(c)
-                    .join("crownest")
-                    .join(id)
-            })
-            .collect()
-    }
-
-    #[tokio::test]
-    async fn started_sandbox_is_listed_and_destroy_leaves_nothing() {
-        let f = fixture("life", "#!/bin/sh\nexec sleep 1000\n", 0o755).await;
-
-        let started = f.runtime.start(&f.spec).await.expect("start");
-
-        assert_eq!(
-            started.agent_socket,
-            f.spec.state_dir.join("run/agent.sock")
-        );
-        assert_eq!(
-            f.runtime.list().await.expect("list"),
-            vec![f.spec.id.clone()]
-        );
-        let pid = read_pid_file(&f.spec.state_dir.join("container.pid")).expect("pid file");
-        let uid_map = std::fs::read_to_string(format!("/proc/{pid}/uid_map")).expect("uid_map");
-        let fields: Vec<u64> = uid_map
-            .split_whitespace()
-            .map(|n| n.parse().expect("number"))
-            .collect();
-        assert_eq!(
-            fields,
-            [0, u64::from(host_id_base(f.spec.uid_slot)), 65_536]
-        );
-        assert!(cgroup_dirs(&f.spec.id).iter().any(|d| d.is_dir()));
-
-        f.runtime
-            .destroy(&f.spec.id, &f.spec.state_dir)
-            .await
-            .expect("destroy");
-
-        assert!(f.runtime.list().await.expect("list").is_empty());
-        assert!(!f.spec.state_dir.exists());
-        for d in cgroup_dirs(&f.spec.id) {
-            assert!(!d.exists(), "{} left behind", d.display());
-        }
-        // Reaped, not a zombie (we are a subreaper).
-        assert!(!Path::new(&format!("/proc/{pid}")).exists());
-        // Idempotent.
-        f.runtime
-            .destroy(&f.spec.id, &f.spec.state_dir)
-            .await
-            .expect("destroy again");
-    }
-
-    #[tokio::test]
-    async fn failed_start_returns_runc_error_and_leaves_nothing() {
-        // Not executable: runc fails to exec PID 1.
-        let f = fixture("fail", "#!/bin/sh\nexec sleep 1000\n", 0o644).await;
-
-        let err = f.runtime.start(&f.spec).await.expect_err("start must fail");
-
-        assert!(matches!(err, RuntimeError::Command { .. }), "{err}");
-        assert!(err.to_string().contains("permission denied"), "{err}");
-        assert!(f.runtime.list().await.expect("list").is_empty());
-        assert!(!f.spec.state_dir.exists());
-    }
-
-    #[tokio::test]
-    async fn start_refuses_an_unreachable_rootfs_and_a_long_socket_path() {
-        let mut f = fixture("bad", "#!/bin/sh\n", 0o755).await;
-        let private = f._dir.path().join("private");
-        std::fs::create_dir_all(private.join("rootfs")).expect("mkdir");
-        std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).expect("chmod");
-        let mut spec = f.spec.clone();
-        spec.rootfs = private.join("rootfs");
-        let err = f.runtime.start(&spec).await.expect_err("unreachable");
-        assert!(
-            matches!(err, RuntimeError::RootfsUnreachable { .. }),
-            "{err}"
-        );
-
-        f.spec.state_dir = PathBuf::from(format!("/tmp/{}", "x".repeat(100)));
-        let err = f.runtime.start(&f.spec).await.expect_err("too long");
-        assert!(
-            matches!(err, RuntimeError::SocketPathTooLong { .. }),
-            "{err}"
-        );
-    }
 }

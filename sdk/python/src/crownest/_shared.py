@@ -514,8 +514,10 @@ def code_event_from_sse(ev: ServerSentEvent, status: int) -> tuple[str, Any] | N
     """One event of a streamed Code Run as ``(kind, payload)``: ``stdout`` /
     ``stderr`` with the text, ``output`` with the output object, ``error``
     with the interpreter error, ``complete`` with the RunCodeResult. An
-    ``error`` event carrying an API error ``code`` (the run failed on the
-    server side after the stream began) is raised as ``CrowNestApiError``."""
+    ``error`` event whose data is the error envelope ``{"error": {...}}``
+    (the run failed on the server side after the stream began) is raised
+    as ``CrowNestApiError``; the interpreter's error has ``name`` and
+    ``message`` instead."""
     try:
         payload = json.loads(ev.data) if ev.data else {}
     except ValueError:
@@ -525,12 +527,13 @@ def code_event_from_sse(ev: ServerSentEvent, status: int) -> tuple[str, Any] | N
     if ev.event == "output":
         return "output", payload
     if ev.event == "error":
-        if isinstance(payload, dict) and "code" in payload and "name" not in payload:
+        if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+            err = payload["error"]
             raise CrowNestApiError(
                 status if status >= 400 else 500,
-                str(payload.get("code") or "internal"),
-                str(payload.get("message") or ""),
-                payload.get("details") or {},
+                str(err.get("code") or "internal"),
+                str(err.get("message") or ""),
+                err.get("details") or {},
             )
         return "error", payload
     if ev.event == "complete":
