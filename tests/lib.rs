@@ -521,3 +521,19 @@ impl SseParser {
         events
     }
 }
+
+/// A client for a preview URL: its host (`prv-….localhost:PORT`, which
+/// browsers resolve to loopback on their own) resolved to 127.0.0.1, no
+/// redirects followed, no key sent.
+pub fn preview_client(url: &str) -> reqwest::Client {
+    let rest = url.split_once("://").map_or(url, |(_, r)| r);
+    let authority = rest.split('/').next().unwrap_or(rest);
+    let (host, port) = authority
+        .rsplit_once(':')
+        .map_or((authority, 80), |(h, p)| (h, p.parse().unwrap_or(80)));
+    reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .resolve(host, std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        .build()
+        .expect("preview client")
+}

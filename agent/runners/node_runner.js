@@ -10,7 +10,7 @@
 //   {"id":1,"type":"display_data","data":{mime: value},"metadata":{}}
 //   {"id":1,"type":"execute_result","execution_count":1,"data":{...}}
 //   {"id":1,"type":"error","ename":"...","evalue":"...","traceback":[...]}
-//   {"id":1,"type":"done","execution_count":1,"status":"ok"|"error"}
+//   {"id":1,"type":"done","execution_count":1,"status":"ok"|"error","nonce":"…"}
 //
 // Top-level `let`/`const`/`class` persist across runs (one global lexical
 // scope per context, as in Node's REPL). Code with top-level `await` runs in
@@ -31,6 +31,15 @@ if (language === "typescript") {
   ts = require("typescript");
 }
 
+// The request and event pipes come in as fds 3 and 4. Node opens files
+// close-on-exec, so reopening them through /proc and closing the
+// originals keeps every process the code starts from inheriting them (a
+// subprocess could otherwise spoof events or end a later run).
+const EVENTS = fs.openSync("/proc/self/fd/4", "w");
+const REQUESTS = fs.openSync("/proc/self/fd/3", "r");
+fs.closeSync(4);
+fs.closeSync(3);
+
 let currentId = null;
 let executionCount = 0;
 
@@ -38,7 +47,7 @@ function emit(event) {
   if (currentId !== null && event.id === undefined) {
     event.id = currentId;
   }
-  fs.writeSync(4, JSON.stringify(event) + "\n");
+  fs.writeSync(EVENTS, JSON.stringify(event) + "\n");
 }
 
 function stream(name, args) {
@@ -223,7 +232,7 @@ async function run(code) {
 
 async function main() {
   emit({ type: "ready", implementation: `node ${process.versions.node}${ts ? ` + typescript ${ts.version}` : ""}` });
-  const input = readline.createInterface({ input: fs.createReadStream(null, { fd: 3 }), crlfDelay: Infinity });
+  const input = readline.createInterface({ input: fs.createReadStream(null, { fd: REQUESTS }), crlfDelay: Infinity });
   for await (const line of input) {
     let request;
     try {
@@ -242,8 +251,13 @@ async function main() {
       continue;
     }
     currentId = request.id === undefined ? null : request.id;
-    const { count, ok } = await run(String(request.code || ""));
-    emit({ type: "done", execution_count: count, status: ok ? "ok" : "error" });
+    // The run's end is matched on this nonce, which the code never sees.
+    let nonce = String(request.nonce || "");
+    const code = String(request.code || "");
+    request = null;
+    const { count, ok } = await run(code);
+    emit({ type: "done", execution_count: count, status: ok ? "ok" : "error", nonce });
+    nonce = null;
     currentId = null;
   }
 }

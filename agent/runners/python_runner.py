@@ -4,14 +4,15 @@ Started by crownest-agent inside the sandbox, one process per Code Context.
 Reads run requests as JSON lines from fd 3 and writes Jupyter-shaped events
 as JSON lines to fd 4:
 
-  request:  {"id": 1, "code": "value = 42"}
+  request:  {"id": 1, "nonce": "…", "code": "value = 42"}
             {"setup": {"cwd": "/workspace", "env": {...}}}  -> setup_done | setup_error
   events:   {"type": "ready", "implementation": "ipython 8.5.0"}
             {"id": 1, "type": "stream", "name": "stdout", "text": "..."}
             {"id": 1, "type": "display_data", "data": {mime: value}, "metadata": {}}
             {"id": 1, "type": "execute_result", "execution_count": 3, "data": {...}}
             {"id": 1, "type": "error", "ename": "...", "evalue": "...", "traceback": [...]}
-            {"id": 1, "type": "done", "execution_count": 3, "status": "ok" | "error"}
+            {"id": 1, "type": "done", "execution_count": 3, "status": "ok" | "error",
+             "nonce": "<the request's nonce>"}
 
 Binary MIME values (image/png, image/jpeg) are base64, as in Jupyter.
 Uses IPython's InteractiveShell when installed (rich reprs, display(),
@@ -30,6 +31,11 @@ import os
 import sys
 import traceback
 
+# The request and event pipes come in as fds 3 and 4; nothing the code
+# starts may inherit them (a subprocess could otherwise spoof events or end
+# a later run), so they are close-on-exec from here on.
+os.set_inheritable(3, False)
+os.set_inheritable(4, False)
 EVENTS = os.fdopen(4, "w", buffering=1, encoding="utf-8")
 REQUESTS = os.fdopen(3, "r", encoding="utf-8")
 FIGURE_MIME = "application/vnd.crownest.figure+json"
@@ -328,12 +334,18 @@ def main():
                 emit({"type": "setup_error", "message": str(e)})
             continue
         current_id = request.get("id")
+        # The run's end is matched on this nonce, which the code never sees
+        # (it is taken out of the request before the code runs).
+        nonce = str(request.pop("nonce", ""))
+        code = request.get("code", "")
+        del request, line
         try:
-            count, ok = run(request.get("code", ""))
+            count, ok = run(code)
         except KeyboardInterrupt:
             emit({"type": "error", "ename": "KeyboardInterrupt", "evalue": "", "traceback": []})
             count, ok = None, False
-        emit({"type": "done", "execution_count": count, "status": "ok" if ok else "error"})
+        emit({"type": "done", "execution_count": count, "status": "ok" if ok else "error", "nonce": nonce})
+        del nonce
         current_id = None
 
 

@@ -139,6 +139,17 @@ fn spawn_runner(language: Language, user: Option<ExecUser>) -> io::Result<Runner
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // The runner reopens its ends through /proc (to make them
+    // close-on-exec, see the runners), which checks the pipe's owner.
+    if let Some(user) = user {
+        for fd in [&request_read, &event_write] {
+            nix::unistd::fchown(
+                fd,
+                Some(nix::unistd::Uid::from_raw(user.uid)),
+                Some(nix::unistd::Gid::from_raw(user.gid)),
+            )?;
+        }
+    }
     let (fd3, fd4) = (request_read.as_raw_fd(), event_write.as_raw_fd());
     // SAFETY: runs between fork and exec; only async-signal-safe calls
     // (dup2, setsid, setgroups, setgid, setuid, open, write, close).
@@ -352,6 +363,9 @@ impl Contexts {
     }
 
     pub async fn create(self: &Arc<Self>, request: ContextCreate) -> ContextReply {
+        if !std::path::Path::new(&request.cwd).is_dir() {
+            return ContextReply::BadCwd { cwd: request.cwd };
+        }
         let setup = Setup {
             cwd: request.cwd,
             env: request.env,
@@ -489,21 +503,25 @@ async fn drive_run<W: AsyncWrite + Unpin>(
     sink: &mut Sink<'_, W>,
 ) -> RunEnd {
     let run_id = rand::random::<u32>();
+    // The end of the run is the `done` event carrying this nonce: the code
+    // can read the run id, but never the nonce (the runner takes it out of
+    // the request before the code runs).
+    let nonce = format!("{:032x}", rand::random::<u128>());
     let mut end = RunEnd {
         timed_out: false,
         interpreter_died: None,
         restarted: false,
         unknown_context: false,
     };
-    let message = serde_json_lite::run(run_id, &request.code);
+    let message = serde_json_lite::run(run_id, &nonce, &request.code);
     if let Err(e) = runner.send(&message).await {
         end.interpreter_died = Some(format!("writing to the interpreter failed: {e}"));
         return end;
     }
     let deadline = tokio::time::Instant::now() + Duration::from_millis(request.timeout_ms.max(1));
     let mut kill_at: Option<tokio::time::Instant> = None;
-    let done_marker = format!("\"id\": {run_id}");
-    let done_marker_compact = format!("\"id\":{run_id}");
+    let done_marker = format!("\"nonce\": \"{nonce}\"");
+    let done_marker_compact = format!("\"nonce\":\"{nonce}\"");
     let mut out = vec![0u8; MAX_CHUNK_LEN];
     let mut err = vec![0u8; MAX_CHUNK_LEN];
     loop {
@@ -582,8 +600,12 @@ mod serde_json_lite {
         out
     }
 
-    pub fn run(id: u32, code: &str) -> Value {
-        Value(format!("{{\"id\":{id},\"code\":{}}}", string(code)))
+    pub fn run(id: u32, nonce: &str, code: &str) -> Value {
+        Value(format!(
+            "{{\"id\":{id},\"nonce\":{},\"code\":{}}}",
+            string(nonce),
+            string(code)
+        ))
     }
 
     pub fn setup(cwd: &str, env: &[(String, String)]) -> Value {
@@ -632,8 +654,8 @@ mod serde_json_lite {
         fn strings_are_escaped_for_json() {
             assert_eq!(string("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
             assert_eq!(
-                run(7, "print(1)").to_string(),
-                "{\"id\":7,\"code\":\"print(1)\"}"
+                run(7, "n0nce", "print(1)").to_string(),
+                "{\"id\":7,\"nonce\":\"n0nce\",\"code\":\"print(1)\"}"
             );
         }
 

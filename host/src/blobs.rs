@@ -68,7 +68,9 @@ impl BlobStore {
     }
 
     /// Streams `content` into the store, refusing more than `limit` bytes.
-    pub async fn put<S, E>(&self, content: S, limit: u64) -> Result<StoredBlob, BlobError>
+    /// Hashing, writing and syncing run on the blocking pool; the caller's
+    /// task only forwards chunks (at most a few in flight).
+    pub async fn put<S, E>(&self, mut content: S, limit: u64) -> Result<StoredBlob, BlobError>
     where
         S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
         E: std::fmt::Display,
@@ -77,65 +79,88 @@ impl BlobStore {
             .dir
             .join("tmp")
             .join(format!("{:016x}", rand::random::<u64>()));
-        let file = std::fs::File::create(&tmp_path).map_err(io(&tmp_path))?;
-        let result = write_hashed(file, &tmp_path, content, limit).await;
-        let blob = match result {
-            Ok(blob) => blob,
-            Err(e) => {
-                let _ = std::fs::remove_file(&tmp_path);
-                return Err(e);
+        let final_dir = self.dir.clone();
+        // `None` tells the writer the source failed: it must not publish.
+        let (tx, rx) = tokio::sync::mpsc::channel::<Option<Bytes>>(4);
+        let writer = {
+            let tmp_path = tmp_path.clone();
+            tokio::task::spawn_blocking(move || write_blob(rx, &tmp_path, &final_dir, limit))
+        };
+        let mut source_error = None;
+        while let Some(chunk) = content.next().await {
+            let item = match chunk {
+                Ok(chunk) => Some(chunk),
+                Err(e) => {
+                    source_error = Some(BlobError::Source(e.to_string()));
+                    None
+                }
+            };
+            let last = item.is_none();
+            // A closed channel means the writer stopped (too large, i/o):
+            // its result says why.
+            if tx.send(item).await.is_err() || last {
+                break;
             }
-        };
-        let final_path = self.path_of(&blob.sha256);
-        let publish = {
-            let (tmp_path, final_path) = (tmp_path.clone(), final_path.clone());
-            tokio::task::spawn_blocking(move || publish(&tmp_path, &final_path))
-                .await
-                .map_err(|e| BlobError::Task(e.to_string()))?
-        };
-        if publish.is_err() {
-            let _ = std::fs::remove_file(&tmp_path);
         }
-        publish.map(|()| blob)
+        drop(tx);
+        let written = writer.await.map_err(|e| BlobError::Task(e.to_string()))?;
+        match source_error {
+            Some(e) => Err(e),
+            None => written,
+        }
     }
 }
 
-async fn write_hashed<S, E>(
-    file: std::fs::File,
-    path: &Path,
-    mut content: S,
+/// The blocking half of [`BlobStore::put`]: hashes and writes chunks to a
+/// temp file, fsyncs it and publishes it under its digest.
+fn write_blob(
+    mut rx: tokio::sync::mpsc::Receiver<Option<Bytes>>,
+    tmp_path: &Path,
+    dir: &Path,
     limit: u64,
-) -> Result<StoredBlob, BlobError>
-where
-    S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
-    E: std::fmt::Display,
-{
-    let mut writer = std::io::BufWriter::with_capacity(256 * 1024, file);
-    let mut hasher = Sha256::new();
-    let mut size = 0u64;
-    while let Some(chunk) = content.next().await {
-        let chunk = chunk.map_err(|e| BlobError::Source(e.to_string()))?;
-        size += chunk.len() as u64;
-        if size > limit {
-            return Err(BlobError::TooLarge { limit });
+) -> Result<StoredBlob, BlobError> {
+    let result = (|| {
+        let file = std::fs::File::create(tmp_path).map_err(io(tmp_path))?;
+        let mut writer = std::io::BufWriter::with_capacity(256 * 1024, file);
+        let mut hasher = Sha256::new();
+        let mut size = 0u64;
+        while let Some(chunk) = rx.blocking_recv() {
+            let Some(chunk) = chunk else {
+                return Err(BlobError::Source(String::from("the content stream failed")));
+            };
+            size += chunk.len() as u64;
+            if size > limit {
+                return Err(BlobError::TooLarge { limit });
+            }
+            hasher.update(&chunk);
+            writer.write_all(&chunk).map_err(io(tmp_path))?;
         }
-        hasher.update(&chunk);
-        // Writes to a page-cache-backed file; the one fsync happens below,
-        // off the executor.
-        writer.write_all(&chunk).map_err(io(path))?;
+        let file = writer.into_inner().map_err(|e| BlobError::Io {
+            path: tmp_path.to_path_buf(),
+            source: e.into_error(),
+        })?;
+        file.sync_all().map_err(io(tmp_path))?;
+        Ok(StoredBlob {
+            sha256: hex::encode(hasher.finalize()),
+            size,
+        })
+    })();
+    let blob = match result {
+        Ok(blob) => blob,
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp_path);
+            return Err(e);
+        }
+    };
+    let prefix = blob.sha256.get(..2).unwrap_or("00");
+    let final_path = dir.join("sha256").join(prefix).join(&blob.sha256);
+    match publish(tmp_path, &final_path) {
+        Ok(()) => Ok(blob),
+        Err(e) => {
+            let _ = std::fs::remove_file(tmp_path);
+            Err(e)
+        }
     }
-    let file = writer.into_inner().map_err(|e| BlobError::Io {
-        path: path.to_path_buf(),
-        source: e.into_error(),
-    })?;
-    let path_buf = path.to_path_buf();
-    tokio::task::spawn_blocking(move || file.sync_all().map_err(io(&path_buf)))
-        .await
-        .map_err(|e| BlobError::Task(e.to_string()))??;
-    Ok(StoredBlob {
-        sha256: hex::encode(hasher.finalize()),
-        size,
-    })
 }
 
 /// Moves a complete, fsynced temp file to its content address and makes

@@ -22,6 +22,9 @@ pub struct Config {
     pub runtime_binary: PathBuf,
     /// The static `crownest-agent` injected into every sandbox.
     pub agent_binary: PathBuf,
+    /// `host[:port]` under which each preview gets its own origin
+    /// (`prv-….{domain}`); `None`: `localhost` with the API's port.
+    pub preview_domain: Option<String>,
     pub limits: Limits,
 }
 
@@ -55,6 +58,45 @@ pub struct Limits {
     pub agent_connect_timeout_ms: u64,
     /// Commands running at once in one sandbox; more are `sandbox_busy`.
     pub max_running_commands_per_sandbox: usize,
+    /// Operations (logical agent streams: commands, file transfers, code
+    /// runs, preview connections) open at once in one sandbox; past it a
+    /// request waits up to 5 s, then is `sandbox_busy`.
+    pub max_agent_streams: usize,
+    /// How long a request waits for a free agent stream.
+    pub agent_stream_wait_ms: u64,
+    /// Open client connections at once; more are closed on accept.
+    pub max_connections: usize,
+    /// Time a client has to send a request's headers.
+    pub header_read_timeout_ms: u64,
+    /// Requests per second one API key may make on average (token
+    /// bucket); 0 turns rate limiting off.
+    pub rate_limit_per_key: u32,
+    /// Requests one API key may make in a burst above the average.
+    pub rate_burst_per_key: u32,
+    /// Command log streams (SSE) an org may hold open at once.
+    pub max_log_streams_per_org: usize,
+    /// Active previews one sandbox may have.
+    pub max_previews_per_sandbox: usize,
+    /// How long a preview request waits for the app's response headers.
+    pub preview_response_timeout_ms: u64,
+    /// How long audit events are kept.
+    pub audit_retention_ms: i64,
+    /// How long the logs of a destroyed sandbox's commands are kept (the
+    /// command records, with their output tails, stay).
+    pub destroyed_log_retention_ms: i64,
+}
+
+const DAY_MS: i64 = 24 * 60 * 60 * 1000;
+/// Default of `--audit-retention-days`.
+pub const DEFAULT_AUDIT_RETENTION_DAYS: i64 = 400;
+/// Default of `--log-retention-days`.
+pub const DEFAULT_LOG_RETENTION_DAYS: i64 = 30;
+
+impl Limits {
+    /// Days as milliseconds, for the retention settings.
+    pub fn days(days: i64) -> i64 {
+        days.saturating_mul(DAY_MS)
+    }
 }
 
 impl Default for Limits {
@@ -76,6 +118,17 @@ impl Default for Limits {
             max_run_output_bytes: 16 * 1024 * 1024,
             agent_connect_timeout_ms: 10_000,
             max_running_commands_per_sandbox: 64,
+            max_agent_streams: crate::agent::DEFAULT_MAX_STREAMS,
+            agent_stream_wait_ms: 5_000,
+            max_connections: 4096,
+            header_read_timeout_ms: 10_000,
+            rate_limit_per_key: 1000,
+            rate_burst_per_key: 2000,
+            max_log_streams_per_org: 256,
+            max_previews_per_sandbox: 32,
+            preview_response_timeout_ms: 60_000,
+            audit_retention_ms: DEFAULT_AUDIT_RETENTION_DAYS * DAY_MS,
+            destroyed_log_retention_ms: DEFAULT_LOG_RETENTION_DAYS * DAY_MS,
         }
     }
 }

@@ -50,6 +50,9 @@ enum Command {
     Template(TemplateCommand),
     /// Print the OpenAPI document of this build.
     Openapi,
+    /// Runtime hooks runc runs for sandboxes (not for people).
+    #[command(hide = true, subcommand)]
+    Hook(HookCommand),
     /// Client commands: talk to a running server over HTTP.
     #[command(flatten)]
     Client(client::Command),
@@ -87,12 +90,51 @@ struct ServeArgs {
     /// Log as JSON lines instead of text.
     #[arg(long)]
     log_json: bool,
+    /// `host[:port]` under which each preview gets its own origin,
+    /// `prv-….HOST`; point a wildcard DNS name (and certificate) at this
+    /// server. Default: `localhost` with the port clients use for the API
+    /// (browsers resolve `*.localhost` to loopback).
+    #[arg(long, env = "CROWNEST_PREVIEW_DOMAIN", value_parser = parse_preview_domain)]
+    preview_domain: Option<String>,
+    /// Requests per second one API key may make on average; more are `429
+    /// rate_limited` with `Retry-After`. 0 turns the limit off.
+    #[arg(long, env = "CROWNEST_RATE_LIMIT", default_value_t = Limits::default().rate_limit_per_key)]
+    rate_limit: u32,
+    /// Requests one API key may make at once above the average.
+    #[arg(long, env = "CROWNEST_RATE_BURST", default_value_t = Limits::default().rate_burst_per_key)]
+    rate_burst: u32,
+    /// Client connections open at once; more are closed as they arrive.
+    #[arg(long, env = "CROWNEST_MAX_CONNECTIONS", default_value_t = Limits::default().max_connections)]
+    max_connections: usize,
+    /// Seconds a client has to send a request's headers.
+    #[arg(long, env = "CROWNEST_HEADER_TIMEOUT_SECS", default_value_t = Limits::default().header_read_timeout_ms / 1000)]
+    header_timeout_secs: u64,
+    /// Seconds a preview request waits for the app's response headers
+    /// before it is answered `504 preview_upstream_timeout`.
+    #[arg(long, env = "CROWNEST_PREVIEW_TIMEOUT_SECS", default_value_t = Limits::default().preview_response_timeout_ms / 1000)]
+    preview_timeout_secs: u64,
+    /// Days audit events are kept.
+    #[arg(long, default_value_t = config::DEFAULT_AUDIT_RETENTION_DAYS, value_parser = clap::value_parser!(i64).range(1..=36_500))]
+    audit_retention_days: i64,
+    /// Days the logs of a destroyed sandbox's commands are kept (the
+    /// command records and their output tails stay).
+    #[arg(long, default_value_t = config::DEFAULT_LOG_RETENTION_DAYS, value_parser = clap::value_parser!(i64).range(1..=36_500))]
+    log_retention_days: i64,
+}
+
+#[derive(Subcommand)]
+enum HookCommand {
+    /// Bound the inotify limits of a new sandbox's user namespace; reads
+    /// runc's container state on stdin.
+    UsernsLimits,
 }
 
 #[derive(Subcommand)]
 enum OrgsCommand {
     /// Set an org's quotas. Each limit is a number, or `none` for unlimited;
-    /// limits not given keep their value. Creates the org if it is new.
+    /// limits not given keep their value (for a new org, the defaults: 100
+    /// live sandboxes, 10 GiB of artifacts, 512 running commands, the rest
+    /// unlimited). Creates the org if it is new.
     SetQuota {
         #[arg(long)]
         org: String,
@@ -111,6 +153,9 @@ enum OrgsCommand {
         /// Bytes of each output stream kept per command (the tail is kept).
         #[arg(long)]
         max_command_output_bytes: Option<QuotaValue>,
+        /// Commands running at once across the org's sandboxes.
+        #[arg(long)]
+        max_concurrent_commands: Option<QuotaValue>,
         #[command(flatten)]
         data: DataDir,
     },
@@ -196,6 +241,12 @@ fn main() -> Result<()> {
         Command::Keys(command) => keys(command),
         Command::Orgs(command) => orgs(command),
         Command::Template(command) => template(command),
+        Command::Hook(HookCommand::UsernsLimits) => {
+            // Single-threaded on purpose: setns into a user namespace
+            // refuses threaded callers.
+            crownest::runtime::oci::hook::userns_limits()?;
+            Ok(())
+        }
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&api::openapi())?);
             Ok(())
@@ -228,9 +279,11 @@ fn open_store(data_dir: &std::path::Path) -> Result<StoreHandle> {
 fn serve(args: ServeArgs) -> Result<()> {
     init_logging(args.log_json);
     let data_dir = absolute(&args.data.data_dir)?;
-    let agent_binary = args
-        .agent_binary
-        .unwrap_or_else(config::default_agent_binary);
+    let agent_binary = absolute(
+        &args
+            .agent_binary
+            .unwrap_or_else(config::default_agent_binary),
+    )?;
     if !agent_binary.is_file() {
         bail!(
             "the sandbox agent binary {} does not exist; build it with `cargo build -p crownest-agent --target x86_64-unknown-linux-musl` or pass --agent-binary",
@@ -244,18 +297,33 @@ fn serve(args: ServeArgs) -> Result<()> {
         templates_dir: args.templates.templates_dir.clone(),
         runtime_binary: args.runtime.clone(),
         agent_binary,
-        limits: Limits::default(),
+        preview_domain: args.preview_domain.clone(),
+        limits: Limits {
+            audit_retention_ms: Limits::days(args.audit_retention_days),
+            destroyed_log_retention_ms: Limits::days(args.log_retention_days),
+            rate_limit_per_key: args.rate_limit,
+            rate_burst_per_key: args.rate_burst,
+            max_connections: args.max_connections.max(1),
+            header_read_timeout_ms: args.header_timeout_secs.max(1) * 1000,
+            preview_response_timeout_ms: args.preview_timeout_secs.max(1) * 1000,
+            ..Limits::default()
+        },
     };
     let templates = TemplateSet::load(config.templates_dir.as_deref())?;
     let store = open_store(&data_dir)?;
-    let runtime = Arc::new(OciRuntime::new(
-        config.runtime_binary.clone(),
-        data_dir.join("runc"),
-    ));
+    let runtime = Arc::new(
+        OciRuntime::new(config.runtime_binary.clone(), data_dir.join("runc"))
+            .with_userns_hook(std::env::current_exe().context("finding this binary")?),
+    );
     let runtime_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime_rt.block_on(async move {
+        let runc_version = runtime
+            .checked_version()
+            .await
+            .context("checking the OCI runtime")?;
+        tracing::info!(runtime = "oci", version = %runc_version, "runtime checked");
         let blobs = BlobStore::open(data_dir.join("blobs"))?;
         let host = Host::new(
             config.clone(),
@@ -428,6 +496,7 @@ fn orgs(command: OrgsCommand) -> Result<()> {
             max_artifact_bytes,
             max_request_body_bytes,
             max_command_output_bytes,
+            max_concurrent_commands,
             data,
         } => {
             let store = open_store(&data.data_dir)?;
@@ -452,6 +521,7 @@ fn orgs(command: OrgsCommand) -> Result<()> {
                 &mut quota.max_command_output_bytes,
                 max_command_output_bytes,
             );
+            set(&mut quota.max_concurrent_commands, max_concurrent_commands);
             store.blocking().set_quota(&org_row.id, &quota)?;
             operator_audit(
                 store.blocking(),
@@ -502,6 +572,10 @@ fn print_quota(org: &str, quota: &Quota) {
         "  max command output bytes:  {}",
         show(quota.max_command_output_bytes)
     );
+    println!(
+        "  max concurrent commands:   {}",
+        show(quota.max_concurrent_commands)
+    );
 }
 
 fn template(command: TemplateCommand) -> Result<()> {
@@ -547,6 +621,31 @@ fn template(command: TemplateCommand) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `host[:port]` with a host of DNS labels (no scheme, path or `*`).
+fn parse_preview_domain(text: &str) -> Result<String, String> {
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) => (host, Some(port)),
+        None => (text, None),
+    };
+    if let Some(port) = port
+        && port.parse::<u16>().is_err()
+    {
+        return Err(format!("`{port}` is not a port number"));
+    }
+    let label_ok = |l: &str| {
+        !l.is_empty()
+            && l.len() <= 63
+            && l.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !l.starts_with('-')
+    };
+    if host.is_empty() || host.len() > 200 || !host.split('.').all(label_ok) {
+        return Err(format!(
+            "`{text}` is not a domain like `preview.example.com` or `localhost:7420`"
+        ));
+    }
+    Ok(text.to_ascii_lowercase())
 }
 
 fn absolute(path: &std::path::Path) -> Result<PathBuf> {

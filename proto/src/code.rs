@@ -56,6 +56,12 @@ pub enum ContextReply {
     Failed {
         message: String,
     },
+    /// The working directory does not exist (or is not a directory): the
+    /// caller's mistake, not the interpreter's. Appended: earlier variants
+    /// keep their encoding.
+    BadCwd {
+        cwd: String,
+    },
 }
 
 /// Run code in a context.

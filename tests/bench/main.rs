@@ -59,7 +59,8 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let creates: usize = (iterations / 10).max(5);
-    let mut server = Server::start();
+    // No per-key rate limit: the bench measures latency, one key at a time.
+    let mut server = Server::start_with_env(&[("CROWNEST_RATE_LIMIT", "0")]);
     let client = server.client(&server.key("bench", None, "all"));
     let mut rows = Vec::new();
 
@@ -348,7 +349,8 @@ async fn main() {
     assert_eq!(status, 201, "{preview}");
     let url = format!("{}hello.txt", preview["url"].as_str().expect("url"));
     let key = client.key.clone().unwrap_or_default();
-    let get = || client.http.get(&url).header("x-api-key", &key).send();
+    let preview_http = crownest_e2e::preview_client(&url);
+    let get = || preview_http.get(&url).header("x-api-key", &key).send();
     for _ in 0..100 {
         if get().await.is_ok_and(|r| r.status() == 200) {
             break;
@@ -389,6 +391,7 @@ async fn main() {
     for id in &idle {
         client.kill(id).await;
     }
+    let abuse_rows = abuse_measurements(&server, &client, &warm).await;
     client.kill(&warm).await;
     server.stop();
 
@@ -424,6 +427,113 @@ async fn main() {
     for row in &file_rows {
         println!("{row}");
     }
+    for row in &abuse_rows {
+        println!("{row}");
+    }
+}
+
+/// Peak and current resident memory of a process, in KiB.
+fn memory_kib(pid: u32) -> (u64, u64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0u64)
+    };
+    (field("VmHWM:"), field("VmRSS:"))
+}
+
+/// What hostile input costs the host: a Code Run writing two 28 MB
+/// display events to its runner pipe, a command writing 5,000 one-byte
+/// chunks, and 10,000 anonymous requests.
+async fn abuse_measurements(
+    server: &Server,
+    client: &crownest_e2e::Client,
+    sandbox: &str,
+) -> Vec<String> {
+    let pid = server.pid().expect("server pid");
+    let mut rows = Vec::new();
+    let (peak0, rss0) = memory_kib(pid);
+    let hostile = "import os, json\nline = json.dumps({'type': 'display_data', 'data': {'text/plain': 'x' * (28 * 1024 * 1024)}}) + '\\n'\nfor _ in range(2):\n    os.write(4, line.encode())\nprint('after')";
+    let start = Instant::now();
+    let (status, result) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/code/runs"),
+            json!({ "language": "python", "code": hostile, "timeoutMs": 120000 }),
+        )
+        .await;
+    let took = start.elapsed();
+    let (peak1, rss1) = memory_kib(pid);
+    let rejected = result["outputs"].as_array().map_or(0, |o| {
+        o.iter()
+            .filter(|x| x["reason"] == "output_too_large")
+            .count()
+    });
+    rows.push(format!(
+        "| hostile Code Run (2 × 28 MB events), status {status} | | server peak {:.1} -> {:.1} MiB (RSS {:.1} -> {:.1}), {rejected} outputs rejected, {:.1} s | | bounded |",
+        peak0 as f64 / 1024.0,
+        peak1 as f64 / 1024.0,
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0,
+        took.as_secs_f64()
+    ));
+    let (_, rss0) = memory_kib(pid);
+    let (status, command) = client
+        .post(
+            &format!("/v1/sandboxes/{sandbox}/commands"),
+            json!({ "command": "python3 -c \"import sys,time\nfor i in range(5000):\n    sys.stdout.write('x'); sys.stdout.flush(); time.sleep(0.0002)\"" }),
+        )
+        .await;
+    let (peak2, rss2) = memory_kib(pid);
+    let id = command["id"].as_str().unwrap_or_default().to_string();
+    let response = client
+        .request(
+            reqwest::Method::GET,
+            &format!("/v1/sandboxes/{sandbox}/commands/{id}/logs"),
+        )
+        .send()
+        .await
+        .expect("logs");
+    let text = response.text().await.unwrap_or_default();
+    let events = text.matches("\nid: ").count() + usize::from(text.starts_with("id: "));
+    rows.push(format!(
+        "| one-byte-chunk command (5,000 writes), status {status} | | {events} log events; server RSS {:.1} -> {:.1} MiB (peak {:.1}) | | < 5,000 events |",
+        rss0 as f64 / 1024.0,
+        rss2 as f64 / 1024.0,
+        peak2 as f64 / 1024.0
+    ));
+    let (_, rss0) = memory_kib(pid);
+    let http = reqwest::Client::new();
+    let url = format!(
+        "{}/v1/sandboxes/{sandbox}/files?path={}",
+        server.base_url,
+        "p".repeat(4000)
+    );
+    let start = Instant::now();
+    let mut statuses = std::collections::BTreeMap::new();
+    for chunk in 0..100 {
+        let requests = (0..100).map(|i| {
+            http.put(&url)
+                .header("x-request-id", format!("{chunk}-{i}-{}", "r".repeat(4000)))
+                .body("x")
+                .send()
+        });
+        for response in futures::future::join_all(requests).await {
+            let status = response.map(|r| r.status().as_u16()).unwrap_or(0);
+            *statuses.entry(status).or_insert(0) += 1;
+        }
+    }
+    let (_, rss3) = memory_kib(pid);
+    rows.push(format!(
+        "| 10,000 anonymous requests ({statuses:?}) | | server RSS {:.1} -> {:.1} MiB in {:.1} s | | flat |",
+        rss0 as f64 / 1024.0,
+        rss3 as f64 / 1024.0,
+        start.elapsed().as_secs_f64()
+    ));
+    rows
 }
 
 /// The engine E2B's code interpreter wraps: an ipykernel driven through

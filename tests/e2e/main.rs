@@ -2,6 +2,7 @@
 //! sandboxes, real HTTP. One test binary with modules (one link, one
 //! shared server for the tests that don't restart it).
 
+mod abuse;
 mod artifacts;
 mod auth;
 mod bad_input;

@@ -1,5 +1,6 @@
-//! Previews: a port inside a sandbox served at an authenticated URL,
-//! through the agent (the sandbox has no network but its loopback).
+//! Previews: a port inside a sandbox served at an authenticated URL on its
+//! own origin (`prv-….localhost:PORT`), through the agent (the sandbox has
+//! no network but its loopback).
 
 use std::time::Duration;
 
@@ -30,18 +31,17 @@ class Handler(http.server.SimpleHTTPRequestHandler):
 http.server.ThreadingHTTPServer(("127.0.0.1", 8000), Handler).serve_forever()
 "#;
 
-/// A client that does not follow redirects and sends no key.
-fn browser() -> reqwest::Client {
-    reqwest::Client::builder()
-        .redirect(reqwest::redirect::Policy::none())
-        .build()
-        .expect("client")
+/// A client for a preview URL (its `*.localhost` host resolved to
+/// loopback, as browsers do) that does not follow redirects and sends no
+/// key.
+fn browser(url: &str) -> reqwest::Client {
+    crownest_e2e::preview_client(url)
 }
 
 /// GET of a preview URL with `key`: the status and the JSON body (if any).
 async fn get_with_key(url: &str, key: &str) -> (u16, Value) {
     envelope(
-        browser()
+        browser(url)
             .get(url)
             .header("x-api-key", key)
             .send()
@@ -89,8 +89,7 @@ async fn sandbox_with_app(client: &crownest_e2e::Client) -> (String, Value) {
     // Wait until the app listens (502 until then).
     let url = preview["url"].as_str().expect("url").to_string();
     for _ in 0..100 {
-        let response = client
-            .http
+        let response = browser(&url)
             .get(&url)
             .header("x-api-key", client.key.clone().unwrap_or_default())
             .send()
@@ -115,7 +114,10 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     assert!(id.starts_with("prv_"), "{preview}");
     assert_eq!(preview["port"], 8000);
     assert_eq!(preview["status"], "active");
-    assert!(url.ends_with(&format!("/previews/{id}/")), "{url}");
+    // Its own origin, never the API's.
+    let port = server.base_url.rsplit(':').next().expect("port");
+    let host = format!("{}.localhost:{port}", id.replace('_', "-"));
+    assert_eq!(url, format!("http://{host}/"));
     assert!(
         preview["token"]
             .as_str()
@@ -124,8 +126,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     );
 
     // The app's page, with an API key.
-    let page = client
-        .http
+    let page = browser(url)
         .get(format!("{url}index.html"))
         .header("x-api-key", &key)
         .send()
@@ -133,8 +134,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
         .expect("get");
     assert_eq!(page.status(), 200);
     assert_eq!(page.text().await.expect("body"), "<h1>hello preview</h1>");
-    let head = client
-        .http
+    let head = browser(url)
         .head(format!("{url}index.html"))
         .header("x-api-key", &key)
         .send()
@@ -145,8 +145,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     assert!(head.bytes().await.expect("body").is_empty());
 
     // What the app saw: its path and its own headers, never our key.
-    let seen: Value = client
-        .http
+    let seen: Value = browser(url)
         .get(format!("{url}echo?q=1"))
         .header("x-api-key", &key)
         .header("cookie", "app=1")
@@ -161,11 +160,11 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     let headers = &seen["headers"];
     assert_eq!(headers["x-app"], "yes");
     assert_eq!(headers["cookie"], "app=1");
-    assert_eq!(headers["x-forwarded-prefix"], format!("/previews/{id}"));
+    assert_eq!(headers["x-forwarded-host"], host);
+    assert!(headers.get("x-forwarded-prefix").is_none(), "{headers}");
     let dump = headers.to_string();
     assert!(!dump.contains(&key), "the app saw the API key: {dump}");
-    let bearer = client
-        .http
+    let bearer = browser(url)
         .get(format!("{url}echo"))
         .bearer_auth(&key)
         .send()
@@ -180,8 +179,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     );
 
     // Request bodies go through.
-    let posted = client
-        .http
+    let posted = browser(url)
         .post(format!("{url}submit"))
         .header("x-api-key", &key)
         .body("payload-123")
@@ -192,7 +190,7 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
     assert_eq!(posted.text().await.expect("body"), "payload-123");
 
     // No credential, a key without the scope, another org's key.
-    let (status, body) = envelope(browser().get(url).send().await.expect("anon")).await;
+    let (status, body) = envelope(browser(url).get(url).send().await.expect("anon")).await;
     assert_eq!((status, error_code(&body)), (401, "unauthorized"));
     let reader = server.key("preview-org", None, "previews:read");
     let other_org = server.key("preview-other-org", None, "all");
@@ -205,6 +203,16 @@ async fn a_preview_serves_the_sandbox_port_to_its_org_and_keeps_keys_from_the_ap
         .get(&format!("/v1/sandboxes/{sandbox}/previews/{id}"))
         .await;
     assert_eq!((status, error_code(&body)), (404, "not_found"));
+
+    // The API's origin never serves it: the old path redirects there.
+    let legacy = browser(url)
+        .get(format!("{}/previews/{id}/index.html?a=1", server.base_url))
+        .header("x-api-key", &key)
+        .send()
+        .await
+        .expect("legacy");
+    assert_eq!(legacy.status(), 308);
+    assert_eq!(legacy.headers()["location"], format!("{url}index.html?a=1"));
 
     // One active preview per port; ports are checked.
     let previews = format!("/v1/sandboxes/{sandbox}/previews");
@@ -262,22 +270,25 @@ async fn a_preview_token_becomes_a_cookie_session_for_that_preview_only() {
     let token = preview["token"].as_str().expect("token");
     assert_eq!(browser_url, format!("{url}?crownest_preview_token={token}"));
 
-    // The token in the address: a cookie for this preview's path, and a
-    // redirect to the same page without it.
-    let response = browser().get(browser_url).send().await.expect("open");
+    assert!(url.contains(&id.replace('_', "-")), "{url}");
+
+    // The token in the address: a cookie of this preview's host only (no
+    // `Domain`), and a redirect to the same page without it.
+    let response = browser(url).get(browser_url).send().await.expect("open");
     assert_eq!(response.status(), 303);
-    assert_eq!(response.headers()["location"], format!("/previews/{id}/"));
+    assert_eq!(response.headers()["location"], "/");
     let cookie = response.headers()["set-cookie"]
         .to_str()
         .expect("cookie")
         .to_string();
     assert!(
         cookie.starts_with(&format!("crownest_preview_token={token};"))
-            && cookie.contains(&format!("Path=/previews/{id}/"))
-            && cookie.contains("HttpOnly"),
+            && cookie.contains("Path=/;")
+            && cookie.contains("HttpOnly")
+            && !cookie.to_ascii_lowercase().contains("domain="),
         "{cookie}"
     );
-    let page = browser()
+    let page = browser(url)
         .get(format!("{url}index.html"))
         .header("cookie", format!("crownest_preview_token={token}"))
         .send()
@@ -286,7 +297,7 @@ async fn a_preview_token_becomes_a_cookie_session_for_that_preview_only() {
     assert_eq!(page.status(), 200);
     assert_eq!(page.text().await.expect("body"), "<h1>hello preview</h1>");
     // The app never sees the preview cookie.
-    let seen: Value = browser()
+    let seen: Value = browser(url)
         .get(format!("{url}echo"))
         .header("cookie", format!("crownest_preview_token={token}"))
         .send()
@@ -300,16 +311,19 @@ async fn a_preview_token_becomes_a_cookie_session_for_that_preview_only() {
     // A wrong token, in either place, is a 401 that does not say whether
     // the preview exists.
     let wrong = format!("cn_prv_{}", "x".repeat(40));
+    let port = shared()
+        .base_url
+        .rsplit(':')
+        .next()
+        .expect("port")
+        .to_string();
+    let unknown = format!("http://prv-{}.localhost:{port}/", "a".repeat(20));
     for request in [
-        browser().get(format!("{url}?crownest_preview_token={wrong}")),
-        browser()
+        browser(url).get(format!("{url}?crownest_preview_token={wrong}")),
+        browser(url)
             .get(url)
             .header("cookie", format!("crownest_preview_token={wrong}")),
-        browser().get(format!(
-            "{}/previews/prv_{}/?crownest_preview_token={wrong}",
-            shared().base_url,
-            "a".repeat(24)
-        )),
+        browser(&unknown).get(format!("{unknown}?crownest_preview_token={wrong}")),
     ] {
         let (status, body) = envelope(request.send().await.expect("wrong")).await;
         assert_eq!((status, error_code(&body)), (401, "unauthorized"), "{body}");
@@ -425,6 +439,8 @@ async fn a_preview_passes_a_protocol_upgrade_through() {
     assert_eq!(status, 201, "{preview}");
     let id = preview["id"].as_str().expect("id");
     let address = shared().base_url.trim_start_matches("http://").to_string();
+    let port = address.rsplit(':').next().expect("port");
+    let host = format!("{}.localhost:{port}", id.replace('_', "-"));
 
     // Raw HTTP/1 over TCP, as a WebSocket client speaks it.
     let mut head = String::new();
@@ -435,7 +451,7 @@ async fn a_preview_passes_a_protocol_upgrade_through() {
             .expect("connect");
         conn.write_all(
             format!(
-                "GET /previews/{id}/socket HTTP/1.1\r\nHost: {address}\r\nx-api-key: {key}\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n"
+                "GET /socket HTTP/1.1\r\nHost: {host}\r\nx-api-key: {key}\r\nConnection: Upgrade\r\nUpgrade: shout\r\n\r\n"
             )
             .as_bytes(),
         )

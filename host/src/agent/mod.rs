@@ -23,7 +23,7 @@ use crownest_proto::frame::{FrameDecoder, write_message};
 use crownest_proto::handshake::host_handshake;
 use crownest_proto::{ExecEvent, ExecRequest, MAX_CHUNK_LEN, Open, Pong, ProtoError};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
-use tokio::sync::{Mutex, mpsc, oneshot};
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 mod code;
@@ -60,6 +60,9 @@ pub enum AgentError {
     /// Nothing in the sandbox accepted a TCP connection to the port.
     #[error("{0}")]
     PortUnreachable(String),
+    /// Every logical stream of the connection is in use.
+    #[error("the sandbox agent has no free stream")]
+    Busy,
 }
 
 impl AgentError {
@@ -80,8 +83,64 @@ impl AgentError {
     }
 }
 
-type StreamReader = ReadHalf<Compat<yamux::Stream>>;
-type StreamWriter = WriteHalf<Compat<yamux::Stream>>;
+/// Logical streams one client keeps open at once by default: well below
+/// yamux's limit of 512, past which the agent's side would tear the whole
+/// connection down (and the sandbox with it).
+pub const DEFAULT_MAX_STREAMS: usize = 256;
+
+/// How long an operation waits for a free stream before the sandbox is
+/// reported busy, by default.
+pub const DEFAULT_STREAM_WAIT: Duration = Duration::from_secs(5);
+
+/// A place for one logical stream, taken ahead of opening it.
+pub struct StreamPermit(OwnedSemaphorePermit);
+
+/// The read half of a logical stream; holds the stream's place in the
+/// client's budget for as long as either half lives.
+pub(crate) struct StreamReader {
+    io: ReadHalf<Compat<yamux::Stream>>,
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+/// The write half of a logical stream.
+pub(crate) struct StreamWriter {
+    io: WriteHalf<Compat<yamux::Stream>>,
+    _permit: Arc<OwnedSemaphorePermit>,
+}
+
+impl AsyncRead for StreamReader {
+    fn poll_read(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for StreamWriter {
+    fn poll_write(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        std::pin::Pin::new(&mut self.io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        std::pin::Pin::new(&mut self.io).poll_shutdown(cx)
+    }
+}
 
 /// A request to the driver for a new outbound stream.
 type OpenRequest = oneshot::Sender<Result<yamux::Stream, AgentError>>;
@@ -100,6 +159,10 @@ struct Inner {
     opener: mpsc::UnboundedSender<OpenRequest>,
     /// Set by the driver when the connection ended.
     closed: Arc<AtomicBool>,
+    /// Places for logical streams (see [`DEFAULT_MAX_STREAMS`]).
+    streams: Arc<Semaphore>,
+    /// How long `open` waits for a place.
+    stream_wait: Duration,
 }
 
 impl std::fmt::Debug for AgentClient {
@@ -116,7 +179,18 @@ impl AgentClient {
     /// Handshake + yamux over a byte stream to the agent (what a runtime's
     /// `AgentChannel` opens).
     pub async fn connect<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
+        transport: T,
+    ) -> Result<AgentClient, AgentError> {
+        Self::connect_with(transport, DEFAULT_MAX_STREAMS, DEFAULT_STREAM_WAIT).await
+    }
+
+    /// [`AgentClient::connect`] with at most `max_streams` logical streams
+    /// open at once; an operation past it waits up to `wait`, then fails
+    /// with [`AgentError::Busy`] (the connection stays up).
+    pub async fn connect_with<T: AsyncRead + AsyncWrite + Unpin + Send + 'static>(
         mut transport: T,
+        max_streams: usize,
+        wait: Duration,
     ) -> Result<AgentClient, AgentError> {
         let nonce: u64 = rand::random();
         let ack = host_handshake(&mut transport, nonce)
@@ -136,6 +210,8 @@ impl AgentClient {
                 agent_version: ack.agent_version,
                 opener,
                 closed,
+                streams: Arc::new(Semaphore::new(max_streams.clamp(1, 400))),
+                stream_wait: wait,
             }),
         })
     }
@@ -161,7 +237,11 @@ impl AgentClient {
     /// Starts a process in the sandbox.
     pub async fn exec(&self, request: ExecRequest) -> Result<ExecSession, AgentError> {
         let (reader, writer) = self.open(&Open::Exec(request)).await?;
-        Ok(ExecSession {
+        Ok(self.session(reader, writer))
+    }
+
+    fn session(&self, reader: StreamReader, writer: StreamWriter) -> ExecSession {
+        ExecSession {
             reader,
             frames: FrameReader::default(),
             done: false,
@@ -169,7 +249,7 @@ impl AgentClient {
                 writer: Arc::new(Mutex::new(writer)),
                 _client: self.inner.clone(),
             },
-        })
+        }
     }
 
     /// Whether the connection to the agent has ended (a new client is needed).
@@ -177,12 +257,59 @@ impl AgentClient {
         self.inner.closed.load(Ordering::Acquire)
     }
 
+    /// Logical streams open now.
+    pub fn open_streams(&self, max_streams: usize) -> usize {
+        max_streams.saturating_sub(self.inner.streams.available_permits())
+    }
+
+    /// Takes a place for one logical stream now (waiting briefly), to open
+    /// it later with [`AgentClient::exec_with`]: a caller can then refuse
+    /// a request before it records anything.
+    pub async fn reserve(&self) -> Result<StreamPermit, AgentError> {
+        let permit = tokio::time::timeout(
+            self.inner.stream_wait,
+            self.inner.streams.clone().acquire_owned(),
+        )
+        .await
+        .map_err(|_| AgentError::Busy)?
+        .map_err(|_| AgentError::Closed)?;
+        Ok(StreamPermit(permit))
+    }
+
+    /// Starts a process on a stream place taken with [`AgentClient::reserve`].
+    pub async fn exec_with(
+        &self,
+        permit: StreamPermit,
+        request: ExecRequest,
+    ) -> Result<ExecSession, AgentError> {
+        let (reader, writer) = self.open_on(permit, &Open::Exec(request)).await?;
+        Ok(self.session(reader, writer))
+    }
+
     /// Opens a logical stream and writes its `Open` frame.
     async fn open(&self, open: &Open) -> Result<(StreamReader, StreamWriter), AgentError> {
+        let permit = self.reserve().await?;
+        self.open_on(permit, open).await
+    }
+
+    async fn open_on(
+        &self,
+        permit: StreamPermit,
+        open: &Open,
+    ) -> Result<(StreamReader, StreamWriter), AgentError> {
+        let permit = Arc::new(permit.0);
         let (tx, rx) = oneshot::channel();
         self.inner.opener.send(tx).map_err(|_| AgentError::Closed)?;
         let stream = rx.await.map_err(|_| AgentError::Closed)??;
-        let (reader, mut writer) = tokio::io::split(stream.compat());
+        let (reader, writer) = tokio::io::split(stream.compat());
+        let reader = StreamReader {
+            io: reader,
+            _permit: permit.clone(),
+        };
+        let mut writer = StreamWriter {
+            io: writer,
+            _permit: permit,
+        };
         write_message(&mut writer, open)
             .await
             .map_err(AgentError::from_write)?;
@@ -227,6 +354,11 @@ async fn drive<T>(
                 Poll::Ready(Ok(stream)) => {
                     // The requester may have given up; the stream then drops.
                     let _ = request.send(Ok(stream));
+                }
+                Poll::Ready(Err(yamux::ConnectionError::TooManyStreams)) => {
+                    // Streams being closed still count; the connection is
+                    // fine. The budget normally keeps this from happening.
+                    let _ = request.send(Err(AgentError::Busy));
                 }
                 Poll::Ready(Err(e)) => {
                     let _ = request.send(Err(AgentError::Closed));

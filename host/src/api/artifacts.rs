@@ -205,6 +205,7 @@ async fn artifact_content(
     headers.insert(header::CONTENT_TYPE, content_type);
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
     headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+    super::download_headers(headers, &artifact.name);
     if let Ok(etag) = HeaderValue::from_str(&format!("\"{}\"", artifact.sha256)) {
         headers.insert(header::ETAG, etag);
     }

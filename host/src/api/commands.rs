@@ -227,9 +227,10 @@ async fn list_commands(
         .host
         .list_commands(principal, &id, query.cursor()?, limit + 1)
         .await?;
-    Ok(ApiJson(Page::from_rows(
+    Ok(ApiJson(Page::from_rows_within(
         rows,
         limit,
+        |r| r.stdout.len() + r.stderr.len() + r.command.len() + 512,
         |r| Cursor {
             created_at: r.created_at,
             id: r.id.clone(),
@@ -298,12 +299,15 @@ async fn command_logs(
         (Some(h), Some(q)) => h.max(q),
         (h, q) => h.or(q).unwrap_or(0),
     };
+    let place = state.host.log_stream_place(&principal.org_id)?;
     let log = state
         .host
         .command_log(principal, &id, &command_id, after)
         .await?;
     let stream = tokio_stream::wrappers::ReceiverStream::new(log);
-    let events = futures::StreamExt::map(stream, |item| {
+    // The org's place is held for as long as the client reads the stream.
+    let events = futures::StreamExt::map(stream, move |item| {
+        let _held = &place;
         Ok::<_, Infallible>(match item {
             Ok(event) => sse_event(event),
             Err(e) => ApiError::from(e).sse_event(),

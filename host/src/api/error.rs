@@ -126,7 +126,15 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let code = ErrorCode(self.code);
+        let retry_after = self.details["retryAfterMs"]
+            .as_u64()
+            .map(|ms| ms.div_ceil(1000).max(1));
         let mut response = (self.status, Json(self.envelope())).into_response();
+        if let Some(seconds) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, seconds.into());
+        }
         response.extensions_mut().insert(code);
         response
     }
@@ -162,6 +170,18 @@ impl From<CoreError> for ApiError {
             .with_details(json!({ "template": name })),
             E::Invalid { field, message } => Self::invalid(field, message),
             E::MissingScope(scope) => Self::forbidden(scope),
+            E::RateLimited { retry_after_ms } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                format!("this API key sends requests faster than it may; retry in {} s", retry_after_ms.div_ceil(1000)),
+            )
+            .with_details(json!({ "retryAfterMs": retry_after_ms })),
+            E::TooManyStreams { max } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_streams",
+                format!("this org has {max} log streams open, as many as it may; close some and retry"),
+            )
+            .with_details(json!({ "max": max })),
             E::SandboxBusy {
                 sandbox_id,
                 what,
@@ -311,6 +331,12 @@ impl From<CoreError> for ApiError {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()
             }
+            E::Agent(crate::agent::AgentError::Busy) => Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "sandbox_busy",
+                "the sandbox is handling as many operations at once as it can; retry shortly",
+            )
+            .with_details(json!({ "limit": "agent streams" })),
             other @ (E::Runtime(_) | E::Agent(_) | E::Store(_) | E::Blob(_)) => {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()

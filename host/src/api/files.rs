@@ -239,10 +239,7 @@ fn file_response(
         headers.insert(header::CONTENT_TYPE, value);
     }
     headers.insert(header::CONTENT_LENGTH, HeaderValue::from(info.size));
-    headers.insert(
-        header::X_CONTENT_TYPE_OPTIONS,
-        HeaderValue::from_static("nosniff"),
-    );
+    super::download_headers(headers, path.rsplit('/').next().unwrap_or(path));
     response
 }
 

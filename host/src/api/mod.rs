@@ -126,10 +126,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         match parts.extensions.get::<Authenticated>() {
             Some(Authenticated(Some(principal))) => Ok(Caller(principal.clone())),
-            _ => Err(ApiError::unauthorized()),
+            _ => {
+                UNAUTHENTICATED.hit();
+                Err(ApiError::unauthorized())
+            }
         }
     }
 }
+
+/// Requests refused for want of a valid key: logged, at most once a second
+/// (they write nothing durable).
+static UNAUTHENTICATED: std::sync::LazyLock<RateLimitedLog> =
+    std::sync::LazyLock::new(|| RateLimitedLog::new("refused requests without a valid API key"));
 
 /// The result of authenticating a request, in its extensions (`None`: no
 /// valid key).
@@ -163,6 +171,11 @@ async fn authenticate(
         Some((principal, quota)) => (Some(principal), Some(quota)),
         None => (None, None),
     };
+    if let Some(principal) = &principal
+        && let Err(e) = state.host.admit_request(&principal.key_id)
+    {
+        return ApiError::from(e).into_response();
+    }
     let extensions = request.extensions_mut();
     extensions.insert(Authenticated(principal));
     if let Some(quota) = quota {
@@ -249,14 +262,81 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of this build.
 pub fn openapi() -> utoipa::openapi::OpenApi {
-    routes().split_for_parts().1
+    let mut doc = routes().split_for_parts().1;
+    document_common_errors(&mut doc);
+    doc
+}
+
+/// Adds the error answers every operation of a kind can give, where its
+/// own declaration does not list them: authentication and rate limits on
+/// every keyed operation, body errors on every operation with a body,
+/// parameter errors where there are parameters, and sandbox states on the
+/// sandbox routes. So the document lists every status the server sends.
+fn document_common_errors(doc: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    let error = |description: &str| {
+        ResponseBuilder::new()
+            .description(description)
+            .content(
+                "application/json",
+                ContentBuilder::new()
+                    .schema(Some(Ref::from_schema_name("ErrorEnvelope")))
+                    .build(),
+            )
+            .build()
+    };
+    for (path, item) in doc.paths.paths.iter_mut() {
+        let operations = [
+            item.get.as_mut(),
+            item.put.as_mut(),
+            item.post.as_mut(),
+            item.delete.as_mut(),
+            item.patch.as_mut(),
+        ];
+        for operation in operations.into_iter().flatten() {
+            let public = operation.security.as_ref().is_some_and(|s| {
+                s.iter()
+                    .all(|r| r == &utoipa::openapi::security::SecurityRequirement::default())
+            });
+            let mut add = |status: &str, description: &str| {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_string())
+                    .or_insert_with(|| error(description).into());
+            };
+            if !public {
+                add("401", "unauthorized: no valid API key");
+                add("403", "forbidden: the key lacks the operation's scope");
+                add("429", "rate_limited (with Retry-After) or quota_exceeded");
+            }
+            if operation.request_body.is_some() {
+                add("400", "invalid_json, invalid_request");
+                add("413", "payload_too_large");
+                add("415", "unsupported_media_type");
+            }
+            let has_parameters =
+                operation.parameters.as_ref().is_some_and(|p| !p.is_empty()) || path.contains('{');
+            if has_parameters {
+                add("400", "invalid_query, invalid_path, invalid_request");
+            }
+            if path.contains('{') {
+                add("404", "not_found");
+            }
+            if path.starts_with("/v1/sandboxes/{id}") {
+                add("410", "sandbox_destroyed");
+                add("503", "sandbox_busy, sandbox_start_failed");
+            }
+        }
+    }
 }
 
 /// The whole application: routes, body limit, request ids, tracing, panic
 /// containment, and envelope fallbacks.
 pub fn app(state: AppState) -> Router {
     let max_body = state.host.config().limits.max_body_bytes;
-    let (router, doc) = routes().split_for_parts();
+    let (router, mut doc) = routes().split_for_parts();
+    document_common_errors(&mut doc);
     let doc = Arc::new(doc);
     let request_id = HeaderName::from_static("x-request-id");
     router
@@ -271,12 +351,17 @@ pub fn app(state: AppState) -> Router {
             state.clone(),
             authenticate,
         ))
-        // Preview URLs: after the API's authentication, which they are not
-        // under (they take a key or a preview token themselves).
-        .merge(previews::proxy_routes())
+        // The old path-based preview URLs: redirects to each preview's own
+        // origin (outside the API's authentication).
+        .merge(previews::legacy_routes())
         .fallback(|| async { ApiError::route_not_found() })
         .method_not_allowed_fallback(|| async { ApiError::method_not_allowed() })
         .layer(DefaultBodyLimit::max(max_body))
+        // A request for a preview's origin never reaches the API router.
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            previews::dispatch,
+        ))
         .layer(CatchPanicLayer::custom(|_| {
             tracing::error!("a request handler panicked");
             ApiError::internal().into_response()
@@ -320,17 +405,129 @@ async fn drop_unsafe_request_id(mut request: axum::extract::Request) -> axum::ex
     request
 }
 
+/// How long in-flight requests may take to finish after a shutdown signal.
+const DRAIN: Duration = Duration::from_secs(30);
+
 /// Serves `app` on `listener` until `shutdown` resolves, then drains
-/// in-flight requests (bounded).
+/// in-flight requests (bounded). Admission at the connection level: at
+/// most `max_connections` open connections (more are closed at once, the
+/// host stays responsive), and a client has `header_read_timeout_ms` to
+/// send each request's headers (a half-sent request line is dropped).
 pub async fn run(
     listener: TcpListener,
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let limits = state.host.config().limits.clone();
     let app = app(state);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown)
+    let connections = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .http1_only();
+    http.http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_millis(limits.header_read_timeout_ms))
+        .keep_alive(true);
+    let http = Arc::new(http);
+    let refused = Arc::new(RateLimitedLog::new("refused a connection: too many open"));
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, _peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of fds, or an aborted handshake: keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let Ok(permit) = connections.clone().try_acquire_owned() else {
+            refused.hit();
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let service = hyper::service::service_fn(
+            move |request: axum::http::Request<hyper::body::Incoming>| {
+                tower::ServiceExt::oneshot(app.clone(), request.map(axum::body::Body::new))
+            },
+        );
+        let (http, watcher) = (http.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let connection = http.serve_connection_with_upgrades(TokioIo::new(stream), service);
+            if let Err(e) = watcher.watch(connection.into_owned()).await {
+                tracing::debug!(error = %e, "connection ended");
+            }
+            drop(permit);
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(DRAIN, graceful.shutdown())
         .await
+        .is_err()
+    {
+        tracing::warn!("requests still in flight after the shutdown drain");
+    }
+    Ok(())
+}
+
+/// A warning logged at most once a second, with how often it happened.
+pub(crate) struct RateLimitedLog {
+    what: &'static str,
+    state: std::sync::Mutex<(std::time::Instant, u64)>,
+}
+
+impl RateLimitedLog {
+    pub(crate) fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            state: std::sync::Mutex::new((std::time::Instant::now() - Duration::from_secs(2), 0)),
+        }
+    }
+
+    pub(crate) fn hit(&self) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        state.1 += 1;
+        if state.0.elapsed() >= Duration::from_secs(1) {
+            tracing::warn!(count = state.1, "{}", self.what);
+            *state = (std::time::Instant::now(), 0);
+        }
+    }
+}
+
+/// Marks a download as one: saved, never rendered on this origin. A file
+/// from a sandbox could be HTML that would otherwise run with the API's
+/// origin; `Content-Security-Policy: sandbox` keeps even an opened one
+/// from running scripts or reaching cookies.
+pub(crate) fn download_headers(headers: &mut axum::http::HeaderMap, file_name: &str) {
+    use axum::http::header;
+    let safe: String = file_name
+        .chars()
+        .filter(|c| c.is_ascii_graphic() && !matches!(c, '"' | '\\' | ';' | '/'))
+        .take(200)
+        .collect();
+    let safe = if safe.is_empty() {
+        String::from("download")
+    } else {
+        safe
+    };
+    if let Ok(value) = HeaderValue::from_str(&format!("attachment; filename=\"{safe}\"")) {
+        headers.insert(header::CONTENT_DISPOSITION, value);
+    }
+    headers.insert(
+        header::CONTENT_SECURITY_POLICY,
+        HeaderValue::from_static("sandbox"),
+    );
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
 }
 
 /// Status for handlers that create something.

@@ -18,6 +18,7 @@ pub const MAX_LIMIT: usize = 200;
 #[into_params(parameter_in = Query)]
 pub struct PageQuery {
     /// Page size, 1..=200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
     pub limit: Option<usize>,
     /// `nextCursor` of the previous page.
     pub cursor: Option<String>,
@@ -54,7 +55,39 @@ pub struct Page<T> {
     pub next_cursor: Option<String>,
 }
 
+/// Largest list response body, roughly: a page ends early rather than grow
+/// past it (a `limit=200` page of commands with 2 MiB output tails would be
+/// 800 MiB).
+pub const MAX_PAGE_BYTES: usize = 8 * 1024 * 1024;
+
 impl<T> Page<T> {
+    /// Like [`Page::from_rows`], but the page also ends once the rows'
+    /// `size` adds up to [`MAX_PAGE_BYTES`] (it keeps at least one row); the
+    /// cursor then continues after the last row kept.
+    pub fn from_rows_within<R>(
+        mut rows: Vec<R>,
+        limit: usize,
+        size: impl Fn(&R) -> usize,
+        key: impl Fn(&R) -> Cursor,
+        render: impl Fn(R) -> T,
+    ) -> Self {
+        let mut total = 0;
+        let mut keep = rows.len().min(limit);
+        for (i, row) in rows.iter().take(limit).enumerate() {
+            total += size(row);
+            if total > MAX_PAGE_BYTES && i > 0 {
+                keep = i;
+                break;
+            }
+        }
+        if keep < rows.len().min(limit) {
+            // Cut by size: there is more after the last row kept.
+            rows.truncate(keep + 1);
+            return Self::from_rows(rows, keep, key, render);
+        }
+        Self::from_rows(rows, limit, key, render)
+    }
+
     /// Builds a page from `limit + 1` fetched rows: the extra row only says
     /// that another page exists.
     pub fn from_rows<R>(
@@ -130,5 +163,40 @@ mod tests {
             |n| n,
         );
         assert!(last.next_cursor.is_none());
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    fn cursor(n: &usize) -> Cursor {
+        Cursor {
+            created_at: *n as i64,
+            id: n.to_string(),
+        }
+    }
+
+    #[test]
+    fn a_page_ends_early_by_size_and_its_cursor_continues_after_the_last_row() {
+        let rows: Vec<usize> = (0..10).collect();
+        let page = Page::from_rows_within(rows, 5, |_| MAX_PAGE_BYTES / 2, cursor, |n| n);
+        assert_eq!(page.data, [0, 1]);
+        assert_eq!(
+            page.next_cursor.as_deref().and_then(decode),
+            Some(cursor(&1))
+        );
+        let small = Page::from_rows_within((0..3).collect(), 5, |_| 10, cursor, |n: usize| n);
+        assert_eq!(small.data, [0, 1, 2]);
+        assert!(small.next_cursor.is_none());
+        let huge = Page::from_rows_within(
+            (0..3).collect(),
+            5,
+            |_| usize::MAX / 4,
+            cursor,
+            |n: usize| n,
+        );
+        assert_eq!(huge.data, [0]);
+        assert!(huge.next_cursor.is_some());
     }
 }

@@ -25,6 +25,9 @@ pub struct Health {
     pub version: &'static str,
     /// The sandbox runtime in use, e.g. `oci`.
     pub runtime: &'static str,
+    /// Its version (e.g. runc's), checked at start: a runc vulnerable to
+    /// CVE-2024-21626 is refused.
+    pub runtime_version: Option<String>,
 }
 
 /// Liveness of the server. Needs no API key.
@@ -35,6 +38,7 @@ async fn health(State(state): State<AppState>) -> ApiJson<Health> {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
         runtime: state.host.runtime_name(),
+        runtime_version: state.host.runtime_version(),
     })
 }
 

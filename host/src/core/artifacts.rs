@@ -2,7 +2,11 @@
 //! content-addressed storage that outlives it. The blob is written (and
 //! fsynced) before its row, so a crash never leaves a row without content.
 
+use std::collections::HashMap;
+use std::sync::Arc;
+
 use futures::StreamExt;
+use tokio::sync::Mutex as AsyncMutex;
 
 use super::{CoreError, Host};
 use crate::auth::Principal;
@@ -40,7 +44,79 @@ fn validate_name(name: &str) -> Result<(), CoreError> {
     Ok(())
 }
 
+/// Artifact bytes of an org promised to one promotion in flight. Release
+/// it with [`Reservation::release`] once the artifact's row is written (or
+/// the promotion failed); dropping it releases it in the background.
+pub(crate) struct Reservation {
+    map: Arc<AsyncMutex<HashMap<String, i64>>>,
+    org_id: String,
+    bytes: i64,
+    released: bool,
+}
+
+impl Reservation {
+    pub(crate) async fn release(mut self) {
+        self.released = true;
+        release(&self.map, &self.org_id, self.bytes).await;
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if self.released {
+            return;
+        }
+        let (map, org, bytes) = (self.map.clone(), self.org_id.clone(), self.bytes);
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { release(&map, &org, bytes).await });
+        }
+    }
+}
+
+async fn release(map: &AsyncMutex<HashMap<String, i64>>, org_id: &str, bytes: i64) {
+    let mut map = map.lock().await;
+    if let Some(reserved) = map.get_mut(org_id) {
+        *reserved -= bytes;
+        if *reserved <= 0 {
+            map.remove(org_id);
+        }
+    }
+}
+
 impl Host {
+    /// Takes `bytes` of the org's artifact quota before the blob is written,
+    /// atomically with every other promotion in flight: the stored total is
+    /// read under the same lock the reservations are kept under.
+    pub(crate) async fn reserve_artifact_bytes(
+        &self,
+        org_id: &str,
+        bytes: u64,
+    ) -> Result<Reservation, CoreError> {
+        let quota = self.quota(org_id).await?;
+        let bytes = i64::try_from(bytes).unwrap_or(i64::MAX);
+        let mut map = self.artifact_reservations.lock().await;
+        if let Some(max) = quota.max_artifact_bytes {
+            let org = org_id.to_string();
+            let used = self.store.call(move |s| s.artifact_bytes(&org)).await?;
+            let reserved = map.get(org_id).copied().unwrap_or(0);
+            let wanted = used.saturating_add(reserved).saturating_add(bytes);
+            if wanted > max {
+                return Err(CoreError::QuotaExceeded {
+                    limit: "maxArtifactBytes",
+                    max,
+                    current: wanted,
+                });
+            }
+        }
+        *map.entry(org_id.to_string()).or_default() += bytes;
+        Ok(Reservation {
+            map: self.artifact_reservations.clone(),
+            org_id: org_id.to_string(),
+            bytes,
+            released: false,
+        })
+    }
+
     /// Promotes a file of a live sandbox to an artifact.
     pub async fn create_artifact(
         &self,
@@ -51,33 +127,50 @@ impl Host {
     ) -> Result<ArtifactRow, CoreError> {
         let name = name.unwrap_or_else(|| default_name(path));
         validate_name(&name)?;
-        let sandbox = self.get_sandbox(principal, sandbox_id).await?;
-        let quota = self.quota(&principal.org_id).await?;
-        let limit = match quota.max_artifact_bytes {
-            Some(max) => {
-                let org = principal.org_id.clone();
-                let used = self.store.call(move |s| s.artifact_bytes(&org)).await?;
-                (max - used).max(0) as u64
-            }
-            None => MAX_ARTIFACT_BYTES,
-        };
-        let (info, content) = self.read_file_stream(principal, sandbox_id, path).await?;
-        if info.size > limit {
-            return Err(self.artifact_quota_error(principal, info.size).await);
+        if !principal.has_scope("artifacts:create") {
+            return Err(CoreError::MissingScope("artifacts:create"));
         }
-        let blob = match self
+        let sandbox = self.get_sandbox(principal, sandbox_id).await?;
+        let (info, content) = self.read_file_stream(principal, sandbox_id, path).await?;
+        // A file cannot hold more data than the workspace it is in; a
+        // larger size is a sparse file, refused rather than inflated.
+        let workspace = self
+            .template(&sandbox.template)
+            .map(|t| t.resources.disk_mib.saturating_mul(1024 * 1024))
+            .unwrap_or(MAX_ARTIFACT_BYTES)
+            .min(MAX_ARTIFACT_BYTES);
+        if info.size > workspace {
+            return Err(CoreError::invalid(
+                "path",
+                format!(
+                    "the file's size ({} bytes) exceeds its sandbox's workspace ({workspace} bytes): a sparse file cannot be promoted",
+                    info.size
+                ),
+            ));
+        }
+        let reservation = self
+            .reserve_artifact_bytes(&sandbox.org_id, info.size)
+            .await?;
+        let blob = self
             .blobs
             .put(
                 Box::pin(content.map(|r| r.map_err(|e| e.to_string()))),
-                limit,
+                info.size,
             )
-            .await
-        {
+            .await;
+        let blob = match blob {
             Ok(blob) => blob,
             Err(BlobError::TooLarge { .. }) => {
-                return Err(self.artifact_quota_error(principal, limit + 1).await);
+                reservation.release().await;
+                return Err(CoreError::invalid(
+                    "path",
+                    "the file grew while it was promoted; promote it again",
+                ));
             }
-            Err(e) => return Err(CoreError::Blob(e)),
+            Err(e) => {
+                reservation.release().await;
+                return Err(CoreError::Blob(e));
+            }
         };
         let row = ArtifactRow {
             id: ids::new(ids::Kind::Artifact),
@@ -96,31 +189,10 @@ impl Host {
             created_by_key: principal.key_id.clone(),
         };
         let stored = row.clone();
-        self.store.call(move |s| s.insert_artifact(&stored)).await?;
+        let inserted = self.store.call(move |s| s.insert_artifact(&stored)).await;
+        reservation.release().await;
+        inserted?;
         Ok(row)
-    }
-
-    async fn artifact_quota_error(&self, principal: &Principal, wanted: u64) -> CoreError {
-        let quota = self.quota(&principal.org_id).await.unwrap_or_default();
-        let org = principal.org_id.clone();
-        let used = self
-            .store
-            .call(move |s| s.artifact_bytes(&org))
-            .await
-            .unwrap_or_default();
-        match quota.max_artifact_bytes {
-            Some(max) => CoreError::QuotaExceeded {
-                limit: "maxArtifactBytes",
-                max,
-                current: used + wanted as i64,
-            },
-            None => CoreError::invalid(
-                "path",
-                format!(
-                    "the file is larger than the {MAX_ARTIFACT_BYTES} bytes an artifact may hold"
-                ),
-            ),
-        }
     }
 
     /// Promotes each item; a failure is reported for that item only.

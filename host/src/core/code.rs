@@ -25,8 +25,15 @@ use crate::store::SandboxRow;
 pub const MAX_CODE_BYTES: usize = 1024 * 1024;
 pub const DEFAULT_RUN_TIMEOUT_MS: u64 = 60_000;
 pub const MAX_RUN_TIMEOUT_MS: u64 = 30 * 60 * 1000;
-/// Contexts one sandbox may hold.
+/// Contexts one sandbox may hold, whatever its memory.
 pub const MAX_CONTEXTS_PER_SANDBOX: usize = 16;
+/// Memory one context needs, for the per-sandbox cap.
+pub const MIB_PER_CONTEXT: u64 = 64;
+
+/// Contexts a sandbox of `memory_mib` may hold.
+pub fn max_contexts(memory_mib: u64) -> usize {
+    ((memory_mib / MIB_PER_CONTEXT) as usize).clamp(1, MAX_CONTEXTS_PER_SANDBOX)
+}
 /// Stdout/stderr kept per run (the tail).
 pub const MAX_RUN_STREAM_BYTES: usize = 1024 * 1024;
 
@@ -302,19 +309,22 @@ impl Host {
         self.check_language(&sandbox.template, language)?;
         super::commands::validate_env(&env)?;
         let cwd = super::commands::resolve_cwd(cwd.as_deref())?;
+        let template = self.template(&sandbox.template)?;
+        // An interpreter takes tens of MiB: the cap follows the sandbox's
+        // memory so that every context it allows can live.
+        let max = max_contexts(template.resources.memory_mib);
         let count = lock(&self.code_contexts)
             .values()
             .filter(|c| c.sandbox_id == sandbox.id)
             .count();
-        if count >= MAX_CONTEXTS_PER_SANDBOX {
+        if count >= max {
             return Err(CoreError::invalid(
                 "language",
                 format!(
-                    "a sandbox may hold at most {MAX_CONTEXTS_PER_SANDBOX} code contexts; delete one first"
+                    "this sandbox may hold at most {max} code contexts (one per {MIB_PER_CONTEXT} MiB of memory, at most {MAX_CONTEXTS_PER_SANDBOX}); delete one first"
                 ),
             ));
         }
-        let template = self.template(&sandbox.template)?;
         let id = ids::new(ids::Kind::CodeContext);
         let reply = live
             .agent
@@ -336,6 +346,15 @@ impl Host {
                 // and processes of the sandbox's implementation.
                 tracing::warn!(sandbox = %sandbox.id, %message, "an interpreter failed to start");
                 return Err(CoreError::ContextFailed(language));
+            }
+            ContextReply::BadCwd { cwd } => {
+                return Err(CoreError::invalid(
+                    "cwd",
+                    format!(
+                        "the working directory `{}` does not exist in the sandbox; create it first",
+                        cwd.chars().take(200).collect::<String>()
+                    ),
+                ));
             }
             ContextReply::Deleted => {
                 tracing::warn!(sandbox = %sandbox.id, "unexpected context reply from the agent");

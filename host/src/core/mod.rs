@@ -9,6 +9,7 @@
 //! returns typed values and rows; `api` renders every body (ARCHITECTURE.md
 //! has the command that checks it).
 
+mod admission;
 pub mod artifacts;
 pub mod code;
 pub mod commands;
@@ -39,6 +40,7 @@ use crate::runtime::{Runtime, RuntimeError};
 use crate::store::{StoreError, StoreHandle};
 use crate::templates::TemplateSet;
 
+pub use admission::StreamPlace;
 pub use commands::{CommandLog, LogEvent, RunCommand};
 pub use sandboxes::CreateSandbox;
 
@@ -71,6 +73,12 @@ pub enum CoreError {
     StdinNotOpen(String),
     #[error("no free sandbox slot: {0} sandboxes are live")]
     Capacity(usize),
+    /// The key made more requests than its rate allows.
+    #[error("too many requests; retry in {retry_after_ms} ms")]
+    RateLimited { retry_after_ms: u64 },
+    /// The org holds as many long-lived streams as it may.
+    #[error("too many open streams (at most {max})")]
+    TooManyStreams { max: usize },
     /// A per-sandbox limit (streams, commands, contexts, previews).
     #[error("sandbox `{sandbox_id}` is at its limit of {max} {what}")]
     SandboxBusy {
@@ -160,6 +168,10 @@ pub const MAX_SLOTS: i64 = 2048;
 /// How long an expired staged-transfer row is kept before the reaper drops it.
 const TRANSFER_ROW_KEEP_MS: i64 = 60 * 60 * 1000;
 
+/// How often the reaper applies the retention settings (audit events, logs
+/// of destroyed sandboxes).
+const RETENTION_EVERY_MS: i64 = 60 * 1000;
+
 /// A sandbox whose container is up, with the connection to its agent.
 pub struct LiveSandbox {
     pub id: String,
@@ -215,6 +227,15 @@ pub struct Host {
     keys: secrets::ServerKeys,
     /// Requests waiting for the first attempt of their idempotency key.
     idempotency_waits: Mutex<HashMap<ledger::IdempotencySlot, ledger::Waiters>>,
+    /// Artifact bytes promised to promotions in flight, by org: quota is
+    /// taken before a blob is written.
+    artifact_reservations: Arc<AsyncMutex<HashMap<String, i64>>>,
+    /// When the reaper last applied retention.
+    last_retention: std::sync::atomic::AtomicI64,
+    /// Request rates by API key.
+    rate_limiter: admission::RateLimiter,
+    /// Open command log streams, by org.
+    log_streams: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -256,6 +277,10 @@ impl Host {
             started_at,
             keys: secrets::ServerKeys::default(),
             idempotency_waits: Mutex::new(HashMap::new()),
+            artifact_reservations: Arc::new(AsyncMutex::new(HashMap::new())),
+            last_retention: std::sync::atomic::AtomicI64::new(0),
+            rate_limiter: admission::RateLimiter::default(),
+            log_streams: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -277,6 +302,11 @@ impl Host {
 
     pub fn runtime_name(&self) -> &'static str {
         self.runtime.name()
+    }
+
+    /// The runtime's version as checked at start.
+    pub fn runtime_version(&self) -> Option<String> {
+        self.runtime.version()
     }
 
     fn live_sandbox(&self, id: &str) -> Option<Arc<LiveSandbox>> {
@@ -362,6 +392,7 @@ impl Host {
                 s.live_sandboxes()
             })
             .await?;
+        self.apply_retention(now).await?;
         for sandbox in live {
             let reason = if sandbox.expires_at <= now {
                 Some(EndReason::Expired)
@@ -380,6 +411,31 @@ impl Host {
                 self.audit_system_destroy(&sandbox.id, &sandbox.org_id, reason)
                     .await;
             }
+        }
+        Ok(())
+    }
+
+    /// Deletes audit events and logs of destroyed sandboxes past their
+    /// retention, at most once a minute.
+    async fn apply_retention(&self, now: crate::clock::Millis) -> Result<(), CoreError> {
+        use std::sync::atomic::Ordering;
+        let last = self.last_retention.load(Ordering::Relaxed);
+        if now - last < RETENTION_EVERY_MS {
+            return Ok(());
+        }
+        self.last_retention.store(now, Ordering::Relaxed);
+        let limits = self.config.limits.clone();
+        let (audits, logs) = self
+            .store
+            .call(move |s| {
+                Ok((
+                    s.purge_audit(now - limits.audit_retention_ms)?,
+                    s.purge_logs_of_destroyed(now - limits.destroyed_log_retention_ms)?,
+                ))
+            })
+            .await?;
+        if audits + logs > 0 {
+            tracing::info!(audit_events = audits, log_events = logs, "retention purge");
         }
         Ok(())
     }

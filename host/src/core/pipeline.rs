@@ -215,25 +215,16 @@ impl Host {
             (None, Some(text)) => text.into_bytes(),
             (None, None) => Vec::new(),
         };
-        let quota = self.quota(&sandbox.org_id).await?;
-        let limit = match quota.max_artifact_bytes {
-            Some(max) => {
-                let org = sandbox.org_id.clone();
-                let used = self.store.call(move |s| s.artifact_bytes(&org)).await?;
-                if used + bytes.len() as i64 > max {
-                    return Err(CoreError::QuotaExceeded {
-                        limit: "maxArtifactBytes",
-                        max,
-                        current: used + bytes.len() as i64,
-                    });
-                }
-                (max - used).max(0) as u64
-            }
-            None => super::artifacts::MAX_ARTIFACT_BYTES,
-        };
         let size = bytes.len() as u64;
+        let reservation = self.reserve_artifact_bytes(&sandbox.org_id, size).await?;
         let content = futures::stream::iter([Ok::<_, std::io::Error>(Bytes::from(bytes))]);
-        let blob = self.blobs.put(content, limit).await?;
+        let blob = match self.blobs.put(content, size).await {
+            Ok(blob) => blob,
+            Err(e) => {
+                reservation.release().await;
+                return Err(e.into());
+            }
+        };
         let extension = extension_of(output.format);
         let kind = match output.kind {
             OutputKind::ExecuteResult => "result",
@@ -253,7 +244,9 @@ impl Host {
             created_by_key: principal.key_id.clone(),
         };
         let stored = row.clone();
-        self.store.call(move |s| s.insert_artifact(&stored)).await?;
+        let inserted = self.store.call(move |s| s.insert_artifact(&stored)).await;
+        reservation.release().await;
+        inserted?;
         Ok(RunOutput::Artifact {
             format: output.format,
             artifact_id: row.id,

@@ -58,6 +58,20 @@ impl Host {
             .filter(|p| *p != 0)
             .ok_or_else(|| CoreError::invalid("port", "port must be between 1 and 65535"))?;
         let (sandbox, _) = self.usable_sandbox(principal, sandbox_id).await?;
+        let max = self.config.limits.max_previews_per_sandbox;
+        let scope = principal.scope();
+        let sid = sandbox.id.clone();
+        let active = self
+            .store
+            .call(move |s| s.active_previews(&scope, &sid))
+            .await?;
+        if active >= max {
+            return Err(CoreError::SandboxBusy {
+                sandbox_id: sandbox.id.clone(),
+                what: "active previews",
+                max,
+            });
+        }
         let token = new_token();
         let row = PreviewRow {
             id: ids::new(ids::Kind::Preview),

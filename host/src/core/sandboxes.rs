@@ -164,7 +164,7 @@ impl Host {
         };
         let started = self.runtime.start(&spec).await?;
         let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms);
-        let agent = connect_agent(started.channel.as_ref(), timeout).await?;
+        let agent = connect_agent(started.channel.as_ref(), timeout, &self.config.limits).await?;
         Ok(LiveSandbox {
             id: row.id.clone(),
             row: SandboxRow {
@@ -347,13 +347,19 @@ impl Host {
 pub(crate) async fn connect_agent(
     channel: &dyn crate::runtime::AgentChannel,
     timeout: Duration,
+    limits: &crate::config::Limits,
 ) -> Result<AgentClient, CoreError> {
     let deadline = tokio::time::Instant::now() + timeout;
     let stream = channel
         .open(timeout)
         .await
         .map_err(|e| CoreError::StartFailed(format!("the sandbox agent did not answer: {e}")))?;
-    tokio::time::timeout_at(deadline, AgentClient::connect(stream))
+    let connect = AgentClient::connect_with(
+        stream,
+        limits.max_agent_streams,
+        Duration::from_millis(limits.agent_stream_wait_ms),
+    );
+    tokio::time::timeout_at(deadline, connect)
         .await
         .map_err(|_| {
             CoreError::StartFailed(String::from("the sandbox agent did not answer in time"))

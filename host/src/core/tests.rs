@@ -62,6 +62,7 @@ pub(crate) fn test_host_with(limits: Limits) -> TestHost {
         templates_dir: None,
         runtime_binary: "runc".into(),
         agent_binary: "crownest-agent".into(),
+        preview_domain: None,
         limits,
     };
     std::fs::create_dir_all(&config.data_dir).expect("data dir");
@@ -686,4 +687,61 @@ fn run_code_validation_bounds_source_and_timeout() {
             ..
         })
     ));
+}
+
+/// Regression: the 513th concurrent agent stream used to make yamux tear
+/// the connection down, and the reaper then destroyed the sandbox.
+#[tokio::test]
+async fn streams_past_the_budget_are_busy_and_the_sandbox_survives() {
+    let t = test_host_with(Limits {
+        max_agent_streams: 3,
+        agent_stream_wait_ms: 100,
+        ..Limits::default()
+    });
+    let p = t.principal("acme", "all");
+    let sandbox = t.sandbox(&p, "python").await;
+    for _ in 0..3 {
+        t.host
+            .run_command(
+                &p,
+                &sandbox.id,
+                RunCommand {
+                    command: "sleep 30".into(),
+                    background: true,
+                    ..RunCommand::default()
+                },
+                None,
+            )
+            .await
+            .expect("background");
+    }
+
+    let busy = t
+        .host
+        .run_command(
+            &p,
+            &sandbox.id,
+            RunCommand {
+                command: "true".into(),
+                ..RunCommand::default()
+            },
+            None,
+        )
+        .await;
+
+    assert!(
+        matches!(busy, Err(CoreError::SandboxBusy { .. })),
+        "{busy:?}"
+    );
+    let live = t.host.live_sandbox(&sandbox.id).expect("still live");
+    assert!(!live.agent.is_closed());
+    t.host.reap_once().await.expect("reap");
+    assert_eq!(
+        t.host
+            .get_sandbox(&p, &sandbox.id)
+            .await
+            .expect("get")
+            .status,
+        SandboxStatus::Running
+    );
 }

@@ -199,12 +199,18 @@ pub enum RuntimeError {
     },
     #[error("cannot parse `{command}` output: {message}")]
     Output { command: String, message: String },
+    #[error("{binary}: {message}")]
+    Unsafe { binary: PathBuf, message: String },
 }
 
 /// A sandbox runtime driver.
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {
     fn name(&self) -> &'static str;
+    /// The runtime's own version, for `GET /v1/health` (checked at start).
+    fn version(&self) -> Option<String> {
+        None
+    }
     /// Boots the sandbox. On error nothing is left behind (no container, no
     /// state dir).
     async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError>;

@@ -98,14 +98,38 @@ pub struct MeterRow {
     pub metered_until: Millis,
 }
 
-/// Per-org limits set by the operator; `None` means unlimited.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// Per-org limits set by the operator; `None` means unlimited. An org the
+/// operator never set a quota for gets [`Quota::default`], which is finite
+/// where a tenant could otherwise exhaust the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Quota {
     pub max_concurrent_sandboxes: Option<i64>,
     pub max_compute_unit_seconds: Option<i64>,
     pub max_artifact_bytes: Option<i64>,
     pub max_request_body_bytes: Option<i64>,
     pub max_command_output_bytes: Option<i64>,
+    /// Commands running at once across the org's sandboxes.
+    pub max_concurrent_commands: Option<i64>,
+}
+
+/// Live sandboxes an org may have before the operator raises it.
+pub const DEFAULT_MAX_CONCURRENT_SANDBOXES: i64 = 100;
+/// Artifact bytes an org may store before the operator raises it.
+pub const DEFAULT_MAX_ARTIFACT_BYTES: i64 = 10 * 1024 * 1024 * 1024;
+/// Commands an org may run at once before the operator raises it.
+pub const DEFAULT_MAX_CONCURRENT_COMMANDS: i64 = 512;
+
+impl Default for Quota {
+    fn default() -> Self {
+        Self {
+            max_concurrent_sandboxes: Some(DEFAULT_MAX_CONCURRENT_SANDBOXES),
+            max_compute_unit_seconds: None,
+            max_artifact_bytes: Some(DEFAULT_MAX_ARTIFACT_BYTES),
+            max_request_body_bytes: None,
+            max_command_output_bytes: None,
+            max_concurrent_commands: Some(DEFAULT_MAX_CONCURRENT_COMMANDS),
+        }
+    }
 }
 
 pub trait LedgerStore {
@@ -143,6 +167,8 @@ pub trait LedgerStore {
 
     fn insert_audit(&self, event: &AuditRow) -> Result<(), StoreError>;
     fn list_audit(&self, filter: &AuditFilter) -> Result<Vec<AuditRow>, StoreError>;
+    /// Deletes audit events older than `before` (retention).
+    fn purge_audit(&self, before: Millis) -> Result<usize, StoreError>;
 
     /// Records that every sandbox not destroyed was alive at `now`.
     fn heartbeat_meters(&self, now: Millis) -> Result<(), StoreError>;
@@ -373,6 +399,13 @@ impl LedgerStore for SqliteStore {
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
+    fn purge_audit(&self, before: Millis) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("DELETE FROM audit_events WHERE at < ?1")?
+            .execute([before])?)
+    }
+
     fn heartbeat_meters(&self, now: Millis) -> Result<(), StoreError> {
         self.conn()
             .prepare_cached("UPDATE sandboxes SET metered_until = ?1 WHERE status <> 'destroyed'")?
@@ -431,7 +464,8 @@ impl LedgerStore for SqliteStore {
             .conn()
             .prepare_cached(
                 "SELECT max_concurrent_sandboxes, max_compute_unit_seconds, max_artifact_bytes,
-                        max_request_body_bytes, max_command_output_bytes
+                        max_request_body_bytes, max_command_output_bytes,
+                        max_concurrent_commands
                  FROM quotas WHERE org_id = ?1",
             )?
             .query_row([org_id], |r| {
@@ -441,6 +475,7 @@ impl LedgerStore for SqliteStore {
                     max_artifact_bytes: r.get(2)?,
                     max_request_body_bytes: r.get(3)?,
                     max_command_output_bytes: r.get(4)?,
+                    max_concurrent_commands: r.get(5)?,
                 })
             })
             .optional()?
@@ -451,14 +486,16 @@ impl LedgerStore for SqliteStore {
         self.conn()
             .prepare_cached(
                 "INSERT INTO quotas (org_id, max_concurrent_sandboxes, max_compute_unit_seconds,
-                max_artifact_bytes, max_request_body_bytes, max_command_output_bytes)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                max_artifact_bytes, max_request_body_bytes, max_command_output_bytes,
+                max_concurrent_commands)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
              ON CONFLICT (org_id) DO UPDATE SET
                 max_concurrent_sandboxes = excluded.max_concurrent_sandboxes,
                 max_compute_unit_seconds = excluded.max_compute_unit_seconds,
                 max_artifact_bytes = excluded.max_artifact_bytes,
                 max_request_body_bytes = excluded.max_request_body_bytes,
-                max_command_output_bytes = excluded.max_command_output_bytes",
+                max_command_output_bytes = excluded.max_command_output_bytes,
+                max_concurrent_commands = excluded.max_concurrent_commands",
             )?
             .execute(params![
                 org_id,
@@ -466,7 +503,8 @@ impl LedgerStore for SqliteStore {
                 q.max_compute_unit_seconds,
                 q.max_artifact_bytes,
                 q.max_request_body_bytes,
-                q.max_command_output_bytes
+                q.max_command_output_bytes,
+                q.max_concurrent_commands
             ])?;
         Ok(())
     }
@@ -571,12 +609,17 @@ mod tests {
     }
 
     #[test]
-    fn quotas_default_to_unlimited_and_round_trip() {
+    fn quotas_default_to_finite_limits_and_round_trip() {
         let (s, org) = store();
-        assert_eq!(s.get_quota(&org).expect("quota"), Quota::default());
+        let default = s.get_quota(&org).expect("quota");
+        assert_eq!(default, Quota::default());
+        assert!(default.max_concurrent_sandboxes.is_some());
+        assert!(default.max_artifact_bytes.is_some());
+        assert!(default.max_concurrent_commands.is_some());
         let quota = Quota {
             max_concurrent_sandboxes: Some(2),
             max_artifact_bytes: Some(1 << 20),
+            max_concurrent_commands: None,
             ..Quota::default()
         };
         s.set_quota(&org, &quota).expect("set");

@@ -202,6 +202,13 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX idempotency_by_age ON idempotency_records (created_at);
     "#,
+    // 6: a quota on commands running at once; retention purges of audit
+    // events and of the logs of destroyed sandboxes' commands.
+    r#"
+    ALTER TABLE quotas ADD COLUMN max_concurrent_commands INTEGER;
+    CREATE INDEX audit_by_age ON audit_events (at);
+    CREATE INDEX sandboxes_by_end ON sandboxes (ended_at) WHERE ended_at IS NOT NULL;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

@@ -282,6 +282,9 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
     ) -> Result<Vec<CommandEventRow>, StoreError>;
     /// Drops the oldest log events of a command, keeping `seq >= keep_from`.
     fn trim_command_events(&self, command_id: &str, keep_from: i64) -> Result<(), StoreError>;
+    /// Deletes the log events of commands whose sandbox was destroyed
+    /// before `before`; the command records stay.
+    fn purge_logs_of_destroyed(&self, before: Millis) -> Result<usize, StoreError>;
     /// Marks every running command of a sandbox failed (its sandbox died).
     fn fail_running_commands(
         &self,

@@ -49,6 +49,8 @@ pub trait PreviewStore {
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<PreviewRow>, StoreError>;
+    /// How many previews of the sandbox are active.
+    fn active_previews(&self, scope: &Scope, sandbox_id: &str) -> Result<usize, StoreError>;
     /// Closes an active preview; `false` when it was not active.
     fn close_preview(
         &self,
@@ -159,6 +161,14 @@ impl PreviewStore for SqliteStore {
             preview_from_row,
         )?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn active_previews(&self, scope: &Scope, sandbox_id: &str) -> Result<usize, StoreError> {
+        let n: i64 = self.conn().prepare_cached(
+            "SELECT COUNT(*) FROM previews WHERE org_id = ?1 AND sandbox_id = ?2 AND status = 'active'",
+        )?
+        .query_row(params![scope.org_id, sandbox_id], |r| r.get(0))?;
+        Ok(n.max(0) as usize)
     }
 
     fn close_preview(

@@ -579,6 +579,17 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    fn purge_logs_of_destroyed(&self, before: Millis) -> Result<usize, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "DELETE FROM command_events WHERE command_id IN (
+                    SELECT c.id FROM commands c JOIN sandboxes s ON s.id = c.sandbox_id
+                    WHERE s.ended_at IS NOT NULL AND s.ended_at < ?1)",
+            )?
+            .execute([before])?)
+    }
+
     fn fail_running_commands(
         &self,
         sandbox_id: &str,

@@ -28,6 +28,7 @@ from crownest import (
     LogEvent,
     Preview,
 )
+from crownest._shared import preview_request
 
 pytestmark = pytest.mark.anyio
 
@@ -443,6 +444,52 @@ async def test_artifacts_create_get_list_download(client: Any) -> None:
 PREVIEW_APP = "import http.server; http.server.ThreadingHTTPServer(('127.0.0.1', 8000), http.server.SimpleHTTPRequestHandler).serve_forever()"
 
 
+class LoopbackTransport(httpx.HTTPTransport):
+    """Connects to 127.0.0.1 for ``*.localhost`` names, as browsers resolve
+    them (the system resolver here does not). The request keeps its URL and
+    ``Host``, so cookies and redirects work on the preview's origin."""
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        if request.url.host.endswith(".localhost"):
+            request = httpx.Request(
+                request.method,
+                request.url.copy_with(host="127.0.0.1"),
+                headers=request.headers,
+                stream=request.stream,
+                extensions=request.extensions,
+            )
+        return super().handle_request(request)
+
+
+def test_preview_requests_go_to_loopback_only_for_localhost_names() -> None:
+    local = preview_request({"url": "http://prv-0123456789abcdefghjk.localhost:7420/"}, "/a?b=1", {"host": "x", "X-A": "1"})
+    assert local.url == "http://127.0.0.1:7420/a?b=1"
+    assert local.headers == {"X-A": "1", "Host": "prv-0123456789abcdefghjk.localhost:7420"}
+    assert local.extensions == {}
+    tls = preview_request({"url": "https://prv-0123456789abcdefghjk.localhost/"}, "")
+    assert (tls.url, tls.headers) == ("https://127.0.0.1/", {"Host": "prv-0123456789abcdefghjk.localhost"})
+    assert tls.extensions == {"sni_hostname": "prv-0123456789abcdefghjk.localhost"}
+    remote = preview_request({"url": "https://prv-0123456789abcdefghjk.preview.example.com/"}, "index.html")
+    assert (remote.url, remote.headers, remote.extensions) == (
+        "https://prv-0123456789abcdefghjk.preview.example.com/index.html",
+        {},
+        {},
+    )
+
+
+def test_a_cookie_an_app_sets_is_kept_by_neither_client() -> None:
+    # On loopback every preview and the API share 127.0.0.1: a kept cookie
+    # would follow the client to the API and to every other preview.
+    def app(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, headers={"set-cookie": "session=app-a; Path=/"})
+
+    sync = CrowNest(base_url="http://127.0.0.1:9", api_key="cn_live_x")
+    sync._http._transport = httpx.MockTransport(app)
+    sync._http.get("http://127.0.0.1:9/")
+    assert list(sync._http.cookies.jar) == []
+    sync.close()
+
+
 async def test_previews_create_fetch_list_get_delete(client: Any) -> None:
     sandbox = await new_sandbox(client)
     try:
@@ -452,17 +499,24 @@ async def test_previews_create_fetch_list_get_delete(client: Any) -> None:
         preview = await aw(sandbox.previews.create(8000))
         assert isinstance(preview, Preview) and preview.id.startswith("prv_")
         assert (preview["port"], preview["status"]) == (8000, "active")
-        assert preview["token"].startswith("cn_prv_") and preview.url.endswith(f"/previews/{preview.id}/")
+        assert preview["token"].startswith("cn_prv_")
+        # Its own origin: the id as the first label under localhost, on the API's port.
+        port = httpx.URL(client.base_url).port
+        assert preview.url == f"http://{preview.id.replace('_', '-')}.localhost:{port}/"
+        assert preview["browserUrl"].startswith(preview.url + "?crownest_preview_token=cn_prv_")
         for _ in range(100):  # until the app listens
             response = await aw(sandbox.previews.fetch(preview, "index.html"))
             if response.status_code != 502:
                 break
             time.sleep(0.1)
         assert (response.status_code, response.text) == (200, "<p>from the sandbox</p>")
-        # A browser: the token URL, then its cookie.
-        with httpx.Client(follow_redirects=True) as browser:
+        # A browser: the token URL, then its cookie (host-only, on the preview's origin).
+        with httpx.Client(transport=LoopbackTransport(), follow_redirects=True) as browser:
+            assert browser.get(preview.url).status_code == 401
             page = browser.get(preview["browserUrl"].replace("?", "index.html?"))
             assert (page.status_code, page.text) == (200, "<p>from the sandbox</p>")
+            assert str(page.url) == preview.url + "index.html"
+            assert [c.domain for c in browser.cookies.jar] == [httpx.URL(preview.url).host]
         with pytest.raises(CrowNestApiError) as info:
             await aw(sandbox.previews.create(8000))
         assert (info.value.status, info.value.code) == (409, "preview_exists")

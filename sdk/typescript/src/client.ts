@@ -93,6 +93,236 @@ function base64(bytes: Uint8Array): string {
 
 const OCTET_STREAM = { "content-type": "application/octet-stream" };
 
+// ------------------------------------------------------------------ preview requests over loopback
+
+/** `localhost` or a name under it (`prv-….localhost`, the default preview
+ * domain). Browsers resolve these to loopback on their own; Node's resolver
+ * (and so its `fetch`) often does not. */
+function isLoopbackName(hostname: string): boolean {
+  const host = hostname.toLowerCase().replace(/\.$/, "");
+  return host === "localhost" || host.endsWith(".localhost");
+}
+
+function runsOnNode(): boolean {
+  const p = (globalThis as { process?: { versions?: { node?: unknown } } }).process;
+  return typeof p?.versions?.node === "string";
+}
+
+/** The part of `node:http` / `node:https` used here (the SDK does not
+ * depend on Node's type declarations, and loads the modules only when a
+ * `*.localhost` preview is requested). */
+interface NodeIncomingMessage {
+  readonly statusCode?: number;
+  readonly statusMessage?: string;
+  readonly rawHeaders: string[];
+  readonly complete: boolean;
+  on(event: "data", listener: (chunk: Uint8Array) => void): unknown;
+  on(event: "end" | "close", listener: () => void): unknown;
+  on(event: "error", listener: (error: Error) => void): unknown;
+  pause(): unknown;
+  resume(): unknown;
+  destroy(error?: Error): unknown;
+}
+
+interface NodeClientRequest {
+  on(event: "response", listener: (response: NodeIncomingMessage) => void): unknown;
+  on(event: "error", listener: (error: Error) => void): unknown;
+  once(event: "drain" | "close", listener: () => void): unknown;
+  write(chunk: Uint8Array): boolean;
+  end(chunk?: Uint8Array): unknown;
+  destroy(error?: Error): unknown;
+}
+
+interface NodeHttpModule {
+  request(options: {
+    host: string;
+    port: number;
+    path: string;
+    method: string;
+    headers: Record<string, string>;
+    /** TLS: the name to send (SNI) and verify the certificate against. */
+    servername?: string;
+  }): NodeClientRequest;
+}
+
+const LOOPBACK_ADDRESS = "127.0.0.1";
+const REDIRECT_STATUSES = new Set([301, 302, 303, 307, 308]);
+const NULL_BODY_STATUSES = new Set([101, 103, 204, 205, 304]);
+/** Dropped when a redirect turns the request into a GET without a body. */
+const BODY_HEADERS = ["content-type", "content-length", "content-encoding", "content-language", "content-location"];
+/** Not sent to another origin a redirect points to. */
+const CREDENTIAL_HEADERS = ["x-api-key", "authorization", "cookie", "proxy-authorization"];
+
+function asError(reason: unknown): Error {
+  return reason instanceof Error ? reason : new Error(String(reason));
+}
+
+/** `fetch` for a preview URL. On Node, a URL under `localhost` goes to
+ * 127.0.0.1 on the URL's scheme and port with `Host` set to the URL's
+ * `host[:port]` (which is how the server picks the preview), through
+ * `node:http`/`node:https` because `fetch` replaces a `Host` header.
+ * Redirects are followed here as `init.redirect` says (default `follow`),
+ * so that credentials (the API key) are never sent to another origin. The
+ * result is a real `Response`, its body streamed. */
+async function previewFetchFollowing(url: URL, init: RequestInit): Promise<Response> {
+  const mode = init.redirect ?? "follow";
+  let current = url;
+  let hop: RequestInit = { ...init, headers: new Headers(init.headers) };
+  for (let redirects = 0; ; redirects++) {
+    // Every hop is taken here, never by fetch's own redirect handling,
+    // which would carry the API key to whatever origin an app names.
+    const response =
+      isLoopbackName(current.hostname) && runsOnNode()
+        ? await loopbackRequest(current, hop)
+        : await fetch(current, { ...hop, redirect: "manual" });
+    // A browser hides a manual redirect (opaque): nothing to follow.
+    if (response.type === "opaqueredirect") return response;
+    const location = response.headers.get("location");
+    if (mode === "manual" || !REDIRECT_STATUSES.has(response.status) || location === null) {
+      Object.defineProperty(response, "url", { value: current.href });
+      Object.defineProperty(response, "redirected", { value: redirects > 0 });
+      return response;
+    }
+    await response.body?.cancel();
+    if (mode === "error") throw new TypeError(`fetch failed: redirected to ${location} (redirect: "error")`);
+    if (redirects >= 20) throw new TypeError("fetch failed: too many redirects");
+    const next = new URL(location, current);
+    const headers = new Headers(hop.headers);
+    const method = (hop.method ?? "GET").toUpperCase();
+    const toGet =
+      (response.status === 303 && method !== "GET" && method !== "HEAD") ||
+      ((response.status === 301 || response.status === 302) && method === "POST");
+    if (toGet) {
+      for (const name of BODY_HEADERS) headers.delete(name);
+      hop = { ...hop, method: "GET", body: null };
+    }
+    if (next.origin !== current.origin) for (const name of CREDENTIAL_HEADERS) headers.delete(name);
+    hop = { ...hop, headers };
+    current = next;
+  }
+}
+
+/** One request over loopback, no redirects followed. */
+async function loopbackRequest(url: URL, init: RequestInit): Promise<Response> {
+  const signal = init.signal ?? undefined;
+  signal?.throwIfAborted();
+  // Normalizes method, headers and body as fetch would (a content-type for
+  // URLSearchParams, FormData or a Blob); throws where fetch would.
+  const normalized = new Request(url, init);
+  const https = url.protocol === "https:";
+  if (!https && url.protocol !== "http:") throw new TypeError(`fetch failed: unsupported scheme ${url.protocol}`);
+  const specifier = https ? "node:https" : "node:http";
+  const http = (await import(/* webpackIgnore: true */ /* @vite-ignore */ specifier)) as NodeHttpModule;
+  const headers: Record<string, string> = { accept: "*/*" };
+  normalized.headers.forEach((value, name) => {
+    headers[name] = value;
+  });
+  headers.host = url.host; // host[:port], the port unless the scheme's default
+  // A stream is sent as it comes (chunked); anything else with its length.
+  const streamed = init.body instanceof ReadableStream ? normalized.body : null;
+  let bytes: Uint8Array | null = null;
+  if (normalized.body !== null && streamed === null) {
+    bytes = new Uint8Array(await normalized.arrayBuffer());
+    headers["content-length"] = String(bytes.byteLength);
+  }
+  const method = normalized.method;
+
+  return new Promise<Response>((resolve, reject) => {
+    let response: NodeIncomingMessage | undefined;
+    let settled = false; // the promise resolved or rejected
+    let ended = false; // the response body closed, errored or was cancelled
+    const request = http.request({
+      host: LOOPBACK_ADDRESS,
+      port: url.port ? Number(url.port) : https ? 443 : 80,
+      path: url.pathname + url.search,
+      method,
+      headers,
+      ...(https ? { servername: url.hostname } : {}),
+    });
+    const onAbort = (): void => {
+      const reason = asError(signal?.reason);
+      request.destroy(reason);
+      response?.destroy(reason);
+    };
+    const done = (): void => {
+      ended = true;
+      signal?.removeEventListener("abort", onAbort);
+    };
+    signal?.addEventListener("abort", onAbort, { once: true });
+    request.on("error", (error) => {
+      if (settled) return;
+      settled = true;
+      done();
+      reject(signal?.aborted ? signal.reason : new TypeError("fetch failed", { cause: error }));
+    });
+    request.on("response", (res) => {
+      response = res;
+      try {
+        const status = res.statusCode ?? 0;
+        const responseHeaders = new Headers();
+        for (let i = 0; i + 1 < res.rawHeaders.length; i += 2) responseHeaders.append(res.rawHeaders[i], res.rawHeaders[i + 1]);
+        let body: ReadableStream<Uint8Array> | null = null;
+        if (NULL_BODY_STATUSES.has(status) || method === "HEAD") {
+          res.resume(); // drain, so the connection can be reused
+          res.on("end", done);
+        } else {
+          body = new ReadableStream<Uint8Array>({
+            start(controller) {
+              const fail = (error: unknown): void => {
+                if (ended) return;
+                done();
+                controller.error(signal?.aborted ? signal.reason : new TypeError("terminated", { cause: error }));
+              };
+              res.on("data", (chunk) => {
+                if (ended) return;
+                controller.enqueue(new Uint8Array(chunk.buffer, chunk.byteOffset, chunk.byteLength));
+                if ((controller.desiredSize ?? 1) <= 0) res.pause();
+              });
+              res.on("end", () => {
+                if (ended) return;
+                done();
+                controller.close();
+              });
+              res.on("error", fail);
+              res.on("close", () => {
+                if (!res.complete) fail(new Error("the connection closed before the response ended"));
+              });
+            },
+            pull() {
+              res.resume();
+            },
+            cancel() {
+              done();
+              res.destroy();
+            },
+          });
+        }
+        const result = new Response(body, { status, statusText: res.statusMessage ?? "", headers: responseHeaders });
+        settled = true;
+        resolve(result);
+      } catch (error) {
+        settled = true;
+        done();
+        res.destroy();
+        reject(new TypeError("fetch failed", { cause: error }));
+      }
+    });
+    if (streamed === null) {
+      request.end(bytes ?? undefined);
+      return;
+    }
+    void (async () => {
+      const reader = streamed.getReader();
+      for (;;) {
+        const { done: last, value } = await reader.read();
+        if (last) break;
+        if (!request.write(value)) await new Promise<void>((r) => { request.once("drain", r); request.once("close", r); });
+      }
+      request.end();
+    })().catch((error: unknown) => request.destroy(asError(error)));
+  });
+}
+
 /** Async iteration over every item of a paginated list, pages fetched lazily. */
 export class PageIterator<T> implements AsyncIterable<T> {
   constructor(private readonly fetchPage: (cursor: string | null) => Promise<{ items: T[]; next: string | null }>) {}
@@ -197,11 +427,14 @@ export class CrowNestClient {
   }
 
   /** @internal A request to a preview URL with this client's key; the
-   * app's response as it is (no error mapping, no retries). */
+   * app's response as it is (no error mapping, no retries). On Node, a URL
+   * under `localhost` (the default preview domain) goes to 127.0.0.1 with
+   * its `Host`, as a browser would resolve it. */
   previewFetch(url: string, init: RequestInit = {}): Promise<Response> {
     const headers = new Headers(init.headers);
     headers.set("x-api-key", this.apiKey);
-    return fetch(url, { ...init, headers, signal: init.signal ?? AbortSignal.timeout(this.timeoutMs) });
+    const request: RequestInit = { ...init, headers, signal: init.signal ?? AbortSignal.timeout(this.timeoutMs) };
+    return previewFetchFollowing(new URL(url), request);
   }
 
   /** @internal */
@@ -802,7 +1035,10 @@ export class Previews {
   }
 
   /** One request to the app behind `preview` (`path` relative to its URL),
-   * with this client's API key; the app's response as it is. */
+   * with this client's API key; the app's response as it is (a `Response`).
+   * A preview has its own origin; under `localhost` (the default,
+   * `http://prv-….localhost:PORT/`) the request is sent to 127.0.0.1 with
+   * that `Host`, since Node's resolver may not know the name. */
   fetch(preview: { url: string }, path = "", init: RequestInit = {}): Promise<Response> {
     return this.client.previewFetch(preview.url + path.replace(/^\/+/, ""), init);
   }

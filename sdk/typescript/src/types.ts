@@ -121,7 +121,9 @@ export interface PreviewData {
   sandboxId: string;
   port: number;
   status: "active" | "closed";
-  /** Needs an API key with scope `previews:access`, or the preview's token. */
+  /** The preview's own origin, `http://prv-….localhost:PORT/` by default
+   * (`https://prv-….{domain}/` with a configured preview domain). Needs an
+   * API key with scope `previews:access`, or the preview's token. */
   url: string;
   createdAt: string;
   closedAt: string | null;

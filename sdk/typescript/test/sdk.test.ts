@@ -2,6 +2,7 @@
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
 import { randomBytes, randomUUID } from "node:crypto";
+import http from "node:http";
 import net from "node:net";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
@@ -355,29 +356,64 @@ describe("files and artifacts", () => {
   });
 });
 
+/** One GET as a browser sends it to a `*.localhost` URL: to 127.0.0.1, with
+ * the URL's `Host` (Node's resolver does not know those names). */
+function browserGet(url: string, headers: Record<string, string> = {}): Promise<{ status: number; headers: http.IncomingHttpHeaders; body: string }> {
+  const target = new URL(url);
+  return new Promise((resolve, reject) => {
+    http
+      .get({ host: "127.0.0.1", port: Number(target.port), path: target.pathname + target.search, headers: { ...headers, host: target.host } }, (res) => {
+        let body = "";
+        res.setEncoding("utf8");
+        res.on("data", (chunk: string) => (body += chunk));
+        res.on("end", () => resolve({ status: res.statusCode!, headers: res.headers, body }));
+        res.on("error", reject);
+      })
+      .on("error", reject);
+  });
+}
+
 describe("previews", () => {
   test("create, fetch through the URL, the browser token, get, list, delete", async () => {
     const sandbox = await newSandbox();
     await sandbox.files.write("index.html", "<p>from the sandbox</p>");
+    await sandbox.files.write("sub/data.json", '{"from": "the sandbox"}');
     await sandbox.commands.start("python3 -m http.server 8000 --bind 127.0.0.1");
     const preview = await sandbox.previews.create({ port: 8000 });
     assert.match(preview.id, /^prv_/);
     assert.deepEqual([preview.port, preview.status], [8000, "active"]);
     assert.match(preview.token!, /^cn_prv_/);
+    // Its own origin: the id as the first label under localhost, on the API's port.
+    assert.equal(preview.url, `http://${preview.id.replace("_", "-")}.localhost:${new URL(server.baseUrl).port}/`);
+    assert.ok(preview.browserUrl!.startsWith(`${preview.url}?crownest_preview_token=cn_prv_`));
     let response = await sandbox.previews.fetch(preview, "index.html");
     for (let i = 0; i < 100 && response.status === 502; i++) {
       await new Promise((r) => setTimeout(r, 100));
       response = await sandbox.previews.fetch(preview, "index.html");
     }
     assert.equal(response.status, 200);
+    assert.ok(response instanceof Response);
+    assert.equal(response.url, `${preview.url}index.html`);
+    assert.match(response.headers.get("content-type")!, /^text\/html/);
     assert.equal(await response.text(), "<p>from the sandbox</p>");
-    // Without a key: 401; with the token: a cookie and a redirect.
-    assert.equal((await fetch(preview.url)).status, 401);
-    const opened = await fetch(preview.browserUrl!, { redirect: "manual" });
-    assert.equal(opened.status, 303);
-    const cookie = opened.headers.get("set-cookie")!.split(";")[0]!;
-    const page = await fetch(`${preview.url}index.html`, { headers: { cookie } });
-    assert.equal(await page.text(), "<p>from the sandbox</p>");
+    // The app's redirect (a directory without its slash) is followed on the preview's origin.
+    const followed = await sandbox.previews.fetch(preview, "/sub");
+    assert.deepEqual([followed.status, followed.redirected, followed.url], [200, true, `${preview.url}sub/`]);
+    assert.match(await followed.text(), /data\.json/);
+    const manual = await sandbox.previews.fetch(preview, "sub", { redirect: "manual" });
+    assert.deepEqual([manual.status, manual.headers.get("location")], [301, "/sub/"]);
+    await manual.body?.cancel();
+    assert.deepEqual(await (await sandbox.previews.fetch(preview, "sub/data.json")).json(), { from: "the sandbox" });
+    // Without a key: 401; with the token: a host-only cookie and a redirect to the path without it.
+    assert.equal((await browserGet(preview.url)).status, 401);
+    const opened = await browserGet(preview.browserUrl!.replace("?", "index.html?"));
+    assert.deepEqual([opened.status, opened.headers.location], [303, "/index.html"]);
+    const setCookie = opened.headers["set-cookie"]![0]!;
+    assert.match(setCookie, /; Path=\/;/);
+    assert.doesNotMatch(setCookie, /domain=/i);
+    const cookie = setCookie.split(";")[0]!;
+    const page = await browserGet(`${preview.url}index.html`, { cookie });
+    assert.deepEqual([page.status, page.body], [200, "<p>from the sandbox</p>"]);
     await rejectsWith(sandbox.previews.create({ port: 8000 }), 409, "preview_exists");
     const got = await sandbox.previews.get(preview.id);
     assert.equal(got.url, preview.url);

@@ -120,6 +120,10 @@ impl LiveCommand {
         )
     }
 
+    pub(super) fn org_id(&self) -> &str {
+        &self.record.org_id
+    }
+
     pub(super) fn is_finished(&self) -> bool {
         lock(&self.state).finished.is_some()
     }
@@ -144,10 +148,11 @@ impl Host {
         self: Arc<Self>,
         live: Arc<LiveCommand>,
         sandbox: Arc<LiveSandbox>,
+        stream: crate::agent::StreamPermit,
         exec: ExecRequest,
     ) {
         let outcome = async {
-            let mut session = sandbox.agent.exec(exec).await?;
+            let mut session = sandbox.agent.exec_with(stream, exec).await?;
             *lock(&live.input) = Some(session.input());
             let mut flush = tokio::time::interval(FLUSH_INTERVAL);
             flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -63,6 +63,16 @@ impl Host {
             });
         }
         let template = self.template(&sandbox.template)?;
+        // The agent stream comes first: a busy sandbox refuses the request
+        // before anything is recorded.
+        let stream = live_sandbox.agent.reserve().await.map_err(|e| match e {
+            crate::agent::AgentError::Busy => CoreError::SandboxBusy {
+                sandbox_id: sandbox.id.clone(),
+                what: "operations in flight",
+                max: limits.max_agent_streams,
+            },
+            other => CoreError::Agent(other),
+        })?;
         let quota = match quota {
             Some(quota) => quota,
             None => self.quota(&sandbox.org_id).await?,
@@ -98,11 +108,6 @@ impl Host {
             collect: request.collect.clone(),
             collected: None,
         };
-        {
-            let record = record.clone();
-            self.store.call(move |s| s.insert_command(&record)).await?;
-        }
-
         let exec = exec_request(&sandbox, &template, &request);
         let creator = Principal {
             key_id: principal.key_id.clone(),
@@ -111,17 +116,39 @@ impl Host {
             scopes: principal.scopes.clone(),
         };
         let live = Arc::new(LiveCommand::new(
-            record,
+            record.clone(),
             request.stdin,
             output_limit,
             creator,
             self.log_retention(),
         ));
-        lock(&self.running).insert(live.id.clone(), live.clone());
+        // The org's quota of running commands is checked and taken in one
+        // step, before the record exists.
+        {
+            let mut running = lock(&self.running);
+            if let Some(max) = quota.max_concurrent_commands {
+                let current = running
+                    .values()
+                    .filter(|c| c.org_id() == sandbox.org_id && !c.is_finished())
+                    .count() as i64;
+                if current >= max {
+                    return Err(CoreError::QuotaExceeded {
+                        limit: "maxConcurrentCommands",
+                        max,
+                        current,
+                    });
+                }
+            }
+            running.insert(live.id.clone(), live.clone());
+        }
+        if let Err(e) = self.store.call(move |s| s.insert_command(&record)).await {
+            lock(&self.running).remove(&live.id);
+            return Err(e.into());
+        }
         let mut changes = live.changed.subscribe();
         let host = self.clone();
         let driven = live.clone();
-        tokio::spawn(async move { host.drive_command(driven, live_sandbox, exec).await });
+        tokio::spawn(async move { host.drive_command(driven, live_sandbox, stream, exec).await });
 
         // Wait for the start (background) or the end.
         loop {

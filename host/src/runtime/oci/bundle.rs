@@ -20,10 +20,11 @@ use std::collections::HashSet;
 use std::path::{Component, Path, PathBuf};
 
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder,
-    LinuxIdMappingBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType,
-    LinuxPidsBuilder, LinuxResourcesBuilder, Mount, MountBuilder, PosixRlimitBuilder,
-    PosixRlimitType, ProcessBuilder, RootBuilder, Spec, SpecBuilder, UserBuilder,
+    Capability, HookBuilder, HooksBuilder, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder,
+    LinuxDeviceCgroupBuilder, LinuxHugepageLimitBuilder, LinuxIdMappingBuilder, LinuxMemoryBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, Mount,
+    MountBuilder, PosixRlimitBuilder, PosixRlimitType, ProcessBuilder, RootBuilder, Spec,
+    SpecBuilder, UserBuilder,
 };
 
 use super::seccomp;
@@ -95,15 +96,30 @@ pub fn agent_capabilities() -> HashSet<Capability> {
 }
 
 /// Builds the config for `spec`, with `args` as PID 1 (normally
-/// [`agent_args`]; tests use a plain init).
-pub fn config(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, RuntimeError> {
-    build(spec, args).map_err(|e| RuntimeError::Config {
+/// [`agent_args`]; tests use a plain init) and `hook` (the `crownest`
+/// binary) as its `createRuntime` hook when given.
+pub fn config(
+    spec: &SandboxSpec,
+    args: Vec<String>,
+    hook: Option<&Path>,
+) -> Result<Spec, RuntimeError> {
+    build(spec, args, hook).map_err(|e| RuntimeError::Config {
         id: spec.id.clone(),
         message: e.to_string(),
     })
 }
 
-fn build(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, oci_spec::OciSpecError> {
+/// Whether the cgroup v1 hugetlb controller is mounted (then the
+/// sandbox's huge page allowance is set to none).
+fn hugetlb_cgroup() -> bool {
+    Path::new("/sys/fs/cgroup/hugetlb").is_dir()
+}
+
+fn build(
+    spec: &SandboxSpec,
+    args: Vec<String>,
+    hook: Option<&Path>,
+) -> Result<Spec, oci_spec::OciSpecError> {
     let host_base = host_id_base(spec.uid_slot);
     let caps = agent_capabilities();
     let process = ProcessBuilder::default()
@@ -131,6 +147,13 @@ fn build(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, oci_spec::OciSpe
                 .typ(PosixRlimitType::RlimitNofile)
                 .soft(nofile_limit())
                 .hard(nofile_limit())
+                .build()?,
+            // No core dumps: they would be written into the sandbox's
+            // memory-backed disk by the kernel, at the crash's size.
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitCore)
+                .soft(0u64)
+                .hard(0u64)
                 .build()?,
         ])
         .oom_score_adj(OOM_SCORE_ADJ)
@@ -165,7 +188,17 @@ fn build(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, oci_spec::OciSpe
 
     let memory_bytes =
         i64::try_from(spec.resources.memory_mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
-    let resources = LinuxResourcesBuilder::default()
+    let mut resources = LinuxResourcesBuilder::default();
+    if hugetlb_cgroup() {
+        let none = |size: &str| {
+            LinuxHugepageLimitBuilder::default()
+                .page_size(size)
+                .limit(0)
+                .build()
+        };
+        resources = resources.hugepage_limits(vec![none("2MB")?, none("1GB")?]);
+    }
+    let resources = resources
         .devices(vec![
             LinuxDeviceCgroupBuilder::default()
                 .allow(false)
@@ -230,7 +263,20 @@ fn build(spec: &SandboxSpec, args: Vec<String>) -> Result<Spec, oci_spec::OciSpe
         )
         .build()?;
 
-    SpecBuilder::default()
+    let mut builder = SpecBuilder::default();
+    if let Some(hook) = hook {
+        let hook = HookBuilder::default()
+            .path(hook)
+            .args(vec![
+                String::from("crownest"),
+                String::from("hook"),
+                String::from("userns-limits"),
+            ])
+            .timeout(10)
+            .build()?;
+        builder = builder.hooks(HooksBuilder::default().create_runtime(vec![hook]).build()?);
+    }
+    builder
         .version("1.0.2-dev")
         .root(
             RootBuilder::default()
@@ -419,7 +465,7 @@ mod tests {
 
     #[test]
     fn uid_and_gid_maps_use_the_slot_range() {
-        let c = config(&spec(3), agent_args()).expect("config");
+        let c = config(&spec(3), agent_args(), None).expect("config");
         for maps in [linux(&c).uid_mappings(), linux(&c).gid_mappings()] {
             let maps = maps.as_ref().expect("maps");
             assert_eq!(maps.len(), 1);
@@ -431,7 +477,7 @@ mod tests {
 
     #[test]
     fn every_namespace_is_new_including_network() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let ns = linux(&c).namespaces().as_ref().expect("namespaces");
         for typ in [
             LinuxNamespaceType::Pid,
@@ -452,7 +498,7 @@ mod tests {
 
     #[test]
     fn root_is_the_template_rootfs_read_only() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let root = c.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/cache/rootfs/python-abc"));
         assert_eq!(root.readonly(), Some(true));
@@ -460,7 +506,7 @@ mod tests {
 
     #[test]
     fn workspace_is_a_sized_tmpfs_owned_by_the_sandbox_user() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let m = find_mount(&c, "/workspace");
         assert_eq!(m.typ().as_deref(), Some("tmpfs"));
         let opts = m.options().as_ref().expect("options");
@@ -471,7 +517,7 @@ mod tests {
 
     #[test]
     fn agent_is_bound_read_only_and_run_dir_comes_from_state_dir() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let agent = find_mount(&c, AGENT_IN_SANDBOX);
         assert_eq!(
             agent.source().as_deref(),
@@ -497,7 +543,7 @@ mod tests {
 
     #[test]
     fn pid1_is_the_agent_with_a_small_capability_set_and_no_new_privileges() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let p = c.process().as_ref().expect("process");
         assert_eq!(p.args().as_deref(), Some(&agent_args()[..]));
         assert_eq!(p.no_new_privileges(), Some(true));
@@ -510,7 +556,7 @@ mod tests {
 
     #[test]
     fn limits_follow_resources() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let r = linux(&c).resources().as_ref().expect("resources");
         let mem = r.memory().as_ref().expect("memory");
         assert_eq!(mem.limit(), Some(512 << 20));
@@ -527,7 +573,7 @@ mod tests {
 
     #[test]
     fn seccomp_in_config_allows_neither_mount_nor_unshare() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let json = serde_json::to_value(&c).expect("json");
         let rules = json["linux"]["seccomp"]["syscalls"]
             .as_array()
@@ -545,7 +591,7 @@ mod tests {
 
     #[test]
     fn masked_and_readonly_paths_cover_proc_secrets() {
-        let c = config(&spec(0), agent_args()).expect("config");
+        let c = config(&spec(0), agent_args(), None).expect("config");
         let masked = linux(&c).masked_paths().as_ref().expect("masked");
         for p in [
             "/proc/kcore",
@@ -572,7 +618,7 @@ mod tests {
         let mut s = spec(0);
         s.rootfs = rootfs.path().to_owned();
 
-        let c = config(&s, agent_args()).expect("config");
+        let c = config(&s, agent_args(), None).expect("config");
 
         let home = find_mount(&c, "/home/user");
         assert!(home.options().iter().flatten().any(|o| o == "uid=1000"));

@@ -19,6 +19,7 @@
 //! after killing it.
 
 pub mod bundle;
+pub mod hook;
 pub mod runc;
 pub mod seccomp;
 
@@ -39,6 +40,11 @@ use super::{
 #[derive(Debug, Clone)]
 pub struct OciRuntime {
     runc: Runc,
+    /// The `crownest` binary runc runs as the sandboxes' `createRuntime`
+    /// hook (`hook.rs`); `None` runs no hook (tests of the runtime alone).
+    hook_binary: Option<PathBuf>,
+    /// The version `checked_version` found.
+    version: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
 impl OciRuntime {
@@ -55,7 +61,40 @@ impl OciRuntime {
         }
         Self {
             runc: Runc { binary, root },
+            hook_binary: None,
+            version: std::sync::Arc::default(),
         }
+    }
+
+    /// Runs `binary hook userns-limits` as each sandbox's `createRuntime`
+    /// hook, bounding the kernel counters its user namespace shares with
+    /// the host (see `hook.rs`), and raises the host's own limits.
+    pub fn with_userns_hook(mut self, binary: PathBuf) -> Self {
+        hook::raise_host_limits();
+        self.hook_binary = Some(binary);
+        self
+    }
+
+    /// The runc version in use, refused when it is vulnerable to
+    /// CVE-2024-21626 (see [`runc::check_version`]).
+    pub async fn checked_version(&self) -> Result<String, RuntimeError> {
+        let out = tokio::process::Command::new(&self.runc.binary)
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|source| RuntimeError::Spawn {
+                binary: self.runc.binary.clone(),
+                source,
+            })?;
+        let version =
+            runc::check_version(&String::from_utf8_lossy(&out.stdout)).map_err(|message| {
+                RuntimeError::Unsafe {
+                    binary: self.runc.binary.clone(),
+                    message,
+                }
+            })?;
+        let _ = self.version.set(version.clone());
+        Ok(version)
     }
 
     /// Like [`Runtime::start`] but with `args` as PID 1 instead of the agent
@@ -108,7 +147,7 @@ impl OciRuntime {
                 id: spec.id.clone(),
             });
         }
-        let config = bundle::config(spec, args)?;
+        let config = bundle::config(spec, args, self.hook_binary.as_deref())?;
 
         let result = self.create_and_run(spec, &config).await;
         if let Err(e) = result {
@@ -215,6 +254,10 @@ impl OciRuntime {
 impl Runtime for OciRuntime {
     fn name(&self) -> &'static str {
         "oci"
+    }
+
+    fn version(&self) -> Option<String> {
+        self.version.get().cloned()
     }
 
     async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError> {

@@ -143,3 +143,65 @@ pub fn runc_log_errors(log_file: &Path) -> String {
         errors.join("; ")
     }
 }
+
+/// The runc release that fixed CVE-2024-21626 (a working directory leaked
+/// into the container as a host file descriptor).
+pub const MIN_SAFE_RUNC: (u32, u32, u32) = (1, 1, 12);
+
+/// Distribution builds of older releases that carry the CVE-2024-21626 fix
+/// (their `commit:` line); Debian bookworm's security update is one.
+const PATCHED_BUILDS: &[&str] = &["1.1.5+ds1-1+deb12u"];
+
+/// Checks `runc --version` output: the version string to report, or why it
+/// is refused.
+pub fn check_version(output: &str) -> Result<String, String> {
+    let version = output
+        .lines()
+        .find_map(|l| l.strip_prefix("runc version "))
+        .map(str::trim)
+        .ok_or_else(|| String::from("`runc --version` printed no version"))?;
+    let commit = output
+        .lines()
+        .find_map(|l| l.strip_prefix("commit: "))
+        .map(str::trim)
+        .unwrap_or("");
+    let numbers: Vec<u32> = version
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let parsed = match numbers.as_slice() {
+        [a, b, c] => (*a, *b, *c),
+        _ => return Err(format!("cannot read the runc version `{version}`")),
+    };
+    if parsed >= MIN_SAFE_RUNC {
+        return Ok(version.to_string());
+    }
+    if PATCHED_BUILDS.iter().any(|p| commit.starts_with(p)) {
+        return Ok(format!("{version} ({commit}, CVE-2024-21626 fixed)"));
+    }
+    Err(format!(
+        "runc {version} is vulnerable to CVE-2024-21626 (container escape); install runc 1.1.12 or later (or a distribution build with the fix) and start again"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runc_before_1_1_12_is_refused_unless_a_patched_build() {
+        let upstream = "runc version 1.1.12\ncommit: v1.1.12-0-g51d5e946\n";
+        assert_eq!(check_version(upstream), Ok(String::from("1.1.12")));
+        assert!(check_version("runc version 1.2.0\n").is_ok());
+        let old = "runc version 1.1.5\ncommit: v1.1.5\n";
+        assert!(
+            check_version(old)
+                .expect_err("refused")
+                .contains("CVE-2024-21626")
+        );
+        let debian = "runc version 1.1.5+ds1\ncommit: 1.1.5+ds1-1+deb12u1\n";
+        assert!(check_version(debian).expect("patched").contains("deb12u1"));
+        assert!(check_version("garbage").is_err());
+    }
+}

@@ -38,7 +38,7 @@ pub const ALLOWED: &[&str] = &[
     "pwrite64", "pwritev", "pwritev2", "read", "readahead", "readlink", "readlinkat", "readv",
     "removexattr", "rename", "renameat", "renameat2", "rmdir", "sendfile", "sendfile64",
     "setxattr", "splice", "stat", "stat64", "statfs", "statfs64", "statx", "symlink",
-    "symlinkat", "sync", "sync_file_range", "syncfs", "tee", "truncate", "truncate64", "umask",
+    "symlinkat", "sync_file_range", "syncfs", "tee", "truncate", "truncate64", "umask",
     "unlink", "unlinkat", "utime", "utimensat", "utimensat_time64", "utimes", "vmsplice",
     "write", "writev",
     // Pipes, polling, events and notification.
@@ -53,8 +53,8 @@ pub const ALLOWED: &[&str] = &[
     "io_cancel", "io_destroy", "io_getevents", "io_pgetevents", "io_pgetevents_time64",
     "io_setup", "io_submit",
     // Memory.
-    "brk", "madvise", "membarrier", "memfd_create", "mincore", "mlock", "mlock2", "mlockall",
-    "mmap", "mmap2", "mprotect", "mremap", "msync", "munlock", "munlockall", "munmap",
+    "brk", "madvise", "membarrier", "mincore", "mlock", "mlock2", "mlockall",
+    "mprotect", "mremap", "msync", "munlock", "munlockall", "munmap",
     "get_mempolicy", "mbind", "pkey_alloc", "pkey_free", "pkey_mprotect", "remap_file_pages",
     "set_mempolicy",
     // Processes, threads and credentials (the agent drops to the sandbox user).
@@ -84,15 +84,17 @@ pub const ALLOWED: &[&str] = &[
     "timer_gettime64", "timer_settime", "timer_settime64", "times",
     // Futexes.
     "futex", "futex_time64", "futex_waitv",
-    // Sockets (the network namespace has only `lo`).
+    // Sockets (the network namespace has only `lo`; `socket` and
+    // `socketpair` have family rules below; `socketcall`, the 32-bit
+    // multiplexer seccomp cannot look into, is denied).
     "accept", "accept4", "bind", "connect", "getpeername", "getsockname", "getsockopt",
     "listen", "recv", "recvfrom", "recvmmsg", "recvmmsg_time64", "recvmsg", "send", "sendmmsg",
-    "sendmsg", "sendto", "setsockopt", "shutdown", "socket", "socketcall", "socketpair",
+    "sendmsg", "sendto", "setsockopt", "shutdown",
     // System V and POSIX IPC (private to the sandbox's IPC namespace).
     "ipc", "mq_getsetattr", "mq_notify", "mq_open", "mq_timedreceive",
     "mq_timedreceive_time64", "mq_timedsend", "mq_timedsend_time64", "mq_unlink", "msgctl",
     "msgget", "msgrcv", "msgsnd", "semctl", "semget", "semop", "semtimedop",
-    "semtimedop_time64", "shmat", "shmctl", "shmdt", "shmget",
+    "semtimedop_time64", "shmat", "shmctl", "shmdt",
     // Miscellaneous.
     "getrandom", "ioctl", "landlock_add_rule", "landlock_create_ruleset", "landlock_restrict_self",
     "sysinfo", "uname",
@@ -112,12 +114,58 @@ pub const DENIED: &[&str] = &[
     "ptrace", "quotactl", "quotactl_fd", "reboot", "request_key", "setdomainname",
     "sethostname", "setns", "settimeofday", "stime", "swapoff", "swapon", "syslog", "umount",
     "umount2", "unshare", "userfaultfd", "uselib", "vhangup", "adjtimex", "clone3",
-    "personality",
+    "personality", "sync", "socketcall", "socket", "socketpair", "mmap", "mmap2", "shmget",
+    "memfd_create",
 ];
+
+/// Socket families a sandbox may open: local, IP (loopback only: there is
+/// no other interface) and netlink (what `ip`, glibc's getaddrinfo and
+/// friends use). `AF_VSOCK`, `AF_ALG`, `AF_PACKET`, … are refused.
+pub const SOCKET_FAMILIES: &[u64] = &[
+    libc::AF_UNIX as u64,
+    libc::AF_INET as u64,
+    libc::AF_INET6 as u64,
+    libc::AF_NETLINK as u64,
+];
+
+/// `MAP_HUGETLB` (mmap flags), `SHM_HUGETLB` (shmget flags) and
+/// `MFD_HUGETLB` (memfd_create flags): huge pages come from a machine-wide
+/// pool, so a sandbox may not take them.
+const MAP_HUGETLB: u64 = libc::MAP_HUGETLB as u64;
+const SHM_HUGETLB: u64 = libc::SHM_HUGETLB as u64;
+const MFD_HUGETLB: u64 = libc::MFD_HUGETLB as u64;
 
 /// Personalities `personality(2)` may set: Linux, UNAME26, the two combined
 /// with 32-bit, and the 0xffffffff query.
 const PERSONALITIES: &[u64] = &[0x0, 0x8, 0x20000, 0x20008, 0xffff_ffff];
+
+/// Allows `name` when argument `index` equals `value`, or, with a `mask`,
+/// when the argument's `mask` bits equal `value`.
+fn arg_rule(
+    name: &str,
+    index: usize,
+    value: u64,
+    mask: Option<u64>,
+) -> Result<LinuxSyscall, oci_spec::OciSpecError> {
+    let arg = match mask {
+        Some(mask) => LinuxSeccompArgBuilder::default()
+            .index(index)
+            .value(mask)
+            .value_two(value)
+            .op(LinuxSeccompOperator::ScmpCmpMaskedEq)
+            .build()?,
+        None => LinuxSeccompArgBuilder::default()
+            .index(index)
+            .value(value)
+            .op(LinuxSeccompOperator::ScmpCmpEq)
+            .build()?,
+    };
+    LinuxSyscallBuilder::default()
+        .names(vec![name.to_owned()])
+        .action(LinuxSeccompAction::ScmpActAllow)
+        .args(vec![arg])
+        .build()
+}
 
 /// The profile put in every sandbox's `config.json`.
 pub fn profile() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
@@ -148,6 +196,18 @@ pub fn profile() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
             .build()?,
     ];
     // Several entries for one syscall are OR-ed together by libseccomp.
+    for family in SOCKET_FAMILIES {
+        syscalls.push(arg_rule("socket", 0, *family, None)?);
+    }
+    syscalls.push(arg_rule("socketpair", 0, libc::AF_UNIX as u64, None)?);
+    for (name, index, flag) in [
+        ("mmap", 3, MAP_HUGETLB),
+        ("mmap2", 3, MAP_HUGETLB),
+        ("shmget", 2, SHM_HUGETLB),
+        ("memfd_create", 1, MFD_HUGETLB),
+    ] {
+        syscalls.push(arg_rule(name, index, 0, Some(flag))?);
+    }
     for p in PERSONALITIES {
         syscalls.push(
             LinuxSyscallBuilder::default()
@@ -204,6 +264,26 @@ mod tests {
         for must in ["mount", "unshare", "setns", "ptrace", "bpf", "keyctl"] {
             assert!(DENIED.contains(&must));
         }
+    }
+
+    #[test]
+    fn socket_families_and_hugetlb_flags_have_argument_rules() {
+        let p = profile().expect("profile");
+        let rules: Vec<_> = p.syscalls().iter().flatten().collect();
+        let families: Vec<u64> = rules
+            .iter()
+            .filter(|r| r.names().iter().any(|n| n == "socket"))
+            .filter_map(|r| r.args().as_ref().and_then(|a| a.first()).map(|a| a.value()))
+            .collect();
+        assert_eq!(families, SOCKET_FAMILIES);
+        assert!(!families.contains(&(libc::AF_VSOCK as u64)));
+        let mmap = rules
+            .iter()
+            .find(|r| r.names().iter().any(|n| n == "mmap"))
+            .and_then(|r| r.args().as_ref().and_then(|a| a.first()))
+            .expect("mmap rule");
+        assert_eq!(mmap.op(), LinuxSeccompOperator::ScmpCmpMaskedEq);
+        assert_eq!((mmap.value(), mmap.value_two()), (MAP_HUGETLB, Some(0)));
     }
 
     #[test]

@@ -42,7 +42,8 @@ from ._shared import (
     move_body,
     new_idempotency_key,
     preview_id_of,
-    preview_target,
+    preview_request,
+    no_cookies,
     page_params,
     resolve_api_key,
     resolve_base_url,
@@ -106,6 +107,7 @@ class AsyncCrowNest:
         self.max_retries = max_retries
         self._http = httpx.AsyncClient(
             base_url=self.base_url,
+            cookies=no_cookies(),
             headers=default_headers(resolve_api_key(api_key)),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
@@ -673,7 +675,9 @@ class AsyncPreviews:
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
         """Sends one request to the app behind ``preview`` with this
-        client's API key, and returns the app's response as it is."""
+        client's API key, and returns the app's response as it is; see
+        :meth:`crownest.Previews.fetch` (``*.localhost`` URLs go to 127.0.0.1)."""
+        target = preview_request(preview, path, headers)
         return await self._client._http.request(
-            method, preview_target(preview, path), content=content, headers=dict(headers or {})
+            method, target.url, content=content, headers=target.headers, extensions=target.extensions
         )

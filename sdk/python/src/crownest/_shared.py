@@ -3,6 +3,7 @@ request bodies, retry policy and the SSE decoder. No I/O happens here."""
 
 from __future__ import annotations
 
+import http.cookiejar
 import json
 import os
 import random
@@ -210,9 +211,10 @@ class Artifact(Record):
 
 class Preview(Record):
     """A preview: ``id`` (``prv_…``), ``sandboxId``, ``port``, ``status``
-    (``active`` | ``closed``), ``url``, ``createdAt``, ``closedAt``,
-    ``closeReason``; right after ``create`` also ``token`` and
-    ``browserUrl`` (shown once)."""
+    (``active`` | ``closed``), ``url`` (the preview's own origin,
+    ``http://prv-….localhost:PORT/`` by default), ``createdAt``,
+    ``closedAt``, ``closeReason``; right after ``create`` also ``token``
+    and ``browserUrl`` (shown once)."""
 
     @property
     def id(self) -> str:
@@ -230,6 +232,53 @@ def preview_id_of(preview: str | Mapping[str, Any]) -> str:
 def preview_target(preview: Mapping[str, Any], path: str) -> str:
     """The URL of ``path`` under a preview's URL."""
     return str(preview["url"]) + path.lstrip("/")
+
+
+LOOPBACK_ADDRESS = "127.0.0.1"
+
+
+def no_cookies() -> http.cookiejar.CookieJar:
+    """The client's cookie jar: it keeps nothing. The API authenticates by
+    key, and a cookie an app behind a preview sets must not be sent to the
+    API or to another preview (on loopback they all share 127.0.0.1)."""
+    return http.cookiejar.CookieJar(policy=http.cookiejar.DefaultCookiePolicy(allowed_domains=[]))
+
+
+def is_loopback_name(host: str) -> bool:
+    """``localhost`` or a name under it (``prv-….localhost``): browsers
+    resolve these to loopback on their own, the system resolver often
+    does not."""
+    host = host.lower().rstrip(".")
+    return host == "localhost" or host.endswith(".localhost")
+
+
+@dataclass(frozen=True)
+class PreviewRequest:
+    """Where to send one request to a preview: ``url`` to connect to,
+    ``headers`` (the caller's, plus ``Host`` when ``url`` differs from the
+    preview's) and httpx request ``extensions``."""
+
+    url: str
+    headers: dict[str, str]
+    extensions: dict[str, Any]
+
+
+def preview_request(
+    preview: Mapping[str, Any], path: str, headers: Mapping[str, str] | None = None
+) -> PreviewRequest:
+    """The request for ``path`` under a preview's URL. A preview has its own
+    origin, ``prv-….{preview domain}``; for the default domain (under
+    ``localhost``) the request goes to 127.0.0.1 on the URL's scheme and
+    port with ``Host`` set to the URL's ``host[:port]``, which is how the
+    server picks the preview. Other URLs are requested as they are."""
+    target = httpx.URL(preview_target(preview, path))
+    if not is_loopback_name(target.host):
+        return PreviewRequest(str(target), dict(headers or {}), {})
+    sent = {k: v for k, v in (headers or {}).items() if k.lower() != "host"}
+    sent["Host"] = target.netloc.decode("ascii")  # host[:port], the port unless the scheme's default
+    # For https, TLS still names (SNI) and verifies the preview's host.
+    extensions: dict[str, Any] = {"sni_hostname": target.host} if target.scheme == "https" else {}
+    return PreviewRequest(str(target.copy_with(host=LOOPBACK_ADDRESS)), sent, extensions)
 
 
 class FileInfo(Record):

@@ -42,7 +42,8 @@ from ._shared import (
     move_body,
     new_idempotency_key,
     preview_id_of,
-    preview_target,
+    preview_request,
+    no_cookies,
     page_params,
     resolve_api_key,
     resolve_base_url,
@@ -95,6 +96,7 @@ class CrowNest:
         self.max_retries = max_retries
         self._http = httpx.Client(
             base_url=self.base_url,
+            cookies=no_cookies(),
             headers=default_headers(resolve_api_key(api_key)),
             timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
         )
@@ -707,7 +709,11 @@ class Previews:
     ) -> httpx.Response:
         """Sends one request to the app behind ``preview`` (``path`` is
         relative to its URL) with this client's API key, and returns the
-        app's response as it is (any status)."""
+        app's response as it is (any status, redirects not followed). A
+        preview URL under ``localhost`` (``http://prv-….localhost:PORT/``,
+        the default) is reached on 127.0.0.1 with its ``Host``, as a
+        browser would, since the system resolver may not know the name."""
+        target = preview_request(preview, path, headers)
         return self._client._http.request(
-            method, preview_target(preview, path), content=content, headers=dict(headers or {})
+            method, target.url, content=content, headers=target.headers, extensions=target.extensions
         )
