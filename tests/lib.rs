@@ -132,6 +132,9 @@ impl Server {
             .arg("--agent-binary")
             .arg(agent_bin())
             .env("CROWNEST_LOG", "info,tower_http=warn")
+            // A test's server leaves nothing behind when it stops; tests of
+            // restarts that keep sandboxes turn this off.
+            .env("CROWNEST_DESTROY_ON_SHUTDOWN", "true")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in &self.env {
@@ -251,6 +254,36 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// Ids of runsc (gVisor) containers under this server's runsc root.
+    pub fn runsc_containers(&self) -> Vec<String> {
+        let root = self.data_dir.join("runsc");
+        if !root.exists() {
+            return Vec::new();
+        }
+        let out = Command::new("runsc")
+            .arg("--root")
+            .arg(root)
+            .args(["list", "-format", "json"])
+            .output()
+            .expect("runsc list");
+        let text = String::from_utf8_lossy(&out.stdout);
+        let list: Value = serde_json::from_str(text.trim()).unwrap_or(Value::Null);
+        list.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c["id"].as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Sets (or replaces) an environment variable of the server process
+    /// for its next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_string(), value.to_string()));
+    }
+
     pub fn client(&self, key: &str) -> Client {
         Client {
             http: reqwest::Client::builder()
@@ -274,6 +307,22 @@ impl Server {
 impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
+        // A test that kept sandboxes across a restart and failed before
+        // killing them leaves no container behind either.
+        for id in self.runc_containers() {
+            let _ = Command::new("runc")
+                .arg("--root")
+                .arg(self.data_dir.join("runc"))
+                .args(["delete", "--force", &id])
+                .status();
+        }
+        for id in self.runsc_containers() {
+            let _ = Command::new("runsc")
+                .arg("--root")
+                .arg(self.data_dir.join("runsc"))
+                .args(["delete", "-force", &id])
+                .status();
+        }
     }
 }
 

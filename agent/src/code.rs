@@ -141,13 +141,18 @@ fn spawn_runner(language: Language, user: Option<ExecUser>) -> io::Result<Runner
         .stderr(Stdio::piped());
     // The runner reopens its ends through /proc (to make them
     // close-on-exec, see the runners), which checks the pipe's owner.
+    // gVisor's pipes have no owner to change (EPERM); its /proc reopens
+    // them without the check.
     if let Some(user) = user {
         for fd in [&request_read, &event_write] {
-            nix::unistd::fchown(
+            match nix::unistd::fchown(
                 fd,
                 Some(nix::unistd::Uid::from_raw(user.uid)),
                 Some(nix::unistd::Gid::from_raw(user.gid)),
-            )?;
+            ) {
+                Ok(()) | Err(nix::errno::Errno::EPERM) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
     }
     let (fd3, fd4) = (request_read.as_raw_fd(), event_write.as_raw_fd());
@@ -390,6 +395,26 @@ impl Contexts {
             implementation,
             warm,
         }
+    }
+
+    /// Ids of the contexts this agent holds, sorted; at most what one frame
+    /// holds. A context whose interpreter died is held too: its next run
+    /// restarts the interpreter and says so (`interpreter_restarted`), for
+    /// a host that was away when it died as for one that was not.
+    pub fn held(&self) -> Vec<String> {
+        let mut held: Vec<String> = lock(&self.contexts).keys().cloned().collect();
+        held.sort_unstable();
+        // A length prefix of up to 5 bytes per id, and room for the envelope.
+        let mut budget = crownest_proto::MAX_FRAME_LEN - 64;
+        held.retain(|id| {
+            let cost = id.len() + 5;
+            let fits = cost <= budget;
+            if fits {
+                budget -= cost;
+            }
+            fits
+        });
+        held
     }
 
     pub fn delete(&self, context_id: &str) -> ContextReply {

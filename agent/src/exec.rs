@@ -1,11 +1,17 @@
-//! One `Open::Exec` stream: spawn the process, stream its output as
-//! [`ExecEvent`]s, feed it [`ExecInput`]s, report how it ended.
+//! The process of one exec: spawning it (its own session and process
+//! group, a child subreaper, the requested user), and the supervisor task
+//! that owns it until it ends: it reads stdout and stderr into the exec's
+//! held output ([`crate::execs`]), writes stdin from a bounded queue,
+//! enforces the timeout, waits for the exit through the [`reaper`], and
+//! records how it ended.
 //!
-//! The process belongs to the agent, not to the stream: when the host goes
-//! away mid-run the process keeps running to completion and its output is
-//! read and dropped (so it never blocks on a full pipe).
+//! The process belongs to the agent, not to a stream or a session: when the
+//! host goes away mid-run the process keeps running, its output is kept
+//! (up to [`crownest_proto::MAX_UNACKED_BYTES`] not acknowledged) and a
+//! later host gets it by attaching again. Only while a host is attached and
+//! that far behind does the supervisor stop reading (the process then waits
+//! on a full pipe, as it would on a slow terminal).
 
-use std::collections::VecDeque;
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::OwnedFd;
@@ -13,17 +19,19 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use crownest_proto::frame::{FrameDecoder, write_message};
-use crownest_proto::{ExecEvent, ExecInput, ExecRequest, ExecUser, MAX_CHUNK_LEN, decode};
+use crownest_proto::{ExecEvent, ExecRequest, ExecUser, MAX_CHUNK_LEN};
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::unix::pipe;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::{Instant, sleep_until};
 
+use crate::execs::Exec;
+use crate::output::Stream;
 use crate::{Shared, reaper, tree};
 
 /// After the main process exits, output is drained until the pipes reach EOF
@@ -33,38 +41,18 @@ const DRAIN_QUIET: Duration = Duration::from_millis(50);
 /// Upper bound of the drain after exit, even if a grandchild keeps writing.
 const DRAIN_MAX: Duration = Duration::from_secs(2);
 
-/// Stdin bytes buffered for a process that does not read them yet; beyond
-/// this the agent stops reading the stream (yamux then pushes back).
-const STDIN_BUFFER: usize = 1024 * 1024;
-
-/// Writes events until the host side breaks, then drops them.
-struct EventSink<W> {
-    writer: W,
-    broken: bool,
-}
-
-impl<W: AsyncWrite + Unpin> EventSink<W> {
-    async fn send(&mut self, event: &ExecEvent) {
-        if self.broken {
-            return;
-        }
-        if write_message(&mut self.writer, event).await.is_err() {
-            self.broken = true;
-        }
-    }
-
-    async fn close(mut self) {
-        if !self.broken {
-            let _ = self.writer.shutdown().await;
-        }
-    }
+/// What the host sends to the process's stdin, in order.
+#[derive(Debug)]
+pub enum StdinInput {
+    Data(Vec<u8>),
+    Close,
 }
 
 /// Counts a running process in [`Shared::running`] for as long as it lives.
-struct Running(Arc<Shared>);
+pub struct Running(Arc<Shared>);
 
 impl Running {
-    fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>) -> Self {
         shared.running.fetch_add(1, Ordering::Relaxed);
         Self(shared)
     }
@@ -76,74 +64,95 @@ impl Drop for Running {
     }
 }
 
-/// Runs one exec stream to its end.
-pub async fn run<R, W>(request: ExecRequest, reader: R, writer: W, shared: Arc<Shared>)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin,
-{
-    let mut sink = EventSink {
-        writer,
-        broken: false,
-    };
-    let spawned = build_command(&request)
-        .and_then(|mut command| reaper::spawn(&mut command).map_err(|e| spawn_error(&request, &e)));
-    let (mut child, exit_rx) = match spawned {
-        Ok(spawned) => spawned,
-        Err(message) => {
-            sink.send(&ExecEvent::SpawnFailed { message }).await;
-            sink.close().await;
-            return;
-        }
-    };
-    let _running = Running::new(shared);
-    let pid = child.id();
-    let pgid = Pid::from_raw(pid as i32);
-    let mut stdout = child.stdout.take().and_then(|fd| receiver(fd.into()));
-    let mut stderr = child.stderr.take().and_then(|fd| receiver(fd.into()));
+/// A started process, before its supervisor takes it over.
+pub struct Spawned {
+    pub pid: u32,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
+    stdin: Option<pipe::Sender>,
+    exit: oneshot::Receiver<reaper::Exit>,
+}
+
+/// Starts the process of a request, or says why it could not be started.
+pub fn spawn(request: &ExecRequest) -> Result<Spawned, String> {
+    let mut command = build_command(request)?;
+    let (mut child, exit) = reaper::spawn(&mut command).map_err(|e| spawn_error(request, &e))?;
+    let stdout = child.stdout.take().and_then(|fd| receiver(fd.into()));
+    let stderr = child.stderr.take().and_then(|fd| receiver(fd.into()));
     let stdin = child.stdin.take().and_then(|fd| {
         pipe::Sender::from_owned_fd(OwnedFd::from(fd))
             .map_err(|e| eprintln!("crownest-agent: stdin pipe: {e}"))
             .ok()
     });
-    drop(child);
+    Ok(Spawned {
+        pid: child.id(),
+        stdout,
+        stderr,
+        stdin,
+        exit,
+    })
+}
 
-    sink.send(&ExecEvent::Started { pid }).await;
-    let exited = Arc::new(AtomicBool::new(false));
-    let input = tokio::spawn(input_loop(reader, stdin, pgid, exited.clone()));
-
+/// Owns the process until it has ended and its output is drained, then
+/// records the end in `exec`. `stdin` is the exec's input queue (bounded,
+/// so a host sending faster than the process reads is pushed back).
+pub async fn supervise(
+    exec: Arc<Exec>,
+    spawned: Spawned,
+    timeout_ms: Option<u64>,
+    mut stdin_queue: mpsc::Receiver<StdinInput>,
+    running: Running,
+) {
+    let Spawned {
+        pid,
+        mut stdout,
+        mut stderr,
+        mut stdin,
+        exit: mut exit_rx,
+    } = spawned;
+    let pgid = Pid::from_raw(pid as i32);
     let far = Instant::now() + Duration::from_secs(100 * 365 * 86400);
-    let deadline = request
-        .timeout_ms
-        .and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
+    let deadline = timeout_ms.and_then(|ms| Instant::now().checked_add(Duration::from_millis(ms)));
     let mut timed_out = false;
     let mut exit = None;
-    let mut exit_rx = exit_rx;
     let mut drain_until = far;
     let mut drain_cap = far;
     let mut out_buf = vec![0u8; MAX_CHUNK_LEN];
     let mut err_buf = vec![0u8; MAX_CHUNK_LEN];
+    // Stdin bytes taken from the queue and not yet written.
+    let mut pending: Vec<u8> = Vec::new();
+    let mut written = 0;
+    let mut queue_open = true;
+    let mut paused = false;
     loop {
         if exit.is_some() && stdout.is_none() && stderr.is_none() {
             break;
         }
+        let room = exec.room();
+        if paused && room > 0 && exit.is_some() {
+            // The pipes were not quiet, they were not read: drain on.
+            drain_until = Instant::now() + DRAIN_QUIET;
+            drain_cap = drain_cap.max(drain_until);
+        }
+        paused = room == 0;
         tokio::select! {
-            read = read_some(&mut stdout, &mut out_buf), if stdout.is_some() => match read {
+            read = read_some(&mut stdout, &mut out_buf[..room]), if stdout.is_some() && room > 0 => match read {
                 Ok(n) if n > 0 => {
-                    sink.send(&ExecEvent::Stdout(out_buf[..n].to_vec())).await;
+                    exec.push_output(Stream::Stdout, &out_buf[..n]);
                     drain_until = Instant::now() + DRAIN_QUIET;
                 }
                 _ => stdout = None,
             },
-            read = read_some(&mut stderr, &mut err_buf), if stderr.is_some() => match read {
+            read = read_some(&mut stderr, &mut err_buf[..room]), if stderr.is_some() && room > 0 => match read {
                 Ok(n) if n > 0 => {
-                    sink.send(&ExecEvent::Stderr(err_buf[..n].to_vec())).await;
+                    exec.push_output(Stream::Stderr, &err_buf[..n]);
                     drain_until = Instant::now() + DRAIN_QUIET;
                 }
                 _ => stderr = None,
             },
+            () = exec.room_freed(), if room == 0 => {}
             status = &mut exit_rx, if exit.is_none() => {
-                exited.store(true, Ordering::Relaxed);
+                exec.mark_exited();
                 // A dropped sender means the reaper lost the status; report
                 // "unknown" rather than hang.
                 exit = Some(status.unwrap_or(reaper::Exit { code: None, signal: None }));
@@ -155,21 +164,46 @@ where
                 timed_out = true;
                 kill_all(pgid);
             },
-            () = sleep_until(drain_until.min(drain_cap)), if exit.is_some() => break,
+            () = sleep_until(drain_until.min(drain_cap)), if exit.is_some() && room > 0 => break,
+            input = stdin_queue.recv(), if queue_open && pending.is_empty() => match input {
+                // Without a pipe (closed, or never asked for) it is dropped.
+                Some(StdinInput::Data(bytes)) if stdin.is_some() => {
+                    pending = bytes;
+                    written = 0;
+                }
+                Some(StdinInput::Data(_)) => {}
+                Some(StdinInput::Close) => stdin = None,
+                None => queue_open = false,
+            },
+            result = write_some(&mut stdin, &pending[written..]), if stdin.is_some() && written < pending.len() => match result {
+                Ok(n) => {
+                    written += n;
+                    if written == pending.len() {
+                        pending.clear();
+                        written = 0;
+                    }
+                }
+                Err(_) => {
+                    // The process closed its stdin: drop what it will never read.
+                    stdin = None;
+                    pending.clear();
+                    written = 0;
+                }
+            },
         }
     }
-    input.abort();
     let exit = exit.unwrap_or(reaper::Exit {
         code: None,
         signal: None,
     });
-    sink.send(&ExecEvent::Exited {
+    drop((stdin, stdin_queue));
+    exec.finish(ExecEvent::Exited {
         code: exit.code,
         signal: exit.signal,
         timed_out,
-    })
-    .await;
-    sink.close().await;
+    });
+    // Counted in `Pong::running` until its end is recorded.
+    drop(running);
 }
 
 async fn read_some(pipe: &mut Option<pipe::Receiver>, buf: &mut [u8]) -> io::Result<usize> {
@@ -190,77 +224,6 @@ fn spawn_error(request: &ExecRequest, error: &io::Error) -> String {
     format!("{program}: {error}")
 }
 
-/// Reads [`ExecInput`] frames from the host: stdin bytes, stdin close,
-/// signals for the process group. Ends when the host side ends.
-async fn input_loop<R: AsyncRead + Unpin>(
-    mut reader: R,
-    mut stdin: Option<pipe::Sender>,
-    pgid: Pid,
-    exited: Arc<AtomicBool>,
-) {
-    let mut decoder = FrameDecoder::new();
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut pending: VecDeque<u8> = VecDeque::new();
-    let mut reader_open = true;
-    let mut close_requested = false;
-    loop {
-        loop {
-            let frame = match decoder.next_frame() {
-                Ok(Some(frame)) => frame,
-                Ok(None) => break,
-                Err(e) => {
-                    eprintln!("crownest-agent: bad exec input frame: {e}");
-                    reader_open = false;
-                    break;
-                }
-            };
-            match decode::<ExecInput>(&frame) {
-                Ok(ExecInput::Stdin(bytes)) if !close_requested && stdin.is_some() => {
-                    pending.extend(bytes)
-                }
-                Ok(ExecInput::Stdin(_)) => {}
-                Ok(ExecInput::CloseStdin) => close_requested = true,
-                Ok(ExecInput::Signal(number)) => signal_group(pgid, number, &exited),
-                Ok(ExecInput::Kill) => {
-                    if !exited.load(Ordering::Relaxed) {
-                        kill_all(pgid);
-                    }
-                }
-                Err(e) => {
-                    eprintln!("crownest-agent: bad exec input: {e}");
-                    reader_open = false;
-                    break;
-                }
-            }
-        }
-        if pending.is_empty() && (close_requested || !reader_open) {
-            stdin = None;
-        }
-        if !reader_open && stdin.is_none() {
-            return;
-        }
-        let room = pending.len() < STDIN_BUFFER;
-        let chunk = pending.make_contiguous();
-        tokio::select! {
-            read = reader.read(&mut buf), if reader_open && room => match read {
-                Ok(n) if n > 0 => decoder.push(&buf[..n]),
-                _ => reader_open = false,
-            },
-            written = write_some(&mut stdin, chunk), if stdin.is_some() && !chunk.is_empty() => match written {
-                Ok(n) => {
-                    pending.drain(..n);
-                }
-                Err(_) => {
-                    // The process closed its stdin: drop what it will never read.
-                    stdin = None;
-                    pending.clear();
-                }
-            },
-            else => return,
-        }
-    }
-}
-
 async fn write_some(pipe: &mut Option<pipe::Sender>, bytes: &[u8]) -> io::Result<usize> {
     match pipe {
         Some(pipe) => pipe.write(bytes).await,
@@ -271,7 +234,7 @@ async fn write_some(pipe: &mut Option<pipe::Sender>, bytes: &[u8]) -> io::Result
 /// Kills the command's process, everything below it, and its process
 /// group (what left the tree by undoing its subreaper bit but not its
 /// group).
-fn kill_all(pgid: Pid) {
+pub fn kill_all(pgid: Pid) {
     tree::kill_tree(pgid.as_raw());
     if let Err(e) = killpg(pgid, Signal::SIGKILL)
         && e != nix::errno::Errno::ESRCH
@@ -280,11 +243,8 @@ fn kill_all(pgid: Pid) {
     }
 }
 
-fn signal_group(pgid: Pid, number: i32, exited: &AtomicBool) {
-    if exited.load(Ordering::Relaxed) {
-        // The group may be gone and its id reused: never signal after exit.
-        return;
-    }
+/// Delivers signal `number` to the process group.
+pub fn signal_group(pgid: Pid, number: i32) {
     match Signal::try_from(number) {
         Ok(signal) => {
             if let Err(e) = killpg(pgid, signal) {
@@ -348,11 +308,16 @@ fn child_setup(user: Option<ExecUser>) -> io::Result<()> {
     }
     // Orphans of what the command starts come back to it, not to the agent,
     // so a timeout or cancel can find and kill them (see `tree`). Kept
-    // across exec.
+    // across exec. gVisor's kernel (runsc 2022) refuses it with EINVAL
+    // outside PID 1: there, orphans that left the process group go to the
+    // agent and die with the sandbox instead.
     // SAFETY: prctl with PR_SET_CHILD_SUBREAPER takes an integer argument
     // and touches no memory of ours.
     if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } < 0 {
-        return Err(io::Error::last_os_error());
+        let error = io::Error::last_os_error();
+        if error.raw_os_error() != Some(libc::EINVAL) {
+            return Err(error);
+        }
     }
     if let Some(user) = user {
         let groups = [user.gid as libc::gid_t];

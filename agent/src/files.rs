@@ -6,6 +6,8 @@
 //! (absolute, or relative ones pointing out, including symlinks that code in
 //! the sandbox plants or swaps in while an operation runs) cannot lead
 //! outside it: the kernel answers `EXDEV`, reported as `OutsideWorkspace`.
+//! Where `openat2` is missing (gVisor's kernel before 2023), the same
+//! resolution is done one component at a time ([`resolve_by_walk`]).
 //! Operations that create, rename or remove an entry open its *parent* that
 //! way and then act on the final component relative to that fd, never
 //! following a symlink in the final component.
@@ -181,6 +183,10 @@ impl Workspace {
             .flags(flags | OFlag::O_CLOEXEC)
             .mode(mode)
             .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+        if !openat2_works() {
+            return resolve_by_walk(root, path, flags, mode)
+                .map_err(|e| FsError::errno(e, &joined));
+        }
         let mut tries = 0;
         loop {
             match openat2(root, Path::new(path), how) {
@@ -449,6 +455,112 @@ fn make_dir(dir: &OwnedFd, name: &str, owner: Option<ExecUser>) -> Result<(), Er
     Ok(())
 }
 
+/// Whether this kernel has a usable `openat2`: gVisor's before 2023 has
+/// none (its seccomp layer then answers `EPERM`, not `ENOSYS`). Asked once.
+fn openat2_works() -> bool {
+    static WORKS: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *WORKS.get_or_init(|| {
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+            .resolve(ResolveFlag::RESOLVE_BENEATH);
+        match openat2(nix::fcntl::AT_FDCWD, Path::new("/"), how) {
+            Ok(_) => true,
+            Err(e) => {
+                eprintln!("crownest-agent: openat2 is unavailable ({e}): resolving paths one component at a time");
+                false
+            }
+        }
+    })
+}
+
+/// Symlinks one resolution follows at most (the kernel's limit).
+const MAX_SYMLINKS: usize = 40;
+
+/// What `openat2(RESOLVE_BENEATH | RESOLVE_NO_MAGICLINKS)` does, done by
+/// hand where it is missing: one component at a time, each opened relative
+/// to the directory fd before it with `O_NOFOLLOW`, so nothing is resolved
+/// by the kernel across more than one name. `..` pops back towards the
+/// root and is `EXDEV` past it; a symlink is read and its target walked in
+/// its place (an absolute one is `EXDEV`, as under `RESOLVE_BENEATH`);
+/// magic links (`/proc/…/fd/…`) can only be reached through an absolute
+/// path or a `..` past the root, both refused. A symlink swapped in
+/// between the check and the open makes the `O_NOFOLLOW` open fail.
+fn resolve_by_walk(root: &OwnedFd, path: &str, flags: OFlag, mode: Mode) -> Result<OwnedFd, Errno> {
+    let mut dirs: Vec<OwnedFd> = Vec::new();
+    let mut pending: std::collections::VecDeque<Vec<u8>> = path
+        .split('/')
+        .filter(|p| !p.is_empty())
+        .map(|p| p.as_bytes().to_vec())
+        .collect();
+    let mut links = 0;
+    while let Some(name) = pending.pop_front() {
+        match name.as_slice() {
+            b"." => continue,
+            b".." => {
+                if dirs.pop().is_none() {
+                    return Err(Errno::EXDEV);
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let dir = dirs.last().map_or(root.as_fd(), |d| d.as_fd());
+        let name_c = CString::new(name).map_err(|_| Errno::EINVAL)?;
+        let last = pending.is_empty();
+        let stat = match fstatat(dir, name_c.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW) {
+            Ok(stat) => Some(stat),
+            Err(Errno::ENOENT) if last && flags.contains(OFlag::O_CREAT) => None,
+            Err(e) => return Err(e),
+        };
+        let is_link =
+            stat.is_some_and(|s| s.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits());
+        if is_link && !(last && flags.contains(OFlag::O_NOFOLLOW)) {
+            links += 1;
+            if links > MAX_SYMLINKS {
+                return Err(Errno::ELOOP);
+            }
+            let target = nix::fcntl::readlinkat(dir, name_c.as_c_str())?;
+            let target = target.as_encoded_bytes();
+            if target.starts_with(b"/") {
+                return Err(Errno::EXDEV);
+            }
+            for part in target.split(|b| *b == b'/').rev() {
+                if !part.is_empty() {
+                    pending.push_front(part.to_vec());
+                }
+            }
+            continue;
+        }
+        if last {
+            let fd = openat(
+                dir,
+                name_c.as_c_str(),
+                flags | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+                mode,
+            )?;
+            // O_PATH | O_NOFOLLOW opens a symlink raced into place as
+            // itself: refuse it as the kernel refuses a loop.
+            if !flags.contains(OFlag::O_NOFOLLOW)
+                && fstat(&fd)?.st_mode & SFlag::S_IFMT.bits() == SFlag::S_IFLNK.bits()
+            {
+                return Err(Errno::ELOOP);
+            }
+            return Ok(fd);
+        }
+        let next = openat(
+            dir,
+            name_c.as_c_str(),
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
+        dirs.push(next);
+    }
+    // The path named the root or ended on `..`/a symlink to a directory:
+    // open that directory itself with the flags asked for.
+    let dir = dirs.last().map_or(root.as_fd(), |d| d.as_fd());
+    openat(dir, c".", flags | OFlag::O_CLOEXEC, mode)
+}
+
 /// Creates each missing directory of `parts`, resolving every prefix
 /// beneath the root (an existing directory, or a symlink to one inside the
 /// workspace, is used as it is).
@@ -615,7 +727,10 @@ where
         | Open::CodeContextCreate(_)
         | Open::CodeRun(_)
         | Open::TcpConnect { .. }
-        | Open::CodeContextDelete { .. } => {}
+        | Open::CodeContextDelete { .. }
+        | Open::ExecAttach(_)
+        | Open::ExecList
+        | Open::CodeContextList => {}
     }
 }
 
@@ -820,6 +935,66 @@ mod tests {
         f.ws.remove("dir", false).expect("remove empty dir");
         f.ws.remove("b.bin", false).expect("remove file");
         assert_eq!(kind(f.ws.stat("b.bin")), FileErrorKind::NotFound);
+    }
+
+    #[test]
+    fn the_walk_resolves_every_path_as_openat2_does() {
+        use std::os::unix::fs::symlink;
+        let f = Fixture::new();
+        std::fs::create_dir_all(f.inside("a/b")).expect("mkdir");
+        std::fs::write(f.inside("a/f"), b"x").expect("file");
+        for (link, target) in [
+            ("in_link", "a/f"),
+            ("dir_link", "a"),
+            ("up_inside", "a/b/.."),
+            ("out_abs", "/etc"),
+            ("out_rel", "../secret"),
+            ("a/b/deep_out", "../../../secret"),
+            ("loop1", "loop2"),
+            ("loop2", "loop1"),
+            ("dangling", "nowhere"),
+        ] {
+            symlink(target, f.inside(link)).expect("symlink");
+        }
+        let root = f.ws.root_fd().expect("root");
+        let id = |fd: &OwnedFd| fstat(fd).map(|s| (s.st_dev, s.st_ino)).expect("fstat");
+        let cases = [
+            "",
+            "a",
+            "a/f",
+            "a/b",
+            "in_link",
+            "dir_link/f",
+            "up_inside/f",
+            "out_abs",
+            "out_rel",
+            "a/b/deep_out",
+            "loop1",
+            "dangling",
+            "missing",
+            "a/missing",
+            "a/f/x",
+            "dir_link/b/..",
+        ];
+        for path in cases {
+            for flags in [
+                OFlag::O_PATH,
+                OFlag::O_RDONLY,
+                OFlag::O_PATH | OFlag::O_NOFOLLOW,
+            ] {
+                let how = OpenHow::new()
+                    .flags(flags | OFlag::O_CLOEXEC)
+                    .resolve(ResolveFlag::RESOLVE_BENEATH | ResolveFlag::RESOLVE_NO_MAGICLINKS);
+                let path_or_dot = if path.is_empty() { "." } else { path };
+                let kernel = openat2(&root, Path::new(path_or_dot), how);
+                let walked = resolve_by_walk(&root, path, flags, Mode::empty());
+                match (&kernel, &walked) {
+                    (Ok(k), Ok(w)) => assert_eq!(id(k), id(w), "{path} {flags:?}"),
+                    (Err(k), Err(w)) => assert_eq!(k, w, "{path} {flags:?}"),
+                    _ => panic!("{path} {flags:?}: openat2 {kernel:?}, walk {walked:?}"),
+                }
+            }
+        }
     }
 
     #[test]

@@ -11,7 +11,9 @@
 
 mod code;
 mod exec;
+mod execs;
 mod files;
+mod output;
 mod reaper;
 mod session;
 mod transport;
@@ -47,6 +49,9 @@ pub struct Shared {
     pub running: AtomicU32,
     /// Code contexts and their interpreters.
     pub contexts: Arc<code::Contexts>,
+    /// Commands by the host's id: they outlive sessions, so a restarted
+    /// host can attach to them again.
+    pub execs: execs::Execs,
 }
 
 impl Shared {
@@ -55,6 +60,7 @@ impl Shared {
             boot_id: rand::random(),
             running: AtomicU32::new(0),
             contexts: Arc::new(code::Contexts::default()),
+            execs: execs::Execs::default(),
         })
     }
 }
@@ -146,8 +152,19 @@ fn bind_unix(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
         _ => {}
     }
-    let listener = UnixListener::bind(path)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    // The socket is created 0600 (umask), not chmod-ed after: under gVisor
+    // it is a host socket made by the gofer (`--host-uds=create`), whose
+    // mode cannot be changed from inside.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound?;
+    if let Err(e) = std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        eprintln!(
+            "crownest-agent: cannot chmod {} (the directory still guards it): {e}",
+            path.display()
+        );
+    }
     Ok(listener)
 }
 
@@ -157,7 +174,8 @@ async fn serve_unix(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
 }
 
 /// Accepts host connections; a connection that completes its handshake
-/// replaces the previous session. Processes are not tied to sessions.
+/// replaces the previous session. Processes are not tied to sessions: the
+/// new host finds them with `Open::ExecList` and attaches again.
 async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) -> std::io::Result<()> {
     let current: Arc<std::sync::Mutex<Option<AbortHandle>>> = Arc::default();
     loop {

@@ -10,12 +10,12 @@ use crownest_proto::{Open, Pong};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{Shared, exec, files, tunnel};
+use crate::{Shared, execs, files, tunnel};
 use crownest_proto::code::ContextReply;
 
 /// Serves logical streams until the session ends (clean close: `Ok`).
-/// Streams already handed out keep running as tasks; their processes outlive
-/// the session.
+/// Streams already handed out keep running as tasks; execs outlive the
+/// session (a later one attaches to them again).
 pub async fn serve<T>(io: T, shared: Arc<Shared>) -> Result<(), yamux::ConnectionError>
 where
     T: AsyncRead + AsyncWrite + Unpin,
@@ -56,7 +56,9 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
                 let _ = writer.shutdown().await;
             }
         }
-        Open::Exec(request) => exec::run(request, reader, writer, shared).await,
+        Open::Exec(request) => execs::open(request, reader, writer, shared).await,
+        Open::ExecAttach(request) => execs::attach(request, reader, writer, shared).await,
+        Open::ExecList => execs::list(writer, &shared).await,
         file @ (Open::FileStat { .. }
         | Open::FileList { .. }
         | Open::FileRead { .. }
@@ -72,6 +74,10 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
         }
         Open::CodeContextDelete { context_id } => {
             let reply: ContextReply = shared.contexts.delete(&context_id);
+            reply_once(&mut writer, &reply).await;
+        }
+        Open::CodeContextList => {
+            let reply = ContextReply::Contexts(shared.contexts.held());
             reply_once(&mut writer, &reply).await;
         }
         Open::CodeRun(request) => shared.contexts.run(request, writer).await,

@@ -25,6 +25,11 @@ pub struct Config {
     /// `host[:port]` under which each preview gets its own origin
     /// (`prv-….{domain}`); `None`: `localhost` with the API's port.
     pub preview_domain: Option<String>,
+    /// The runsc binary of the `gvisor` runtime (`runsc`, or a path).
+    pub runsc_binary: PathBuf,
+    /// Destroy every sandbox when the server stops, instead of leaving
+    /// them for the next server process to take over.
+    pub destroy_on_shutdown: bool,
     pub limits: Limits,
 }
 

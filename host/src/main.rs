@@ -20,7 +20,7 @@ use crownest::core::Host;
 use crownest::ids;
 use crownest::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome};
 use crownest::rootfs::RootfsCache;
-use crownest::runtime::OciRuntime;
+use crownest::runtime::{GvisorRuntime, OciRuntime, Runtime, Runtimes};
 use crownest::store::{AuditRow, Quota, SqliteStore, Store, StoreHandle};
 use crownest::templates::TemplateSet;
 
@@ -81,9 +81,17 @@ struct ServeArgs {
     data: DataDir,
     #[command(flatten)]
     templates: TemplatesDir,
-    /// OCI runtime binary.
+    /// OCI runtime binary of the `oci` runtime.
     #[arg(long, env = "CROWNEST_RUNTIME", default_value = "runc")]
     runtime: PathBuf,
+    /// runsc binary of the `gvisor` runtime.
+    #[arg(long, env = "CROWNEST_RUNSC", default_value = "runsc")]
+    runsc: PathBuf,
+    /// Destroy every sandbox when the server stops. By default sandboxes
+    /// keep running and the next server process on this data dir takes
+    /// them over (commands, their logs and code contexts included).
+    #[arg(long, env = "CROWNEST_DESTROY_ON_SHUTDOWN")]
+    destroy_on_shutdown: bool,
     /// The static crownest-agent binary to put in sandboxes.
     #[arg(long, env = "CROWNEST_AGENT_BIN")]
     agent_binary: Option<PathBuf>,
@@ -296,6 +304,8 @@ fn serve(args: ServeArgs) -> Result<()> {
         cache_dir: config::default_cache_dir(),
         templates_dir: args.templates.templates_dir.clone(),
         runtime_binary: args.runtime.clone(),
+        runsc_binary: args.runsc.clone(),
+        destroy_on_shutdown: args.destroy_on_shutdown,
         agent_binary,
         preview_domain: args.preview_domain.clone(),
         limits: Limits {
@@ -311,31 +321,49 @@ fn serve(args: ServeArgs) -> Result<()> {
     };
     let templates = TemplateSet::load(config.templates_dir.as_deref())?;
     let store = open_store(&data_dir)?;
-    let runtime = Arc::new(
+    crownest::runtime::oci::become_subreaper();
+    let oci: Arc<dyn Runtime> = Arc::new(
         OciRuntime::new(config.runtime_binary.clone(), data_dir.join("runc"))
             .with_userns_hook(std::env::current_exe().context("finding this binary")?),
     );
+    let gvisor: Arc<dyn Runtime> = Arc::new(GvisorRuntime::new(
+        config.runsc_binary.clone(),
+        data_dir.join("runsc"),
+    ));
+    let mut runtimes = Runtimes::new(vec![oci, gvisor]);
     let runtime_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     runtime_rt.block_on(async move {
-        let runc_version = runtime
-            .checked_version()
-            .await
-            .context("checking the OCI runtime")?;
-        tracing::info!(runtime = "oci", version = %runc_version, "runtime checked");
+        // Each isolation a template names is tried once; one this host
+        // cannot run leaves its templates listed as unavailable.
+        runtimes.check(templates.iter().map(|t| t.runtime)).await;
+        for driver in runtimes.drivers() {
+            if let Some(version) = driver.version() {
+                tracing::info!(runtime = driver.name(), %version, "runtime checked");
+            }
+        }
         let blobs = BlobStore::open(data_dir.join("blobs"))?;
         let host = Host::new(
             config.clone(),
             store,
             Clock::system(),
             templates,
-            runtime,
+            runtimes,
             blobs,
         );
-        host.reconcile()
+        let reconciled = host
+            .reconcile()
             .await
             .context("reconciling sandboxes left by a previous run")?;
+        if !reconciled.adopted.is_empty() || !reconciled.destroyed.is_empty() {
+            tracing::info!(
+                adopted = reconciled.adopted.len(),
+                commands = reconciled.commands,
+                destroyed = reconciled.destroyed.len(),
+                "took over the sandboxes of the previous host process"
+            );
+        }
         let reaper = host.spawn_reaper();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
@@ -347,7 +375,11 @@ fn serve(args: ServeArgs) -> Result<()> {
         println!("crownest listening on http://{local}");
         let state = AppState { host: host.clone() };
         api::run(listener, state, shutdown_signal()).await?;
-        tracing::info!("shutting down: destroying live sandboxes");
+        if config.destroy_on_shutdown {
+            tracing::info!("shutting down: destroying live sandboxes");
+        } else {
+            tracing::info!("shutting down: sandboxes keep running for the next server process");
+        }
         host.shutdown().await;
         reaper.abort();
         Ok::<_, anyhow::Error>(())

@@ -86,9 +86,29 @@ impl RootfsCache {
         format!("{}-{}", template.name, template.recipe_hash())
     }
 
-    /// `<cache>/rootfs/<name>-<recipe hash>`.
+    /// `<cache>/rootfs/<name>-<recipe hash>`; when that is not built but
+    /// another template with the same recipe is (`python-gvisor` shares
+    /// `python`'s), that one's tree: the recipe hash says they are equal.
     pub fn path_for(&self, template: &Template) -> PathBuf {
-        self.rootfs_dir().join(Self::entry_name(template))
+        let own = self.rootfs_dir().join(Self::entry_name(template));
+        if own.is_dir() {
+            return own;
+        }
+        let suffix = format!("-{}", template.recipe_hash());
+        let mut twins: Vec<PathBuf> = std::fs::read_dir(self.rootfs_dir())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| {
+                let name = e.file_name();
+                let name = name.to_string_lossy();
+                !name.starts_with('.') && name.ends_with(&suffix)
+            })
+            .map(|e| e.path())
+            .filter(|p| p.is_dir())
+            .collect();
+        twins.sort();
+        twins.into_iter().next().unwrap_or(own)
     }
 
     /// Whether the template's current recipe has been built.
@@ -374,6 +394,26 @@ mod tests {
             PathBuf::from(format!("/c/rootfs/tiny-{}", t.recipe_hash()))
         );
         assert!(!cache.is_built(&t));
+    }
+
+    #[test]
+    fn a_template_with_the_same_recipe_uses_the_built_twin() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = RootfsCache::new(dir.path());
+        let t = tiny_template();
+        let twin = dir
+            .path()
+            .join("rootfs")
+            .join(format!("other-{}", t.recipe_hash()));
+        std::fs::create_dir_all(&twin).expect("twin");
+        std::fs::create_dir_all(
+            dir.path()
+                .join("rootfs")
+                .join(format!(".tiny-{}.tmp", t.recipe_hash())),
+        )
+        .expect("tmp");
+        assert_eq!(cache.path_for(&t), twin);
+        assert!(cache.is_built(&t));
     }
 
     #[test]

@@ -18,7 +18,8 @@
 //! variant = "minbase"             # minbase|essential|apt|required|important|standard
 //! packages = ["python3", "..."]   # Debian package names, order irrelevant
 //! [runtime]
-//! kind = "oci"                    # only "oci" is implemented
+//! kind = "oci"                    # "oci" (runc) or "gvisor" (runsc)
+//! platform = "ptrace"             # gvisor only: ptrace (default), kvm, systrap
 //! [resources]
 //! vcpus = 1                       # 1..=64
 //! memoryMiB = 512                 # 64..=65536
@@ -38,7 +39,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{NetworkMode, Resources, SandboxUser};
+use crate::runtime::{GvisorPlatform, Isolation, NetworkMode, Resources, SandboxUser};
 
 /// Bumped whenever the way a recipe is turned into a rootfs changes (the
 /// mmdebstrap command line, the customize hooks), so old cache entries are
@@ -52,6 +53,10 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "python-node.toml",
         include_str!("../../templates/python-node.toml"),
+    ),
+    (
+        "python-gvisor.toml",
+        include_str!("../../templates/python-gvisor.toml"),
     ),
 ];
 
@@ -112,13 +117,6 @@ pub struct RootfsRecipe {
     pub packages: Vec<String>,
 }
 
-/// The runtime that runs a template's sandboxes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RuntimeKind {
-    /// runc (or another OCI runtime CLI) over a read-only bundle.
-    Oci,
-}
-
 /// The output pipeline of one language: names of built plugins
 /// (`<plugins dir>/<name>.wasm`) or absolute paths to components.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -137,7 +135,8 @@ pub struct Template {
     pub name: String,
     pub description: String,
     pub rootfs: RootfsRecipe,
-    pub runtime: RuntimeKind,
+    /// The runtime that runs its sandboxes, with its options.
+    pub runtime: Isolation,
     pub resources: Resources,
     pub network: NetworkMode,
     /// The default command user; created in the rootfs at build time.
@@ -230,12 +229,39 @@ impl Template {
         packages.sort();
         packages.dedup();
 
-        let runtime = match raw.runtime.kind.as_str() {
-            "oci" => RuntimeKind::Oci,
-            other => {
+        const KINDS: &str = "\"oci\", \"gvisor\"";
+        let platforms = || {
+            GvisorPlatform::ALL
+                .map(|p| format!("\"{}\"", p.as_str()))
+                .join(", ")
+        };
+        let runtime = match (raw.runtime.kind.as_str(), raw.runtime.platform.as_deref()) {
+            ("oci", None) => Isolation::Oci,
+            ("oci", Some(_)) => {
+                return Err(invalid(
+                    "runtime.platform",
+                    String::from("applies only to kind = \"gvisor\"; remove it for \"oci\""),
+                ));
+            }
+            ("gvisor", platform) => {
+                let platform = match platform {
+                    None => GvisorPlatform::Ptrace,
+                    Some(text) => GvisorPlatform::parse(text).ok_or_else(|| {
+                        invalid(
+                            "runtime.platform",
+                            format!(
+                                "`{text}` is not a gVisor platform; use one of {}",
+                                platforms()
+                            ),
+                        )
+                    })?,
+                };
+                Isolation::Gvisor { platform }
+            }
+            (other, _) => {
                 return Err(invalid(
                     "runtime.kind",
-                    format!("`{other}` is not implemented; the only supported runtime is \"oci\""),
+                    format!("`{other}` is not a runtime; use one of {KINDS}"),
                 ));
             }
         };
@@ -507,6 +533,7 @@ struct RawRootfs {
 #[serde(deny_unknown_fields)]
 struct RawRuntime {
     kind: String,
+    platform: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -550,10 +577,10 @@ mod tests {
     fn builtin_templates_load_and_python_has_python_is_python3() {
         let set = TemplateSet::load(None).expect("builtins load");
         let names: Vec<_> = set.names().collect();
-        assert_eq!(names, ["node", "python", "python-node"]);
+        assert_eq!(names, ["node", "python", "python-gvisor", "python-node"]);
         let py = set.get("python").expect("python");
         assert!(py.rootfs.packages.iter().any(|p| p == "python-is-python3"));
-        assert_eq!(py.runtime, RuntimeKind::Oci);
+        assert_eq!(py.runtime, Isolation::Oci);
         assert_eq!(py.network, NetworkMode::None);
         assert_eq!(
             py.user,
@@ -589,10 +616,38 @@ mod tests {
     }
 
     #[test]
-    fn runtime_kind_other_than_oci_is_rejected() {
+    fn an_unknown_runtime_kind_or_platform_names_the_file_the_key_and_the_choices() {
         let text = python_text().replace("kind = \"oci\"", "kind = \"microvm\"");
         let err = parse(&text).expect_err("microvm").to_string();
-        assert!(err.contains("runtime.kind"), "{err}");
+        assert!(
+            err.contains("runtime.kind") && err.contains("\"gvisor\"") && err.contains("t.toml"),
+            "{err}"
+        );
+        let text = python_text().replace("kind = \"oci\"", "kind = \"gvisor\"\nplatform = \"vmx\"");
+        let err = parse(&text).expect_err("vmx").to_string();
+        assert!(
+            err.contains("runtime.platform") && err.contains("\"systrap\"") && err.contains("vmx"),
+            "{err}"
+        );
+        let text = python_text().replace("kind = \"oci\"", "kind = \"oci\"\nplatform = \"kvm\"");
+        let err = parse(&text).expect_err("oci platform").to_string();
+        assert!(err.contains("runtime.platform"), "{err}");
+    }
+
+    #[test]
+    fn python_gvisor_shares_the_python_rootfs_and_runs_on_ptrace() {
+        let set = TemplateSet::load(None).expect("builtin");
+        let (py, gv) = (
+            set.get("python").expect("python"),
+            set.get("python-gvisor").expect("python-gvisor"),
+        );
+        assert_eq!(py.recipe_hash(), gv.recipe_hash());
+        assert_eq!(
+            gv.runtime,
+            Isolation::Gvisor {
+                platform: GvisorPlatform::Ptrace
+            }
+        );
     }
 
     #[test]

@@ -62,6 +62,9 @@ pub enum ContextReply {
     BadCwd {
         cwd: String,
     },
+    /// The answer to [`crate::Open::CodeContextList`]: ids of the contexts
+    /// whose interpreter is alive.
+    Contexts(Vec<String>),
 }
 
 /// Run code in a context.

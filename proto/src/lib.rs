@@ -30,10 +30,14 @@ use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Bump on any incompatible change to
 /// a message below; the handshake picks the highest version both sides know.
-pub const PROTOCOL_VERSION: u16 = 1;
+///
+/// Version 2: execs have ids and outlive the session that started them
+/// ([`Open::ExecAttach`], [`Open::ExecList`], [`ExecInput::Ack`]), so a
+/// restarted host can take over running commands.
+pub const PROTOCOL_VERSION: u16 = 2;
 
 /// The oldest protocol version this build still accepts from its peer.
-pub const MIN_PROTOCOL_VERSION: u16 = 1;
+pub const MIN_PROTOCOL_VERSION: u16 = 2;
 
 /// The sandbox's writable workspace: commands start here, file paths are
 /// resolved beneath it, and artifacts are promoted from it.
@@ -142,7 +146,61 @@ pub enum Open {
     /// answers one [`TunnelReply`]. After `Connected` the stream carries
     /// the connection's raw bytes both ways, no frames.
     TcpConnect { port: u16 },
+    /// Take over an exec started earlier (by this host process or one
+    /// before it): the agent answers [`ExecEvent::Attached`] (or
+    /// [`ExecEvent::NotFound`]), replays the output it still holds from the
+    /// given byte offsets, then streams live events as for
+    /// [`Open::Exec`]. Another stream attached to the same exec is
+    /// detached (its events stop).
+    ExecAttach(ExecAttach),
+    /// The execs the agent holds (running, or ended but not released):
+    /// answered by one [`ExecList`].
+    ExecList,
+    /// The ids of the code contexts the agent holds (one whose interpreter
+    /// died is restarted by its next run, as always): answered by one
+    /// [`code::ContextReply::Contexts`].
+    CodeContextList,
 }
+
+/// Where a host resumes an exec's output.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecAttach {
+    /// The id given in [`ExecRequest::id`].
+    pub id: String,
+    /// Bytes of stdout the host has already recorded: the replay starts
+    /// there.
+    pub stdout_from: u64,
+    /// Bytes of stderr the host has already recorded.
+    pub stderr_from: u64,
+}
+
+/// The agent's answer to [`Open::ExecList`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecList {
+    pub execs: Vec<ExecSummary>,
+}
+
+/// One exec the agent holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecSummary {
+    pub id: String,
+    pub pid: u32,
+    /// `false` once the process has exited (its end is held until the host
+    /// sends [`ExecInput::Release`]).
+    pub running: bool,
+}
+
+/// Longest [`ExecRequest::id`], so that [`ExecList`] fits one frame.
+pub const MAX_EXEC_ID_LEN: usize = 128;
+
+/// Upper bound of the execs an agent holds; a new exec beyond it evicts the
+/// oldest one that has ended, or is refused when all are running.
+pub const MAX_EXECS: usize = 1024;
+
+/// Output bytes an agent holds per exec that the host has not acknowledged
+/// ([`ExecInput::Ack`]); beyond it the oldest are dropped and counted in
+/// [`ExecEvent::Attached`].
+pub const MAX_UNACKED_BYTES: u64 = 4 * 1024 * 1024;
 
 /// Agent to host, once, on a `TcpConnect` stream.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -250,6 +308,11 @@ pub struct Pong {
 /// A process to start inside the sandbox.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ExecRequest {
+    /// The host's id for it (its command id), unique per sandbox: what
+    /// [`Open::ExecAttach`] names. An id the agent already holds, an empty
+    /// one or one longer than [`MAX_EXEC_ID_LEN`] is refused with
+    /// [`ExecEvent::SpawnFailed`].
+    pub id: String,
     /// argv; `argv[0]` is looked up in `PATH` when it has no slash.
     pub argv: Vec<String>,
     /// Working directory inside the sandbox (absolute).
@@ -283,6 +346,16 @@ pub enum ExecInput {
     /// (`setsid`, double forks): cancel. Appended: earlier variants keep
     /// their encoding.
     Kill,
+    /// The host has durably recorded output up to these byte offsets of
+    /// stdout and stderr: the agent may forget it.
+    Ack {
+        stdout: u64,
+        stderr: u64,
+    },
+    /// The host has recorded the exec's end: the agent forgets the exec
+    /// (after [`ExecEvent::Exited`] or [`ExecEvent::SpawnFailed`]; ignored
+    /// while it runs).
+    Release,
 }
 
 /// Agent to host, on an exec stream.
@@ -304,6 +377,19 @@ pub enum ExecEvent {
     SpawnFailed {
         message: String,
     },
+    /// First event on an [`Open::ExecAttach`] stream: the exec is held.
+    /// `lost_stdout`/`lost_stderr`: bytes at or after the requested offsets
+    /// that the agent no longer holds (acknowledged before, or dropped past
+    /// [`MAX_UNACKED_BYTES`]); the replay starts after them.
+    Attached {
+        pid: u32,
+        running: bool,
+        lost_stdout: u64,
+        lost_stderr: u64,
+    },
+    /// First and only event on an [`Open::ExecAttach`] stream when the agent
+    /// holds no exec of that id.
+    NotFound,
 }
 
 /// Errors of encoding and decoding.

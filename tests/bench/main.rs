@@ -394,6 +394,7 @@ async fn main() {
     let abuse_rows = abuse_measurements(&server, &client, &warm).await;
     client.kill(&warm).await;
     server.stop();
+    let runtime_table = runtime_measurements(iterations, creates).await;
 
     println!("\n| measurement | n | p50 | p99 | target |");
     println!("|---|---|---|---|---|");
@@ -430,6 +431,149 @@ async fn main() {
     for row in &abuse_rows {
         println!("{row}");
     }
+    println!("{runtime_table}");
+}
+
+/// Processes in a sandbox's cgroup (the agent under runc; the sentry,
+/// gofer and ptrace stubs under gVisor), by the pids controller.
+fn cgroup_pids(id: &str) -> Vec<u32> {
+    for dir in [
+        format!("/sys/fs/cgroup/pids/crownest/{id}"),
+        format!("/sys/fs/cgroup/crownest/{id}"),
+    ] {
+        if let Ok(text) = std::fs::read_to_string(format!("{dir}/cgroup.procs")) {
+            return text.lines().filter_map(|l| l.trim().parse().ok()).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// One runtime's column: create -> first result, command and code round
+/// trips, idle memory, and the take-over of 20 sandboxes after a kill -9.
+struct RuntimeColumn {
+    create: Duration,
+    command: Duration,
+    code: Duration,
+    idle_mib: f64,
+    readopt: Duration,
+}
+
+async fn runtime_column(template: &str, iterations: usize, creates: usize) -> RuntimeColumn {
+    let mut server = Server::start_with_env(&[
+        ("CROWNEST_RATE_LIMIT", "0"),
+        ("CROWNEST_DESTROY_ON_SHUTDOWN", "false"),
+    ]);
+    let key = server.key("bench-runtimes", None, "all");
+    let client = server.client(&key);
+    let warm = client.sandbox(template).await;
+    client.run(&warm, "true").await;
+    let p50 = |mut samples: Vec<Duration>| {
+        samples.sort();
+        percentile(&samples, 0.5)
+    };
+    let mut samples = Vec::new();
+    for _ in 0..creates {
+        let start = Instant::now();
+        let id = client.sandbox(template).await;
+        let result = client.run(&id, "true").await;
+        samples.push(start.elapsed());
+        assert_eq!(result["exitCode"], 0);
+        client.kill(&id).await;
+    }
+    let create = p50(samples);
+    let mut samples = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        client.run(&warm, "true").await;
+        samples.push(start.elapsed());
+    }
+    let command = p50(samples);
+    let runs = format!("/v1/sandboxes/{warm}/code/runs");
+    client
+        .post(&runs, json!({ "language": "python", "code": "0" }))
+        .await;
+    let mut samples = Vec::new();
+    for _ in 0..iterations {
+        let start = Instant::now();
+        let (status, body) = client
+            .post(&runs, json!({ "language": "python", "code": "1+1" }))
+            .await;
+        samples.push(start.elapsed());
+        assert_eq!(status, 200, "{body}");
+    }
+    let code = p50(samples);
+    client.kill(&warm).await;
+
+    // 20 idle sandboxes: host RSS growth plus every process in their cgroups.
+    let server_pid = server.pid().expect("server pid");
+    let before = rss_kib(server_pid);
+    let mut idle = Vec::new();
+    for _ in 0..20 {
+        idle.push(client.sandbox(template).await);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let host = rss_kib(server_pid).saturating_sub(before);
+    let sandboxes: u64 = idle
+        .iter()
+        .flat_map(|id| cgroup_pids(id))
+        .map(rss_kib)
+        .sum();
+    let idle_mib = (host + sandboxes) as f64 / 20.0 / 1024.0;
+
+    // Kill -9 the host with the 20 live, start it again: the start returns
+    // once every one is taken over (it listens after reconciling).
+    server.kill9();
+    let start = Instant::now();
+    server.start_again();
+    let readopt = start.elapsed();
+    let client = server.client(&key);
+    for id in &idle {
+        let (_, row) = client.get(&format!("/v1/sandboxes/{id}")).await;
+        assert_eq!(row["status"], "running", "{row}");
+        client.kill(id).await;
+    }
+    server.stop();
+    RuntimeColumn {
+        create,
+        command,
+        code,
+        idle_mib,
+        readopt,
+    }
+}
+
+async fn runtime_measurements(iterations: usize, creates: usize) -> String {
+    let oci = runtime_column("python", iterations, creates).await;
+    let gvisor = runtime_column("python-gvisor", iterations.min(100), creates).await;
+    let ratio = gvisor.command.as_secs_f64() / oci.command.as_secs_f64().max(1e-9);
+    let mut out = String::from(
+        "\n| per runtime (p50) | oci (runc) | gvisor (runsc, ptrace) | target |\n|---|---|---|---|\n",
+    );
+    out += &format!(
+        "| create -> first command result | {} | {} | gvisor <= 400 ms |\n",
+        ms(oci.create),
+        ms(gvisor.create)
+    );
+    out += &format!(
+        "| command round trip (`true`) | {} | {} ({ratio:.1}x runc) | gvisor <= 2x runc |\n",
+        ms(oci.command),
+        ms(gvisor.command)
+    );
+    out += &format!(
+        "| code run `1+1` (default python context) | {} | {} | |\n",
+        ms(oci.code),
+        ms(gvisor.code)
+    );
+    out += &format!(
+        "| idle memory per sandbox (host growth + agent/sentry/gofer RSS, 20 idle) | {:.2} MiB | {:.2} MiB | |\n",
+        oci.idle_mib, gvisor.idle_mib
+    );
+    out += &format!(
+        "| host restart (kill -9) -> 20 live sandboxes taken over, serving | {} | {} | <= 1 s |",
+        ms(oci.readopt),
+        ms(gvisor.readopt)
+    );
+    out
 }
 
 /// Peak and current resident memory of a process, in KiB.

@@ -22,10 +22,10 @@ async fn run(client: &crownest_e2e::Client, sandbox: &str, body: Value) -> Value
     result
 }
 
-#[tokio::test]
-async fn seed_000_context_keeps_state_and_the_default_context_is_reused() {
+on_each_runtime! {
+async fn seed_000_context_keeps_state_and_the_default_context_is_reused(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let (status, context) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/code/contexts"),
@@ -109,11 +109,12 @@ async fn seed_000_context_keeps_state_and_the_default_context_is_reused() {
     assert_eq!((status, error_code(&body)), (404, "not_found"));
     client.kill(&sandbox).await;
 }
+}
 
-#[tokio::test]
-async fn an_exception_is_a_result_with_name_and_traceback() {
+on_each_runtime! {
+async fn an_exception_is_a_result_with_name_and_traceback(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let result = run(
         &client,
         &sandbox,
@@ -129,6 +130,7 @@ async fn an_exception_is_a_result_with_name_and_traceback() {
             .contains("ZeroDivisionError")
     );
     client.kill(&sandbox).await;
+}
 }
 
 #[tokio::test]
@@ -233,10 +235,10 @@ async fn languages_and_limits_are_validated() {
     client.kill(&sandbox).await;
 }
 
-#[tokio::test]
-async fn a_timeout_interrupts_the_run_and_the_context_keeps_its_state() {
+on_each_runtime! {
+async fn a_timeout_interrupts_the_run_and_the_context_keeps_its_state(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     run(
         &client,
         &sandbox,
@@ -261,11 +263,12 @@ async fn a_timeout_interrupts_the_run_and_the_context_keeps_its_state() {
     assert_eq!(after["stateLost"], false);
     client.kill(&sandbox).await;
 }
+}
 
-#[tokio::test]
-async fn a_dead_interpreter_is_reported_and_replaced_with_the_loss_explicit() {
+on_each_runtime! {
+async fn a_dead_interpreter_is_reported_and_replaced_with_the_loss_explicit(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     run(
         &client,
         &sandbox,
@@ -292,6 +295,7 @@ async fn a_dead_interpreter_is_reported_and_replaced_with_the_loss_explicit() {
         "the same context, with a fresh interpreter"
     );
     client.kill(&sandbox).await;
+}
 }
 
 async fn stream_run(
@@ -330,10 +334,10 @@ async fn stream_run(
     events
 }
 
-#[tokio::test]
-async fn a_streamed_run_sends_stdout_before_complete_and_complete_equals_the_blocking_result() {
+on_each_runtime! {
+async fn a_streamed_run_sends_stdout_before_complete_and_complete_equals_the_blocking_result(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let code = "import time\nfor i in range(3):\n    print('tick', i, flush=True)\n    time.sleep(0.2)\n1/0";
     let events = stream_run(
         &client,
@@ -377,12 +381,14 @@ async fn a_streamed_run_sends_stdout_before_complete_and_complete_equals_the_blo
 
     // Replaying a completed idempotency key emits one complete event.
     let body = json!({ "language": "python", "code": "print('once')" });
-    let first = stream_run(&client, &sandbox, body.clone(), Some("stream-once")).await;
-    let replay = stream_run(&client, &sandbox, body, Some("stream-once")).await;
+    let key = format!("stream-once-{template}");
+    let first = stream_run(&client, &sandbox, body.clone(), Some(&key)).await;
+    let replay = stream_run(&client, &sandbox, body, Some(&key)).await;
     assert_eq!(replay.len(), 1, "{replay:?}");
     assert_eq!(replay[0].event, "complete");
     assert_eq!(replay[0].data, first.last().expect("complete").data);
     client.kill(&sandbox).await;
+}
 }
 
 fn output_of<'a>(result: &'a Value, format: &str) -> &'a Value {

@@ -7,10 +7,10 @@ use crownest_e2e::{SseEvent, SseParser, shared};
 use futures::StreamExt;
 use serde_json::json;
 
-#[tokio::test]
-async fn seed_002_flow_prints_42_and_a_nonzero_exit_is_a_result() {
+on_each_runtime! {
+async fn seed_002_flow_prints_42_and_a_nonzero_exit_is_a_result(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
 
     let result = client.run(&sandbox, "python -c 'print(40 + 2)'").await;
     assert_eq!(result["exitCode"], 0, "{result}");
@@ -39,11 +39,12 @@ async fn seed_002_flow_prints_42_and_a_nonzero_exit_is_a_result() {
     assert_eq!(one["stdout"], "42\n");
     client.kill(&sandbox).await;
 }
+}
 
-#[tokio::test]
-async fn commands_run_in_workspace_as_the_unprivileged_user_with_env_and_cwd() {
+on_each_runtime! {
+async fn commands_run_in_workspace_as_the_unprivileged_user_with_env_and_cwd(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let result = client.run(&sandbox, "pwd; id -u; echo $HOME").await;
     assert_eq!(
         result["stdout"], "/workspace\n1000\n/workspace\n",
@@ -66,6 +67,7 @@ async fn commands_run_in_workspace_as_the_unprivileged_user_with_env_and_cwd() {
         .await;
     assert_eq!(result["stdout"], "/workspace/sub\n", "{result}");
     client.kill(&sandbox).await;
+}
 }
 
 async fn read_events(
@@ -96,10 +98,10 @@ async fn read_events(
     events
 }
 
-#[tokio::test]
-async fn background_command_streams_logs_live_and_resumes_without_loss_or_repeats() {
+on_each_runtime! {
+async fn background_command_streams_logs_live_and_resumes_without_loss_or_repeats(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let (status, started) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/commands"),
@@ -166,11 +168,12 @@ async fn background_command_streams_logs_live_and_resumes_without_loss_or_repeat
     assert_eq!(tail.last().expect("exit").event, "exit");
     client.kill(&sandbox).await;
 }
+}
 
-#[tokio::test]
-async fn stdin_signal_cancel_and_timeout_are_recorded() {
+on_each_runtime! {
+async fn stdin_signal_cancel_and_timeout_are_recorded(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let commands = format!("/v1/sandboxes/{sandbox}/commands");
 
     // stdin round trip.
@@ -263,6 +266,7 @@ async fn stdin_signal_cancel_and_timeout_are_recorded() {
     );
     client.kill(&sandbox).await;
 }
+}
 
 async fn wait_for_end(
     client: &crownest_e2e::Client,
@@ -279,10 +283,10 @@ async fn wait_for_end(
     panic!("command {id} did not end");
 }
 
-#[tokio::test]
-async fn output_beyond_the_limit_keeps_the_tail_and_says_so() {
+on_each_runtime! {
+async fn output_beyond_the_limit_keeps_the_tail_and_says_so(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     // 3 MiB of output; the record keeps the last 1 MiB of it.
     let result = client
         .run(
@@ -299,4 +303,5 @@ async fn output_beyond_the_limit_keeps_the_tail_and_says_so() {
     assert_eq!(stdout.len(), 1 << 20);
     assert!(stdout.ends_with("END"));
     client.kill(&sandbox).await;
+}
 }

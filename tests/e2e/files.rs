@@ -72,10 +72,10 @@ async fn get_bytes(
     )
 }
 
-#[tokio::test]
-async fn write_list_stat_read_move_mkdir_delete_round_trip() {
+on_each_runtime! {
+async fn write_list_stat_read_move_mkdir_delete_round_trip(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
 
     let (status, written) = put(&client, &sandbox, "notes/hello.txt", b"hello\n".to_vec()).await;
     assert_eq!(status, 200, "{written}");
@@ -202,6 +202,7 @@ async fn write_list_stat_read_move_mkdir_delete_round_trip() {
     );
     client.kill(&sandbox).await;
 }
+}
 
 #[tokio::test]
 async fn file_routes_check_scopes_and_the_direct_size_limit() {
@@ -318,10 +319,10 @@ async fn every_endpoint(client: &Client, sandbox: &str, path: &str) -> Vec<(Stri
     out
 }
 
-#[tokio::test]
-async fn path_escapes_are_refused_through_every_endpoint_and_touch_nothing_outside() {
+on_each_runtime! {
+async fn path_escapes_are_refused_through_every_endpoint_and_touch_nothing_outside(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     // A symlink to / and one to /tmp, planted by code in the sandbox.
     let setup = client
         .run(&sandbox, "ln -s / root && ln -s /tmp tmplink && ln -s ../tmp up && echo c > canary && echo SECRET > /tmp/secret")
@@ -373,11 +374,12 @@ async fn path_escapes_are_refused_through_every_endpoint_and_touch_nothing_outsi
     assert_eq!(check["stdout"], "SECRET\nunlinked\n");
     client.kill(&sandbox).await;
 }
+}
 
-#[tokio::test]
-async fn a_symlink_race_never_reads_or_writes_outside_the_workspace() {
+on_each_runtime! {
+async fn a_symlink_race_never_reads_or_writes_outside_the_workspace(template) {
     let client = shared().client();
-    let sandbox = client.sandbox("python").await;
+    let sandbox = client.sandbox(template).await;
     let setup = client
         .run(
             &sandbox,
@@ -447,6 +449,7 @@ async fn a_symlink_race_never_reads_or_writes_outside_the_workspace() {
         "no write landed in /tmp ({writes} landed inside): {check}"
     );
     client.kill(&sandbox).await;
+}
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -2,6 +2,31 @@
 //! sandboxes, real HTTP. One test binary with modules (one link, one
 //! shared server for the tests that don't restart it).
 
+/// Runs a test once per runtime: `name::oci` on the `python` template
+/// (runc) and `name::gvisor` on `python-gvisor` (runsc); the body gets the
+/// template's name as `$template`.
+macro_rules! on_each_runtime {
+    ($(#[$attr:meta])* async fn $name:ident($template:ident) $body:block) => {
+        mod $name {
+            #[allow(unused_imports)]
+            use super::*;
+
+            $(#[$attr])*
+            async fn on_runtime($template: &'static str) $body
+
+            #[tokio::test]
+            async fn oci() {
+                on_runtime("python").await
+            }
+
+            #[tokio::test]
+            async fn gvisor() {
+                on_runtime("python-gvisor").await
+            }
+        }
+    };
+}
+
 mod abuse;
 mod artifacts;
 mod auth;
@@ -11,6 +36,7 @@ mod code;
 mod commands;
 mod escape;
 mod files;
+mod gvisor;
 mod ledger;
 mod parts;
 mod previews;

@@ -65,8 +65,14 @@ impl Drop for RunningAgent {
     }
 }
 
+static NEXT_ID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 fn request(argv: &[&str]) -> ExecRequest {
     ExecRequest {
+        id: format!(
+            "cmd_parts{}",
+            NEXT_ID.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         cwd: "/".into(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],
@@ -286,6 +292,7 @@ async fn fixture(name: &str, agent_script: &str, agent_mode: u32) -> Fixture {
         .expect("chmod agent");
     let pid = std::process::id();
     let spec = SandboxSpec {
+        isolation: crownest::runtime::Isolation::Oci,
         id: format!("sbx_{name}{pid}"),
         rootfs,
         state_dir: dir.path().join("sandboxes").join(name),
@@ -359,8 +366,14 @@ async fn a_runc_sandbox_is_listed_and_destroy_leaves_nothing() {
     for d in cgroup_dirs(&f.spec.id) {
         assert!(!d.exists(), "{} left behind", d.display());
     }
-    // Reaped, not a zombie (the runtime makes this process a subreaper).
-    assert!(!Path::new(&format!("/proc/{pid}")).exists());
+    // Gone and reaped, not a zombie: this test process is no subreaper
+    // (only `serve` is), so whoever inherited the container's init reaps
+    // it once the runtime has killed it.
+    let gone = (0..100).any(|_| {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        !Path::new(&format!("/proc/{pid}")).exists()
+    });
+    assert!(gone, "pid {pid} of the destroyed container is still there");
     f.runtime
         .destroy(&f.spec.id, &f.spec.state_dir)
         .await

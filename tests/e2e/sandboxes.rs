@@ -6,21 +6,22 @@ use std::time::Duration;
 use crownest_e2e::{error_code, shared};
 use serde_json::json;
 
-#[tokio::test]
-async fn create_returns_the_sandbox_and_kill_leaves_a_tombstone() {
+on_each_runtime! {
+async fn create_returns_the_sandbox_and_kill_leaves_a_tombstone(template) {
     let s = shared();
     let client = s.client();
     let (status, created) = client
         .post(
             "/v1/sandboxes",
-            json!({ "template": "python", "ttlMs": 600000, "metadata": { "job": "primes-demo" } }),
+            json!({ "template": template, "ttlMs": 600000, "metadata": { "job": "primes-demo" } }),
         )
         .await;
     assert_eq!(status, 201, "{created}");
     let id = created["id"].as_str().expect("id").to_string();
     assert!(id.starts_with("sbx_"));
     assert_eq!(created["status"], "running");
-    assert_eq!(created["template"], "python");
+    assert_eq!(created["template"], template);
+    assert_eq!(created["runtime"], if template == "python" { "oci" } else { "gvisor" });
     assert_eq!(created["metadata"], json!({ "job": "primes-demo" }));
     let created_at = created["createdAt"].as_str().expect("createdAt");
     let expires_at = created["expiresAt"].as_str().expect("expiresAt");
@@ -47,6 +48,7 @@ async fn create_returns_the_sandbox_and_kill_leaves_a_tombstone() {
         !s.data_dir.join("sandboxes").join(&id).exists(),
         "state dir removed"
     );
+}
 }
 
 #[tokio::test]

@@ -119,6 +119,16 @@ impl AgentClient {
         .await
     }
 
+    /// Ids of the contexts whose interpreter is alive.
+    pub async fn context_list(&self) -> Result<Vec<String>, AgentError> {
+        match self.context_call(&Open::CodeContextList).await? {
+            ContextReply::Contexts(ids) => Ok(ids),
+            other => Err(AgentError::Protocol(format!(
+                "unexpected answer to a context list: {other:?}"
+            ))),
+        }
+    }
+
     /// Runs code in a context; event lines over `max_event` bytes (at most
     /// [`MAX_EVENT_LEN`]) come back as [`RunOutput::OversizedEvent`].
     pub async fn code_run(

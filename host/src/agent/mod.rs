@@ -21,7 +21,10 @@ use std::time::Duration;
 
 use crownest_proto::frame::{FrameDecoder, write_message};
 use crownest_proto::handshake::host_handshake;
-use crownest_proto::{ExecEvent, ExecRequest, MAX_CHUNK_LEN, Open, Pong, ProtoError};
+use crownest_proto::{
+    ExecAttach, ExecEvent, ExecList, ExecRequest, ExecSummary, MAX_CHUNK_LEN, Open, Pong,
+    ProtoError,
+};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadHalf, WriteHalf};
 use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
@@ -286,6 +289,27 @@ impl AgentClient {
         Ok(self.session(reader, writer))
     }
 
+    /// Takes over an exec the agent holds (started by this host process or
+    /// one before it), replaying its output from the given offsets. The
+    /// first event is [`ExecEvent::Attached`] or [`ExecEvent::NotFound`].
+    pub async fn attach_with(
+        &self,
+        permit: StreamPermit,
+        attach: ExecAttach,
+    ) -> Result<ExecSession, AgentError> {
+        let (reader, writer) = self.open_on(permit, &Open::ExecAttach(attach)).await?;
+        Ok(self.session(reader, writer))
+    }
+
+    /// The execs the agent holds.
+    pub async fn exec_list(&self) -> Result<Vec<ExecSummary>, AgentError> {
+        let (mut reader, _writer) = self.open(&Open::ExecList).await?;
+        let mut frames = FrameReader::default();
+        let payload = frames.next(&mut reader).await?.ok_or(AgentError::Closed)?;
+        let list: ExecList = crownest_proto::decode(&payload).map_err(AgentError::from_read)?;
+        Ok(list.execs)
+    }
+
     /// Opens a logical stream and writes its `Open` frame.
     async fn open(&self, open: &Open) -> Result<(StreamReader, StreamWriter), AgentError> {
         let permit = self.reserve().await?;
@@ -462,7 +486,8 @@ impl ExecSession {
             Err(e) => Err(e),
         };
         match &result {
-            Ok(ExecEvent::Exited { .. } | ExecEvent::SpawnFailed { .. }) | Err(_) => {
+            Ok(ExecEvent::Exited { .. } | ExecEvent::SpawnFailed { .. } | ExecEvent::NotFound)
+            | Err(_) => {
                 self.done = true;
             }
             Ok(_) => {}
@@ -511,6 +536,17 @@ impl ExecInput {
     /// Kills the process and every process it started.
     pub async fn kill_all(&self) -> Result<(), AgentError> {
         self.send(&crownest_proto::ExecInput::Kill).await
+    }
+
+    /// Tells the agent the host has recorded output up to these offsets.
+    pub async fn ack(&self, stdout: u64, stderr: u64) -> Result<(), AgentError> {
+        self.send(&crownest_proto::ExecInput::Ack { stdout, stderr })
+            .await
+    }
+
+    /// Tells the agent the host has recorded the end: it forgets the exec.
+    pub async fn release(&self) -> Result<(), AgentError> {
+        self.send(&crownest_proto::ExecInput::Release).await
     }
 
     async fn send(&self, message: &crownest_proto::ExecInput) -> Result<(), AgentError> {

@@ -11,6 +11,7 @@ use super::*;
 
 fn request(argv: &[&str]) -> ExecRequest {
     ExecRequest {
+        id: format!("cmd_test{}", rand::random::<u32>()),
         argv: argv.iter().map(|s| s.to_string()).collect(),
         cwd: "/".into(),
         env: vec![("PATH".into(), "/usr/bin:/bin".into())],

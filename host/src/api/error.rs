@@ -214,6 +214,16 @@ impl From<CoreError> for ApiError {
                     "this host runs as many sandboxes as it can; kill one or retry later",
                 )
             }
+            E::RuntimeUnavailable {
+                template,
+                runtime,
+                reason,
+            } => Self::new(
+                StatusCode::CONFLICT,
+                "runtime_unavailable",
+                format!("template `{template}` runs on the `{runtime}` runtime, which this host cannot run: {reason}"),
+            )
+            .with_details(json!({ "template": template, "runtime": runtime, "reason": reason })),
             E::TemplateBuild { template, message } => {
                 tracing::error!(%template, %message, "template build failed");
                 Self::new(

@@ -62,6 +62,9 @@ pub struct SandboxView {
     pub vcpus: i64,
     #[serde(rename = "memoryMiB")]
     pub memory_mib: i64,
+    /// The runtime that isolates it: `oci` (runc, the host kernel behind
+    /// namespaces and seccomp) or `gvisor` (runsc, gVisor's kernel).
+    pub runtime: String,
 }
 
 pub fn render(row: SandboxRow) -> SandboxView {
@@ -76,6 +79,7 @@ pub fn render(row: SandboxRow) -> SandboxView {
         end_reason: row.end_reason,
         vcpus: row.vcpus,
         memory_mib: row.memory_mib,
+        runtime: row.runtime,
     }
 }
 
@@ -85,6 +89,7 @@ pub fn render(row: SandboxRow) -> SandboxView {
         (status = 201, body = SandboxView),
         (status = 400, description = "invalid_request, invalid_json", body = ErrorEnvelope),
         (status = 404, description = "template_not_found", body = ErrorEnvelope),
+        (status = 409, description = "runtime_unavailable: the template's runtime cannot run on this host (details say what to install)", body = ErrorEnvelope),
         (status = 503, description = "sandbox_start_failed, template_unavailable, capacity_exhausted", body = ErrorEnvelope)))]
 async fn create_sandbox(
     State(state): State<AppState>,

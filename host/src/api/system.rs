@@ -9,7 +9,6 @@ use super::{ApiError, ApiJson, AppState, Caller};
 use axum::extract::State;
 
 use crate::runtime::NetworkMode;
-use crate::templates::RuntimeKind;
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -23,11 +22,21 @@ pub struct Health {
     /// Always `ok` when the server answers.
     pub status: &'static str,
     pub version: &'static str,
-    /// The sandbox runtime in use, e.g. `oci`.
+    /// The default sandbox runtime, `oci`.
     pub runtime: &'static str,
-    /// Its version (e.g. runc's), checked at start: a runc vulnerable to
-    /// CVE-2024-21626 is refused.
+    /// Its version (runc's), checked at start: a runc vulnerable to
+    /// CVE-2024-21626 is refused (its templates are unavailable).
     pub runtime_version: Option<String>,
+    /// Every runtime driver of this host and its version, when installed.
+    pub runtimes: Vec<RuntimeView>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RuntimeView {
+    /// `oci` or `gvisor`.
+    pub kind: &'static str,
+    pub version: Option<String>,
 }
 
 /// Liveness of the server. Needs no API key.
@@ -37,8 +46,21 @@ async fn health(State(state): State<AppState>) -> ApiJson<Health> {
     ApiJson(Health {
         status: "ok",
         version: env!("CARGO_PKG_VERSION"),
-        runtime: state.host.runtime_name(),
-        runtime_version: state.host.runtime_version(),
+        runtime: "oci",
+        runtime_version: state
+            .host
+            .runtimes()
+            .driver("oci")
+            .and_then(|d| d.version()),
+        runtimes: state
+            .host
+            .runtimes()
+            .drivers()
+            .map(|d| RuntimeView {
+                kind: d.name(),
+                version: d.version(),
+            })
+            .collect(),
     })
 }
 
@@ -52,7 +74,15 @@ pub struct TemplateView {
     /// Whether the rootfs is built; the first create of an unbuilt template
     /// builds it and takes minutes.
     pub built: bool,
+    /// The runtime that isolates its sandboxes: `oci` or `gvisor`.
     pub runtime: &'static str,
+    /// For `gvisor`: `ptrace`, `kvm` or `systrap`.
+    pub platform: Option<&'static str>,
+    /// Whether this host can run it; creating from an unavailable template
+    /// is `409 runtime_unavailable`.
+    pub available: bool,
+    /// Why it is unavailable and what to install; null when available.
+    pub reason: Option<String>,
     pub resources: ResourcesView,
     /// `none`: loopback only.
     pub network: &'static str,
@@ -91,9 +121,10 @@ async fn list_templates(
             description: t.description.clone(),
             recipe_hash: t.recipe_hash(),
             built: host.rootfs().is_built(t),
-            runtime: match t.runtime {
-                RuntimeKind::Oci => "oci",
-            },
+            runtime: t.runtime.kind(),
+            platform: t.runtime.platform().map(|p| p.as_str()),
+            available: host.runtimes().unavailable(t.runtime).is_none(),
+            reason: host.runtimes().unavailable(t.runtime).map(str::to_string),
             resources: ResourcesView {
                 vcpus: t.resources.vcpus,
                 memory_mib: t.resources.memory_mib,

@@ -52,6 +52,33 @@ pub struct CodeContext {
     pub created_at: Millis,
 }
 
+impl CodeContext {
+    pub(crate) fn to_row(&self) -> crate::store::ContextRow {
+        crate::store::ContextRow {
+            id: self.id.clone(),
+            sandbox_id: self.sandbox_id.clone(),
+            language: self.language.as_str().to_string(),
+            cwd: self.cwd.clone(),
+            implementation: self.implementation.clone(),
+            is_default: self.is_default,
+            created_at: self.created_at,
+        }
+    }
+
+    /// `None` for a row naming a language this build does not know.
+    pub(crate) fn from_row(row: crate::store::ContextRow) -> Option<Self> {
+        Some(Self {
+            language: parse_language(&row.language)?,
+            id: row.id,
+            sandbox_id: row.sandbox_id,
+            cwd: row.cwd,
+            implementation: row.implementation,
+            is_default: row.is_default,
+            created_at: row.created_at,
+        })
+    }
+}
+
 pub fn parse_language(text: &str) -> Option<Language> {
     match text {
         "python" => Some(Language::Python),
@@ -262,6 +289,14 @@ impl Host {
             .cloned()
     }
 
+    /// Takes over contexts a previous host process recorded.
+    pub(crate) fn adopt_contexts(&self, contexts: Vec<CodeContext>) {
+        let mut map = lock(&self.code_contexts);
+        for context in contexts {
+            map.insert(context.id.clone(), context);
+        }
+    }
+
     /// Forgets the contexts of a sandbox that is gone.
     pub(crate) fn drop_contexts_of(&self, sandbox_id: &str) {
         lock(&self.code_contexts).retain(|_, c| c.sandbox_id != sandbox_id);
@@ -356,7 +391,7 @@ impl Host {
                     ),
                 ));
             }
-            ContextReply::Deleted => {
+            ContextReply::Deleted | ContextReply::Contexts(_) => {
                 tracing::warn!(sandbox = %sandbox.id, "unexpected context reply from the agent");
                 return Err(CoreError::ContextFailed(language));
             }
@@ -370,6 +405,15 @@ impl Host {
             is_default,
             created_at: self.clock.now_ms(),
         };
+        // Recorded so that a restarted host knows the interpreters it takes
+        // over with the sandbox.
+        let row = context.to_row();
+        if let Err(e) = self.store.call(move |s| s.insert_context(&row)).await {
+            if let Err(stop) = live.agent.context_delete(&context.id).await {
+                tracing::warn!(context = %context.id, error = %stop, "could not stop an unrecorded context");
+            }
+            return Err(e.into());
+        }
         lock(&self.code_contexts).insert(context.id.clone(), context.clone());
         Ok(context)
     }
@@ -417,6 +461,8 @@ impl Host {
                     id: context_id.to_string(),
                 })?;
         lock(&self.code_contexts).remove(&context.id);
+        let id = context.id.clone();
+        self.store.call(move |s| s.delete_context(&id)).await?;
         if let Err(e) = live.agent.context_delete(&context.id).await {
             tracing::warn!(context = %context.id, error = %e, "could not stop a context's interpreter");
         }

@@ -17,6 +17,7 @@ pub mod files;
 pub mod ledger;
 mod pipeline;
 pub mod previews;
+mod restart;
 pub mod sandboxes;
 mod secrets;
 mod slots;
@@ -36,12 +37,13 @@ use crate::blobs::BlobStore;
 use crate::clock::Clock;
 use crate::config::Config;
 use crate::rootfs::RootfsCache;
-use crate::runtime::{Runtime, RuntimeError};
+use crate::runtime::{Runtime, RuntimeError, Runtimes};
 use crate::store::{StoreError, StoreHandle};
 use crate::templates::TemplateSet;
 
 pub use admission::StreamPlace;
 pub use commands::{CommandLog, LogEvent, RunCommand};
+pub use restart::{ADOPT_TIMEOUT, Reconciled};
 pub use sandboxes::CreateSandbox;
 
 use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, EndReason, SandboxStatus};
@@ -85,6 +87,15 @@ pub enum CoreError {
         sandbox_id: String,
         what: &'static str,
         max: usize,
+    },
+    /// The template's runtime cannot run on this host.
+    #[error(
+        "template `{template}` needs the `{runtime}` runtime, which this host cannot run: {reason}"
+    )]
+    RuntimeUnavailable {
+        template: String,
+        runtime: &'static str,
+        reason: String,
     },
     #[error("template `{template}` could not be built: {message}")]
     TemplateBuild { template: String, message: String },
@@ -196,7 +207,7 @@ pub struct Host {
     pub(crate) config: Config,
     pub(crate) templates: TemplateSet,
     pub(crate) rootfs: RootfsCache,
-    pub(crate) runtime: Arc<dyn Runtime>,
+    pub(crate) runtimes: Runtimes,
     pub(crate) blobs: BlobStore,
     /// Code contexts of live sandboxes, by id.
     code_contexts: Mutex<code::ContextMap>,
@@ -250,7 +261,7 @@ impl Host {
         store: StoreHandle,
         clock: Clock,
         templates: TemplateSet,
-        runtime: Arc<dyn Runtime>,
+        runtimes: Runtimes,
         blobs: BlobStore,
     ) -> Arc<Self> {
         let rootfs = RootfsCache::new(config.cache_dir.clone());
@@ -262,7 +273,7 @@ impl Host {
             config,
             templates,
             rootfs,
-            runtime,
+            runtimes,
             blobs,
             code_contexts: Mutex::new(HashMap::new()),
             default_contexts: AsyncMutex::new(()),
@@ -300,57 +311,33 @@ impl Host {
         &self.rootfs
     }
 
-    pub fn runtime_name(&self) -> &'static str {
-        self.runtime.name()
+    /// The runtime drivers and which isolations they can run.
+    pub fn runtimes(&self) -> &Runtimes {
+        &self.runtimes
     }
 
-    /// The runtime's version as checked at start.
-    pub fn runtime_version(&self) -> Option<String> {
-        self.runtime.version()
+    /// The driver of a sandbox's runtime kind.
+    pub(crate) fn driver(&self, kind: &str) -> Result<&Arc<dyn Runtime>, CoreError> {
+        self.runtimes.driver(kind).ok_or_else(|| {
+            CoreError::Runtime(RuntimeError::Unavailable(format!(
+                "this host has no `{kind}` runtime driver"
+            )))
+        })
+    }
+
+    /// Forgets everything in memory as a crash of the process would (its
+    /// uid slot locks and agent connections go with it); the store and the
+    /// sandboxes stay.
+    #[cfg(test)]
+    pub(crate) fn crash_for_test(&self) {
+        self.shutdown.cancel();
+        lock(&self.live).clear();
+        lock(&self.running).clear();
+        lock(&self.code_contexts).clear();
     }
 
     fn live_sandbox(&self, id: &str) -> Option<Arc<LiveSandbox>> {
         lock(&self.live).get(id).cloned()
-    }
-
-    /// Brings the runtime in line with the store after a start: every
-    /// sandbox the store thinks is alive died with the previous host process
-    /// (its agent connection is gone and commands lost their streams), so it
-    /// is destroyed and tombstoned; containers the store does not know are
-    /// destroyed too. Nothing is left orphaned.
-    pub async fn reconcile(&self) -> Result<(), CoreError> {
-        let now = self.clock.now_ms();
-        let live = self.store.call(|s| s.live_sandboxes()).await?;
-        for sandbox in &live {
-            let state_dir = self.state_dir(&sandbox.id);
-            if let Err(e) = self.runtime.destroy(&sandbox.id, &state_dir).await {
-                tracing::warn!(sandbox = %sandbox.id, error = %e, "could not destroy leftover sandbox");
-            }
-            let id = sandbox.id.clone();
-            self.store
-                .call(move |s| {
-                    s.fail_running_commands(&id, "the host restarted while the command ran", now)?;
-                    s.end_sandbox(&id, EndReason::HostRestart, now)
-                })
-                .await?;
-            self.audit_system_destroy(&sandbox.id, &sandbox.org_id, EndReason::HostRestart)
-                .await;
-            tracing::info!(sandbox = %sandbox.id, "reconciled sandbox left by a previous host process");
-        }
-        let started_at = self.started_at;
-        self.store
-            .call(move |s| {
-                s.purge_idempotent(started_at - ledger::IDEMPOTENCY_TTL_MS, Some(started_at))
-            })
-            .await?;
-        for id in self.runtime.list().await? {
-            let state_dir = self.state_dir(&id);
-            tracing::info!(container = %id, "destroying unknown container");
-            if let Err(e) = self.runtime.destroy(&id, &state_dir).await {
-                tracing::warn!(container = %id, error = %e, "could not destroy unknown container");
-            }
-        }
-        Ok(())
     }
 
     /// Per-sandbox directory under the data dir.
@@ -440,10 +427,20 @@ impl Host {
         Ok(())
     }
 
-    /// Stops background work and destroys every live sandbox: a host that
-    /// shuts down leaves no container behind.
+    /// Stops background work. By default the sandboxes stay up for the
+    /// next host process to take over (their commands' logs are written
+    /// out first, so it replays little); with `--destroy-on-shutdown`
+    /// every live sandbox is destroyed and no container is left behind.
     pub async fn shutdown(&self) {
         self.shutdown.cancel();
+        if !self.config.destroy_on_shutdown {
+            let commands: Vec<Arc<commands::LiveCommand>> =
+                lock(&self.running).values().cloned().collect();
+            for command in commands {
+                self.flush_command_log(&command).await;
+            }
+            return;
+        }
         let ids: Vec<String> = lock(&self.live).keys().cloned().collect();
         for id in ids {
             if let Err(e) = self.destroy_sandbox(&id, EndReason::HostShutdown).await {

@@ -85,6 +85,13 @@ impl Host {
             metadata,
         } = request.validate(&self.config.limits)?;
         let template = self.template(&template)?;
+        if let Some(reason) = self.runtimes.unavailable(template.runtime) {
+            return Err(CoreError::RuntimeUnavailable {
+                template: template.name.clone(),
+                runtime: template.runtime.kind(),
+                reason: reason.to_string(),
+            });
+        }
         self.ensure_rootfs(&template).await?;
 
         let quota = self.quota(&principal.org_id).await?;
@@ -108,6 +115,7 @@ impl Host {
             vcpus: i64::from(template.resources.vcpus),
             memory_mib: template.resources.memory_mib as i64,
             created_by_key: principal.key_id.clone(),
+            runtime: template.runtime.kind().to_string(),
         };
         let inserted = {
             let row = row.clone();
@@ -133,7 +141,11 @@ impl Host {
             Err(e) => {
                 tracing::warn!(sandbox = %row.id, error = %e, "sandbox failed to start");
                 let state_dir = self.state_dir(&row.id);
-                if let Err(d) = self.runtime.destroy(&row.id, &state_dir).await {
+                if let Err(d) = self
+                    .driver(&row.runtime)?
+                    .destroy(&row.id, &state_dir)
+                    .await
+                {
                     tracing::warn!(sandbox = %row.id, error = %d, "cleanup after failed start");
                 }
                 let id = row.id.clone();
@@ -153,6 +165,7 @@ impl Host {
     ) -> Result<LiveSandbox, CoreError> {
         let state_dir = self.state_dir(&row.id);
         let spec = SandboxSpec {
+            isolation: template.runtime,
             id: row.id.clone(),
             rootfs: self.rootfs.path_for(template),
             state_dir: state_dir.clone(),
@@ -162,7 +175,7 @@ impl Host {
             uid_slot: row.uid_slot as u32,
             user: template.user.clone(),
         };
-        let started = self.runtime.start(&spec).await?;
+        let started = self.driver(&row.runtime)?.start(&spec).await?;
         let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms);
         let agent = connect_agent(started.channel.as_ref(), timeout, &self.config.limits).await?;
         Ok(LiveSandbox {
@@ -221,8 +234,15 @@ impl Host {
     /// on the machine holds; held until the returned lock is dropped.
     async fn reserve_slot(&self) -> Result<(i64, SlotLock), CoreError> {
         let used = self.store.call(|s| s.used_uid_slots()).await?;
+        // Sandboxes of a host that is down (restarting) hold no lock but
+        // still run as their range's uids.
+        let running = tokio::task::spawn_blocking(slots::in_use)
+            .await
+            .unwrap_or_default();
         let mut reserved = lock(&self.reserved_slots);
-        for slot in (0..MAX_SLOTS).filter(|n| !used.contains(n) && !reserved.contains(n)) {
+        for slot in (0..MAX_SLOTS)
+            .filter(|n| !used.contains(n) && !reserved.contains(n) && !running.contains(n))
+        {
             match slots::try_hold(&self.slot_dir, slot) {
                 Ok(Some(held)) => {
                     reserved.push(slot);
@@ -327,7 +347,17 @@ impl Host {
         }
         self.drop_contexts_of(id);
         let state_dir = self.state_dir(id);
-        self.runtime.destroy(id, &state_dir).await?;
+        let runtime = match &live {
+            Some(live) => live.row.runtime.clone(),
+            None => {
+                let key = id.to_string();
+                self.store
+                    .call(move |s| s.sandbox_runtime(&key))
+                    .await?
+                    .unwrap_or_else(|| String::from("oci"))
+            }
+        };
+        self.driver(&runtime)?.destroy(id, &state_dir).await?;
         // Let each running command's driver record its own end (with its
         // buffered log) before the store marks stragglers failed.
         self.wait_for_commands_of(id, Duration::from_secs(5)).await;

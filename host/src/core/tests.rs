@@ -63,6 +63,8 @@ pub(crate) fn test_host_with(limits: Limits) -> TestHost {
         runtime_binary: "runc".into(),
         agent_binary: "crownest-agent".into(),
         preview_domain: None,
+        runsc_binary: "runsc".into(),
+        destroy_on_shutdown: false,
         limits,
     };
     std::fs::create_dir_all(&config.data_dir).expect("data dir");
@@ -84,7 +86,7 @@ pub(crate) fn test_host_with(limits: Limits) -> TestHost {
         store.clone(),
         clock.clone(),
         templates,
-        runtime.clone(),
+        crate::runtime::Runtimes::new(vec![runtime.clone()]),
         blobs,
     );
     // Mark every template's rootfs as built: the fake runtime needs none.
@@ -105,6 +107,20 @@ pub(crate) fn test_host() -> TestHost {
 }
 
 impl TestHost {
+    /// A new host process on the same store, data dir and runtime, as after
+    /// a crash of this one (nothing of the old one is shut down).
+    pub fn restarted(&self) -> Arc<Host> {
+        Host::new(
+            self.host.config().clone(),
+            self.store.clone(),
+            self.clock.clone(),
+            self.host.templates().clone(),
+            crate::runtime::Runtimes::new(vec![self.runtime.clone()]),
+            crate::blobs::BlobStore::open(self.host.config().data_dir.join("blobs2"))
+                .expect("blobs"),
+        )
+    }
+
     /// A principal of org `org` with `scopes` (`all` for every scope).
     pub fn principal(&self, org: &str, scopes: &str) -> Principal {
         let minted = auth::mint_key(
@@ -743,5 +759,111 @@ async fn streams_past_the_budget_are_busy_and_the_sandbox_survives() {
             .expect("get")
             .status,
         SandboxStatus::Running
+    );
+}
+
+#[tokio::test]
+async fn a_restarted_host_takes_over_live_sandboxes_with_their_contexts() {
+    let t = test_host();
+    let p = t.principal("acme", "all");
+    let kept = t.sandbox(&p, "python").await;
+    let crashed = t.sandbox(&p, "python").await;
+    let context = t
+        .host
+        .create_context(
+            &p,
+            &kept.id,
+            crownest_proto::code::Language::Python,
+            None,
+            Vec::new(),
+        )
+        .await
+        .expect("context");
+    t.runtime.crash(&crashed.id);
+    t.host.crash_for_test();
+
+    let host = t.restarted();
+    let report = host.reconcile().await.expect("reconcile");
+    assert_eq!(report.adopted, vec![kept.id.clone()]);
+    assert_eq!(report.destroyed.len(), 1, "{report:?}");
+    assert!(
+        t.runtime.sandbox(&kept.id).is_some(),
+        "the container was kept"
+    );
+
+    let row = host.get_sandbox(&p, &kept.id).await.expect("get");
+    assert_eq!(row.status, SandboxStatus::Running);
+    let contexts = host.list_contexts(&p, &kept.id).await.expect("contexts");
+    assert_eq!(
+        contexts.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        [&context.id]
+    );
+    let echoed = host
+        .run_command(
+            &p,
+            &kept.id,
+            RunCommand {
+                command: "echo still here".into(),
+                ..RunCommand::default()
+            },
+            None,
+        )
+        .await
+        .expect("run");
+    assert_eq!(echoed.stdout, b"still here\n");
+
+    let gone = host.get_sandbox(&p, &crashed.id).await.expect("get");
+    assert_eq!(gone.status, SandboxStatus::Destroyed);
+    assert_eq!(gone.end_reason, Some(EndReason::HostRestart));
+}
+
+#[tokio::test]
+async fn a_template_whose_runtime_is_unavailable_is_refused_with_the_reason() {
+    let t = test_host();
+    let p = t.principal("acme", "all");
+    let missing = t.host.config().data_dir.join("no-such-runsc");
+    let gvisor = Arc::new(crate::runtime::GvisorRuntime::new(
+        missing,
+        t.host.config().data_dir.join("runsc"),
+    ));
+    let mut runtimes = crate::runtime::Runtimes::new(vec![t.runtime.clone(), gvisor]);
+    runtimes
+        .check(t.host.templates().iter().map(|t| t.runtime))
+        .await;
+    let host = Host::new(
+        t.host.config().clone(),
+        t.store.clone(),
+        t.clock.clone(),
+        t.host.templates().clone(),
+        runtimes,
+        crate::blobs::BlobStore::open(t.host.config().data_dir.join("blobs2")).expect("blobs"),
+    );
+    let refused = host
+        .create_sandbox(
+            &p,
+            CreateSandbox {
+                template: "python-gvisor".into(),
+                ..CreateSandbox::default()
+            },
+        )
+        .await;
+    match refused {
+        Err(CoreError::RuntimeUnavailable {
+            template,
+            runtime,
+            reason,
+        }) => {
+            assert_eq!((template.as_str(), runtime), ("python-gvisor", "gvisor"));
+            assert!(reason.contains("apt-get install runsc"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    // Nothing was recorded, and the oci templates still work.
+    let listed = host.list_sandboxes(&p, None, 10).await.expect("list");
+    assert!(listed.is_empty(), "{listed:?}");
+    assert!(
+        host.runtimes()
+            .unavailable(crate::runtime::Isolation::Oci)
+            .is_none()
     );
 }

@@ -42,6 +42,9 @@ pub struct FakeSandbox {
     running: AtomicU32,
     /// Context id -> its variables.
     contexts: Mutex<HashMap<String, HashMap<String, String>>>,
+    /// Ids of the execs running now (the fake cannot replay their output:
+    /// an attach finds none).
+    execs: Mutex<std::collections::HashSet<String>>,
     /// Cancelled on destroy: sessions end, processes are killed.
     stopped: CancellationToken,
 }
@@ -87,8 +90,9 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 #[async_trait::async_trait]
 impl Runtime for FakeRuntime {
+    /// It stands in for the `oci` driver (what the templates name).
     fn name(&self) -> &'static str {
-        "fake"
+        "oci"
     }
 
     async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError> {
@@ -113,6 +117,7 @@ impl Runtime for FakeRuntime {
             boot_id: rand::random(),
             running: AtomicU32::new(0),
             contexts: Mutex::new(HashMap::new()),
+            execs: Mutex::new(std::collections::HashSet::new()),
             stopped: CancellationToken::new(),
         });
         lock(&self.sandboxes).insert(spec.id.clone(), sandbox.clone());
@@ -131,6 +136,12 @@ impl Runtime for FakeRuntime {
 
     async fn list(&self) -> Result<Vec<String>, RuntimeError> {
         Ok(lock(&self.sandboxes).keys().cloned().collect())
+    }
+
+    async fn adopt(&self, id: &str, _state_dir: &Path) -> Result<Option<Started>, RuntimeError> {
+        Ok(self.sandbox(id).map(|sandbox| Started {
+            channel: Arc::new(FakeChannel { sandbox }),
+        }))
     }
 }
 
@@ -300,6 +311,24 @@ async fn stream_task(stream: yamux::Stream, sandbox: Arc<FakeSandbox>) {
             let _ = write_message(&mut writer, &ContextReply::Deleted).await;
         }
         Open::CodeRun(request) => return code_run(request, writer, sandbox).await,
+        Open::ExecAttach(_) => {
+            let _ = write_message(&mut writer, &ExecEvent::NotFound).await;
+        }
+        Open::ExecList => {
+            let execs = lock(&sandbox.execs)
+                .iter()
+                .map(|id| crownest_proto::ExecSummary {
+                    id: id.clone(),
+                    pid: 0,
+                    running: true,
+                })
+                .collect();
+            let _ = write_message(&mut writer, &crownest_proto::ExecList { execs }).await;
+        }
+        Open::CodeContextList => {
+            let ids = lock(&sandbox.contexts).keys().cloned().collect();
+            let _ = write_message(&mut writer, &ContextReply::Contexts(ids)).await;
+        }
         Open::TcpConnect { port } => {
             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                 Ok(mut upstream) => {
@@ -408,6 +437,7 @@ where
         }
     };
     sandbox.running.fetch_add(1, Ordering::Relaxed);
+    lock(&sandbox.execs).insert(request.id.clone());
     let pid = child.id().unwrap_or(0);
     let pgid = nix::unistd::Pid::from_raw(pid as i32);
     let _ = write_message(&mut writer, &ExecEvent::Started { pid }).await;
@@ -454,7 +484,7 @@ where
                     }
                 }
                 Some(ExecInput::Kill) => kill(pgid),
-                None => {}
+                Some(ExecInput::Ack { .. } | ExecInput::Release) | None => {}
             },
             () = sleep_until_opt(deadline), if !timed_out => {
                 timed_out = true;
@@ -469,6 +499,7 @@ where
     };
     input.abort();
     sandbox.running.fetch_sub(1, Ordering::Relaxed);
+    lock(&sandbox.execs).remove(&request.id);
     use std::os::unix::process::ExitStatusExt;
     let (code, signal) = match status {
         Ok(status) => (status.code(), status.signal()),

@@ -2,19 +2,27 @@
 //! `crownest-agent`), hand back a channel to its agent, destroy it, and list
 //! what is running so the host can reconcile after a restart.
 //!
-//! The rest of the host only sees [`Runtime`], [`SandboxSpec`], [`Started`]
-//! and [`AgentChannel`]: a way to open a byte stream to the agent. Whether
-//! that stream is a unix socket, a container's stdio or a VM's serial port
-//! is the driver's business; nothing outside this module builds a runc
-//! command line or an OCI config.
+//! The rest of the host only sees [`Runtimes`], [`Runtime`],
+//! [`SandboxSpec`], [`Started`] and [`AgentChannel`]: a way to open a byte
+//! stream to the agent. Whether that stream is a unix socket, a container's
+//! stdio or a VM's serial port is the driver's business; nothing outside
+//! this module builds a runc or runsc command line or an OCI config.
 //!
-//! **Architecture Invariant**: every sandbox runs in its own user namespace
-//! whose root maps to an unprivileged host id range
-//! ([`host_id_base`]`(uid_slot)`, 65536 ids) that no host account and no
-//! other live sandbox uses.
+//! Drivers: `oci` (runc: namespaces, seccomp, cgroups on the host kernel)
+//! and `gvisor` (runsc: the same bundle, run on gVisor's user-space kernel).
+//! A template picks one ([`Isolation`]); [`Runtimes`] holds the drivers and
+//! says which isolations this host can run, and why not.
+//!
+//! **Architecture Invariant**: no sandbox process runs as a host uid a host
+//! account or another live sandbox uses. Under `oci` every sandbox has its
+//! own user namespace whose root maps to an unprivileged host id range
+//! ([`host_id_base`]`(uid_slot)`, 65536 ids); under `gvisor` sandbox uids
+//! exist only in gVisor's kernel, and runsc runs the sentry and gofer as
+//! `nobody` in user namespaces of their own.
 
 #[cfg(test)]
 pub mod fake;
+pub mod gvisor;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +31,66 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 
+pub use gvisor::GvisorRuntime;
 pub use oci::OciRuntime;
+
+/// How a template's sandboxes are isolated: which driver, with which
+/// options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Isolation {
+    /// runc over a user-namespaced OCI bundle: the host kernel, behind
+    /// namespaces, seccomp and cgroups.
+    Oci,
+    /// runsc: the same bundle on gVisor's kernel (the sentry), which
+    /// implements Linux in user space; `platform` is how the sentry traps
+    /// the sandbox's system calls.
+    Gvisor { platform: GvisorPlatform },
+}
+
+impl Isolation {
+    /// The driver's name: `oci` or `gvisor` (what the API shows).
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Oci => "oci",
+            Self::Gvisor { .. } => "gvisor",
+        }
+    }
+
+    /// The gVisor platform, for `gvisor`.
+    pub fn platform(self) -> Option<GvisorPlatform> {
+        match self {
+            Self::Oci => None,
+            Self::Gvisor { platform } => Some(platform),
+        }
+    }
+}
+
+/// How gVisor's sentry intercepts system calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum GvisorPlatform {
+    /// `PTRACE_SYSEMU`: works everywhere, slowest.
+    Ptrace,
+    /// Hardware virtualisation: needs a usable `/dev/kvm`.
+    Kvm,
+    /// seccomp traps: fast without KVM; needs runsc from mid-2023 on.
+    Systrap,
+}
+
+impl GvisorPlatform {
+    pub const ALL: [Self; 3] = [Self::Ptrace, Self::Kvm, Self::Systrap];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Ptrace => "ptrace",
+            Self::Kvm => "kvm",
+            Self::Systrap => "systrap",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|p| p.as_str() == text)
+    }
+}
 
 /// First host uid/gid handed to sandboxes. Far above normal accounts
 /// (< 60000), `nobody` (65534) and the usual `/etc/subuid` ranges
@@ -81,6 +148,8 @@ pub struct SandboxUser {
 /// Everything a runtime needs to boot one sandbox.
 #[derive(Debug, Clone)]
 pub struct SandboxSpec {
+    /// The driver's options (a driver ignores what is not its own).
+    pub isolation: Isolation,
     /// `sbx_…`; also the runc container id.
     pub id: String,
     /// Template rootfs (absolute path), mounted read-only and shared by all
@@ -201,6 +270,8 @@ pub enum RuntimeError {
     Output { command: String, message: String },
     #[error("{binary}: {message}")]
     Unsafe { binary: PathBuf, message: String },
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 /// A sandbox runtime driver.
@@ -218,6 +289,77 @@ pub trait Runtime: Send + Sync {
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError>;
     /// Ids of containers this runtime instance owns (for start-up reconciliation).
     async fn list(&self) -> Result<Vec<String>, RuntimeError>;
+    /// Takes over a sandbox a previous host process started: `Some` with
+    /// the way to its agent when its container is still running, `None`
+    /// when it is gone or stopped (then [`Runtime::destroy`] cleans up).
+    async fn adopt(&self, id: &str, state_dir: &Path) -> Result<Option<Started>, RuntimeError>;
+    /// Whether the sandboxes of this driver run as the host uids of their
+    /// uid slot (so a slot must never be shared while one runs). gVisor's
+    /// do not: their uids exist only inside gVisor's kernel.
+    fn uses_host_uid_range(&self) -> bool {
+        true
+    }
+    /// Whether this host can run `isolation` (a driver is asked only about
+    /// its own kind): `Err` says why not and what to install.
+    async fn check(&self, isolation: Isolation) -> Result<(), String> {
+        let _ = isolation;
+        Ok(())
+    }
+}
+
+/// The drivers of this host, and which isolations it can run.
+pub struct Runtimes {
+    drivers: Vec<Arc<dyn Runtime>>,
+    /// Isolations found unusable at start, with the reason.
+    unavailable: std::collections::BTreeMap<Isolation, String>,
+}
+
+impl Runtimes {
+    pub fn new(drivers: Vec<Arc<dyn Runtime>>) -> Self {
+        Self {
+            drivers,
+            unavailable: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// Asks each driver about each isolation in `wanted` (the templates'),
+    /// once; the answers hold for the life of the process.
+    pub async fn check(&mut self, wanted: impl IntoIterator<Item = Isolation>) {
+        let mut seen = std::collections::BTreeSet::new();
+        for isolation in wanted {
+            if !seen.insert(isolation) {
+                continue;
+            }
+            let verdict = match self.driver(isolation.kind()) {
+                Some(driver) => driver.check(isolation).await,
+                None => Err(format!(
+                    "this host has no `{}` runtime driver",
+                    isolation.kind()
+                )),
+            };
+            match verdict {
+                Ok(()) => {}
+                Err(reason) => {
+                    tracing::warn!(runtime = isolation.kind(), platform = ?isolation.platform(), %reason, "runtime unavailable");
+                    self.unavailable.insert(isolation, reason);
+                }
+            }
+        }
+    }
+
+    /// The driver of a kind (`oci`, `gvisor`).
+    pub fn driver(&self, kind: &str) -> Option<&Arc<dyn Runtime>> {
+        self.drivers.iter().find(|d| d.name() == kind)
+    }
+
+    /// Why `isolation` cannot run here, if it cannot.
+    pub fn unavailable(&self, isolation: Isolation) -> Option<&str> {
+        self.unavailable.get(&isolation).map(String::as_str)
+    }
+
+    pub fn drivers(&self) -> impl Iterator<Item = &Arc<dyn Runtime>> {
+        self.drivers.iter()
+    }
 }
 
 /// runc accepts `^[\w+-\.]+$`; we are stricter (no `+`, no leading `-` or

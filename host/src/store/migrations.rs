@@ -209,6 +209,26 @@ pub const MIGRATIONS: &[&str] = &[
     CREATE INDEX audit_by_age ON audit_events (at);
     CREATE INDEX sandboxes_by_end ON sandboxes (ended_at) WHERE ended_at IS NOT NULL;
     "#,
+    // 7: sandboxes survive a host restart: which runtime runs each one;
+    // how far each running command's output is recorded (the agent replays
+    // from there) and whether its stdin is open; the code contexts of live
+    // sandboxes.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN runtime TEXT NOT NULL DEFAULT 'oci';
+    ALTER TABLE commands ADD COLUMN stdout_offset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE commands ADD COLUMN stderr_offset INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE commands ADD COLUMN stdin INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE code_contexts (
+        id              TEXT PRIMARY KEY,
+        sandbox_id      TEXT NOT NULL REFERENCES sandboxes (id),
+        language        TEXT NOT NULL,
+        cwd             TEXT NOT NULL,
+        implementation  TEXT NOT NULL,
+        is_default      INTEGER NOT NULL,
+        created_at      INTEGER NOT NULL
+    ) WITHOUT ROWID;
+    CREATE INDEX code_contexts_by_sandbox ON code_contexts (sandbox_id);
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

@@ -117,6 +117,9 @@ pub struct SandboxRow {
     pub vcpus: i64,
     pub memory_mib: i64,
     pub created_by_key: String,
+    /// The runtime driver that runs it (`oci`, `gvisor`): the one that
+    /// takes it over after a host restart.
+    pub runtime: String,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -149,6 +152,32 @@ pub struct CommandRow {
     pub collect: Vec<CollectItem>,
     /// The promotion results, once it ended (only when `collect` is not empty).
     pub collected: Option<Vec<Collected>>,
+    /// Whether it was started with stdin open.
+    pub stdin: bool,
+    /// Bytes of stdout and stderr whose text is in the recorded log: where
+    /// a restarted host resumes the agent's replay.
+    pub stdout_offset: i64,
+    pub stderr_offset: i64,
+}
+
+/// A live code context (its interpreter runs in the sandbox's agent).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ContextRow {
+    pub id: String,
+    pub sandbox_id: String,
+    /// `python`, `javascript`, `typescript`.
+    pub language: String,
+    pub cwd: String,
+    pub implementation: String,
+    pub is_default: bool,
+    pub created_at: Millis,
+}
+
+/// How far a running command's output is recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutputProgress {
+    pub stdout_offset: i64,
+    pub stderr_offset: i64,
 }
 
 /// The final state of a command, written once when it ends.
@@ -233,6 +262,7 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
     // Keys.
     fn insert_key(&self, key: &KeyRow) -> Result<(), StoreError>;
     fn find_key_by_hash(&self, hash: &[u8]) -> Result<Option<KeyRow>, StoreError>;
+    fn get_key(&self, id: &str) -> Result<Option<KeyRow>, StoreError>;
     fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError>;
     /// Returns false when no such key exists; revoking twice keeps the
     /// first time.
@@ -252,6 +282,8 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
     fn end_sandbox(&self, id: &str, reason: EndReason, now: Millis) -> Result<(), StoreError>;
     /// Every sandbox whose status is not `destroyed`.
     fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError>;
+    /// The runtime kind a sandbox ran on.
+    fn sandbox_runtime(&self, id: &str) -> Result<Option<String>, StoreError>;
     fn used_uid_slots(&self) -> Result<Vec<i64>, StoreError>;
 
     // Commands.
@@ -273,6 +305,20 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
         events: &[CommandEventRow],
     ) -> Result<(), StoreError>;
     fn append_command_events(&self, events: &[CommandEventRow]) -> Result<(), StoreError>;
+    /// Appends log events, records how far the output is now recorded and
+    /// applies a retention trim, in one transaction: the progress never
+    /// runs ahead of the events.
+    fn record_command_output(
+        &self,
+        command_id: &str,
+        events: &[CommandEventRow],
+        progress: OutputProgress,
+        keep_from: Option<i64>,
+    ) -> Result<(), StoreError>;
+    /// The seq of a command's newest log event (0 when it has none).
+    fn last_command_event_seq(&self, command_id: &str) -> Result<i64, StoreError>;
+    /// Commands of a sandbox still `running`, oldest first.
+    fn running_commands(&self, sandbox_id: &str) -> Result<Vec<CommandRow>, StoreError>;
     /// Events with `seq > after`, in order, at most `limit`.
     fn command_events(
         &self,
@@ -292,6 +338,11 @@ pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'sta
         error: &str,
         now: Millis,
     ) -> Result<usize, StoreError>;
+
+    // Code contexts.
+    fn insert_context(&self, context: &ContextRow) -> Result<(), StoreError>;
+    fn delete_context(&self, id: &str) -> Result<(), StoreError>;
+    fn contexts_of(&self, sandbox_id: &str) -> Result<Vec<ContextRow>, StoreError>;
 
     // Transfers.
     fn insert_transfer(&self, transfer: &TransferRow) -> Result<(), StoreError>;

@@ -9,8 +9,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 
 use super::codec::{self, LOG_EXIT, SqlText};
 use super::{
-    CommandEnd, CommandEventRow, CommandRow, Cursor, KeyListing, KeyRow, LogBody, OrgRow,
-    ProjectRow, SandboxRow, Scope, Store, StoreError, migrations,
+    CommandEnd, CommandEventRow, CommandRow, ContextRow, Cursor, KeyListing, KeyRow, LogBody,
+    OrgRow, OutputProgress, ProjectRow, SandboxRow, Scope, Store, StoreError, migrations,
 };
 use crate::clock::Millis;
 use crate::ids;
@@ -121,6 +121,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         vcpus: row.get("vcpus")?,
         memory_mib: row.get("memory_mib")?,
         created_by_key: row.get("created_by_key")?,
+        runtime: row.get("runtime")?,
     })
 }
 
@@ -149,6 +150,21 @@ fn command_from_row(row: &Row<'_>) -> rusqlite::Result<CommandRow> {
         created_by_key: row.get("created_by_key")?,
         collect: codec::collect_from_sql(row.get("collect")?).map_err(|e| corrupt(0, e))?,
         collected: codec::collected_from_sql(row.get("collected")?).map_err(|e| corrupt(0, e))?,
+        stdin: row.get("stdin")?,
+        stdout_offset: row.get("stdout_offset")?,
+        stderr_offset: row.get("stderr_offset")?,
+    })
+}
+
+fn context_from_row(row: &Row<'_>) -> rusqlite::Result<ContextRow> {
+    Ok(ContextRow {
+        id: row.get("id")?,
+        sandbox_id: row.get("sandbox_id")?,
+        language: row.get("language")?,
+        cwd: row.get("cwd")?,
+        implementation: row.get("implementation")?,
+        is_default: row.get("is_default")?,
+        created_at: row.get("created_at")?,
     })
 }
 
@@ -272,6 +288,12 @@ impl Store for SqliteStore {
         Ok(stmt.query_row([hash], key_from_row).optional()?)
     }
 
+    fn get_key(&self, id: &str) -> Result<Option<KeyRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached("SELECT * FROM api_keys WHERE id = ?1")?;
+        Ok(stmt.query_row([id], key_from_row).optional()?)
+    }
+
     fn list_keys(&self) -> Result<Vec<KeyListing>, StoreError> {
         let conn = self.conn();
         let mut stmt = conn.prepare(
@@ -309,8 +331,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status,
                     metadata, created_at, expires_at, ended_at, end_reason, uid_slot, vcpus,
-                    memory_mib, created_by_key)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
+                    memory_mib, created_by_key, runtime)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
             )?
             .execute(params![
                 s.id,
@@ -327,7 +349,8 @@ impl Store for SqliteStore {
                 s.uid_slot,
                 s.vcpus,
                 s.memory_mib,
-                s.created_by_key
+                s.created_by_key,
+                s.runtime
             ]);
         match result {
             Ok(_) => Ok(()),
@@ -401,6 +424,9 @@ impl Store for SqliteStore {
              WHERE id = ?1 AND status <> 'destroyed'",
             params![id, reason, now],
         )?;
+        // Its code contexts died with it.
+        tx.prepare_cached("DELETE FROM code_contexts WHERE sandbox_id = ?1")?
+            .execute([id])?;
         // Its previews end with it (they stay readable as closed).
         tx.prepare_cached(
             "UPDATE previews SET status = 'closed', closed_at = ?2,
@@ -410,6 +436,14 @@ impl Store for SqliteStore {
         .execute(params![id, now])?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn sandbox_runtime(&self, id: &str) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached("SELECT runtime FROM sandboxes WHERE id = ?1")?
+            .query_row([id], |r| r.get(0))
+            .optional()?)
     }
 
     fn live_sandboxes(&self) -> Result<Vec<SandboxRow>, StoreError> {
@@ -434,9 +468,9 @@ impl Store for SqliteStore {
                 "INSERT INTO commands (id, sandbox_id, org_id, command, cwd, env, background,
                     status, exit_code, signal, stdout, stderr, stdout_dropped, stderr_dropped,
                     timeout_ms, created_at, started_at, ended_at, cancel_requested_at, error,
-                    created_by_key, collect)
+                    created_by_key, collect, stdin, stdout_offset, stderr_offset)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16,
-                    ?17, ?18, ?19, ?20, ?21, ?22)",
+                    ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25)",
             )?
             .execute(params![
                 c.id,
@@ -460,7 +494,10 @@ impl Store for SqliteStore {
                 c.cancel_requested_at,
                 c.error,
                 c.created_by_key,
-                codec::collect_to_sql(&c.collect)
+                codec::collect_to_sql(&c.collect),
+                c.stdin,
+                c.stdout_offset,
+                c.stderr_offset
             ])?;
         Ok(())
     }
@@ -556,6 +593,86 @@ impl Store for SqliteStore {
         insert_events(&tx, events)?;
         tx.commit()?;
         Ok(())
+    }
+
+    fn record_command_output(
+        &self,
+        command_id: &str,
+        events: &[CommandEventRow],
+        progress: OutputProgress,
+        keep_from: Option<i64>,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        insert_events(&tx, events)?;
+        tx.prepare_cached(
+            "UPDATE commands SET stdout_offset = ?2, stderr_offset = ?3 WHERE id = ?1",
+        )?
+        .execute(params![
+            command_id,
+            progress.stdout_offset,
+            progress.stderr_offset
+        ])?;
+        if let Some(keep_from) = keep_from {
+            tx.prepare_cached("DELETE FROM command_events WHERE command_id = ?1 AND seq < ?2")?
+                .execute(params![command_id, keep_from])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn last_command_event_seq(&self, command_id: &str) -> Result<i64, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT COALESCE(MAX(seq), 0) FROM command_events WHERE command_id = ?1",
+            )?
+            .query_row([command_id], |r| r.get(0))?)
+    }
+
+    fn running_commands(&self, sandbox_id: &str) -> Result<Vec<CommandRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM commands WHERE sandbox_id = ?1 AND status = 'running'
+             ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([sandbox_id], command_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn insert_context(&self, c: &ContextRow) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached(
+                "INSERT INTO code_contexts (id, sandbox_id, language, cwd, implementation,
+                    is_default, created_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![
+                c.id,
+                c.sandbox_id,
+                c.language,
+                c.cwd,
+                c.implementation,
+                c.is_default,
+                c.created_at
+            ])?;
+        Ok(())
+    }
+
+    fn delete_context(&self, id: &str) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("DELETE FROM code_contexts WHERE id = ?1")?
+            .execute([id])?;
+        Ok(())
+    }
+
+    fn contexts_of(&self, sandbox_id: &str) -> Result<Vec<ContextRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT * FROM code_contexts WHERE sandbox_id = ?1 ORDER BY created_at, id",
+        )?;
+        let rows = stmt.query_map([sandbox_id], context_from_row)?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn command_events(
@@ -673,6 +790,7 @@ mod tests {
             vcpus: 1,
             memory_mib: 512,
             created_by_key: "key_x".into(),
+            runtime: "oci".into(),
         }
     }
 

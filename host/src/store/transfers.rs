@@ -121,6 +121,7 @@ mod tests {
                 vcpus: 1,
                 memory_mib: 512,
                 created_by_key: String::from("key_x"),
+                runtime: String::from("oci"),
             })
             .expect("sandbox");
         store

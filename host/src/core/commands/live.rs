@@ -7,7 +7,7 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crownest_proto::{ExecEvent, ExecRequest};
+use crownest_proto::{ExecAttach, ExecEvent, ExecRequest};
 use tokio::sync::watch;
 use tokio::time::Instant;
 
@@ -17,7 +17,7 @@ use crate::auth::Principal;
 use crate::clock::Millis;
 use crate::core::{CoreError, Host, LiveSandbox, lock};
 use crate::model::{CollectItem, Collected, CommandExit, CommandStatus, OutputStream};
-use crate::store::{CommandEnd, CommandEventRow, CommandRow, LogBody};
+use crate::store::{CommandEnd, CommandEventRow, CommandRow, LogBody, OutputProgress};
 
 /// How long log events may wait in memory before they are written.
 const FLUSH_INTERVAL: Duration = Duration::from_millis(25);
@@ -37,6 +37,34 @@ pub(super) struct LiveState {
     pub canceled: bool,
     /// The final record, once the command ended and it is durable.
     pub finished: Option<CommandRow>,
+    /// Bytes of stdout and stderr received from the agent, ever (a
+    /// resumed command starts at what the store had).
+    stdout_received: u64,
+    stderr_received: u64,
+    /// What the store has, as last written.
+    recorded: OutputProgress,
+}
+
+impl LiveState {
+    /// How far the output is in log events (bytes held back as an
+    /// incomplete UTF-8 character are not).
+    fn progress(&self) -> OutputProgress {
+        let at = |received: u64, carry: &Utf8Carry| {
+            i64::try_from(received.saturating_sub(carry.len() as u64)).unwrap_or(i64::MAX)
+        };
+        OutputProgress {
+            stdout_offset: at(self.stdout_received, &self.stdout_carry),
+            stderr_offset: at(self.stderr_received, &self.stderr_carry),
+        }
+    }
+}
+
+/// How a driver reaches its command's process.
+pub(crate) enum Begin {
+    /// Start it.
+    Exec(ExecRequest),
+    /// Take over a process a previous host process started.
+    Attach(ExecAttach),
 }
 
 /// A command whose process has not ended (or just ended).
@@ -62,7 +90,6 @@ pub struct LiveCommand {
 impl LiveCommand {
     pub(super) fn new(
         record: CommandRow,
-        stdin_open: bool,
         output_limit: usize,
         creator: Principal,
         retention: Retention,
@@ -80,14 +107,51 @@ impl LiveCommand {
                 started_at: None,
                 canceled: false,
                 finished: None,
+                stdout_received: 0,
+                stderr_received: 0,
+                recorded: OutputProgress {
+                    stdout_offset: 0,
+                    stderr_offset: 0,
+                },
             }),
+            stdin_open: record.stdin,
             record,
-            stdin_open,
             output_limit,
             creator,
             changed: watch::channel(0).0,
             input: Mutex::new(None),
         }
+    }
+
+    /// A command a previous host process started, taken over: its log goes
+    /// on at `next_seq`, its record's tails are `stdout`/`stderr` (rebuilt
+    /// from the recorded log) and its output resumes at the record's
+    /// offsets.
+    pub(crate) fn resume(
+        record: CommandRow,
+        output_limit: usize,
+        creator: Principal,
+        retention: Retention,
+        next_seq: i64,
+        (stdout, stderr): (Tail, Tail),
+    ) -> Self {
+        let live = Self::new(record, output_limit, creator, retention);
+        let recorded = OutputProgress {
+            stdout_offset: live.record.stdout_offset,
+            stderr_offset: live.record.stderr_offset,
+        };
+        {
+            let mut state = lock(&live.state);
+            state.log = Log::new(&live.record.id, next_seq, retention);
+            state.stdout = stdout;
+            state.stderr = stderr;
+            state.started_at = live.record.started_at;
+            state.canceled = live.record.cancel_requested_at.is_some();
+            state.stdout_received = u64::try_from(recorded.stdout_offset).unwrap_or(0);
+            state.stderr_received = u64::try_from(recorded.stderr_offset).unwrap_or(0);
+            state.recorded = recorded;
+        }
+        live
     }
 
     pub(super) fn bump(&self) {
@@ -142,18 +206,24 @@ enum Ending {
 }
 
 impl Host {
-    /// Runs one command to its end: starts it through the agent, records
-    /// its output, collects its artifacts, writes its end.
-    pub(super) async fn drive_command(
+    /// Runs one command to its end: starts it through the agent (or takes
+    /// over the process a previous host process started), records its
+    /// output, collects its artifacts, writes its end.
+    pub(crate) async fn drive_command(
         self: Arc<Self>,
         live: Arc<LiveCommand>,
         sandbox: Arc<LiveSandbox>,
         stream: crate::agent::StreamPermit,
-        exec: ExecRequest,
+        begin: Begin,
     ) {
+        let mut input = None;
         let outcome = async {
-            let mut session = sandbox.agent.exec_with(stream, exec).await?;
+            let mut session = match begin {
+                Begin::Exec(exec) => sandbox.agent.exec_with(stream, exec).await?,
+                Begin::Attach(attach) => sandbox.agent.attach_with(stream, attach).await?,
+            };
             *lock(&live.input) = Some(session.input());
+            input = Some(session.input());
             let mut flush = tokio::time::interval(FLUSH_INTERVAL);
             flush.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             let mut coalesce_at: Option<Instant> = None;
@@ -196,6 +266,27 @@ impl Host {
                             }
                         });
                         live.bump();
+                    }
+                    Some(Ok(ExecEvent::Attached {
+                        lost_stdout,
+                        lost_stderr,
+                        ..
+                    })) => {
+                        if lost_stdout + lost_stderr > 0 {
+                            // The agent's unacknowledged tail overflowed
+                            // while no host read it: the gap is counted.
+                            tracing::warn!(command = %live.id, lost_stdout, lost_stderr, "output was lost while the host was down");
+                            let mut state = lock(&live.state);
+                            state.stdout.dropped += i64::try_from(lost_stdout).unwrap_or(0);
+                            state.stderr.dropped += i64::try_from(lost_stderr).unwrap_or(0);
+                            state.stdout_received += lost_stdout;
+                            state.stderr_received += lost_stderr;
+                        }
+                    }
+                    Some(Ok(ExecEvent::NotFound)) => {
+                        return Ok(Ending::Lost(String::from(
+                            "the command's process was lost while the host was down",
+                        )));
                     }
                     Some(Ok(ExecEvent::Stdout(data))) => {
                         self.record_output(&live, OutputStream::Stdout, &data);
@@ -249,7 +340,14 @@ impl Host {
                     .collect(),
             )
         };
+        // A process that ended is forgotten by the agent once its end is
+        // recorded; one that was lost or is still running (the sandbox is
+        // going away) is left to the sandbox.
+        let ended = matches!(ending, Ending::Exited { .. } | Ending::SpawnFailed(_));
         self.finish_command(&live, ending, collected).await;
+        if ended && let Some(input) = input {
+            let _ = input.release().await;
+        }
     }
 
     fn record_output(&self, live: &LiveCommand, stream: OutputStream, data: &[u8]) {
@@ -257,8 +355,14 @@ impl Host {
         let mut guard = lock(&live.state);
         let state = &mut *guard;
         let (tail, carry) = match stream {
-            OutputStream::Stdout => (&mut state.stdout, &mut state.stdout_carry),
-            OutputStream::Stderr => (&mut state.stderr, &mut state.stderr_carry),
+            OutputStream::Stdout => {
+                state.stdout_received += data.len() as u64;
+                (&mut state.stdout, &mut state.stdout_carry)
+            }
+            OutputStream::Stderr => {
+                state.stderr_received += data.len() as u64;
+                (&mut state.stderr, &mut state.stderr_carry)
+            }
         };
         tail.push(data, live.output_limit);
         let text = carry.split(data);
@@ -269,25 +373,51 @@ impl Host {
         }
     }
 
-    /// Writes buffered log events (and pending retention trims) to the store.
+    /// Writes buffered log events (and pending retention trims) to the
+    /// store with how far the output is recorded, then tells the agent it
+    /// may forget that much: what a restarted host resumes from.
+    pub(crate) async fn flush_command_log(&self, live: &LiveCommand) {
+        self.flush_log(live).await;
+    }
+
     async fn flush_log(&self, live: &LiveCommand) {
-        let (events, trim) = lock(&live.state).log.take_unflushed();
-        if events.is_empty() && trim.is_none() {
-            return;
-        }
+        let (events, trim, progress) = {
+            let mut state = lock(&live.state);
+            // Output waiting to be coalesced goes too: what is not in an
+            // event is not recorded.
+            if state.log.flush_pending() {
+                live.bump();
+            }
+            let progress = state.progress();
+            if state.log.unflushed.is_empty()
+                && state.log.trim_from.is_none()
+                && progress == state.recorded
+            {
+                return;
+            }
+            let (events, trim) = state.log.take_unflushed();
+            (events, trim, progress)
+        };
         let id = live.id.clone();
         let result = self
             .store
-            .call(move |s| {
-                s.append_command_events(&events)?;
-                if let Some(keep_from) = trim {
-                    s.trim_command_events(&id, keep_from)?;
-                }
-                Ok(())
-            })
+            .call(move |s| s.record_command_output(&id, &events, progress, trim))
             .await;
-        if let Err(e) = result {
-            tracing::error!(command = %live.id, error = %e, "could not write command log");
+        match result {
+            Ok(()) => {
+                lock(&live.state).recorded = progress;
+                let input = lock(&live.input).clone();
+                if let Some(input) = input {
+                    let (stdout, stderr) = (
+                        u64::try_from(progress.stdout_offset).unwrap_or(0),
+                        u64::try_from(progress.stderr_offset).unwrap_or(0),
+                    );
+                    let _ = input.ack(stdout, stderr).await;
+                }
+            }
+            Err(e) => {
+                tracing::error!(command = %live.id, error = %e, "could not write command log");
+            }
         }
     }
 

@@ -57,6 +57,11 @@ impl Tail {
     pub fn to_vec(&self) -> Vec<u8> {
         self.bytes.iter().copied().collect()
     }
+
+    /// Bytes kept.
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
 }
 
 /// Holds back an incomplete UTF-8 sequence at the end of a chunk so that log
@@ -77,6 +82,11 @@ impl Utf8Carry {
 
     pub fn finish(&mut self) -> Vec<u8> {
         std::mem::take(&mut self.pending)
+    }
+
+    /// Bytes held back.
+    pub fn len(&self) -> usize {
+        self.pending.len()
     }
 }
 
@@ -221,9 +231,11 @@ impl Log {
         self.events.range(start..).cloned().collect()
     }
 
-    /// The seq of the oldest retained event.
+    /// The seq of the oldest retained event; with none, the next one's
+    /// (so that a reader of a command taken over after a restart, whose
+    /// memory starts empty, fetches what came before from the store).
     pub fn first_seq(&self) -> Option<i64> {
-        self.events.front().map(|e| e.seq)
+        Some(self.events.front().map_or(self.next_seq, |e| e.seq))
     }
 
     /// Takes what the store does not have yet.

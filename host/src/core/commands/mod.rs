@@ -18,7 +18,9 @@ use std::time::Duration;
 use crownest_proto::{DEFAULT_PATH, ExecRequest, ExecUser, WORKSPACE};
 use tokio::sync::mpsc;
 
+pub(crate) use live::Begin;
 pub use live::LiveCommand;
+pub(crate) use log::Tail;
 pub use log::{LogEvent, Retention};
 pub use validate::{
     MAX_COLLECT_ITEMS, RunCommand, SIGNALS, ValidRunCommand, parse_signal, resolve_cwd,
@@ -77,14 +79,11 @@ impl Host {
             Some(quota) => quota,
             None => self.quota(&sandbox.org_id).await?,
         };
-        let output_limit = quota
-            .max_command_output_bytes
-            .map_or(limits.output_tail_bytes, |q| {
-                (q.max(0) as usize).min(limits.output_tail_bytes)
-            });
+        let output_limit = self.output_limit(&quota);
+        let command_id = ids::new(ids::Kind::Command);
         let now = self.clock.now_ms();
         let record = CommandRow {
-            id: ids::new(ids::Kind::Command),
+            id: command_id.clone(),
             sandbox_id: sandbox.id.clone(),
             org_id: sandbox.org_id.clone(),
             command: request.command.clone(),
@@ -107,8 +106,11 @@ impl Host {
             created_by_key: principal.key_id.clone(),
             collect: request.collect.clone(),
             collected: None,
+            stdin: request.stdin,
+            stdout_offset: 0,
+            stderr_offset: 0,
         };
-        let exec = exec_request(&sandbox, &template, &request);
+        let exec = exec_request(&command_id, &sandbox, &template, &request);
         let creator = Principal {
             key_id: principal.key_id.clone(),
             org_id: sandbox.org_id.clone(),
@@ -117,7 +119,6 @@ impl Host {
         };
         let live = Arc::new(LiveCommand::new(
             record.clone(),
-            request.stdin,
             output_limit,
             creator,
             self.log_retention(),
@@ -148,7 +149,10 @@ impl Host {
         let mut changes = live.changed.subscribe();
         let host = self.clone();
         let driven = live.clone();
-        tokio::spawn(async move { host.drive_command(driven, live_sandbox, stream, exec).await });
+        tokio::spawn(async move {
+            host.drive_command(driven, live_sandbox, stream, Begin::Exec(exec))
+                .await
+        });
 
         // Wait for the start (background) or the end.
         loop {
@@ -166,6 +170,15 @@ impl Host {
             }
         }
         Ok(live.snapshot())
+    }
+
+    /// Tail kept per output stream: the host limit, or the org's quota
+    /// when that is lower.
+    pub(crate) fn output_limit(&self, quota: &Quota) -> usize {
+        let limit = self.config.limits.output_tail_bytes;
+        quota
+            .max_command_output_bytes
+            .map_or(limit, |q| (q.max(0) as usize).min(limit))
     }
 
     pub(crate) fn log_retention(&self) -> Retention {
@@ -449,6 +462,7 @@ impl Host {
 
 /// What the agent is asked to run for a command.
 fn exec_request(
+    command_id: &str,
     sandbox: &SandboxRow,
     template: &crate::templates::Template,
     request: &ValidRunCommand,
@@ -465,6 +479,7 @@ fn exec_request(
         env.push((key.clone(), value.clone()));
     }
     ExecRequest {
+        id: command_id.to_string(),
         argv: vec![
             String::from("/bin/sh"),
             String::from("-c"),

@@ -39,6 +39,10 @@ pub const AGENT_IN_SANDBOX: &str = "/run/crownest-agent/crownest-agent";
 /// Where `<state_dir>/run` appears inside the sandbox.
 pub const RUN_DIR_IN_SANDBOX: &str = "/run/crownest";
 
+/// Host tasks a gVisor sandbox's sentry and gofer need beyond one (ptrace
+/// stub) per sandbox task: their own threads.
+const GVISOR_HOST_TASKS: i64 = 256;
+
 /// CFS period; the quota is `vcpus` times this.
 const CPU_PERIOD_US: u64 = 100_000;
 /// Open files per process (soft = hard), capped by the host's own hard
@@ -95,15 +99,37 @@ pub fn agent_capabilities() -> HashSet<Capability> {
     .collect()
 }
 
+/// Which OCI runtime the bundle is for: what differs between runc and
+/// runsc.
+#[derive(Debug, Clone, Copy)]
+pub enum Flavour<'a> {
+    /// runc: a user namespace mapping the slot's host id range, and `hook`
+    /// (the `crownest` binary) as the `createRuntime` hook when given.
+    Runc { hook: Option<&'a Path> },
+    /// runsc: no user namespace in the config (runsc runs the sentry and
+    /// gofer as `nobody` in user namespaces of its own, and sandbox uids
+    /// exist only in gVisor's kernel) and no hooks (gVisor's kernel keeps
+    /// its own inotify and other counters). The seccomp profile is kept and
+    /// enforced by the sentry (`--oci-seccomp`). `lib_dir` (read-only at
+    /// [`LIB_DIR_IN_SANDBOX`]) and `preload` (at `/etc/ld.so.preload`)
+    /// carry the stat shim (see `gvisor.rs`).
+    Runsc {
+        lib_dir: &'a Path,
+        preload: &'a Path,
+    },
+}
+
+/// Where a `gvisor` sandbox sees the host's shim directory.
+pub const LIB_DIR_IN_SANDBOX: &str = "/run/crownest-lib";
+
 /// Builds the config for `spec`, with `args` as PID 1 (normally
-/// [`agent_args`]; tests use a plain init) and `hook` (the `crownest`
-/// binary) as its `createRuntime` hook when given.
+/// [`agent_args`]; tests use a plain init).
 pub fn config(
     spec: &SandboxSpec,
     args: Vec<String>,
-    hook: Option<&Path>,
+    flavour: Flavour<'_>,
 ) -> Result<Spec, RuntimeError> {
-    build(spec, args, hook).map_err(|e| RuntimeError::Config {
+    build(spec, args, flavour).map_err(|e| RuntimeError::Config {
         id: spec.id.clone(),
         message: e.to_string(),
     })
@@ -118,10 +144,41 @@ fn hugetlb_cgroup() -> bool {
 fn build(
     spec: &SandboxSpec,
     args: Vec<String>,
-    hook: Option<&Path>,
+    flavour: Flavour<'_>,
 ) -> Result<Spec, oci_spec::OciSpecError> {
+    let (user_namespace, hook) = match flavour {
+        Flavour::Runc { hook } => (true, hook),
+        Flavour::Runsc { .. } => (false, None),
+    };
     let host_base = host_id_base(spec.uid_slot);
     let caps = agent_capabilities();
+    let mut rlimits = vec![
+        PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitNofile)
+            .soft(nofile_limit())
+            .hard(nofile_limit())
+            .build()?,
+        // No core dumps: they would be written into the sandbox's
+        // memory-backed disk by the kernel, at the crash's size.
+        PosixRlimitBuilder::default()
+            .typ(PosixRlimitType::RlimitCore)
+            .soft(0u64)
+            .hard(0u64)
+            .build()?,
+    ];
+    if !user_namespace {
+        // gVisor: the host pids cgroup counts the sentry's own threads and
+        // stubs, and the sentry dies when it cannot make one; the sandbox's
+        // processes are bounded inside instead, per user, by gVisor's kernel.
+        let tasks = u64::try_from(spec.resources.pids).unwrap_or(u64::MAX);
+        rlimits.push(
+            PosixRlimitBuilder::default()
+                .typ(PosixRlimitType::RlimitNproc)
+                .soft(tasks)
+                .hard(tasks)
+                .build()?,
+        );
+    }
     let process = ProcessBuilder::default()
         .terminal(false)
         .user(UserBuilder::default().uid(0u32).gid(0u32).build()?)
@@ -142,20 +199,7 @@ fn build(
                 .ambient(HashSet::new())
                 .build()?,
         )
-        .rlimits(vec![
-            PosixRlimitBuilder::default()
-                .typ(PosixRlimitType::RlimitNofile)
-                .soft(nofile_limit())
-                .hard(nofile_limit())
-                .build()?,
-            // No core dumps: they would be written into the sandbox's
-            // memory-backed disk by the kernel, at the crash's size.
-            PosixRlimitBuilder::default()
-                .typ(PosixRlimitType::RlimitCore)
-                .soft(0u64)
-                .hard(0u64)
-                .build()?,
-        ])
+        .rlimits(rlimits)
         .oom_score_adj(OOM_SCORE_ADJ)
         .build()?;
 
@@ -175,6 +219,9 @@ fn build(
         LinuxNamespaceType::User,
         LinuxNamespaceType::Cgroup,
     ] {
+        if typ == LinuxNamespaceType::User && !user_namespace {
+            continue;
+        }
         namespaces.push(LinuxNamespaceBuilder::default().typ(typ).build()?);
     }
     match spec.network {
@@ -214,7 +261,14 @@ fn build(
         )
         .pids(
             LinuxPidsBuilder::default()
-                .limit(spec.resources.pids)
+                .limit(if user_namespace {
+                    spec.resources.pids
+                } else {
+                    spec.resources
+                        .pids
+                        .saturating_mul(2)
+                        .saturating_add(GVISOR_HOST_TASKS)
+                })
                 .build()?,
         )
         .cpu(
@@ -225,13 +279,20 @@ fn build(
         )
         .build()?;
 
-    let linux = LinuxBuilder::default()
-        .uid_mappings(vec![id_map()?])
-        .gid_mappings(vec![id_map()?])
+    let mut linux = LinuxBuilder::default();
+    if user_namespace {
+        linux = linux
+            .uid_mappings(vec![id_map()?])
+            .gid_mappings(vec![id_map()?]);
+    }
+    let linux = linux
         .namespaces(namespaces)
         .resources(resources)
         .cgroups_path(cgroups_path(&spec.id))
-        .seccomp(seccomp::profile()?)
+        .seccomp(match flavour {
+            Flavour::Runc { .. } => seccomp::profile()?,
+            Flavour::Runsc { .. } => seccomp::gvisor_profile()?,
+        })
         .masked_paths(
             [
                 "/proc/acpi",
@@ -286,7 +347,7 @@ fn build(
         )
         .hostname(hostname(&spec.id))
         .process(process)
-        .mounts(mounts(spec)?)
+        .mounts(mounts(spec, flavour)?)
         .linux(linux)
         .build()
 }
@@ -305,7 +366,7 @@ fn mount(
         .build()
 }
 
-fn mounts(spec: &SandboxSpec) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
+fn mounts(spec: &SandboxSpec, flavour: Flavour<'_>) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
     let disk = format!("size={}m", spec.resources.disk_mib.max(1));
     let user_uid = format!("uid={}", spec.user.uid);
     let user_gid = format!("gid={}", spec.user.gid);
@@ -394,6 +455,20 @@ fn mounts(spec: &SandboxSpec) -> Result<Vec<Mount>, oci_spec::OciSpecError> {
             &["nosuid", "nodev", "mode=0755", &user_uid, &user_gid, &disk],
         )?);
     }
+    if let Flavour::Runsc { lib_dir, preload } = flavour {
+        list.push(mount(
+            LIB_DIR_IN_SANDBOX,
+            "bind",
+            lib_dir,
+            &["bind", "ro", "nosuid", "nodev"],
+        )?);
+        list.push(mount(
+            "/etc/ld.so.preload",
+            "bind",
+            preload,
+            &["bind", "ro", "nosuid", "nodev", "noexec"],
+        )?);
+    }
     Ok(list)
 }
 
@@ -428,10 +503,13 @@ pub fn write(bundle: &Path, config: &Spec) -> Result<(), RuntimeError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::runtime::{Resources, SandboxUser};
+    use crate::runtime::{Isolation, Resources, SandboxUser};
+
+    const RUNC: Flavour<'static> = Flavour::Runc { hook: None };
 
     fn spec(slot: u32) -> SandboxSpec {
         SandboxSpec {
+            isolation: Isolation::Oci,
             id: "sbx_0123456789abcdefghij".to_owned(),
             rootfs: "/cache/rootfs/python-abc".into(),
             state_dir: "/data/sandboxes/sbx_0123456789abcdefghij".into(),
@@ -464,8 +542,47 @@ mod tests {
     }
 
     #[test]
+    fn a_runsc_bundle_has_no_user_namespace_nor_hooks_but_keeps_seccomp_and_limits() {
+        let hook = Path::new("/usr/bin/crownest");
+        let runc =
+            config(&spec(3), agent_args(), Flavour::Runc { hook: Some(hook) }).expect("config");
+        assert!(runc.hooks().is_some());
+        let runsc = Flavour::Runsc {
+            lib_dir: Path::new("/data/runsc-lib"),
+            preload: Path::new("/data/runsc-lib/ld.so.preload"),
+        };
+        let c = config(&spec(3), agent_args(), runsc).expect("config");
+        assert_eq!(
+            find_mount(&c, "/etc/ld.so.preload").source().as_deref(),
+            Some(Path::new("/data/runsc-lib/ld.so.preload"))
+        );
+        assert!(c.hooks().is_none());
+        assert!(linux(&c).uid_mappings().is_none());
+        assert!(linux(&c).gid_mappings().is_none());
+        let kinds: Vec<_> = linux(&c)
+            .namespaces()
+            .iter()
+            .flatten()
+            .map(|n| n.typ())
+            .collect();
+        assert!(!kinds.contains(&LinuxNamespaceType::User), "{kinds:?}");
+        assert!(kinds.contains(&LinuxNamespaceType::Network), "{kinds:?}");
+        assert!(linux(&c).seccomp().is_some());
+        let resources = linux(&c).resources().as_ref().expect("resources");
+        assert_eq!(
+            resources.memory().as_ref().and_then(|m| m.limit()),
+            Some(512 << 20)
+        );
+        assert!(
+            c.root()
+                .as_ref()
+                .is_some_and(|r| r.readonly() == Some(true))
+        );
+    }
+
+    #[test]
     fn uid_and_gid_maps_use_the_slot_range() {
-        let c = config(&spec(3), agent_args(), None).expect("config");
+        let c = config(&spec(3), agent_args(), RUNC).expect("config");
         for maps in [linux(&c).uid_mappings(), linux(&c).gid_mappings()] {
             let maps = maps.as_ref().expect("maps");
             assert_eq!(maps.len(), 1);
@@ -477,7 +594,7 @@ mod tests {
 
     #[test]
     fn every_namespace_is_new_including_network() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let ns = linux(&c).namespaces().as_ref().expect("namespaces");
         for typ in [
             LinuxNamespaceType::Pid,
@@ -498,7 +615,7 @@ mod tests {
 
     #[test]
     fn root_is_the_template_rootfs_read_only() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let root = c.root().as_ref().expect("root");
         assert_eq!(root.path(), Path::new("/cache/rootfs/python-abc"));
         assert_eq!(root.readonly(), Some(true));
@@ -506,7 +623,7 @@ mod tests {
 
     #[test]
     fn workspace_is_a_sized_tmpfs_owned_by_the_sandbox_user() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let m = find_mount(&c, "/workspace");
         assert_eq!(m.typ().as_deref(), Some("tmpfs"));
         let opts = m.options().as_ref().expect("options");
@@ -517,7 +634,7 @@ mod tests {
 
     #[test]
     fn agent_is_bound_read_only_and_run_dir_comes_from_state_dir() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let agent = find_mount(&c, AGENT_IN_SANDBOX);
         assert_eq!(
             agent.source().as_deref(),
@@ -543,7 +660,7 @@ mod tests {
 
     #[test]
     fn pid1_is_the_agent_with_a_small_capability_set_and_no_new_privileges() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let p = c.process().as_ref().expect("process");
         assert_eq!(p.args().as_deref(), Some(&agent_args()[..]));
         assert_eq!(p.no_new_privileges(), Some(true));
@@ -556,7 +673,7 @@ mod tests {
 
     #[test]
     fn limits_follow_resources() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let r = linux(&c).resources().as_ref().expect("resources");
         let mem = r.memory().as_ref().expect("memory");
         assert_eq!(mem.limit(), Some(512 << 20));
@@ -573,7 +690,7 @@ mod tests {
 
     #[test]
     fn seccomp_in_config_allows_neither_mount_nor_unshare() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let json = serde_json::to_value(&c).expect("json");
         let rules = json["linux"]["seccomp"]["syscalls"]
             .as_array()
@@ -591,7 +708,7 @@ mod tests {
 
     #[test]
     fn masked_and_readonly_paths_cover_proc_secrets() {
-        let c = config(&spec(0), agent_args(), None).expect("config");
+        let c = config(&spec(0), agent_args(), RUNC).expect("config");
         let masked = linux(&c).masked_paths().as_ref().expect("masked");
         for p in [
             "/proc/kcore",
@@ -618,7 +735,7 @@ mod tests {
         let mut s = spec(0);
         s.rootfs = rootfs.path().to_owned();
 
-        let c = config(&s, agent_args(), None).expect("config");
+        let c = config(&s, agent_args(), RUNC).expect("config");
 
         let home = find_mount(&c, "/home/user");
         assert!(home.options().iter().flatten().any(|o| o == "uid=1000"));

@@ -13,10 +13,11 @@
 //!
 //! Reaping: `runc run -d` exits once the container runs, so PID 1 of the
 //! container is re-parented to the nearest child subreaper, or to host PID 1.
-//! Host PID 1 here is not an init and never reaps, so killed sandboxes would
-//! stay zombies forever. [`OciRuntime::new`] therefore makes this process a
-//! child subreaper, and [`Runtime::destroy`] reaps the container's PID 1
-//! after killing it.
+//! Host PID 1 may be no init that reaps, so killed sandboxes would stay
+//! zombies. `crownest serve` therefore makes itself a child subreaper
+//! ([`become_subreaper`]), and [`Runtime::destroy`] reaps the container's
+//! PID 1 after killing it. (A sandbox taken over after a restart is not
+//! our child: whoever inherited it reaps it.)
 
 pub mod bundle;
 pub mod hook;
@@ -47,18 +48,23 @@ pub struct OciRuntime {
     version: std::sync::Arc<std::sync::OnceLock<String>>,
 }
 
+/// Makes this process the reaper of what its children leave: the
+/// containers and runsc processes re-parented when `runc run -d` or
+/// `runsc run --detach` exits. Called once by `serve`, not by the drivers:
+/// a process that merely uses a driver (tests, the CLI) must not become one
+/// and collect orphans it never reaps.
+pub fn become_subreaper() {
+    if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
+        tracing::warn!(error = %e, "cannot become a child subreaper; destroyed sandboxes may stay zombies");
+    }
+}
+
 impl OciRuntime {
     /// `binary` is the OCI runtime CLI (`runc` or a path); `root` is its
     /// `--root` state dir. Put `root` under the host's data dir: then
     /// `runc --root <root> list` shows only this host's sandboxes, and two
     /// hosts with different data dirs never see each other's containers.
-    ///
-    /// Also makes the calling process a child subreaper (see the module
-    /// docs), so that killed sandboxes can be reaped.
     pub fn new(binary: PathBuf, root: PathBuf) -> Self {
-        if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
-            tracing::warn!(error = %e, "cannot become a child subreaper; destroyed sandboxes may stay zombies");
-        }
         Self {
             runc: Runc { binary, root },
             hook_binary: None,
@@ -147,7 +153,13 @@ impl OciRuntime {
                 id: spec.id.clone(),
             });
         }
-        let config = bundle::config(spec, args, self.hook_binary.as_deref())?;
+        let config = bundle::config(
+            spec,
+            args,
+            bundle::Flavour::Runc {
+                hook: self.hook_binary.as_deref(),
+            },
+        )?;
 
         let result = self.create_and_run(spec, &config).await;
         if let Err(e) = result {
@@ -262,6 +274,40 @@ impl Runtime for OciRuntime {
 
     async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError> {
         self.start_with_init(spec, bundle::agent_args()).await
+    }
+
+    async fn check(&self, _isolation: super::Isolation) -> Result<(), String> {
+        match self.version.get() {
+            Some(_) => Ok(()),
+            None => self.checked_version().await.map(|_| ()).map_err(|e| match e {
+                RuntimeError::Spawn { binary, .. } => format!(
+                    "the OCI runtime `{}` is not installed: install the `runc` package (apt-get install runc) or pass --runtime",
+                    binary.display()
+                ),
+                other => other.to_string(),
+            }),
+        }
+    }
+
+    async fn adopt(&self, id: &str, state_dir: &Path) -> Result<Option<Started>, RuntimeError> {
+        validate_id(id)?;
+        let out = self.runc.run(&["state", id]).await?;
+        if !out.success {
+            return Ok(None);
+        }
+        let state: serde_json::Value =
+            serde_json::from_str(&out.stdout).map_err(|e| RuntimeError::Output {
+                command: format!("runc state {id}"),
+                message: e.to_string(),
+            })?;
+        if state["status"] != "running" {
+            return Ok(None);
+        }
+        Ok(Some(Started {
+            channel: std::sync::Arc::new(UnixChannel {
+                path: state_dir.join("run").join("agent.sock"),
+            }),
+        }))
     }
 
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {

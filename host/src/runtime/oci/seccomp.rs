@@ -167,11 +167,29 @@ fn arg_rule(
         .build()
 }
 
-/// The profile put in every sandbox's `config.json`.
+/// The profile put in every `oci` sandbox's `config.json`.
 pub fn profile() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+    build(&[])
+}
+
+/// The profile of `gvisor` sandboxes, enforced by gVisor's kernel on the
+/// sandbox's calls to it: the same, plus `syslog`, which there reads only
+/// gVisor's own boot messages (the host kernel's log does not exist
+/// inside), so that `dmesg` shows which kernel runs.
+pub fn gvisor_profile() -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
+    build(&["syslog"])
+}
+
+fn build(also_allowed: &[&str]) -> Result<LinuxSeccomp, oci_spec::OciSpecError> {
     let mut syscalls: Vec<LinuxSyscall> = vec![
         LinuxSyscallBuilder::default()
-            .names(ALLOWED.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+            .names(
+                ALLOWED
+                    .iter()
+                    .chain(also_allowed)
+                    .map(|s| (*s).to_owned())
+                    .collect::<Vec<_>>(),
+            )
             .action(LinuxSeccompAction::ScmpActAllow)
             .build()?,
         // clone: argument 0 (flags on x86) & NS_FLAGS must be 0.
