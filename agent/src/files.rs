@@ -101,7 +101,7 @@ type FsResult<T> = Result<T, FsError>;
 
 /// The components of a host path: relative, `/`-separated, no empty, `.` or
 /// `..` component (the host normalizes; anything else is refused here too).
-fn components(path: &str) -> FsResult<Vec<&str>> {
+pub(crate) fn components(path: &str) -> FsResult<Vec<&str>> {
     if path.starts_with('/') || path.contains('\0') {
         return Err(FsError::new(
             FileErrorKind::InvalidPath,
@@ -118,7 +118,7 @@ fn components(path: &str) -> FsResult<Vec<&str>> {
     Ok(parts)
 }
 
-fn cstring(name: &str) -> FsResult<CString> {
+pub(crate) fn cstring(name: &str) -> FsResult<CString> {
     CString::new(name).map_err(|_| FsError::new(FileErrorKind::InvalidPath, "path has a NUL"))
 }
 
@@ -139,7 +139,7 @@ fn info(name: &str, stat: &FileStat) -> FileInfo {
     }
 }
 
-fn owner_ids(owner: Option<ExecUser>) -> (Option<Uid>, Option<Gid>) {
+pub(crate) fn owner_ids(owner: Option<ExecUser>) -> (Option<Uid>, Option<Gid>) {
     match owner {
         Some(o) => (Some(Uid::from_raw(o.uid)), Some(Gid::from_raw(o.gid))),
         None => (None, None),
@@ -164,7 +164,7 @@ impl Workspace {
         Self { root: root.into() }
     }
 
-    fn root_fd(&self) -> FsResult<OwnedFd> {
+    pub(crate) fn root_fd(&self) -> FsResult<OwnedFd> {
         openat(
             nix::fcntl::AT_FDCWD,
             self.root.as_path(),
@@ -200,7 +200,7 @@ impl Workspace {
 
     /// The parent directory of a path (resolved beneath the root) and the
     /// final component, which must name something (not the root itself).
-    fn parent<'p>(
+    pub(crate) fn parent<'p>(
         root: &OwnedFd,
         path: &'p str,
         create: Option<Option<ExecUser>>,
@@ -445,7 +445,7 @@ fn parent_error(error: FsError, path: &str) -> FsError {
 }
 
 /// `mkdirat` + chown of the new directory (never through a symlink).
-fn make_dir(dir: &OwnedFd, name: &str, owner: Option<ExecUser>) -> Result<(), Errno> {
+pub(crate) fn make_dir(dir: &OwnedFd, name: &str, owner: Option<ExecUser>) -> Result<(), Errno> {
     let name = CString::new(name).map_err(|_| Errno::EINVAL)?;
     mkdirat(dir, name.as_c_str(), Mode::from_bits_truncate(0o755))?;
     let (uid, gid) = owner_ids(owner);
@@ -730,7 +730,8 @@ where
         | Open::CodeContextDelete { .. }
         | Open::ExecAttach(_)
         | Open::ExecList
-        | Open::CodeContextList => {}
+        | Open::CodeContextList
+        | Open::ArchiveExtract(_) => {}
     }
 }
 

@@ -9,6 +9,7 @@
 //!
 //! Usage: `crownest-agent [--listen unix:PATH | --serial PATH]`.
 
+mod archive;
 mod code;
 mod exec;
 mod execs;

@@ -10,7 +10,7 @@ use crownest_proto::{Open, Pong};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{Shared, execs, files, tunnel};
+use crate::{Shared, archive, execs, files, tunnel};
 use crownest_proto::code::ContextReply;
 
 /// Serves logical streams until the session ends (clean close: `Ok`).
@@ -82,6 +82,7 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
         }
         Open::CodeRun(request) => shared.contexts.run(request, writer).await,
         Open::TcpConnect { port } => tunnel::serve(port, reader, writer).await,
+        Open::ArchiveExtract(request) => archive::serve(request, reader, writer).await,
     }
 }
 

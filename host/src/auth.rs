@@ -39,6 +39,9 @@ pub const SCOPES: &[&str] = &[
     "previews:read",
     "previews:delete",
     "previews:access",
+    "workspace_runs:create",
+    "workspace_runs:read",
+    "workspace_runs:cancel",
 ];
 
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,7 @@ pub enum Kind {
     Artifact,
     CodeContext,
     Preview,
+    WorkspaceRun,
 }
 
 impl Kind {
@@ -36,6 +37,7 @@ impl Kind {
             Kind::Artifact => "art",
             Kind::CodeContext => "cctx",
             Kind::Preview => "prv",
+            Kind::WorkspaceRun => "wsr",
         }
     }
 }

@@ -10,6 +10,7 @@ pub mod blobs;
 pub mod clock;
 pub mod config;
 pub mod core;
+pub mod evidence;
 pub mod ids;
 pub mod model;
 pub mod plugins;

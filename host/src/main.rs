@@ -364,6 +364,21 @@ fn serve(args: ServeArgs) -> Result<()> {
                 "took over the sandboxes of the previous host process"
             );
         }
+        // The evidence key exists from the first start (its public half is
+        // served at GET /v1/evidence-keys).
+        host.evidence_keys()
+            .await
+            .context("creating the evidence signing key")?;
+        let ended = host
+            .reconcile_runs()
+            .await
+            .context("ending workspace runs left by a previous run")?;
+        if ended > 0 {
+            tracing::info!(
+                workspace_runs = ended,
+                "ended the workspace runs of the previous host process (host_restart)"
+            );
+        }
         let reaper = host.spawn_reaper();
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await

@@ -95,6 +95,8 @@ pub enum PreviewCloseReason {
 pub enum TransferKind {
     Upload,
     Download,
+    /// The archive of a Workspace Run (the row names the run, not a sandbox).
+    ArchiveUpload,
 }
 
 /// Who did what an audit event records.
@@ -133,6 +135,7 @@ pub enum ResourceKind {
     Transfer,
     Key,
     Org,
+    WorkspaceRun,
 }
 
 macro_rules! audit_actions {
@@ -197,6 +200,11 @@ audit_actions! {
     KeyCreate => "key.create", Key;
     KeyRevoke => "key.revoke", Key;
     QuotaSet => "org.set_quota", Org;
+    WorkspaceRunCreate => "workspace_run.create", WorkspaceRun;
+    WorkspaceRunUpload => "workspace_run.upload", WorkspaceRun;
+    WorkspaceRunUploadUrl => "workspace_run.upload_url", WorkspaceRun;
+    WorkspaceRunStart => "workspace_run.start", WorkspaceRun;
+    WorkspaceRunCancel => "workspace_run.cancel", WorkspaceRun;
 }
 
 impl Serialize for AuditAction {
@@ -265,9 +273,196 @@ pub struct CommandExit {
     pub error: Option<String>,
 }
 
+/// Where a Workspace Run is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunStatus {
+    /// Created; waits for its archive (and then for `start`).
+    AwaitingArchive,
+    /// Started; waits for its sandbox.
+    Queued,
+    /// Its archive is being unpacked into /workspace.
+    Extracting,
+    /// Its command runs.
+    Running,
+    /// The command exited 0.
+    Succeeded,
+    /// It did not succeed; the reason says why.
+    Failed,
+    /// A client canceled it.
+    Canceled,
+}
+
+impl RunStatus {
+    pub fn is_terminal(self) -> bool {
+        matches!(
+            self,
+            RunStatus::Succeeded | RunStatus::Failed | RunStatus::Canceled
+        )
+    }
+}
+
+/// Why a Workspace Run ended as it did (`None` for a success).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum RunReason {
+    /// The command exited non-zero (or a signal ended it).
+    ExitCode,
+    /// The run passed its `timeoutMs`.
+    Timeout,
+    /// The archive passed an entry, byte or ratio limit.
+    ArchiveTooLarge,
+    /// The archive held an entry that would leave /workspace or is a
+    /// device node, fifo or hard link to outside.
+    ArchiveUnsafe,
+    /// The archive is not a readable .tar.gz.
+    ArchiveCorrupt,
+    /// The sandbox could not be created or went away.
+    SandboxFailed,
+    /// The host restarted while the run was in progress.
+    HostRestart,
+    /// A client canceled it.
+    Canceled,
+}
+
+impl RunReason {
+    /// The error code an `error` event of this reason carries.
+    pub fn code(self) -> &'static str {
+        match self {
+            RunReason::ExitCode => "exit_code",
+            RunReason::Timeout => "timeout",
+            RunReason::ArchiveTooLarge => "archive_too_large",
+            RunReason::ArchiveUnsafe => "archive_unsafe",
+            RunReason::ArchiveCorrupt => "archive_corrupt",
+            RunReason::SandboxFailed => "sandbox_failed",
+            RunReason::HostRestart => "host_restart",
+            RunReason::Canceled => "canceled",
+        }
+    }
+}
+
+/// One event of a Workspace Run's log: its `type` and `data` as clients
+/// and the Evidence Bundle's event digest see them (the log's `seq` and
+/// `at` are kept beside it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+#[serde(tag = "type", content = "data", rename_all = "snake_case")]
+pub enum RunEventBody {
+    Status {
+        status: RunStatus,
+        reason: Option<RunReason>,
+    },
+    #[serde(rename_all = "camelCase")]
+    ArchiveProgress {
+        entries: u64,
+        bytes: u64,
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        done: bool,
+        /// Entries left out (at the end only), e.g. a symlink pointing
+        /// outside /workspace.
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
+        skipped: Vec<SkippedEntry>,
+    },
+    Stdout {
+        data: String,
+    },
+    Stderr {
+        data: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    ArtifactCollected {
+        path: String,
+        name: String,
+        artifact_id: String,
+        size_bytes: i64,
+        sha256: String,
+    },
+    ArtifactError {
+        path: String,
+        name: String,
+        message: String,
+    },
+    #[serde(rename_all = "camelCase")]
+    Heartbeat {
+        status: RunStatus,
+        elapsed_ms: i64,
+    },
+    #[serde(rename_all = "camelCase")]
+    Terminal {
+        status: RunStatus,
+        reason: Option<RunReason>,
+        exit_code: Option<i64>,
+        /// RFC 3339.
+        ended_at: String,
+    },
+    Error {
+        code: String,
+        message: String,
+    },
+}
+
+impl RunEventBody {
+    /// The event's `type`.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RunEventBody::Status { .. } => "status",
+            RunEventBody::ArchiveProgress { .. } => "archive_progress",
+            RunEventBody::Stdout { .. } => "stdout",
+            RunEventBody::Stderr { .. } => "stderr",
+            RunEventBody::ArtifactCollected { .. } => "artifact_collected",
+            RunEventBody::ArtifactError { .. } => "artifact_error",
+            RunEventBody::Heartbeat { .. } => "heartbeat",
+            RunEventBody::Terminal { .. } => "terminal",
+            RunEventBody::Error { .. } => "error",
+        }
+    }
+}
+
+/// An archive entry that was not unpacked, and why.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct SkippedEntry {
+    pub path: String,
+    pub reason: String,
+}
+
+/// What became of one artifact path of a Workspace Run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct RunArtifact {
+    pub path: String,
+    pub name: String,
+    pub artifact_id: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub sha256: Option<String>,
+    pub error: Option<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn run_events_serialise_as_type_and_data() {
+        let json = serde_json::to_value(RunEventBody::ArchiveProgress {
+            entries: 3,
+            bytes: 10,
+            done: false,
+            skipped: Vec::new(),
+        })
+        .expect("json");
+        assert_eq!(
+            json,
+            serde_json::json!({"type": "archive_progress", "data": {"entries": 3, "bytes": 10}})
+        );
+        let json = serde_json::to_value(RunEventBody::Terminal {
+            status: RunStatus::Failed,
+            reason: Some(RunReason::Timeout),
+            exit_code: None,
+            ended_at: String::from("t"),
+        })
+        .expect("json");
+        assert_eq!(json["data"]["reason"], "timeout");
+        assert_eq!(json["data"]["exitCode"], serde_json::Value::Null);
+    }
 
     #[test]
     fn audit_action_names_round_trip_and_are_unique() {

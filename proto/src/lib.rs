@@ -160,6 +160,64 @@ pub enum Open {
     /// died is restarted by its next run, as always): answered by one
     /// [`code::ContextReply::Contexts`].
     CodeContextList,
+    /// Unpack a gzipped tar archive into /workspace. The host then sends
+    /// the archive's bytes as [`FileInput`] frames (`End` after the last);
+    /// the agent answers [`ArchiveReply::Progress`] as it goes and one
+    /// `Done` or `Failed`.
+    ArchiveExtract(ArchiveExtract),
+}
+
+/// What an archive may unpack to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchiveExtract {
+    /// Owner of what is created (the template's user).
+    pub owner: Option<ExecUser>,
+    /// Most entries the archive may hold.
+    pub max_entries: u64,
+    /// Most bytes its files may hold, unpacked.
+    pub max_bytes: u64,
+    /// Most unpacked bytes per compressed byte, once past
+    /// [`ARCHIVE_RATIO_GRACE`] unpacked bytes (a gzip bomb fails early).
+    pub max_ratio: u64,
+}
+
+/// Unpacked bytes an archive may reach before its compression ratio is
+/// checked (small, highly compressible archives are normal).
+pub const ARCHIVE_RATIO_GRACE: u64 = 64 * 1024 * 1024;
+
+/// Why an archive was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArchiveErrorKind {
+    /// Past an entry, byte or ratio limit.
+    TooLarge,
+    /// An entry that would leave /workspace or is not a file, directory or
+    /// symlink: an absolute path, `..`, a device node, a fifo, a hard link
+    /// to outside the archive.
+    Unsafe,
+    /// Not a gzipped tar archive, or truncated.
+    Corrupt,
+    /// The workspace refused a write (full, permissions).
+    Io,
+}
+
+/// Agent to host, on an `ArchiveExtract` stream.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ArchiveReply {
+    /// So far: entries unpacked and bytes of their contents.
+    Progress { entries: u64, bytes: u64 },
+    /// Unpacked. `skipped`: entries left out and why (at most 32), e.g. a
+    /// symlink pointing outside /workspace.
+    Done {
+        entries: u64,
+        bytes: u64,
+        skipped: Vec<(String, String)>,
+    },
+    Failed {
+        kind: ArchiveErrorKind,
+        /// The entry at fault, when there is one.
+        entry: Option<String>,
+        message: String,
+    },
 }
 
 /// Where a host resumes an exec's output.

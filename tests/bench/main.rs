@@ -395,6 +395,7 @@ async fn main() {
     client.kill(&warm).await;
     server.stop();
     let runtime_table = runtime_measurements(iterations, creates).await;
+    let run_table = workspace_run_measurements().await;
 
     println!("\n| measurement | n | p50 | p99 | target |");
     println!("|---|---|---|---|---|");
@@ -432,6 +433,202 @@ async fn main() {
         println!("{row}");
     }
     println!("{runtime_table}");
+    println!("{run_table}");
+}
+
+/// An archive of `files` incompressible files totalling `bytes`.
+fn bench_archive(files: usize, bytes: usize) -> Vec<u8> {
+    let mut state = 0x9e37_79b9_7f4a_7c15_u64;
+    let per = bytes / files;
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut tar = tar::Builder::new(gz);
+    for i in 0..files {
+        let data: Vec<u8> = (0..per)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                state as u8
+            })
+            .collect();
+        let mut header = tar::Header::new_gnu();
+        header.set_size(data.len() as u64);
+        header.set_mode(0o644);
+        header.set_cksum();
+        tar.append_data(&mut header, format!("src/d{}/f{i}.bin", i % 40), &data[..])
+            .expect("append");
+    }
+    tar.into_inner().expect("tar").finish().expect("gzip")
+}
+
+/// Workspace Runs on python-node with a 2,000-file / 50 MiB archive:
+/// staged upload throughput, extraction time (server clock), start ->
+/// first stdout event, create -> first stdout (upload included), and
+/// terminal event -> evidence ready.
+async fn workspace_run_measurements() -> String {
+    use futures::StreamExt;
+    let runs = 5;
+    let bytes = bench_archive(2_000, 50 * 1024 * 1024);
+    let digest: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&bytes)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let mut server = Server::start_with_env(&[("CROWNEST_RATE_LIMIT", "0")]);
+    let client = server.client(&server.key("bench", None, "all"));
+    let (mut upload, mut extract, mut first, mut created_first, mut evidence) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let created = Instant::now();
+        let (status, run) = client
+            .post(
+                "/v1/workspace-runs",
+                json!({"command": "echo first; ls -R src | wc -l", "archive": {"sizeBytes": bytes.len(), "sha256": digest}}),
+            )
+            .await;
+        assert_eq!(status, 201, "{run}");
+        let id = run["id"].as_str().expect("id").to_string();
+        let (_, ticket) = client
+            .post(
+                &format!("/v1/workspace-runs/{id}/archive/uploads"),
+                json!({}),
+            )
+            .await;
+        let url = ticket["url"].as_str().expect("url");
+        let sent = Instant::now();
+        let response = reqwest::Client::new()
+            .put(url)
+            .body(bytes.clone())
+            .send()
+            .await
+            .expect("upload");
+        assert_eq!(response.status(), 200);
+        upload.push(sent.elapsed());
+        let started = Instant::now();
+        let (status, _) = client
+            .post(&format!("/v1/workspace-runs/{id}/start"), json!({}))
+            .await;
+        assert_eq!(status, 202);
+        let response = client
+            .request(
+                reqwest::Method::GET,
+                &format!("/v1/workspace-runs/{id}/events"),
+            )
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .expect("events");
+        let mut body = response.bytes_stream();
+        let mut parser = crownest_e2e::SseParser::default();
+        let mut extracting_at = None;
+        let mut terminal = None;
+        'events: while let Some(Ok(chunk)) = body.next().await {
+            for event in parser.push(&chunk) {
+                let at = event.data["at"].as_str().unwrap_or_default().to_string();
+                match event.event.as_str() {
+                    "status" if event.data["data"]["status"] == "extracting" => {
+                        extracting_at = Some(at);
+                    }
+                    "archive_progress" if event.data["data"]["done"] == true => {
+                        if let Some(from) = &extracting_at {
+                            extract.push(rfc3339_gap(from, &at));
+                        }
+                    }
+                    "stdout" if first.len() < upload.len() => {
+                        first.push(started.elapsed());
+                        created_first.push(created.elapsed());
+                    }
+                    "terminal" => {
+                        terminal = Some(Instant::now());
+                        assert_eq!(
+                            event.data["data"]["status"], "succeeded",
+                            "{:?}",
+                            event.data
+                        );
+                        break 'events;
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let terminal = terminal.expect("terminal event");
+        loop {
+            let response = client
+                .request(
+                    reqwest::Method::GET,
+                    &format!("/v1/workspace-runs/{id}/evidence"),
+                )
+                .send()
+                .await
+                .expect("evidence");
+            if response.status() == 200 {
+                evidence.push(terminal.elapsed());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    server.stop();
+    for v in [
+        &mut upload,
+        &mut extract,
+        &mut first,
+        &mut created_first,
+        &mut evidence,
+    ] {
+        v.sort();
+    }
+    let mib = bytes.len() as f64 / (1024.0 * 1024.0);
+    let rate = mib / percentile(&upload, 0.5).as_secs_f64().max(1e-9);
+    let mut out = format!(
+        "\n| workspace run, 2,000 files / {mib:.1} MiB archive (python-node, n={runs}) | p50 | p99 | target |\n|---|---|---|---|\n"
+    );
+    out += &format!(
+        "| staged upload | {} ({rate:.0} MiB/s) | {} | |\n",
+        ms(percentile(&upload, 0.5)),
+        ms(percentile(&upload, 0.99))
+    );
+    out += &format!(
+        "| extraction (extracting -> done, server clock) | {} | {} | |\n",
+        ms(percentile(&extract, 0.5)),
+        ms(percentile(&extract, 0.99))
+    );
+    out += &format!(
+        "| start -> first stdout event | {} | {} | |\n",
+        ms(percentile(&first, 0.5)),
+        ms(percentile(&first, 0.99))
+    );
+    out += &format!(
+        "| create -> first stdout event (upload included) | {} | {} | |\n",
+        ms(percentile(&created_first, 0.5)),
+        ms(percentile(&created_first, 0.99))
+    );
+    out += &format!(
+        "| terminal event -> evidence ready | {} | {} | |",
+        ms(percentile(&evidence, 0.5)),
+        ms(percentile(&evidence, 0.99))
+    );
+    out
+}
+
+/// The time between two RFC 3339 timestamps of the server (`…:SS.mmmZ`).
+fn rfc3339_gap(from: &str, to: &str) -> Duration {
+    let millis = |t: &str| -> i64 {
+        // HH:MM:SS.mmm within one day is enough for a run of seconds.
+        let time = t
+            .split('T')
+            .nth(1)
+            .unwrap_or_default()
+            .trim_end_matches('Z');
+        let mut parts = time.split(':');
+        let h: i64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let m: i64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        let s: f64 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0.0);
+        (h * 3600 + m * 60) * 1000 + (s * 1000.0) as i64
+    };
+    Duration::from_millis((millis(to) - millis(from)).max(0) as u64)
 }
 
 /// Processes in a sandbox's cgroup (the agent under runc; the sentry,

@@ -42,3 +42,4 @@ mod parts;
 mod previews;
 mod restart;
 mod sandboxes;
+mod workspace_runs;

@@ -9,7 +9,10 @@
 use std::sync::Arc;
 
 use crownest_proto::frame::write_message;
-use crownest_proto::{FileInfo, FileInput, FileReply, FileWriteRequest, MAX_CHUNK_LEN, Open};
+use crownest_proto::{
+    ArchiveExtract, ArchiveReply, FileInfo, FileInput, FileReply, FileWriteRequest, MAX_CHUNK_LEN,
+    Open,
+};
 
 use super::{AgentClient, AgentError, FrameReader, Inner, StreamReader, StreamWriter};
 
@@ -282,4 +285,101 @@ impl AgentClient {
             other => Err(unexpected(&other)),
         }
     }
+}
+
+impl AgentClient {
+    /// Unpacks a gzipped tar archive read from `source` into /workspace
+    /// (the agent applies the limits of `request`). Progress the agent
+    /// reports goes to `progress` when there is room (it is advisory);
+    /// the result is the agent's `Done` or `Failed`, bounded here.
+    pub async fn archive_extract<R>(
+        &self,
+        request: ArchiveExtract,
+        mut source: R,
+        progress: tokio::sync::mpsc::Sender<(u64, u64)>,
+    ) -> Result<ArchiveReply, AgentError>
+    where
+        R: tokio::io::AsyncRead + Unpin,
+    {
+        use tokio::io::AsyncReadExt;
+        let (mut reader, mut writer) = self.open(&Open::ArchiveExtract(request)).await?;
+        let send = async move {
+            let mut buf = vec![0u8; MAX_CHUNK_LEN];
+            loop {
+                let n = source
+                    .read(&mut buf)
+                    .await
+                    .map_err(|e| AgentError::Protocol(format!("reading the archive: {e}")))?;
+                if n == 0 {
+                    write_message(&mut writer, &FileInput::End)
+                        .await
+                        .map_err(AgentError::from_write)?;
+                    // Keep the write half open until the reply arrives.
+                    std::future::pending::<()>().await;
+                }
+                write_message(&mut writer, &FileInput::Data(buf[..n].to_vec()))
+                    .await
+                    .map_err(AgentError::from_write)?;
+            }
+        };
+        tokio::pin!(send);
+        let mut frames = FrameReader::default();
+        let mut sending = true;
+        let mut send_error = None;
+        loop {
+            tokio::select! {
+                sent = &mut send, if sending => {
+                    sending = false;
+                    // The agent stops reading once it refused the archive:
+                    // its reply says why.
+                    let sent: Result<(), AgentError> = sent;
+                    if let Err(e) = sent {
+                        send_error = Some(e);
+                    }
+                }
+                reply = async {
+                    let payload = frames.next(&mut reader).await?.ok_or(AgentError::Closed)?;
+                    crownest_proto::decode::<ArchiveReply>(&payload).map_err(AgentError::from_read)
+                } => {
+                    match reply {
+                        Ok(ArchiveReply::Progress { entries, bytes }) => {
+                            let _ = progress.try_send((entries, bytes));
+                        }
+                        Ok(ArchiveReply::Done { entries, bytes, skipped }) => {
+                            let skipped = skipped
+                                .into_iter()
+                                .take(MAX_SKIPPED)
+                                .map(|(path, why)| (bounded(path), bounded(why)))
+                                .collect();
+                            return Ok(ArchiveReply::Done { entries, bytes, skipped });
+                        }
+                        Ok(ArchiveReply::Failed { kind, entry, message }) => {
+                            return Ok(ArchiveReply::Failed {
+                                kind,
+                                entry: entry.map(bounded),
+                                message: bounded(message),
+                            });
+                        }
+                        Err(e) => return Err(send_error.unwrap_or(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Skipped entries kept from an agent's report.
+const MAX_SKIPPED: usize = 32;
+
+/// Agent text kept in a run's events: at most 512 bytes.
+fn bounded(mut text: String) -> String {
+    const MAX: usize = 512;
+    if text.len() > MAX {
+        let mut end = MAX;
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        text.truncate(end);
+    }
+    text
 }

@@ -337,7 +337,55 @@ impl From<CoreError> for ApiError {
                 "transfer_used",
                 "this transfer URL was already used (each is good for one request); create a new one",
             ),
-            other @ E::ServerKey(_) => {
+            E::ArchiveTooLarge { declared, max } => Self::new(
+                StatusCode::BAD_REQUEST,
+                "archive_too_large",
+                format!("the archive is declared as {declared} bytes; a run's archive may be at most {max} bytes"),
+            )
+            .with_details(json!({ "field": "archive.sizeBytes", "max": max })),
+            E::ArchiveSizeMismatch { expected, received } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "archive_size_mismatch",
+                format!("the run declared an archive of {expected} bytes but at least {received} arrived; upload the declared archive again (the run still awaits it)"),
+            )
+            .with_details(json!({ "expected": expected, "received": received })),
+            E::ArchiveDigestMismatch { expected, received } => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "archive_digest_mismatch",
+                format!("the uploaded archive's SHA-256 is {received}, not the declared {expected}; upload the declared archive again (the run still awaits it)"),
+            )
+            .with_details(json!({ "expected": expected, "received": received })),
+            E::RunNotAwaitingArchive(id) => Self::new(
+                StatusCode::CONFLICT,
+                "workspace_run_not_awaiting_archive",
+                format!("workspace run `{id}` was started or ended; its archive can no longer change"),
+            )
+            .with_details(json!({ "workspaceRunId": id })),
+            E::ArchiveNotUploaded(id) => Self::new(
+                StatusCode::CONFLICT,
+                "archive_not_uploaded",
+                format!("workspace run `{id}` has no archive yet; PUT /v1/workspace-runs/{id}/archive first"),
+            )
+            .with_details(json!({ "workspaceRunId": id })),
+            E::RunAlreadyStarted(id) => Self::new(
+                StatusCode::CONFLICT,
+                "workspace_run_already_started",
+                format!("workspace run `{id}` was already started; follow its events"),
+            )
+            .with_details(json!({ "workspaceRunId": id })),
+            E::RunFinished(id) => Self::new(
+                StatusCode::CONFLICT,
+                "workspace_run_finished",
+                format!("workspace run `{id}` has already ended"),
+            )
+            .with_details(json!({ "workspaceRunId": id })),
+            E::EvidenceNotReady(id) => Self::new(
+                StatusCode::CONFLICT,
+                "evidence_not_ready",
+                format!("the evidence of workspace run `{id}` is written shortly after the run ends (its sandbox is cleaned up first); retry when the run shows `evidenceReady: true`"),
+            )
+            .with_details(json!({ "workspaceRunId": id })),
+            other @ (E::ServerKey(_) | E::ArchiveStorage(_)) => {
                 tracing::error!(error = %other, "internal error");
                 Self::internal()
             }

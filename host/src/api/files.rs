@@ -197,7 +197,7 @@ pub struct TransferView {
 }
 
 /// The request body as a stream of chunks for the core.
-fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, CoreError>> + Send {
+pub(super) fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, CoreError>> + Send {
     body.into_data_stream().map(|chunk| {
         chunk.map_err(|e| CoreError::Invalid {
             field: "body",
@@ -206,7 +206,7 @@ fn body_stream(body: Body) -> impl Stream<Item = Result<Bytes, CoreError>> + Sen
     })
 }
 
-fn declared_length(headers: &HeaderMap) -> Option<u64> {
+pub(super) fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)?
         .to_str()
@@ -421,7 +421,7 @@ async fn make_dir(
     Ok((CREATED, ApiJson(render(path, info))))
 }
 
-fn transfer_view(
+pub(super) fn transfer_view(
     headers: &HeaderMap,
     state: &AppState,
     ticket: crate::core::files::TransferTicket,
@@ -492,7 +492,9 @@ async fn create_download(
 }
 
 /// Uploads through a staged URL: the raw bytes, no API key. Single use;
-/// more bytes than `maxBytes` abort it and leave no file behind.
+/// more bytes than `maxBytes` abort it and leave no file behind. A
+/// Workspace Run's archive URL answers with the run (`WorkspaceRunView`)
+/// or 422 `archive_size_mismatch` / `archive_digest_mismatch`.
 #[utoipa::path(put, path = "/v1/transfers/{token}", tag = "files", security(()),
     params(("token" = String, Path, description = "from the staged URL")),
     request_body(content = String, content_type = "application/octet-stream", description = "the file's bytes"),
@@ -517,6 +519,18 @@ async fn transfer_upload(
     // A valid token acts for the transfer's org: audit it there.
     let org = AuditOrg(transfer.org_id.clone());
     let max = transfer.max_bytes.unwrap_or(0).max(0) as u64;
+    if transfer.kind == TransferKind::ArchiveUpload {
+        // A Workspace Run's archive: answered with the run.
+        let result = state
+            .host
+            .upload_archive_transfer(&transfer, body_stream(body))
+            .await
+            .map(|row| ApiJson(super::workspace_runs::render_run(row)))
+            .map_err(ApiError::from);
+        let mut response = result.into_response();
+        response.extensions_mut().insert(org);
+        return response;
+    }
     let result = if declared_length(&headers).is_some_and(|len| len > max) {
         Err(ApiError::from(CoreError::File {
             kind: FileErrorKind::TooLarge,

@@ -89,7 +89,7 @@ fn is_mutating(method: &Method) -> bool {
 /// The path parameter that names a resource of this kind.
 fn id_param(kind: ResourceKind) -> Option<&'static str> {
     match kind {
-        ResourceKind::Sandbox => Some("id"),
+        ResourceKind::Sandbox | ResourceKind::WorkspaceRun => Some("id"),
         ResourceKind::Command => Some("command_id"),
         ResourceKind::Preview => Some("preview_id"),
         ResourceKind::CodeContext => Some("context_id"),

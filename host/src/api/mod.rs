@@ -18,6 +18,7 @@ mod sandboxes;
 #[cfg(test)]
 mod schema_check;
 mod system;
+mod workspace_runs;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -258,6 +259,7 @@ pub(crate) fn routes() -> OpenApiRouter<AppState> {
         .merge(code::routes())
         .merge(files::routes())
         .merge(previews::routes())
+        .merge(workspace_runs::routes())
 }
 
 /// The OpenAPI document of this build.

@@ -13,6 +13,7 @@ mod previews;
 mod sandboxes;
 mod sse;
 mod transfer;
+mod workspace_runs;
 
 use std::io::Write;
 
@@ -70,6 +71,21 @@ pub enum Command {
         output: Output,
         #[command(subcommand)]
         command: previews::PreviewsCommand,
+    },
+    /// Run a directory as a Workspace Run: pack, upload, start, stream the
+    /// output, exit with the command's exit code.
+    Run(workspace_runs::RunArgs),
+    /// List, show, follow and cancel Workspace Runs; download their evidence.
+    WorkspaceRuns {
+        #[command(flatten)]
+        output: Output,
+        #[command(subcommand)]
+        command: workspace_runs::RunsCommand,
+    },
+    /// Verify a Workspace Run's signed Evidence Bundle (offline with --key).
+    Evidence {
+        #[command(subcommand)]
+        command: workspace_runs::EvidenceCommand,
     },
 }
 
@@ -146,6 +162,11 @@ pub fn run(command: Command) -> i32 {
 }
 
 async fn dispatch(command: Command) -> Result<i32, ClientError> {
+    // Verifying evidence needs no server (or only the one it names).
+    let command = match command {
+        Command::Evidence { command } => return workspace_runs::evidence(command).await,
+        other => other,
+    };
     let api = Api::from_env()?;
     match command {
         Command::Sandbox { output, command } => sandboxes::run(&api, output, command).await,
@@ -154,6 +175,11 @@ async fn dispatch(command: Command) -> Result<i32, ClientError> {
         Command::Files { output, command } => files::run(&api, output, command).await,
         Command::Artifacts { output, command } => artifacts::run(&api, output, command).await,
         Command::Previews { output, command } => previews::run(&api, output, command).await,
+        Command::Run(args) => workspace_runs::run(&api, args).await,
+        Command::WorkspaceRuns { output, command } => {
+            workspace_runs::runs(&api, output, command).await
+        }
+        Command::Evidence { .. } => Err(ClientError::Invalid(String::from("unreachable"))),
     }
 }
 
@@ -166,14 +192,21 @@ pub struct Api {
 
 impl Api {
     fn from_env() -> Result<Api, ClientError> {
-        let key = std::env::var("CROWNEST_API_KEY")
-            .ok()
-            .filter(|k| !k.trim().is_empty())
-            .ok_or(ClientError::MissingKey)?;
         let base = std::env::var("CROWNEST_BASE_URL")
             .ok()
             .filter(|b| !b.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
+        Self::for_server(&base)
+    }
+
+    /// The client of the server at `base`, with the key in
+    /// CROWNEST_API_KEY.
+    fn for_server(base: &str) -> Result<Api, ClientError> {
+        let base = base.to_string();
+        let key = std::env::var("CROWNEST_API_KEY")
+            .ok()
+            .filter(|k| !k.trim().is_empty())
+            .ok_or(ClientError::MissingKey)?;
         // No overall timeout: log streams and transfers last as long as
         // they last; idle streams are watched by their readers.
         let http = reqwest::Client::builder()

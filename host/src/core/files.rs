@@ -22,7 +22,7 @@ use super::{CoreError, Host};
 use crate::agent::AgentError;
 use crate::auth::Principal;
 use crate::clock::Millis;
-use crate::store::TransferRow;
+use crate::store::{TransferRow, TransferTarget};
 
 pub use crate::model::TransferKind;
 use crownest_proto::WORKSPACE;
@@ -353,7 +353,7 @@ impl Host {
         }
         let (token, expires_at) = self
             .insert_transfer(
-                &sandbox.id,
+                TransferTarget::Sandbox(sandbox.id.clone()),
                 &sandbox.org_id,
                 TransferKind::Upload,
                 &path,
@@ -401,7 +401,7 @@ impl Host {
         }
         let (token, expires_at) = self
             .insert_transfer(
-                &sandbox.id,
+                TransferTarget::Sandbox(sandbox.id.clone()),
                 &sandbox.org_id,
                 TransferKind::Download,
                 &path,
@@ -416,9 +416,9 @@ impl Host {
         })
     }
 
-    async fn insert_transfer(
+    pub(crate) async fn insert_transfer(
         &self,
-        sandbox_id: &str,
+        target: TransferTarget,
         org_id: &str,
         kind: TransferKind,
         path: &str,
@@ -428,7 +428,7 @@ impl Host {
         let now = self.clock.now_ms();
         let row = TransferRow {
             id: format!("trf_{}", hex::encode(rand::random::<[u8; 16]>())),
-            sandbox_id: sandbox_id.to_string(),
+            target,
             org_id: org_id.to_string(),
             kind,
             path: path.to_string(),
@@ -444,7 +444,8 @@ impl Host {
     }
 
     /// Checks a token's signature (constant time, before any store access),
-    /// then claims its transfer: single use, unexpired, of this `kind`.
+    /// then claims its transfer: single use, unexpired, of this `kind` (an
+    /// `Upload` claim also takes an archive upload: both are a `PUT`).
     pub async fn claim_transfer(
         &self,
         token: &str,
@@ -462,11 +463,15 @@ impl Host {
             .call(move |s| s.get_transfer(&lookup))
             .await?
             .ok_or(CoreError::TransferNotFound)?;
-        if row.kind != kind {
+        let same_method = row.kind == kind
+            || (kind == TransferKind::Upload && row.kind == TransferKind::ArchiveUpload);
+        if !same_method {
             return Err(CoreError::Invalid {
                 field: "method",
                 message: String::from(match row.kind {
-                    TransferKind::Upload => "this URL is for an upload; use PUT",
+                    TransferKind::Upload | TransferKind::ArchiveUpload => {
+                        "this URL is for an upload; use PUT"
+                    }
                     TransferKind::Download => "this URL is for a download; use GET",
                 }),
             });
@@ -490,7 +495,7 @@ impl Host {
     {
         let principal = transfer_principal(transfer);
         let (sandbox, live) = self
-            .usable_sandbox(&principal, &transfer.sandbox_id)
+            .usable_sandbox(&principal, transfer_sandbox(transfer)?)
             .await?;
         let owner = self.file_owner(&sandbox.template)?;
         let max_bytes = transfer.max_bytes.unwrap_or(0).max(0) as u64;
@@ -504,9 +509,17 @@ impl Host {
     ) -> Result<(FileInfo, ByteStream), CoreError> {
         let principal = transfer_principal(transfer);
         let (_, live) = self
-            .usable_sandbox(&principal, &transfer.sandbox_id)
+            .usable_sandbox(&principal, transfer_sandbox(transfer)?)
             .await?;
         self.read_live(&live.agent, transfer.path.clone()).await
+    }
+}
+
+/// The sandbox a file transfer is about.
+fn transfer_sandbox(transfer: &TransferRow) -> Result<&str, CoreError> {
+    match &transfer.target {
+        TransferTarget::Sandbox(id) => Ok(id),
+        TransferTarget::Run(_) => Err(CoreError::TransferNotFound),
     }
 }
 

@@ -23,6 +23,7 @@ mod secrets;
 mod slots;
 #[cfg(test)]
 pub(crate) mod tests;
+pub mod workspace_runs;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -155,6 +156,24 @@ pub enum CoreError {
     PreviewClosed(String),
     #[error("nothing in the sandbox accepts connections on port {port}: {message}")]
     PreviewUnreachable { port: u16, message: String },
+    #[error("the archive is declared as {declared} bytes; the limit is {max}")]
+    ArchiveTooLarge { declared: u64, max: u64 },
+    #[error("the archive was declared as {expected} bytes but {received} arrived")]
+    ArchiveSizeMismatch { expected: u64, received: u64 },
+    #[error("the archive's SHA-256 is {received}, not the declared {expected}")]
+    ArchiveDigestMismatch { expected: String, received: String },
+    #[error("archive storage: {0}")]
+    ArchiveStorage(String),
+    #[error("workspace run `{0}` is no longer awaiting its archive")]
+    RunNotAwaitingArchive(String),
+    #[error("workspace run `{0}` has no archive yet")]
+    ArchiveNotUploaded(String),
+    #[error("workspace run `{0}` was already started")]
+    RunAlreadyStarted(String),
+    #[error("workspace run `{0}` has already ended")]
+    RunFinished(String),
+    #[error("the evidence of workspace run `{0}` is not ready")]
+    EvidenceNotReady(String),
     #[error("quota {limit} exceeded: {current} of {max}")]
     QuotaExceeded {
         limit: &'static str,
@@ -247,6 +266,8 @@ pub struct Host {
     rate_limiter: admission::RateLimiter,
     /// Open command log streams, by org.
     log_streams: Arc<Mutex<HashMap<String, usize>>>,
+    /// Workspace Runs driven by this process, and their followers' signals.
+    runs: workspace_runs::RunRegistry,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -292,6 +313,7 @@ impl Host {
             last_retention: std::sync::atomic::AtomicI64::new(0),
             rate_limiter: admission::RateLimiter::default(),
             log_streams: Arc::new(Mutex::new(HashMap::new())),
+            runs: workspace_runs::RunRegistry::default(),
         })
     }
 
@@ -334,6 +356,7 @@ impl Host {
         lock(&self.live).clear();
         lock(&self.running).clear();
         lock(&self.code_contexts).clear();
+        self.runs.abort_all();
     }
 
     fn live_sandbox(&self, id: &str) -> Option<Arc<LiveSandbox>> {

@@ -14,6 +14,8 @@ pub(crate) enum KeyUse {
     /// AEAD of idempotent responses at rest (they can hold preview tokens
     /// and signed URLs).
     Idempotency,
+    /// The ed25519 seed that signs Evidence Bundles.
+    Evidence,
 }
 
 impl KeyUse {
@@ -21,6 +23,7 @@ impl KeyUse {
         match self {
             KeyUse::Transfers => "transfer.key",
             KeyUse::Idempotency => "idempotency.key",
+            KeyUse::Evidence => "evidence.key",
         }
     }
 }
@@ -30,6 +33,7 @@ impl KeyUse {
 pub(crate) struct ServerKeys {
     transfers: tokio::sync::OnceCell<[u8; 32]>,
     idempotency: tokio::sync::OnceCell<[u8; 32]>,
+    evidence: tokio::sync::OnceCell<[u8; 32]>,
 }
 
 impl Host {
@@ -37,6 +41,7 @@ impl Host {
         let cell = match usage {
             KeyUse::Transfers => &self.keys.transfers,
             KeyUse::Idempotency => &self.keys.idempotency,
+            KeyUse::Evidence => &self.keys.evidence,
         };
         let path = self.config.data_dir.join(usage.file());
         cell.get_or_try_init(|| async move {

@@ -867,3 +867,119 @@ async fn a_template_whose_runtime_is_unavailable_is_refused_with_the_reason() {
             .is_none()
     );
 }
+
+mod workspace_runs {
+    use super::*;
+    use crate::core::workspace_runs::CreateRun;
+    use crate::model::{RunEventBody, RunReason, RunStatus};
+    use futures::stream;
+
+    async fn uploaded_run(t: &TestHost, p: &Principal, command: &str) -> String {
+        let archive = b"not really a tar: the fake agent only counts bytes".to_vec();
+        let sha = {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(&archive))
+        };
+        let run = t
+            .host
+            .create_run(
+                p,
+                CreateRun {
+                    command: command.into(),
+                    archive_size: archive.len() as i64,
+                    archive_sha256: sha,
+                    ..CreateRun::default()
+                },
+            )
+            .await
+            .expect("create");
+        // A wrong upload keeps the run waiting; the right one is kept.
+        let wrong = stream::iter([Ok(bytes::Bytes::from_static(b"short"))]);
+        assert!(matches!(
+            t.host.upload_archive(p, &run.id, wrong).await,
+            Err(CoreError::ArchiveSizeMismatch { .. })
+        ));
+        let body = stream::iter([Ok(bytes::Bytes::from(archive))]);
+        let uploaded = t
+            .host
+            .upload_archive(p, &run.id, body)
+            .await
+            .expect("upload");
+        assert!(uploaded.archive_uploaded);
+        run.id
+    }
+
+    async fn wait_evidence(host: &Host, p: &Principal, id: &str) -> crate::store::WorkspaceRunRow {
+        for _ in 0..400 {
+            let run = host.get_run(p, id).await.expect("get");
+            if run.evidence_ready {
+                return run;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        panic!("run {id} never got its evidence");
+    }
+
+    #[tokio::test]
+    async fn a_run_goes_through_its_phases_and_ends_signed_with_its_sandbox_gone() {
+        let t = test_host();
+        let p = t.principal("acme", "all");
+        let id = uploaded_run(&t, &p, "echo hello").await;
+        let started = t.host.start_run(&p, &id).await.expect("start");
+        assert_eq!(started.status, RunStatus::Queued);
+        assert!(matches!(
+            t.host.start_run(&p, &id).await,
+            Err(CoreError::RunAlreadyStarted(_))
+        ));
+        let run = wait_evidence(&t.host, &p, &id).await;
+        assert_eq!(run.status, RunStatus::Succeeded, "{run:?}");
+        assert_eq!(run.exit_code, Some(0));
+        let page = t
+            .host
+            .run_event_page(&p, &id, 0, 1000)
+            .await
+            .expect("events");
+        assert!(page.terminal);
+        let kinds: Vec<&str> = page.events.iter().map(|e| e.body.kind()).collect();
+        assert_eq!(kinds.first(), Some(&"status"));
+        assert_eq!(kinds.last(), Some(&"terminal"));
+        assert!(
+            page.events
+                .iter()
+                .any(|e| matches!(&e.body, RunEventBody::Stdout { data } if data == "hello\n"))
+        );
+        let seqs: Vec<i64> = page.events.iter().map(|e| e.seq).collect();
+        assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
+
+        let sandbox = run.sandbox_id.expect("sandbox");
+        let row = t.host.get_sandbox(&p, &sandbox).await.expect("sandbox");
+        assert_eq!(row.status, SandboxStatus::Destroyed);
+        let document = t.host.run_evidence(&p, &id).await.expect("evidence");
+        let keys = t.host.evidence_keys().await.expect("keys");
+        let (bundle, _) = crate::evidence::verify(&document, &keys).expect("verifies");
+        assert_eq!(bundle["status"], "succeeded");
+        assert_eq!(bundle["events"]["count"], page.events.len());
+    }
+
+    #[tokio::test]
+    async fn a_run_left_running_by_a_crash_ends_as_host_restart_with_evidence() {
+        let t = test_host();
+        let p = t.principal("acme", "all");
+        let id = uploaded_run(&t, &p, "sleep 30").await;
+        t.host.start_run(&p, &id).await.expect("start");
+        for _ in 0..400 {
+            if t.host.get_run(&p, &id).await.expect("get").status == RunStatus::Running {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        t.host.crash_for_test();
+        let host = t.restarted();
+        host.reconcile().await.expect("reconcile");
+        assert_eq!(host.reconcile_runs().await.expect("runs"), 1);
+        let run = wait_evidence(&host, &p, &id).await;
+        assert_eq!(run.status, RunStatus::Failed);
+        assert_eq!(run.reason, Some(RunReason::HostRestart));
+        assert_eq!(host.reconcile_runs().await.expect("again"), 0);
+    }
+}

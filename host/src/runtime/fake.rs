@@ -329,6 +329,25 @@ async fn stream_task(stream: yamux::Stream, sandbox: Arc<FakeSandbox>) {
             let ids = lock(&sandbox.contexts).keys().cloned().collect();
             let _ = write_message(&mut writer, &ContextReply::Contexts(ids)).await;
         }
+        Open::ArchiveExtract(_) => {
+            // The fake does not unpack: it takes the bytes and reports
+            // them (enough for the core's run driver).
+            let mut bytes = 0u64;
+            while let Ok(Some(input)) = read_message::<FileInput, _>(&mut reader).await {
+                match input {
+                    FileInput::Data(data) => bytes += data.len() as u64,
+                    FileInput::End => {
+                        let reply = crownest_proto::ArchiveReply::Done {
+                            entries: 0,
+                            bytes,
+                            skipped: Vec::new(),
+                        };
+                        let _ = write_message(&mut writer, &reply).await;
+                        break;
+                    }
+                }
+            }
+        }
         Open::TcpConnect { port } => {
             match tokio::net::TcpStream::connect(("127.0.0.1", port)).await {
                 Ok(mut upstream) => {

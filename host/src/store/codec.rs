@@ -12,7 +12,7 @@ use super::StoreError;
 use crate::model::{
     AuditAction, AuditActor, AuditDetails, AuditOutcome, CollectItem, Collected, CommandExit,
     CommandStatus, EndReason, OutputStream, PreviewCloseReason, PreviewStatus, ResourceKind,
-    SandboxStatus, TransferKind,
+    RunArtifact, RunEventBody, RunReason, RunStatus, SandboxStatus, TransferKind,
 };
 
 /// A value stored as one fixed SQL text.
@@ -93,6 +93,28 @@ sql_text!(PreviewCloseReason {
 sql_text!(TransferKind {
     Upload => "upload",
     Download => "download",
+    ArchiveUpload => "archive_upload",
+});
+
+sql_text!(RunStatus {
+    AwaitingArchive => "awaiting_archive",
+    Queued => "queued",
+    Extracting => "extracting",
+    Running => "running",
+    Succeeded => "succeeded",
+    Failed => "failed",
+    Canceled => "canceled",
+});
+
+sql_text!(RunReason {
+    ExitCode => "exit_code",
+    Timeout => "timeout",
+    ArchiveTooLarge => "archive_too_large",
+    ArchiveUnsafe => "archive_unsafe",
+    ArchiveCorrupt => "archive_corrupt",
+    SandboxFailed => "sandbox_failed",
+    HostRestart => "host_restart",
+    Canceled => "canceled",
 });
 
 sql_text!(AuditActor {
@@ -117,6 +139,7 @@ sql_text!(ResourceKind {
     Transfer => "transfer",
     Key => "key",
     Org => "org",
+    WorkspaceRun => "workspace_run",
 });
 
 impl ToSql for AuditAction {
@@ -286,6 +309,24 @@ pub(super) fn exit_from_sql(data: &[u8]) -> Result<CommandExit, StoreError> {
     })
 }
 
+/// What a Workspace Run collected: a JSON array.
+pub(super) fn run_artifacts_to_sql(items: &[RunArtifact]) -> String {
+    serde_json::to_string(items).unwrap_or_else(|_| String::from("[]"))
+}
+
+pub(super) fn run_artifacts_from_sql(text: &str) -> Result<Vec<RunArtifact>, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("run artifacts: {e}")))
+}
+
+/// A Workspace Run event's type and data, as one JSON object.
+pub(super) fn run_event_to_sql(body: &RunEventBody) -> String {
+    serde_json::to_string(body).unwrap_or_else(|_| String::from("{}"))
+}
+
+pub(super) fn run_event_from_sql(text: &str) -> Result<RunEventBody, StoreError> {
+    serde_json::from_str(text).map_err(|e| StoreError::Corrupt(format!("run event: {e}")))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -312,6 +353,8 @@ mod tests {
         check::<AuditActor>();
         check::<AuditOutcome>();
         check::<ResourceKind>();
+        check::<RunStatus>();
+        check::<RunReason>();
     }
 
     #[test]

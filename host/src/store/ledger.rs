@@ -112,6 +112,10 @@ pub struct Quota {
     pub max_concurrent_commands: Option<i64>,
 }
 
+/// The pricing version new sandboxes are metered under (the column's
+/// default, migration 4).
+pub const PRICING_VERSION: &str = "2026-11-01";
+
 /// Live sandboxes an org may have before the operator raises it.
 pub const DEFAULT_MAX_CONCURRENT_SANDBOXES: i64 = 100;
 /// Artifact bytes an org may store before the operator raises it.
@@ -172,6 +176,8 @@ pub trait LedgerStore {
 
     /// Records that every sandbox not destroyed was alive at `now`.
     fn heartbeat_meters(&self, now: Millis) -> Result<(), StoreError>;
+    /// One sandbox's metered lifetime.
+    fn sandbox_meter(&self, id: &str) -> Result<Option<MeterRow>, StoreError>;
     /// Metered lifetimes of the org's sandboxes that overlap `[from, to)`.
     fn meters(
         &self,
@@ -440,6 +446,27 @@ impl LedgerStore for SqliteStore {
             })
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn sandbox_meter(&self, id: &str) -> Result<Option<MeterRow>, StoreError> {
+        Ok(self
+            .conn()
+            .prepare_cached(
+                "SELECT id, project_id, vcpus, pricing_version, created_at,
+                        COALESCE(metered_until, created_at) AS until
+                 FROM sandboxes WHERE id = ?1",
+            )?
+            .query_row([id], |r| {
+                Ok(MeterRow {
+                    sandbox_id: r.get(0)?,
+                    project_id: r.get(1)?,
+                    vcpus: r.get(2)?,
+                    pricing_version: r.get(3)?,
+                    started_at: r.get(4)?,
+                    metered_until: r.get(5)?,
+                })
+            })
+            .optional()?)
     }
 
     fn live_sandbox_count(&self, org_id: &str) -> Result<i64, StoreError> {

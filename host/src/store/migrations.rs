@@ -229,6 +229,65 @@ pub const MIGRATIONS: &[&str] = &[
     ) WITHOUT ROWID;
     CREATE INDEX code_contexts_by_sandbox ON code_contexts (sandbox_id);
     "#,
+    // 8: Workspace Runs and their event logs; a staged transfer names either
+    // a sandbox (a file) or a run (its archive).
+    r#"
+    CREATE TABLE workspace_runs (
+        id                TEXT PRIMARY KEY,
+        org_id            TEXT NOT NULL REFERENCES orgs (id),
+        project_id        TEXT,
+        created_by_key    TEXT NOT NULL,
+        template          TEXT NOT NULL,
+        command           TEXT NOT NULL,
+        env               TEXT NOT NULL,
+        archive_size      INTEGER NOT NULL,
+        archive_sha256    TEXT NOT NULL,
+        archive_uploaded  INTEGER NOT NULL DEFAULT 0,
+        artifacts         TEXT NOT NULL,
+        collected         TEXT NOT NULL DEFAULT '[]',
+        timeout_ms        INTEGER NOT NULL,
+        keep_sandbox      INTEGER NOT NULL,
+        metadata          TEXT NOT NULL,
+        status            TEXT NOT NULL,
+        reason            TEXT,
+        sandbox_id        TEXT,
+        command_id        TEXT,
+        exit_code         INTEGER,
+        created_at        INTEGER NOT NULL,
+        started_at        INTEGER,
+        ended_at          INTEGER,
+        evidence          BLOB
+    );
+    CREATE INDEX workspace_runs_by_org ON workspace_runs (org_id, created_at DESC, id DESC);
+    CREATE INDEX workspace_runs_unfinished ON workspace_runs (status)
+        WHERE status IN ('queued', 'extracting', 'running');
+    CREATE TABLE workspace_run_events (
+        run_id  TEXT NOT NULL REFERENCES workspace_runs (id),
+        seq     INTEGER NOT NULL,
+        at      INTEGER NOT NULL,
+        body    TEXT NOT NULL,
+        PRIMARY KEY (run_id, seq)
+    ) WITHOUT ROWID;
+    CREATE TABLE transfers_v8 (
+        id          TEXT PRIMARY KEY,
+        sandbox_id  TEXT REFERENCES sandboxes (id),
+        run_id      TEXT REFERENCES workspace_runs (id),
+        org_id      TEXT NOT NULL REFERENCES orgs (id),
+        kind        TEXT NOT NULL,
+        path        TEXT NOT NULL,
+        max_bytes   INTEGER,
+        created_at  INTEGER NOT NULL,
+        expires_at  INTEGER NOT NULL,
+        used_at     INTEGER,
+        CHECK ((sandbox_id IS NULL) <> (run_id IS NULL))
+    );
+    INSERT INTO transfers_v8 (id, sandbox_id, run_id, org_id, kind, path, max_bytes,
+                              created_at, expires_at, used_at)
+        SELECT id, sandbox_id, NULL, org_id, kind, path, max_bytes, created_at, expires_at, used_at
+        FROM transfers;
+    DROP TABLE transfers;
+    ALTER TABLE transfers_v8 RENAME TO transfers;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

@@ -14,6 +14,7 @@ mod migrations;
 pub mod previews;
 mod sqlite;
 pub mod transfers;
+pub mod workspace_runs;
 
 use std::sync::Arc;
 
@@ -26,11 +27,12 @@ use crate::model::{
 pub use artifacts::{ArtifactRow, ArtifactStore};
 pub use ledger::{
     AuditFilter, AuditRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest, LedgerStore,
-    MeterRow, Quota, StoredResponse,
+    MeterRow, PRICING_VERSION, Quota, StoredResponse,
 };
 pub use previews::{InsertPreview, PreviewRow, PreviewStore};
 pub use sqlite::SqliteStore;
-pub use transfers::TransferRow;
+pub use transfers::{TransferRow, TransferTarget};
+pub use workspace_runs::{RunEnd, RunEventRow, RunFilter, WorkspaceRunRow, WorkspaceRunStore};
 
 /// Errors of the store. Callers map `Conflict`/`NotFound` to API errors;
 /// everything else is an internal error whose detail is logged, not shown.
@@ -247,7 +249,9 @@ pub struct Scope {
 
 /// Durable state. Implemented by [`SqliteStore`]; a trait so that a fleet
 /// can later put PostgreSQL behind the same calls.
-pub trait Store: LedgerStore + ArtifactStore + PreviewStore + Send + Sync + 'static {
+pub trait Store:
+    LedgerStore + ArtifactStore + PreviewStore + WorkspaceRunStore + Send + Sync + 'static
+{
     // Tenancy.
     fn ensure_org(&self, name: &str, now: Millis) -> Result<OrgRow, StoreError>;
     fn find_org(&self, name: &str) -> Result<Option<OrgRow>, StoreError>;

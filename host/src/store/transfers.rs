@@ -12,7 +12,7 @@ use crate::model::TransferKind;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TransferRow {
     pub id: String,
-    pub sandbox_id: String,
+    pub target: TransferTarget,
     pub org_id: String,
     pub kind: TransferKind,
     /// Relative to /workspace, already normalized.
@@ -24,13 +24,35 @@ pub struct TransferRow {
     pub used_at: Option<Millis>,
 }
 
+/// What a transfer moves bytes into or out of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TransferTarget {
+    /// A file of this sandbox.
+    Sandbox(String),
+    /// The archive of this Workspace Run.
+    Run(String),
+}
+
 const COLUMNS: &str =
-    "id, sandbox_id, org_id, kind, path, max_bytes, created_at, expires_at, used_at";
+    "id, sandbox_id, run_id, org_id, kind, path, max_bytes, created_at, expires_at, used_at";
 
 fn from_row(row: &Row<'_>) -> rusqlite::Result<TransferRow> {
+    let sandbox: Option<String> = row.get("sandbox_id")?;
+    let run: Option<String> = row.get("run_id")?;
+    let target = match (sandbox, run) {
+        (Some(sandbox), _) => TransferTarget::Sandbox(sandbox),
+        (None, Some(run)) => TransferTarget::Run(run),
+        (None, None) => {
+            return Err(rusqlite::Error::InvalidColumnType(
+                1,
+                String::from("run_id"),
+                rusqlite::types::Type::Null,
+            ));
+        }
+    };
     Ok(TransferRow {
         id: row.get("id")?,
-        sandbox_id: row.get("sandbox_id")?,
+        target,
         org_id: row.get("org_id")?,
         kind: row.get("kind")?,
         path: row.get("path")?,
@@ -43,11 +65,18 @@ fn from_row(row: &Row<'_>) -> rusqlite::Result<TransferRow> {
 
 pub(super) fn insert(conn: &Connection, t: &TransferRow) -> Result<(), StoreError> {
     conn.prepare_cached(&format!(
-        "INSERT INTO transfers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)"
+        "INSERT INTO transfers ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
     ))?
     .execute(params![
         t.id,
-        t.sandbox_id,
+        match &t.target {
+            TransferTarget::Sandbox(id) => Some(id),
+            TransferTarget::Run(_) => None,
+        },
+        match &t.target {
+            TransferTarget::Run(id) => Some(id),
+            TransferTarget::Sandbox(_) => None,
+        },
         t.org_id,
         t.kind,
         t.path,
@@ -133,7 +162,7 @@ mod tests {
         let org = store.find_org("acme").expect("find").expect("org");
         let row = TransferRow {
             id: String::from("trf_1"),
-            sandbox_id: String::from("sbx_00000000000000000000"),
+            target: TransferTarget::Sandbox(String::from("sbx_00000000000000000000")),
             org_id: org.id,
             kind: TransferKind::Upload,
             path: String::from("a"),

@@ -772,3 +772,505 @@ def test_example_curl_walkthrough(server: Server, api_key: str) -> None:
     assert 'data: {"data":"tick 3\\n"}' in out.stdout and "event: exit" in out.stdout
     assert "hello from the sandbox\n" in out.stdout
     assert '"code":"not_found"' in out.stdout and '"status":"destroyed"' in out.stdout
+
+
+# ------------------------------------------------------------ workspace runs
+
+import hashlib  # noqa: E402
+import json  # noqa: E402
+
+from crownest import (  # noqa: E402
+    CrowNestTimeoutError,
+    EvidenceBundle,
+    WorkspaceRun,
+    WorkspaceRunEvent,
+    pack_directory,
+)
+from crownest._archive import is_ignored, parse_gitignore  # noqa: E402
+
+REPORT_PY = """\
+import json, os, sys
+os.makedirs("out", exist_ok=True)
+with open("out/report.json", "w") as f:
+    json.dump({"ok": True, "files": sorted(os.listdir("."))}, f)
+with open("out/summary.txt", "w") as f:
+    f.write("summary: all good\\n")
+print("report ok", flush=True)
+print("a warning", file=sys.stderr, flush=True)
+"""
+
+#: Fails (and so the run) when the sandbox sees what .gitignore excludes.
+CHECKS = " && ".join(
+    [
+        "test ! -e ignored.txt",
+        "test ! -e build",
+        "test ! -e scratch.tmp",
+        "test -e keep.tmp",
+        "test ! -e anchored.txt",
+        "test -e sub/anchored.txt",
+        "test ! -e sub/local.txt",
+        "test -e sub/kept.txt",
+        "test ! -e logs/deep/x.log",
+        "test ! -e .git",
+        "test -L link.json",
+    ]
+)
+
+
+def make_project(root: Path) -> Path:
+    """A small checkout: package.json, report.py, and files .gitignore excludes."""
+    (root / "package.json").write_text(json.dumps({"name": "wsr-sdk-test", "version": "1.0.0"}))
+    (root / "report.py").write_text(REPORT_PY)
+    (root / ".gitignore").write_text("ignored.txt\nbuild/\n*.tmp\n!keep.tmp\n/anchored.txt\nlogs/**/*.log\n")
+    for name in ["ignored.txt", "scratch.tmp", "keep.tmp", "anchored.txt"]:
+        (root / name).write_text(name)
+    (root / "build").mkdir()
+    (root / "build" / "out.bin").write_bytes(b"\0" * 10)
+    (root / "sub").mkdir()
+    (root / "sub" / ".gitignore").write_text("local.txt\n")
+    for name in ["anchored.txt", "local.txt", "kept.txt"]:
+        (root / "sub" / name).write_text(name)
+    (root / "logs" / "deep").mkdir(parents=True)
+    (root / "logs" / "deep" / "x.log").write_text("log")
+    (root / ".git").mkdir()
+    (root / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (root / "link.json").symlink_to("package.json")
+    return root
+
+
+def canonical_json(value: Any) -> str:
+    """RFC 8785 for what a bundle holds (no floats; ASCII keys)."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+
+
+async def all_events(client: Any, run: Any) -> list[WorkspaceRunEvent]:
+    events: list[WorkspaceRunEvent] = []
+    after = 0
+    while True:
+        page = await aw(client.workspace_runs.list_events(run, after_seq=after, limit=1000))
+        events.extend(page.data)
+        after = page.next_after_seq
+        if page.terminal and not page.data:
+            return events
+        if page.terminal and len(page.data) < 1000:
+            return events
+
+
+async def until_event(iterable: Any, predicate: Any) -> WorkspaceRunEvent:
+    """The first event that matches; the stream is closed after it."""
+    if hasattr(iterable, "__aiter__"):
+        try:
+            async for event in iterable:
+                if predicate(event):
+                    return event  # type: ignore[no-any-return]
+        finally:
+            await iterable.aclose()
+    else:
+        try:
+            for event in iterable:
+                if predicate(event):
+                    return event  # type: ignore[no-any-return]
+        finally:
+            iterable.close()
+    raise AssertionError("the stream ended before the event")
+
+
+async def created_run(client: Any, command: str, data: bytes, **kw: Any) -> WorkspaceRun:
+    archive = {"sizeBytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+    return await aw(client.workspace_runs.create(command, archive=archive, **kw))
+
+
+def tiny_archive(tmp_path: Path, files: dict[str, str]) -> bytes:
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, text in files.items():
+        (src / name).write_text(text)
+    with pack_directory(src) as packed:
+        return packed.file.read()
+
+
+async def cancel_quietly(client: Any, run: Any) -> None:
+    try:
+        await aw(client.workspace_runs.cancel(run))
+    except CrowNestApiError as e:
+        assert e.code == "workspace_run_finished"
+
+
+def test_workspace_run_gitignore_patterns() -> None:
+    rules = parse_gitignore(
+        "# comment\n\nname\ndir/\n*.ext\n/anchored\n!keep.ext\na/**/z\n**/deep\nx/**\ntrail \\ \n\\#hash\nf[0-9].txt\n"
+    )
+    cases = {
+        ("name", False): True,
+        ("sub/name", False): True,
+        ("dir", True): True,
+        ("dir", False): False,  # a file named dir: `dir/` is for directories
+        ("sub/dir", True): True,
+        ("a.ext", False): True,
+        ("sub/b.ext", False): True,
+        ("keep.ext", False): False,
+        ("anchored", False): True,
+        ("sub/anchored", False): False,
+        ("a/z", False): True,
+        ("a/b/c/z", False): True,
+        ("q/r/deep", True): True,
+        ("x/anything/below", False): True,
+        ("x", True): False,
+        ("trail  ", False): True,
+        ("#hash", False): True,
+        ("f1.txt", False): True,
+        ("fa.txt", False): False,
+        ("other", False): False,
+    }
+    for (path, is_dir), expected in cases.items():
+        assert is_ignored(path, is_dir, rules) is expected, (path, is_dir)
+    nested = rules + parse_gitignore("!name\nlocal\n", "sub")
+    assert is_ignored("sub/name", False, nested) is False  # the deeper file wins
+    assert is_ignored("name", False, nested) is True
+    assert is_ignored("sub/local", False, nested) is True and is_ignored("local", False, nested) is False
+
+
+def test_workspace_run_pack_directory_entries_are_relative_and_keep_symlinks(tmp_path: Path) -> None:
+    import tarfile
+
+    make_project(tmp_path)
+    with pack_directory(tmp_path) as packed:
+        data = packed.file.read()
+        assert len(data) == packed.size_bytes and hashlib.sha256(data).hexdigest() == packed.sha256
+    with tarfile.open(fileobj=__import__("io").BytesIO(data)) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert all(not n.startswith("/") and ".." not in n.split("/") for n in members)
+    assert members["link.json"].issym() and members["link.json"].linkname == "package.json"
+    assert members["sub"].isdir() and members["report.py"].isfile()
+    assert "ignored.txt" not in members and "build" not in members and ".git/HEAD" not in members
+    assert "sub/local.txt" not in members and "keep.tmp" in members and "sub/anchored.txt" in members
+    with pack_directory(tmp_path, include_git=True) as packed:
+        assert ".git/HEAD" in packed.entries
+
+
+async def test_workspace_run_directory_python_node_events_artifacts_evidence(client: Any, tmp_path: Path) -> None:
+    project = make_project(tmp_path)
+    seen: list[WorkspaceRunEvent] = []
+    tag = unique("wsr")
+    run, evidence = await aw(
+        client.workspace_runs.run_directory(
+            project,
+            f"{CHECKS} && node -e \"console.log('node sees ' + require('./package.json').name)\" && python3 report.py",
+            template="python-node",
+            artifacts=[{"path": "out/report.json", "name": "report"}, {"path": "out/summary.txt"}],
+            env={"CI": "1"},
+            metadata={"suite": tag},
+            timeout_ms=120_000,
+            on_event=seen.append,
+        )
+    )
+    assert isinstance(run, WorkspaceRun) and isinstance(evidence, EvidenceBundle)
+    stdout = "".join(e.data["data"] for e in seen if e.type == "stdout")
+    stderr = "".join(e.data["data"] for e in seen if e.type == "stderr")
+    assert run.status == "succeeded", (run.to_dict(), stdout, stderr, [e.to_dict() for e in seen if e.type == "error"])
+    assert run.reason is None and run.exit_code == 0 and run.id.startswith("wsr_")
+    assert run["template"] == "python-node" and run["metadata"] == {"suite": tag} and run.archive["uploaded"] is True
+
+    # The event log: 1..n without gaps, ending with `terminal`.
+    assert [e.seq for e in seen] == list(range(1, len(seen) + 1))
+    assert seen[-1].type == "terminal" and seen[-1].data["status"] == "succeeded" and seen[-1].data["exitCode"] == 0
+    assert "node sees wsr-sdk-test\n" in stdout and "report ok\n" in stdout
+    assert "a warning" in stderr
+    statuses = [e.data["status"] for e in seen if e.type == "status"]
+    assert "running" in statuses
+    collected = [e.data for e in seen if e.type == "artifact_collected"]
+    assert sorted(a["name"] for a in collected) == ["report", "summary.txt"]
+    # The same log as JSON pages, and replayed over SSE after the end.
+    assert [e.to_dict() for e in await all_events(client, run)] == [e.to_dict() for e in seen]
+    assert [e.to_dict() for e in await alist(client.workspace_runs.events(run))] == [e.to_dict() for e in seen]
+
+    # The run's collected artifacts are real artifacts with those digests.
+    by_name = {c["name"]: c for c in run["collected"]}
+    assert by_name["report"]["error"] is None and by_name["report"]["path"] == "out/report.json"
+    summary = await aw(client.artifacts.download(by_name["summary.txt"]["artifactId"]))
+    assert summary == b"summary: all good\n"
+    assert hashlib.sha256(summary).hexdigest() == by_name["summary.txt"]["sha256"]
+    report = json.loads(await aw(client.artifacts.download(by_name["report"]["artifactId"])))
+    assert report["ok"] is True and "ignored.txt" not in report["files"] and "package.json" in report["files"]
+
+    # The Evidence Bundle.
+    bundle, signature = evidence.bundle, evidence.signature
+    assert signature["algorithm"] == "ed25519" and signature["value"] and signature["keyId"]
+    keys = await aw(client.workspace_runs.evidence_keys())
+    assert signature["keyId"] in [k["keyId"] for k in keys]
+    assert bundle["runId"] == run.id and bundle["status"] == "succeeded" and bundle["exitCode"] == 0
+    assert bundle["envNames"] == ["CI"] and bundle["template"]["name"] == "python-node"
+    assert bundle["archive"] == {"sha256": run.archive["sha256"], "sizeBytes": run.archive["sizeBytes"]}
+    arts = {a["name"]: a for a in bundle["artifacts"]}
+    assert sorted(arts) == ["report", "summary.txt"]
+    for a in arts.values():
+        assert len(a["sha256"]) == 64 and a["sha256"] == by_name[a["name"]]["sha256"]
+    assert bundle["events"]["count"] == len(seen)
+    assert bundle["terminalEvent"] == seen[-1].to_dict()
+    digest = hashlib.sha256("".join(canonical_json(e.to_dict()) + "\n" for e in seen).encode()).hexdigest()
+    assert bundle["events"]["sha256"] == digest
+    assert (await aw(client.workspace_runs.evidence(run))).to_dict() == evidence.to_dict()
+    assert (await aw(client.workspace_runs.get(run.id)))["evidenceReady"] is True
+
+
+async def test_workspace_run_fails_when_gitignored_files_reach_the_sandbox(client: Any, tmp_path: Path) -> None:
+    """The control: with .gitignore emptied the same checks fail the run."""
+    project = make_project(tmp_path)
+    (project / ".gitignore").write_text("")
+    run, evidence = await aw(client.workspace_runs.run_directory(project, "test ! -e ignored.txt", template="python-node"))
+    assert (run.status, run.reason, run.exit_code) == ("failed", "exit_code", 1)
+    assert evidence.bundle["status"] == "failed"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_workspace_run_staged_archive_upload(kind: str, server: Server, api_key: str, tmp_path: Path) -> None:
+    client = make_client(kind, api_key=api_key, base_url=server.base_url)
+    try:
+        data = tiny_archive(tmp_path, {"hello.txt": "staged hello\n"})
+        archive_path = tmp_path / "workspace.tar.gz"
+        archive_path.write_bytes(data)
+        run = await created_run(client, "cat hello.txt", data)
+        assert run.status == "awaiting_archive" and run.archive["uploaded"] is False
+        target = await aw(client.workspace_runs.archive_upload_url(run))
+        assert target["method"] == "PUT" and target["url"].startswith("http")
+        # A path, streamed from the file, through a new staged upload.
+        uploaded = await aw(client.workspace_runs.upload_archive(run, archive_path, staged=True))
+        assert uploaded.id == run.id and uploaded.archive["uploaded"] is True
+        assert uploaded.status == "awaiting_archive"
+        started = await aw(client.workspace_runs.start(run))
+        assert started.status == "queued"
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.start(run))
+        assert (info.value.status, info.value.code) == (409, "workspace_run_already_started")
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.upload_archive(run, data))
+        assert (info.value.status, info.value.code) == (409, "workspace_run_not_awaiting_archive")
+        ended = await aw(client.workspace_runs.wait(run, timeout=120))
+        assert ended.status == "succeeded", ended.to_dict()
+        # wait() returns once the evidence is written too.
+        assert ended["evidenceReady"] is True
+        assert (await aw(client.workspace_runs.evidence(run))).bundle["status"] == "succeeded"
+        events = await alist(client.workspace_runs.events(run))
+        assert "".join(e.data["data"] for e in events if e.type == "stdout") == "staged hello\n"
+
+        # Bytes, staged, with the wrong digest: refused, and the run still waits.
+        other = await created_run(client, "true", data + b"\0")
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.upload_archive(other, data, staged=True))
+        assert (info.value.status, info.value.code) == (422, "archive_size_mismatch")
+        await cancel_quietly(client, other)
+    finally:
+        await aclose(client)
+
+
+async def test_workspace_run_archive_digest_and_size_mismatch_and_start_before_upload(client: Any, tmp_path: Path) -> None:
+    data = tiny_archive(tmp_path, {"a.txt": "a"})
+    wrong = await aw(
+        client.workspace_runs.create("true", archive={"sizeBytes": len(data), "sha256": "0" * 64})
+    )
+    try:
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.upload_archive(wrong, data))
+        assert (info.value.status, info.value.code) == (422, "archive_digest_mismatch")
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.upload_archive(wrong, data, staged=True))
+        assert (info.value.status, info.value.code) == (422, "archive_digest_mismatch")
+        still = await aw(client.workspace_runs.get(wrong))
+        assert still.status == "awaiting_archive" and still.archive["uploaded"] is False
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.start(wrong))
+        assert (info.value.status, info.value.code) == (409, "archive_not_uploaded")
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.evidence(wrong))
+        assert (info.value.status, info.value.code) == (409, "evidence_not_ready")
+    finally:
+        await cancel_quietly(client, wrong)
+    sized = await created_run(client, "true", data + b"x")
+    try:
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(client.workspace_runs.upload_archive(sized, data))
+        assert (info.value.status, info.value.code) == (422, "archive_size_mismatch")
+    finally:
+        await cancel_quietly(client, sized)
+
+
+async def test_workspace_run_create_validation_errors(client: Any) -> None:
+    archive = {"sizeBytes": 10, "sha256": "a" * 64}
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.create("true", archive=archive, template="no-such-template"))
+    assert (info.value.status, info.value.code) == (404, "template_not_found")
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.create("true", archive={"sizeBytes": 10, "sha256": "abc"}))
+    assert (info.value.status, info.value.code) == (400, "invalid_request")
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.create("true", archive=archive, artifacts=[{"path": "../etc/passwd"}]))
+    assert (info.value.status, info.value.code) == (400, "invalid_request")
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.create("true", archive={"sizeBytes": 2 * 1024**3, "sha256": "a" * 64}))
+    assert (info.value.status, info.value.code) == (400, "archive_too_large")
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.get("wsr_does_not_exist"))
+    assert info.value.status == 404
+
+
+async def test_workspace_run_cancel_while_running(client: Any, tmp_path: Path) -> None:
+    data = tiny_archive(tmp_path, {"a.txt": "a"})
+    run = await created_run(client, "echo sleeping; sleep 30", data)
+    try:
+        await aw(client.workspace_runs.upload_archive(run, data))
+        await aw(client.workspace_runs.start(run))
+        await until_event(
+            client.workspace_runs.events(run), lambda e: e.type == "stdout" and "sleeping" in e.data["data"]
+        )
+        started = time.monotonic()
+        canceled = await aw(client.workspace_runs.cancel(run))
+        ended = await aw(client.workspace_runs.wait(run, timeout=60))
+        assert time.monotonic() - started < 25, "cancel stopped the command"
+    finally:
+        await cancel_quietly(client, run)
+    assert canceled.id == run.id
+    assert (ended.status, ended.reason) == ("canceled", "canceled")
+    events = await alist(client.workspace_runs.events(run))
+    assert [e.seq for e in events] == list(range(1, len(events) + 1))
+    assert events[-1].type == "terminal" and events[-1].data["status"] == "canceled"
+    assert ended["evidenceReady"] is True
+    evidence = await aw(client.workspace_runs.evidence(run))
+    assert evidence.bundle["status"] == "canceled" and evidence.bundle["reason"] == "canceled"
+    with pytest.raises(CrowNestApiError) as info:
+        await aw(client.workspace_runs.cancel(run))
+    assert (info.value.status, info.value.code) == (409, "workspace_run_finished")
+
+
+async def test_workspace_run_list_filters_pages_and_wait_timeout(client: Any) -> None:
+    tag = unique("list")
+    archive = {"sizeBytes": 10, "sha256": "b" * 64}
+    first = await aw(client.workspace_runs.create("true", archive=archive, metadata={"suite": tag, "n": "1"}))
+    second = await aw(client.workspace_runs.create("true", archive=archive, metadata={"suite": tag, "n": "2"}))
+    try:
+        page = await aw(client.workspace_runs.list_page(metadata={"suite": tag}, limit=1))
+        assert [r.id for r in page.data] == [second.id] and page.next_cursor
+        page2 = await aw(client.workspace_runs.list_page(metadata={"suite": tag}, limit=1, cursor=page.next_cursor))
+        assert [r.id for r in page2.data] == [first.id]
+        every = [r.id for r in await alist(client.workspace_runs.list(metadata={"suite": tag}, limit=1))]
+        assert every == [second.id, first.id]
+        only = [r.id for r in await alist(client.workspace_runs.list(metadata={"suite": tag, "n": "1"}))]
+        assert only == [first.id]
+        waiting = [r.id for r in await alist(client.workspace_runs.list(status="awaiting_archive", metadata={"suite": tag}))]
+        assert waiting == [second.id, first.id]
+        assert [r.id for r in await alist(client.workspace_runs.list(status="running", metadata={"suite": tag}))] == []
+        with pytest.raises(CrowNestTimeoutError):
+            await aw(client.workspace_runs.wait(first, timeout=0.5))
+    finally:
+        await cancel_quietly(client, first)
+        await cancel_quietly(client, second)
+    canceled = [r.id for r in await alist(client.workspace_runs.list(status="canceled", metadata={"suite": tag}))]
+    assert canceled == [second.id, first.id]
+
+
+class CuttingProxy:
+    """A TCP proxy to the server that cuts its first ``cuts`` connections
+    once the response has passed ``after`` blank lines (SSE events)."""
+
+    def __init__(self, upstream: str, cuts: int = 1, after: int = 2) -> None:
+        url = httpx.URL(upstream)
+        self.upstream = (url.host, url.port or 80)
+        self.cuts_left = cuts
+        self.after = after
+        self.cut = 0
+        self.lock = threading.Lock()
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, client: socket.socket) -> None:
+        upstream = socket.create_connection(self.upstream)
+        with self.lock:
+            cut = self.cuts_left > 0
+            if cut:
+                self.cuts_left -= 1
+        threading.Thread(target=DroppingProxy._pump, args=(client, upstream), daemon=True).start()
+        seen = b""
+        try:
+            while data := upstream.recv(65536):
+                if cut:
+                    seen += data
+                    body = seen.partition(b"\r\n\r\n")[2]
+                    if body.count(b"\n\n") >= self.after:
+                        end = len(data) - (len(body) - self._end_of(body))
+                        client.sendall(data[: max(0, end)])
+                        with self.lock:
+                            self.cut += 1
+                        break
+                client.sendall(data)
+        except OSError:
+            pass
+        for s in (client, upstream):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def _end_of(self, body: bytes) -> int:
+        """Where the ``after``-th blank line of ``body`` ends."""
+        at = -2
+        for _ in range(self.after):
+            at = body.index(b"\n\n", at + 2)
+        return at + 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_workspace_run_events_resume_after_seq_and_after_a_dropped_connection(
+    kind: str, server: Server, api_key: str, tmp_path: Path
+) -> None:
+    client = make_client(kind, api_key=api_key, base_url=server.base_url)
+    proxy = CuttingProxy(server.base_url, cuts=2, after=2)
+    through_proxy = make_client(kind, api_key=api_key, base_url=proxy.base_url)
+    try:
+        data = tiny_archive(tmp_path, {"a.txt": "a"})
+        run = await created_run(client, "for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2", data)
+        await aw(client.workspace_runs.upload_archive(run, data))
+        await aw(client.workspace_runs.start(run))
+        # Followed live through a proxy that cuts the stream twice.
+        live = await alist(through_proxy.workspace_runs.events(run))
+        assert proxy.cut >= 1, "the proxy cut the event stream"
+        n = len(live)
+        assert [e.seq for e in live] == list(range(1, n + 1)), [e.seq for e in live]
+        assert live[-1].type == "terminal" and n >= 5
+        everything = [e.to_dict() for e in await all_events(client, run)]
+        assert [e.to_dict() for e in live] == everything
+        assert "".join(e.data["data"] for e in live if e.type == "stdout") == "".join(
+            f"line {i}\n" for i in range(1, 6)
+        )
+        # Resuming after a seq replays only what follows it.
+        for k in (1, n // 2, n - 1):
+            resumed = await alist(client.workspace_runs.events(run, after_seq=k))
+            assert [e.seq for e in resumed] == list(range(k + 1, n + 1))
+        page = await aw(client.workspace_runs.list_events(run, after_seq=1, limit=2))
+        assert [e.seq for e in page.data] == [2, 3] and page.next_after_seq == 3
+        last = await aw(client.workspace_runs.list_events(run, after_seq=n - 1))
+        assert [e.seq for e in last.data] == [n] and last.terminal is True
+        # The server honours Last-Event-ID on its own (without afterSeq).
+        with httpx.stream(
+            "GET",
+            f"{server.base_url}/v1/workspace-runs/{run.id}/events",
+            headers={"x-api-key": api_key, "accept": "text/event-stream", "Last-Event-ID": str(n - 2)},
+        ) as response:
+            assert response.headers["content-type"].startswith("text/event-stream")
+            ids = [line[3:].strip() for line in response.iter_lines() if line.startswith("id:")]
+        assert ids == [str(n - 1), str(n)]
+    finally:
+        await aclose(client)
+        await aclose(through_proxy)
+        proxy.close()

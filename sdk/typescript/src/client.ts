@@ -1,12 +1,22 @@
-import { CrowNestApiError, CrowNestConnectionError, CrowNestError, apiErrorFromResponse } from "./errors.js";
+import { DIRECT_UPLOAD_MAX, nodeFs, openAsBlob, packDirectory } from "./archive.js";
+import {
+  CrowNestApiError,
+  CrowNestConnectionError,
+  CrowNestError,
+  CrowNestTimeoutError,
+  apiErrorFromResponse,
+} from "./errors.js";
 import { SSEDecoder, lines } from "./sse.js";
 import type {
+  ArchiveSpec,
   ArtifactData,
   CodeContextData,
   CodeLanguage,
   CodeOutput,
   CollectSpec,
   CommandData,
+  EvidenceBundle,
+  EvidenceKey,
   ExitInfo,
   FileData,
   FileListing,
@@ -17,6 +27,11 @@ import type {
   SandboxData,
   TemplateData,
   TransferData,
+  WorkspaceRun,
+  WorkspaceRunArtifactSpec,
+  WorkspaceRunEvent,
+  WorkspaceRunEventPage,
+  WorkspaceRunStatus,
 } from "./types.js";
 
 export const VERSION = "0.1.0";
@@ -36,7 +51,7 @@ export interface ClientOptions {
 
 interface RequestOptions {
   json?: unknown;
-  body?: Uint8Array;
+  body?: Uint8Array | Blob;
   query?: Record<string, string | number | boolean | undefined>;
   idempotencyKey?: string;
   headers?: Record<string, string>;
@@ -356,6 +371,7 @@ export class CrowNestClient {
   readonly sandboxes: Sandboxes;
   readonly artifacts: Artifacts;
   readonly templates: Templates;
+  readonly workspaceRuns: WorkspaceRuns;
   private readonly apiKey: string;
 
   constructor(options: ClientOptions = {}) {
@@ -368,6 +384,7 @@ export class CrowNestClient {
     this.sandboxes = new Sandboxes(this);
     this.artifacts = new Artifacts(this);
     this.templates = new Templates(this);
+    this.workspaceRuns = new WorkspaceRuns(this);
   }
 
   /** `GET /v1/health`. */
@@ -390,7 +407,7 @@ export class CrowNestClient {
     };
     if (!options.signed) headers["x-api-key"] = this.apiKey;
     if (options.idempotencyKey) headers["idempotency-key"] = options.idempotencyKey;
-    let body: string | Uint8Array | undefined = options.body;
+    let body: string | Uint8Array | Blob | undefined = options.body;
     if (options.json !== undefined) {
       headers["content-type"] = "application/json";
       body = JSON.stringify(options.json);
@@ -496,6 +513,80 @@ export class CrowNestClient {
     }
   }
 
+  /** @internal Follows a Workspace Run's SSE event log to its `terminal`
+   * event. After a dropped connection it reconnects with `Last-Event-ID` /
+   * `afterSeq` of the last event seen; an event already seen is skipped and
+   * a hole in the numbering is filled from the JSON pages, so every `seq`
+   * is yielded once, in order. */
+  async *runEvents(runId: string, afterSeq = 0): AsyncGenerator<WorkspaceRunEvent> {
+    const path = `/v1/workspace-runs/${runId}/events`;
+    let last = afterSeq;
+    let failures = 0;
+    for (;;) {
+      const headers: Record<string, string> = {
+        accept: "text/event-stream",
+        "x-api-key": this.apiKey,
+        "user-agent": `crownest-typescript/${VERSION}`,
+      };
+      if (last > 0) headers["last-event-id"] = String(last);
+      let response: Response;
+      try {
+        response = await fetch(this.url(path, { afterSeq: last }), { headers });
+      } catch (error) {
+        if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: ${String(error)}`, { cause: error });
+        await sleep(backoff(failures++));
+        continue;
+      }
+      if (response.status >= 400) throw await apiErrorFromResponse(response);
+      if (!response.body) throw new CrowNestConnectionError(`GET ${path}: no response body`);
+      const decoder = new SSEDecoder();
+      try {
+        for await (const line of lines(response.body)) {
+          const sse = decoder.feed(line);
+          if (!sse) continue;
+          const event = toRunEvent(sse.data, response.status);
+          if (!event || event.seq <= last) continue;
+          failures = 0;
+          if (event.seq > last + 1) {
+            for await (const missing of this.runEventsBetween(path, last, event.seq)) {
+              last = missing.seq;
+              yield missing;
+            }
+          }
+          last = event.seq;
+          yield event;
+          if (event.type === "terminal") return;
+        }
+      } catch (error) {
+        // An API error (or a hole the server cannot fill) is final; a
+        // failed read is a dropped connection.
+        if (error instanceof CrowNestError) throw error;
+        if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: ${String(error)}`, { cause: error });
+        await sleep(backoff(failures++));
+        continue;
+      }
+      // The stream ended before the terminal event: reconnect after `last`.
+      if (failures >= this.maxRetries) throw new CrowNestConnectionError(`GET ${path}: the event stream ended before the terminal event`);
+      await sleep(backoff(failures++));
+    }
+  }
+
+  /** The events numbered `after + 1 … before - 1`, from the JSON pages. */
+  private async *runEventsBetween(path: string, after: number, before: number): AsyncGenerator<WorkspaceRunEvent> {
+    while (after + 1 < before) {
+      const page = await this.request<WorkspaceRunEventPage>("GET", path, {
+        query: { afterSeq: after, limit: Math.min(1000, before - after - 1) },
+      });
+      const events = page.data.filter((e) => e.seq > after && e.seq < before);
+      if (events.length === 0) throw new CrowNestError(`GET ${path}: the event log has no event ${after + 1}`);
+      for (const event of events) {
+        if (event.seq !== after + 1) throw new CrowNestError(`GET ${path}: the event log has no event ${after + 1}`);
+        after = event.seq;
+        yield event;
+      }
+    }
+  }
+
   /** @internal POSTs a streamed Code Run, passes its events to the
    * callbacks and returns the RunCodeResult of its `complete` event. After a
    * dropped connection it asks again with the same Idempotency-Key: the
@@ -542,6 +633,30 @@ export class CrowNestClient {
       await sleep(backoff(attempt));
     }
   }
+}
+
+/** An SSE event of `GET …/events` as a run event (its data is the event
+ * object); an error envelope in the stream is thrown as `CrowNestApiError`. */
+function toRunEvent(data: string, status: number): WorkspaceRunEvent | null {
+  let payload: unknown;
+  try {
+    payload = data ? JSON.parse(data) : null;
+  } catch {
+    return null;
+  }
+  if (typeof payload !== "object" || payload === null) return null;
+  const p = payload as Record<string, unknown>;
+  if (!("seq" in p) && typeof p.error === "object" && p.error !== null) {
+    const envelope = p.error as Record<string, unknown>;
+    throw new CrowNestApiError(
+      status >= 400 ? status : 500,
+      String(envelope.code ?? "internal"),
+      String(envelope.message ?? ""),
+      (envelope.details as Record<string, unknown>) ?? {},
+    );
+  }
+  if (typeof p.seq !== "number" || typeof p.type !== "string") return null;
+  return { seq: p.seq, type: p.type, at: String(p.at ?? ""), data: (p.data ?? {}) as never } as WorkspaceRunEvent;
 }
 
 function toLogEvent(event: string, data: string, id: string | null): LogEvent | null {
@@ -1069,5 +1184,267 @@ export class Templates {
 
   async list(): Promise<TemplateData[]> {
     return (await this.client.request<Page<TemplateData>>("GET", "/v1/templates")).data;
+  }
+}
+
+// ------------------------------------------------------------------ workspace runs
+
+const TERMINAL_RUN_STATUSES: ReadonlySet<WorkspaceRunStatus> = new Set(["succeeded", "failed", "canceled"]);
+
+/** Whether a run has ended (`succeeded`, `failed` or `canceled`). */
+export function isTerminalRun(run: { status: string }): boolean {
+  return TERMINAL_RUN_STATUSES.has(run.status as WorkspaceRunStatus);
+}
+
+/** How long `wait` waits, after the end, for the evidence to be written. */
+const EVIDENCE_GRACE_MS = 30_000;
+
+/** Polling interval of `wait`: 200 ms growing to 2 s. */
+function pollDelay(attempt: number): number {
+  return Math.min(2000, 200 * 1.5 ** attempt);
+}
+
+type RunRef = string | { id: string };
+
+function runId(run: RunRef): string {
+  return typeof run === "string" ? run : run.id;
+}
+
+export interface CreateWorkspaceRunOptions {
+  /** Size and SHA-256 of the `.tar.gz` that will be uploaded. */
+  archive: ArchiveSpec;
+  /** Default (on the server) `python-node`. */
+  template?: string;
+  /** Files of /workspace to keep as artifacts when the command ends (at most 32). */
+  artifacts?: WorkspaceRunArtifactSpec[];
+  /** 1 000 … 86 400 000; default 600 000. */
+  timeoutMs?: number;
+  env?: Record<string, string>;
+  /** Keep the sandbox after the run (default false: destroyed). */
+  keepSandbox?: boolean;
+  /** Kept verbatim, filterable in `list` (at most 16 KiB). */
+  metadata?: Record<string, unknown>;
+  /** Default: a new random key (reused across the SDK's own retries). */
+  idempotencyKey?: string;
+}
+
+export interface ListWorkspaceRunsOptions {
+  status?: WorkspaceRunStatus;
+  /** `metadata.<key>=<value>` filters; every one must match. */
+  metadata?: Record<string, string | number | boolean>;
+  /** Page size. */
+  limit?: number;
+  /** Start from this page. */
+  cursor?: string;
+}
+
+export interface UploadArchiveOptions {
+  /** `true`: a staged upload whatever the size; `false`: one direct PUT;
+   * default: direct up to 32 MiB, staged above. */
+  staged?: boolean;
+}
+
+export interface RunDirectoryOptions extends Omit<CreateWorkspaceRunOptions, "archive" | "idempotencyKey"> {
+  /** Pack `.git` too (default: skipped). */
+  includeGit?: boolean;
+  /** Called with each event as it arrives (awaited). */
+  onEvent?: (event: WorkspaceRunEvent) => unknown;
+  /** See `UploadArchiveOptions.staged`. */
+  staged?: boolean;
+}
+
+/** What `runDirectory` returns: the terminal run and its Evidence Bundle. */
+export interface WorkspaceRunResult {
+  run: WorkspaceRun;
+  evidence: EvidenceBundle;
+}
+
+/** Workspace Runs: upload a `.tar.gz` of a checkout, run one command on it
+ * in a fresh sandbox, follow its event log, keep the files named as
+ * artifacts, and get a signed Evidence Bundle. `runDirectory` does all of
+ * it for a local directory (Node). */
+export class WorkspaceRuns {
+  constructor(private readonly client: CrowNestClient) {}
+
+  private path(run: RunRef, suffix = ""): string {
+    return `/v1/workspace-runs/${runId(run)}${suffix}`;
+  }
+
+  /** Creates a run (`awaiting_archive`) for an archive of `archive.sizeBytes` / `archive.sha256`. */
+  create(command: string, options: CreateWorkspaceRunOptions): Promise<WorkspaceRun> {
+    const json: Record<string, unknown> = {
+      command,
+      archive: { sizeBytes: options.archive.sizeBytes, sha256: options.archive.sha256 },
+    };
+    if (options.template !== undefined) json.template = options.template;
+    if (options.artifacts !== undefined) json.artifacts = options.artifacts;
+    if (options.timeoutMs !== undefined) json.timeoutMs = options.timeoutMs;
+    if (options.env !== undefined) json.env = options.env;
+    if (options.keepSandbox !== undefined) json.keepSandbox = options.keepSandbox;
+    if (options.metadata !== undefined) json.metadata = options.metadata;
+    return this.client.request<WorkspaceRun>("POST", "/v1/workspace-runs", {
+      json,
+      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+    });
+  }
+
+  get(run: RunRef): Promise<WorkspaceRun> {
+    return this.client.request<WorkspaceRun>("GET", this.path(run));
+  }
+
+  /** One page of runs, newest first: `{ data, nextCursor }`. */
+  listPage(options: ListWorkspaceRunsOptions = {}): Promise<Page<WorkspaceRun>> {
+    const query: Record<string, string | number | undefined> = {
+      status: options.status,
+      limit: options.limit,
+      cursor: options.cursor,
+    };
+    for (const [key, value] of Object.entries(options.metadata ?? {})) query[`metadata.${key}`] = String(value);
+    return this.client.request<Page<WorkspaceRun>>("GET", "/v1/workspace-runs", { query });
+  }
+
+  /** Every matching run, newest first, pages fetched lazily:
+   * `for await (const run of client.workspaceRuns.list({ status: "running" }))`. */
+  list(options: ListWorkspaceRunsOptions = {}): PageIterator<WorkspaceRun> {
+    return new PageIterator(async (cursor) => {
+      const page = await this.listPage({ ...options, cursor: cursor ?? options.cursor });
+      return { items: page.data, next: page.nextCursor ?? null };
+    });
+  }
+
+  /** Stages an archive upload: a signed URL for one PUT of the raw bytes, no API key needed. */
+  archiveUploadUrl(run: RunRef): Promise<TransferData> {
+    return this.client.request<TransferData>("POST", this.path(run, "/archive/uploads"));
+  }
+
+  /**
+   * Uploads the run's `.tar.gz`: bytes, a `Blob`, or a path to the file
+   * (Node). Up to 32 MiB in one `PUT …/archive`; larger ones (or with
+   * `staged: true`) through a staged upload, a file sent as it is read
+   * (Node >= 19.8; read whole on older Node). The server checks size and
+   * SHA-256 (`archive_size_mismatch`, `archive_digest_mismatch`: the run
+   * still awaits an archive and may be uploaded again).
+   */
+  async uploadArchive(run: RunRef, archive: Uint8Array | Blob | string, options: UploadArchiveOptions = {}): Promise<WorkspaceRun> {
+    const size =
+      typeof archive === "string"
+        ? (await (await nodeFs()).stat(archive)).size
+        : archive instanceof Uint8Array
+          ? archive.byteLength
+          : archive.size;
+    const staged = options.staged ?? size > DIRECT_UPLOAD_MAX;
+    if (!staged) {
+      const body = typeof archive === "string" ? await (await nodeFs()).readFile(archive) : archive;
+      const response = await this.client.send("PUT", this.path(run, "/archive"), { body, headers: OCTET_STREAM });
+      return (await response.json()) as WorkspaceRun;
+    }
+    const target = await this.archiveUploadUrl(run);
+    let body: Uint8Array | Blob;
+    if (typeof archive === "string") body = (await openAsBlob(archive)) ?? (await (await nodeFs()).readFile(archive));
+    else body = archive;
+    const response = await this.client.send(target.method, target.url, { body, headers: OCTET_STREAM, signed: true });
+    return (await response.json()) as WorkspaceRun;
+  }
+
+  /** Queues the run (its archive must have been uploaded). */
+  start(run: RunRef): Promise<WorkspaceRun> {
+    return this.client.request<WorkspaceRun>("POST", this.path(run, "/start"));
+  }
+
+  /** Stops the command and ends the run `canceled` (with evidence). */
+  cancel(run: RunRef): Promise<WorkspaceRun> {
+    return this.client.request<WorkspaceRun>("POST", this.path(run, "/cancel"));
+  }
+
+  /** One page of the run's event log after `afterSeq` (`limit` 1 … 1000). */
+  listEvents(run: RunRef, options: { afterSeq?: number; limit?: number } = {}): Promise<WorkspaceRunEventPage> {
+    return this.client.request<WorkspaceRunEventPage>("GET", this.path(run, "/events"), {
+      query: { afterSeq: options.afterSeq, limit: options.limit },
+    });
+  }
+
+  /** The run's events after `afterSeq` as they happen (SSE), to the
+   * `terminal` event; a finished run's log is replayed. A dropped
+   * connection is resumed: no event is repeated or missed. */
+  events(run: RunRef, options: { afterSeq?: number } = {}): AsyncGenerator<WorkspaceRunEvent> {
+    return this.client.runEvents(runId(run), options.afterSeq ?? 0);
+  }
+
+  /** Polls the run until it is terminal and its evidence written
+   * (`evidenceReady`; that follows the end by a moment, and is given up to
+   * 30 s) and returns it; after `timeoutMs` throws `CrowNestTimeoutError`. */
+  async wait(run: RunRef, options: { timeoutMs?: number } = {}): Promise<WorkspaceRun> {
+    const deadline = options.timeoutMs === undefined ? null : Date.now() + options.timeoutMs;
+    let grace: number | null = null;
+    for (let attempt = 0; ; attempt++) {
+      const current = await this.get(run);
+      if (isTerminalRun(current)) {
+        grace ??= Date.now() + EVIDENCE_GRACE_MS;
+        if (current.evidenceReady !== false || Date.now() >= grace) return current;
+      }
+      let delay = pollDelay(attempt);
+      if (deadline !== null) {
+        const left = deadline - Date.now();
+        if (left <= 0) {
+          throw new CrowNestTimeoutError(`workspace run ${current.id} is still ${current.status} after ${options.timeoutMs} ms`);
+        }
+        delay = Math.min(delay, left);
+      }
+      await sleep(delay);
+    }
+  }
+
+  /** The run's signed Evidence Bundle; before it is written: `evidence_not_ready`. */
+  evidence(run: RunRef): Promise<EvidenceBundle> {
+    return this.client.request<EvidenceBundle>("GET", this.path(run, "/evidence"));
+  }
+
+  /** The server's evidence signing keys (`GET /v1/evidence-keys`). */
+  async evidenceKeys(): Promise<EvidenceKey[]> {
+    return (await this.client.request<Page<EvidenceKey>>("GET", "/v1/evidence-keys")).data;
+  }
+
+  private async evidenceWhenReady(run: RunRef, timeoutMs = 60_000): Promise<EvidenceBundle> {
+    const deadline = Date.now() + timeoutMs;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        return await this.evidence(run);
+      } catch (error) {
+        if (!(error instanceof CrowNestApiError) || error.code !== "evidence_not_ready" || Date.now() >= deadline) throw error;
+      }
+      await sleep(pollDelay(attempt));
+    }
+  }
+
+  /**
+   * Packs `dir` (`.gitignore` respected, `.git` skipped unless
+   * `includeGit`) into a temporary `.tar.gz`, creates a run for it, uploads
+   * it (direct up to 32 MiB, staged above), starts it, passes every event to
+   * `onEvent` as it arrives, and returns `{ run, evidence }` once the run is
+   * terminal. A failed command is a result (`run.status === "failed"`,
+   * `run.exitCode`), not a thrown error. Node only.
+   */
+  async runDirectory(dir: string, command: string, options: RunDirectoryOptions = {}): Promise<WorkspaceRunResult> {
+    const { includeGit, onEvent, staged, ...create } = options;
+    const packed = await packDirectory(dir, { includeGit });
+    let created: WorkspaceRun;
+    try {
+      created = await this.create(command, { ...create, archive: packed.archive });
+      try {
+        await this.uploadArchive(created, packed.path, { staged });
+        await this.start(created);
+      } catch (error) {
+        // It never ran: do not leave it awaiting an archive.
+        await this.cancel(created).catch(() => undefined);
+        throw error;
+      }
+    } finally {
+      await packed.remove();
+    }
+    for await (const event of this.events(created)) await onEvent?.(event);
+    // The run's record turns terminal, and its evidence is written, a
+    // moment after the `terminal` event.
+    const run = await this.wait(created);
+    return { run, evidence: await this.evidenceWhenReady(created) };
   }
 }

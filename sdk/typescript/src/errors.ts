@@ -41,6 +41,15 @@ export class CrowNestConnectionError extends CrowNestError {
   }
 }
 
+/** A wait for something on the server (a Workspace Run to end, its
+ * evidence to be written) ran past its timeout. */
+export class CrowNestTimeoutError extends CrowNestError {
+  constructor(message: string, options?: { cause?: unknown }) {
+    super(message, options);
+    this.name = "CrowNestTimeoutError";
+  }
+}
+
 export async function apiErrorFromResponse(response: Response): Promise<CrowNestApiError> {
   const text = await response.text();
   const requestId = response.headers.get("x-request-id");

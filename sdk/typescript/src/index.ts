@@ -13,8 +13,12 @@ export {
   Sandboxes,
   Templates,
   VERSION,
+  WorkspaceRuns,
   createCrowNestClient,
+  isTerminalRun,
 } from "./client.js";
+export { DIRECT_UPLOAD_MAX, isIgnored, packDirectory, parseGitignore, walkDirectory } from "./archive.js";
+export type { IgnoreRule, PackedArchive, WalkEntry } from "./archive.js";
 export type {
   ClientOptions,
   CodeCallbacks,
@@ -22,8 +26,13 @@ export type {
   RunCodeOptions,
   CommandOptions,
   CreateSandboxOptions,
+  CreateWorkspaceRunOptions,
+  ListWorkspaceRunsOptions,
+  RunDirectoryOptions,
   RunOptions,
   StartOptions,
+  UploadArchiveOptions,
+  WorkspaceRunResult,
 } from "./client.js";
-export { CrowNestApiError, CrowNestConnectionError, CrowNestError } from "./errors.js";
+export { CrowNestApiError, CrowNestConnectionError, CrowNestError, CrowNestTimeoutError } from "./errors.js";
 export type * from "./types.js";

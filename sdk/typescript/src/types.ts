@@ -195,3 +195,151 @@ export interface RunCodeResult {
   stateLost: boolean;
   notes: string[];
 }
+
+// ------------------------------------------------------------------ workspace runs
+
+/** Where a Workspace Run is: `awaiting_archive` → `queued` → `extracting` →
+ * `running` → `succeeded` | `failed` | `canceled`. */
+export type WorkspaceRunStatus =
+  | "awaiting_archive"
+  | "queued"
+  | "extracting"
+  | "running"
+  | "succeeded"
+  | "failed"
+  | "canceled";
+
+/** Why a run ended `failed` (or `canceled`); `null` when it succeeded. */
+export type WorkspaceRunReason =
+  | "exit_code"
+  | "timeout"
+  | "archive_too_large"
+  | "archive_unsafe"
+  | "archive_corrupt"
+  | "sandbox_failed"
+  | "host_restart"
+  | "canceled";
+
+/** The archive a run expects: size and SHA-256 (64 lower-case hex) of the `.tar.gz`. */
+export interface ArchiveSpec {
+  sizeBytes: number;
+  sha256: string;
+}
+
+/** A file of /workspace to keep as an artifact when the command ends. */
+export interface WorkspaceRunArtifactSpec {
+  /** Relative to /workspace (no `..`, not absolute). */
+  path: string;
+  /** Default: the path's last component. */
+  name?: string;
+}
+
+/** What became of one requested artifact. */
+export interface CollectedWorkspaceArtifact {
+  path: string;
+  name: string;
+  artifactId: string | null;
+  sizeBytes: number | null;
+  sha256: string | null;
+  /** Why it was not collected (e.g. the file was missing). */
+  error: string | null;
+}
+
+export interface WorkspaceRun {
+  /** `wsr_…` */
+  id: string;
+  status: WorkspaceRunStatus;
+  reason: WorkspaceRunReason | null;
+  template: string;
+  command: string;
+  env: Record<string, string>;
+  archive: ArchiveSpec & { uploaded: boolean };
+  artifacts: { path: string; name: string }[];
+  collected: CollectedWorkspaceArtifact[];
+  timeoutMs: number;
+  keepSandbox: boolean;
+  metadata: Record<string, unknown>;
+  sandboxId: string | null;
+  exitCode: number | null;
+  createdAt: string;
+  startedAt: string | null;
+  endedAt: string | null;
+  /** The Evidence Bundle has been written (`evidence()` returns it). */
+  evidenceReady: boolean;
+}
+
+/** The `data` of each type of run event. */
+export interface WorkspaceRunEventData {
+  status: { status: WorkspaceRunStatus; reason: WorkspaceRunReason | null };
+  archive_progress: { entries: number; bytes: number; done?: boolean };
+  stdout: { data: string };
+  stderr: { data: string };
+  artifact_collected: { path: string; name: string; artifactId: string; sizeBytes: number; sha256: string };
+  artifact_error: { path: string; name: string; message: string };
+  heartbeat: { status: WorkspaceRunStatus; elapsedMs: number };
+  terminal: { status: WorkspaceRunStatus; reason: WorkspaceRunReason | null; exitCode: number | null; endedAt: string };
+  error: { code: string; message: string };
+}
+
+export type WorkspaceRunEventType = keyof WorkspaceRunEventData;
+
+/** One event of a run's log, numbered `seq` 1, 2, 3, … with no gaps;
+ * `type` narrows `data` (`if (e.type === "stdout") e.data.data`). */
+export type WorkspaceRunEvent = {
+  [K in WorkspaceRunEventType]: { seq: number; type: K; at: string; data: WorkspaceRunEventData[K] };
+}[WorkspaceRunEventType];
+
+/** One page of `GET /v1/workspace-runs/{id}/events`. */
+export interface WorkspaceRunEventPage {
+  data: WorkspaceRunEvent[];
+  /** The `afterSeq` of the next page. */
+  nextAfterSeq: number;
+  /** The log is complete (it holds the `terminal` event). */
+  terminal: boolean;
+}
+
+/** The signed part of an Evidence Bundle. */
+export interface EvidenceBundleBody {
+  version: number;
+  runId: string;
+  status: WorkspaceRunStatus;
+  reason: WorkspaceRunReason | null;
+  exitCode: number | null;
+  command: string;
+  envNames: string[];
+  template: { name: string; recipeHash: string; runtime: string };
+  archive: ArchiveSpec;
+  createdAt: string;
+  startedAt: string | null;
+  endedAt: string | null;
+  metadata: Record<string, unknown>;
+  artifacts: { path: string; name: string; artifactId: string; sha256: string; sizeBytes: number }[];
+  artifactErrors: { path: string; name: string; message: string }[];
+  terminalEvent: WorkspaceRunEvent;
+  /** `sha256`: of the events in `seq` order, each as canonical JSON followed by `\n`. */
+  events: { count: number; sha256: string };
+  host: { version: string };
+  usage: { pricingVersion: string; computeUnitSeconds: number };
+}
+
+export interface EvidenceSignature {
+  algorithm: "ed25519";
+  keyId: string;
+  /** base64 of the signature over the canonical JSON (RFC 8785) of `bundle`. */
+  value: string;
+}
+
+/** A Workspace Run's Evidence Bundle: verifiable offline with the server's key. */
+export interface EvidenceBundle {
+  bundle: EvidenceBundleBody;
+  signature: EvidenceSignature;
+}
+
+/** A key of `GET /v1/evidence-keys`. */
+export interface EvidenceKey {
+  /** First 16 hex characters of the SHA-256 of the public key. */
+  keyId: string;
+  algorithm: "ed25519";
+  /** base64 of the 32-byte public key. */
+  publicKey: string;
+}

@@ -1,9 +1,11 @@
 // @crownest/sdk against a live crownest server (started for this file).
 import assert from "node:assert/strict";
 import { execFile } from "node:child_process";
-import { randomBytes, randomUUID } from "node:crypto";
+import { createHash, createPublicKey, randomBytes, randomUUID, verify } from "node:crypto";
+import { mkdirSync, mkdtempSync, readFileSync, rmSync, symlinkSync, writeFileSync } from "node:fs";
 import http from "node:http";
 import net from "node:net";
+import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { after, before, describe, test } from "node:test";
 import { promisify } from "node:util";
@@ -12,12 +14,18 @@ import {
   Command,
   CrowNestApiError,
   CrowNestConnectionError,
+  CrowNestTimeoutError,
   createCrowNestClient,
+  isIgnored,
+  packDirectory,
+  parseGitignore,
   type CodeLanguage,
   type CodeOutput,
   type CrowNestClient,
   type LogEvent,
   type Sandbox,
+  type WorkspaceRun,
+  type WorkspaceRunEvent,
 } from "@crownest/sdk";
 import { REPO, startServer, type TestServer } from "./server.js";
 
@@ -507,6 +515,397 @@ describe("idempotency", () => {
       const all = await direct.sandboxes.list().toArray();
       assert.deepEqual(all.map((s) => s.id), [sandbox.id], "exactly one sandbox for the org");
       await all[0]!.kill();
+    } finally {
+      proxy.close();
+    }
+  });
+});
+
+// ------------------------------------------------------------------ workspace runs
+
+const REPORT_PY = `import json, os, sys
+os.makedirs("out", exist_ok=True)
+with open("out/report.json", "w") as f:
+    json.dump({"ok": True, "files": sorted(os.listdir("."))}, f)
+with open("out/summary.txt", "w") as f:
+    f.write("summary: all good\\n")
+print("report ok", flush=True)
+print("a warning", file=sys.stderr, flush=True)
+`;
+
+/** Fails (and so the run) when the sandbox sees what .gitignore excludes. */
+const CHECKS = [
+  "test ! -e ignored.txt",
+  "test ! -e build",
+  "test ! -e scratch.tmp",
+  "test -e keep.tmp",
+  "test ! -e anchored.txt",
+  "test -e sub/anchored.txt",
+  "test ! -e sub/local.txt",
+  "test -e sub/kept.txt",
+  "test ! -e logs/deep/x.log",
+  "test ! -e .git",
+  "test -L link.json",
+].join(" && ");
+
+const tempDirs: string[] = [];
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), "crownest-wsr-ts-"));
+  tempDirs.push(dir);
+  return dir;
+}
+
+after(() => {
+  for (const dir of tempDirs) rmSync(dir, { recursive: true, force: true });
+});
+
+/** A small checkout: package.json, report.py, and files .gitignore excludes. */
+function makeProject(): string {
+  const root = tempDir();
+  const write = (path: string, text: string) => {
+    mkdirSync(join(root, path, ".."), { recursive: true });
+    writeFileSync(join(root, path), text);
+  };
+  write("package.json", JSON.stringify({ name: "wsr-sdk-test", version: "1.0.0" }));
+  write("report.py", REPORT_PY);
+  write(".gitignore", "ignored.txt\nbuild/\n*.tmp\n!keep.tmp\n/anchored.txt\nlogs/**/*.log\n");
+  for (const name of ["ignored.txt", "scratch.tmp", "keep.tmp", "anchored.txt"]) write(name, name);
+  write("build/out.bin", "\0\0\0");
+  write("sub/.gitignore", "local.txt\n");
+  for (const name of ["anchored.txt", "local.txt", "kept.txt"]) write(`sub/${name}`, name);
+  write("logs/deep/x.log", "log");
+  write(".git/HEAD", "ref: refs/heads/main\n");
+  symlinkSync("package.json", join(root, "link.json"));
+  return root;
+}
+
+/** RFC 8785 canonical JSON for what a bundle holds (no floats). */
+function canonicalJson(value: unknown): string {
+  if (Array.isArray(value)) return `[${value.map(canonicalJson).join(",")}]`;
+  if (value !== null && typeof value === "object") {
+    const entries = Object.entries(value as Record<string, unknown>).filter(([, v]) => v !== undefined);
+    entries.sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0)); // UTF-16 code units
+    return `{${entries.map(([k, v]) => `${JSON.stringify(k)}:${canonicalJson(v)}`).join(",")}}`;
+  }
+  return JSON.stringify(value);
+}
+
+function sha256Hex(data: Uint8Array | string): string {
+  return createHash("sha256").update(data).digest("hex");
+}
+
+async function tinyArchive(files: Record<string, string>): Promise<Uint8Array> {
+  const dir = tempDir();
+  for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text);
+  const packed = await packDirectory(dir);
+  try {
+    return new Uint8Array(readFileSync(packed.path));
+  } finally {
+    await packed.remove();
+  }
+}
+
+async function createdRun(command: string, data: Uint8Array, options: Record<string, unknown> = {}): Promise<WorkspaceRun> {
+  return client.workspaceRuns.create(command, { archive: { sizeBytes: data.byteLength, sha256: sha256Hex(data) }, ...options });
+}
+
+async function cancelQuietly(run: WorkspaceRun): Promise<void> {
+  await client.workspaceRuns.cancel(run).catch((e: unknown) => {
+    if (!(e instanceof CrowNestApiError) || e.code !== "workspace_run_finished") throw e;
+  });
+}
+
+async function collect(events: AsyncIterable<WorkspaceRunEvent>): Promise<WorkspaceRunEvent[]> {
+  const all: WorkspaceRunEvent[] = [];
+  for await (const e of events) all.push(e);
+  return all;
+}
+
+async function allPages(run: WorkspaceRun): Promise<WorkspaceRunEvent[]> {
+  const all: WorkspaceRunEvent[] = [];
+  let afterSeq = 0;
+  for (;;) {
+    const page = await client.workspaceRuns.listEvents(run, { afterSeq, limit: 1000 });
+    all.push(...page.data);
+    afterSeq = page.nextAfterSeq;
+    if (page.terminal && page.data.length < 1000) return all;
+  }
+}
+
+function text(events: WorkspaceRunEvent[], type: "stdout" | "stderr"): string {
+  return events.map((e) => (e.type === type ? e.data.data : "")).join("");
+}
+
+describe("workspace runs", () => {
+  test(".gitignore patterns: name, dir/, *.ext, /anchored, !negation, **, nested files", () => {
+    const rules = parseGitignore("# c\n\nname\ndir/\n*.ext\n/anchored\n!keep.ext\na/**/z\n**/deep\nx/**\n\\#hash\nf[0-9].txt\n");
+    const cases: [string, boolean, boolean][] = [
+      ["name", false, true],
+      ["sub/name", false, true],
+      ["dir", true, true],
+      ["dir", false, false],
+      ["sub/dir", true, true],
+      ["a.ext", false, true],
+      ["sub/b.ext", false, true],
+      ["keep.ext", false, false],
+      ["anchored", false, true],
+      ["sub/anchored", false, false],
+      ["a/z", false, true],
+      ["a/b/c/z", false, true],
+      ["q/r/deep", true, true],
+      ["x/anything/below", false, true],
+      ["x", true, false],
+      ["#hash", false, true],
+      ["f1.txt", false, true],
+      ["fa.txt", false, false],
+      ["other", false, false],
+    ];
+    for (const [path, isDir, expected] of cases) assert.equal(isIgnored(path, isDir, rules), expected, `${path} (dir: ${isDir})`);
+    const nested = [...rules, ...parseGitignore("!name\nlocal\n", "sub")];
+    assert.equal(isIgnored("sub/name", false, nested), false);
+    assert.equal(isIgnored("name", false, nested), true);
+    assert.equal(isIgnored("sub/local", false, nested), true);
+    assert.equal(isIgnored("local", false, nested), false);
+  });
+
+  test("packDirectory: relative entries, symlinks kept, ignored files and .git left out", async () => {
+    const packed = await packDirectory(makeProject());
+    try {
+      const data = readFileSync(packed.path);
+      assert.equal(data.byteLength, packed.sizeBytes);
+      assert.equal(sha256Hex(data), packed.sha256);
+      const { stdout } = await promisify(execFile)("tar", ["-tvzf", packed.path]);
+      const listing = stdout.trim().split("\n");
+      const names = listing.map((l) => l.split(/\s+/).slice(5).join(" "));
+      assert.ok(names.every((n) => !n.startsWith("/")), stdout);
+      assert.ok(listing.some((l) => l.startsWith("l") && l.endsWith("link.json -> package.json")), stdout);
+      assert.ok(names.includes("sub/") && names.includes("report.py") && names.includes("keep.tmp"), stdout);
+      for (const gone of ["ignored.txt", "build/", "sub/local.txt", ".git/HEAD", "logs/deep/x.log"]) assert.ok(!names.includes(gone), gone);
+    } finally {
+      await packed.remove();
+    }
+  });
+
+  test("runDirectory on python-node: events 1..n, stdout, artifacts, a verifiable Evidence Bundle", async () => {
+    const seen: WorkspaceRunEvent[] = [];
+    const tag = `wsr-${randomUUID().slice(0, 8)}`;
+    const { run, evidence } = await client.workspaceRuns.runDirectory(
+      makeProject(),
+      `${CHECKS} && node -e "console.log('node sees ' + require('./package.json').name)" && python3 report.py`,
+      {
+        template: "python-node",
+        artifacts: [{ path: "out/report.json", name: "report" }, { path: "out/summary.txt" }],
+        env: { CI: "1" },
+        metadata: { suite: tag },
+        timeoutMs: 120_000,
+        onEvent: (e) => void seen.push(e),
+      },
+    );
+    assert.equal(run.status, "succeeded", JSON.stringify({ run, stdout: text(seen, "stdout"), stderr: text(seen, "stderr") }));
+    assert.deepEqual([run.reason, run.exitCode, run.template, run.archive.uploaded], [null, 0, "python-node", true]);
+    assert.deepEqual(run.metadata, { suite: tag });
+    assert.deepEqual(seen.map((e) => e.seq), seen.map((_, i) => i + 1));
+    const last = seen[seen.length - 1]!;
+    assert.ok(last.type === "terminal" && last.data.status === "succeeded" && last.data.exitCode === 0);
+    assert.match(text(seen, "stdout"), /node sees wsr-sdk-test\n/);
+    assert.match(text(seen, "stdout"), /report ok\n/);
+    assert.match(text(seen, "stderr"), /a warning/);
+    assert.ok(seen.some((e) => e.type === "status" && e.data.status === "running"));
+    assert.deepEqual(await allPages(run), seen);
+    assert.deepEqual(await collect(client.workspaceRuns.events(run)), seen);
+
+    const byName = new Map(run.collected.map((c) => [c.name, c]));
+    assert.deepEqual([...byName.keys()].sort(), ["report", "summary.txt"]);
+    const summary = await client.artifacts.download(byName.get("summary.txt")!.artifactId!);
+    assert.equal(new TextDecoder().decode(summary), "summary: all good\n");
+    assert.equal(sha256Hex(summary), byName.get("summary.txt")!.sha256);
+    const report = JSON.parse(new TextDecoder().decode(await client.artifacts.download(byName.get("report")!.artifactId!)));
+    assert.equal(report.ok, true);
+    assert.ok(!report.files.includes("ignored.txt") && report.files.includes("package.json"));
+
+    const { bundle, signature } = evidence;
+    assert.equal(signature.algorithm, "ed25519");
+    assert.deepEqual([bundle.runId, bundle.status, bundle.exitCode, bundle.template.name], [run.id, "succeeded", 0, "python-node"]);
+    assert.deepEqual(bundle.envNames, ["CI"]);
+    assert.deepEqual(bundle.archive, { sha256: run.archive.sha256, sizeBytes: run.archive.sizeBytes });
+    assert.deepEqual(bundle.artifacts.map((a) => a.name).sort(), ["report", "summary.txt"]);
+    for (const a of bundle.artifacts) {
+      assert.match(a.sha256, /^[0-9a-f]{64}$/);
+      assert.equal(a.sha256, byName.get(a.name)!.sha256);
+    }
+    assert.equal(bundle.events.count, seen.length);
+    assert.deepEqual(bundle.terminalEvent, last);
+    assert.equal(bundle.events.sha256, sha256Hex(seen.map((e) => canonicalJson(e) + "\n").join("")));
+    // The signature verifies with the server's published key.
+    const key = (await client.workspaceRuns.evidenceKeys()).find((k) => k.keyId === signature.keyId);
+    assert.ok(key, "the bundle's key is published");
+    const raw = Buffer.from(key.publicKey, "base64");
+    assert.equal(sha256Hex(raw).slice(0, 16), key.keyId);
+    const publicKey = createPublicKey({ key: Buffer.concat([Buffer.from("302a300506032b6570032100", "hex"), raw]), format: "der", type: "spki" });
+    assert.ok(verify(null, Buffer.from(canonicalJson(bundle)), publicKey, Buffer.from(signature.value, "base64")), "signature");
+    const tampered = { ...bundle, exitCode: 1 };
+    assert.ok(!verify(null, Buffer.from(canonicalJson(tampered)), publicKey, Buffer.from(signature.value, "base64")));
+    assert.deepEqual(await client.workspaceRuns.evidence(run.id), evidence);
+  });
+
+  test("without the .gitignore the same check fails the run (exit_code)", async () => {
+    const project = makeProject();
+    writeFileSync(join(project, ".gitignore"), "");
+    const { run, evidence } = await client.workspaceRuns.runDirectory(project, "test ! -e ignored.txt", { template: "python-node" });
+    assert.deepEqual([run.status, run.reason, run.exitCode], ["failed", "exit_code", 1]);
+    assert.equal(evidence.bundle.status, "failed");
+  });
+
+  test("staged upload from a file; start twice; upload after start", async () => {
+    const data = await tinyArchive({ "hello.txt": "staged hello\n" });
+    const path = join(tempDir(), "workspace.tar.gz");
+    writeFileSync(path, data);
+    const run = await createdRun("cat hello.txt", data);
+    assert.deepEqual([run.status, run.archive.uploaded], ["awaiting_archive", false]);
+    const target = await client.workspaceRuns.archiveUploadUrl(run);
+    assert.equal(target.method, "PUT");
+    const uploaded = await client.workspaceRuns.uploadArchive(run, path, { staged: true });
+    assert.deepEqual([uploaded.id, uploaded.status, uploaded.archive.uploaded], [run.id, "awaiting_archive", true]);
+    assert.equal((await client.workspaceRuns.start(run)).status, "queued");
+    await rejectsWith(client.workspaceRuns.start(run), 409, "workspace_run_already_started");
+    await rejectsWith(client.workspaceRuns.uploadArchive(run, data), 409, "workspace_run_not_awaiting_archive");
+    const ended = await client.workspaceRuns.wait(run, { timeoutMs: 120_000 });
+    assert.equal(ended.status, "succeeded");
+    // wait() resolves once the evidence is written too.
+    assert.equal(ended.evidenceReady, true);
+    assert.equal((await client.workspaceRuns.evidence(run)).bundle.status, "succeeded");
+    assert.equal(text(await collect(client.workspaceRuns.events(run)), "stdout"), "staged hello\n");
+
+    const other = await createdRun("true", new Uint8Array([...data, 0]));
+    await rejectsWith(client.workspaceRuns.uploadArchive(other, new Blob([new Uint8Array(data)]), { staged: true }), 422, "archive_size_mismatch");
+    await cancelQuietly(other);
+  });
+
+  test("archive_digest_mismatch (direct and staged), archive_not_uploaded, evidence_not_ready", async () => {
+    const data = await tinyArchive({ "a.txt": "a" });
+    const wrong = await client.workspaceRuns.create("true", { archive: { sizeBytes: data.byteLength, sha256: "0".repeat(64) } });
+    try {
+      await rejectsWith(client.workspaceRuns.uploadArchive(wrong, data), 422, "archive_digest_mismatch");
+      await rejectsWith(client.workspaceRuns.uploadArchive(wrong, data, { staged: true }), 422, "archive_digest_mismatch");
+      const still = await client.workspaceRuns.get(wrong.id);
+      assert.deepEqual([still.status, still.archive.uploaded], ["awaiting_archive", false]);
+      await rejectsWith(client.workspaceRuns.start(wrong), 409, "archive_not_uploaded");
+      await rejectsWith(client.workspaceRuns.evidence(wrong), 409, "evidence_not_ready");
+      await rejectsWith(
+        client.workspaceRuns.create("true", { archive: { sizeBytes: 1, sha256: "a".repeat(64) }, template: "no-such-template" }),
+        404,
+        "template_not_found",
+      );
+    } finally {
+      await cancelQuietly(wrong);
+    }
+  });
+
+  test("cancel a running run", async () => {
+    const data = await tinyArchive({ "a.txt": "a" });
+    const run = await createdRun("echo sleeping; sleep 30", data);
+    try {
+      await client.workspaceRuns.uploadArchive(run, data);
+      await client.workspaceRuns.start(run);
+      for await (const e of client.workspaceRuns.events(run)) if (e.type === "stdout" && e.data.data.includes("sleeping")) break;
+      const started = Date.now();
+      assert.equal((await client.workspaceRuns.cancel(run)).id, run.id);
+      const ended = await client.workspaceRuns.wait(run, { timeoutMs: 60_000 });
+      assert.ok(Date.now() - started < 25_000, "cancel stopped the command");
+      assert.deepEqual([ended.status, ended.reason], ["canceled", "canceled"]);
+    } finally {
+      await cancelQuietly(run);
+    }
+    const events = await collect(client.workspaceRuns.events(run));
+    assert.deepEqual(events.map((e) => e.seq), events.map((_, i) => i + 1));
+    const last = events[events.length - 1]!;
+    assert.ok(last.type === "terminal" && last.data.status === "canceled");
+    const evidence = await client.workspaceRuns.evidence(run);
+    assert.deepEqual([evidence.bundle.status, evidence.bundle.reason], ["canceled", "canceled"]);
+    await rejectsWith(client.workspaceRuns.cancel(run), 409, "workspace_run_finished");
+  });
+
+  test("list: metadata and status filters, pages; wait times out", async () => {
+    const tag = `list-${randomUUID().slice(0, 8)}`;
+    const archive = { sizeBytes: 10, sha256: "b".repeat(64) };
+    const first = await client.workspaceRuns.create("true", { archive, metadata: { suite: tag, n: "1" } });
+    const second = await client.workspaceRuns.create("true", { archive, metadata: { suite: tag, n: "2" } });
+    try {
+      const page = await client.workspaceRuns.listPage({ metadata: { suite: tag }, limit: 1 });
+      assert.deepEqual(page.data.map((r) => r.id), [second.id]);
+      assert.ok(page.nextCursor);
+      const page2 = await client.workspaceRuns.listPage({ metadata: { suite: tag }, limit: 1, cursor: page.nextCursor! });
+      assert.deepEqual(page2.data.map((r) => r.id), [first.id]);
+      const ids = async (o: Parameters<typeof client.workspaceRuns.list>[0]) => (await client.workspaceRuns.list(o).toArray()).map((r) => r.id);
+      assert.deepEqual(await ids({ metadata: { suite: tag }, limit: 1 }), [second.id, first.id]);
+      assert.deepEqual(await ids({ metadata: { suite: tag, n: "1" } }), [first.id]);
+      assert.deepEqual(await ids({ status: "awaiting_archive", metadata: { suite: tag } }), [second.id, first.id]);
+      assert.deepEqual(await ids({ status: "running", metadata: { suite: tag } }), []);
+      await assert.rejects(client.workspaceRuns.wait(first, { timeoutMs: 500 }), CrowNestTimeoutError);
+    } finally {
+      await cancelQuietly(first);
+      await cancelQuietly(second);
+    }
+    const canceled = await client.workspaceRuns.list({ status: "canceled", metadata: { suite: tag } }).toArray();
+    assert.deepEqual(canceled.map((r) => r.id), [second.id, first.id]);
+  });
+
+  test("events: afterSeq resumes without duplicates; a cut stream is resumed without gaps", async () => {
+    const data = await tinyArchive({ "a.txt": "a" });
+    const run = await createdRun("for i in 1 2 3 4 5; do echo line $i; done; echo oops >&2", data);
+    await client.workspaceRuns.uploadArchive(run, data);
+    await client.workspaceRuns.start(run);
+    // A proxy that cuts its first two connections after two SSE events.
+    const upstream = new URL(server.baseUrl);
+    let cutsLeft = 2;
+    let cut = 0;
+    const proxy = net.createServer((socket) => {
+      const up = net.connect(Number(upstream.port), upstream.hostname);
+      socket.pipe(up);
+      socket.on("error", () => up.destroy());
+      up.on("error", () => socket.destroy());
+      if (cutsLeft <= 0) {
+        up.pipe(socket);
+        return;
+      }
+      cutsLeft--;
+      let seen = "";
+      up.on("data", (chunk: Buffer) => {
+        seen += chunk.toString("latin1");
+        const body = seen.split("\r\n\r\n").slice(1).join("\r\n\r\n");
+        let at = -2;
+        let found = 0;
+        while (found < 2 && (at = body.indexOf("\n\n", at + 2)) !== -1) found++;
+        if (found < 2) {
+          socket.write(chunk);
+          return;
+        }
+        const keep = chunk.length - (body.length - (at + 2));
+        socket.end(chunk.subarray(0, Math.max(0, keep)));
+        cut++;
+        up.destroy();
+        socket.destroySoon();
+      });
+    });
+    await new Promise<void>((r) => proxy.listen(0, "127.0.0.1", r));
+    try {
+      const through = createCrowNestClient({ apiKey, baseUrl: `http://127.0.0.1:${(proxy.address() as net.AddressInfo).port}` });
+      const live = await collect(through.workspaceRuns.events(run));
+      assert.ok(cut >= 1, "the proxy cut the stream");
+      const n = live.length;
+      assert.deepEqual(live.map((e) => e.seq), live.map((_, i) => i + 1));
+      assert.ok(n >= 5 && live[n - 1]!.type === "terminal");
+      assert.deepEqual(live, await allPages(run));
+      assert.equal(text(live, "stdout"), [1, 2, 3, 4, 5].map((i) => `line ${i}\n`).join(""));
+      for (const k of [1, Math.floor(n / 2), n - 1]) {
+        const resumed = await collect(client.workspaceRuns.events(run, { afterSeq: k }));
+        assert.deepEqual(resumed.map((e) => e.seq), Array.from({ length: n - k }, (_, i) => k + 1 + i));
+      }
+      const page = await client.workspaceRuns.listEvents(run, { afterSeq: 1, limit: 2 });
+      assert.deepEqual([page.data.map((e) => e.seq), page.nextAfterSeq], [[2, 3], 3]);
+      const tail = await client.workspaceRuns.listEvents(run, { afterSeq: n - 1 });
+      assert.deepEqual([tail.data.map((e) => e.seq), tail.terminal], [[n], true]);
     } finally {
       proxy.close();
     }

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import builtins
 import asyncio
 import inspect
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from typing import Any, Generic, TypeVar
+import os
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from typing import IO, Any, Generic, TypeVar
 
 import httpx
 
+from ._archive import DIRECT_UPLOAD_MAX, PackedArchive, archive_source_size, pack_directory
 from ._shared import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    EVIDENCE_GRACE,
     OCTET_STREAM,
     CODE_STREAM_HEADERS,
     Artifact,
@@ -22,10 +26,19 @@ from ._shared import (
     FileListing,
     CollectSpec,
     CommandResult,
+    CrowNestApiError,
     CrowNestConnectionError,
+    CrowNestError,
+    CrowNestTimeoutError,
+    EvidenceBundle,
     LogEvent,
     Record,
     SSEDecoder,
+    WorkspaceRun,
+    WorkspaceRunEvent,
+    WorkspaceRunEventPage,
+    WorkspaceRunPage,
+    WorkspaceRunResult,
     api_error_from_response,
     as_bytes,
     backoff_delay,
@@ -34,6 +47,7 @@ from ._shared import (
     code_run_body,
     command_body,
     default_headers,
+    event_stream_request,
     file_listing,
     log_event_from_sse,
     may_retry,
@@ -47,8 +61,16 @@ from ._shared import (
     page_params,
     resolve_api_key,
     resolve_base_url,
+    run_event_from_sse,
+    run_event_page,
+    run_event_params,
+    run_id_of,
     sandbox_body,
     stdin_body,
+    wait_poll_delay,
+    workspace_run_body,
+    workspace_run_list_params,
+    workspace_run_page,
 )
 
 T = TypeVar("T")
@@ -56,6 +78,12 @@ T = TypeVar("T")
 AsyncCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
 #: A rich-output callback of a Code Run (the output object), sync or async.
 AsyncOutputCallback = Callable[[dict[str, Any]], Any] | Callable[[dict[str, Any]], Awaitable[Any]]
+#: Called with each event of a Workspace Run as it arrives, sync or async.
+AsyncEventCallback = Callable[[WorkspaceRunEvent], Any] | Callable[[WorkspaceRunEvent], Awaitable[Any]]
+#: An archive to upload: its bytes, a path to the ``.tar.gz``, or a binary file.
+ArchiveSource = bytes | str | os.PathLike[str] | IO[bytes]
+#: Chunk size of a streamed archive upload.
+_UPLOAD_CHUNK = 1024 * 1024
 
 
 async def _call(callback: AsyncCallback, data: str) -> None:
@@ -114,6 +142,7 @@ class AsyncCrowNest:
         self.sandboxes = AsyncSandboxes(self)
         self.artifacts = AsyncArtifacts(self)
         self.templates = AsyncTemplates(self)
+        self.workspace_runs = AsyncWorkspaceRuns(self)
 
     # -- lifecycle
 
@@ -138,8 +167,8 @@ class AsyncCrowNest:
         path: str,
         *,
         json: Any = None,
-        content: bytes | None = None,
-        params: Mapping[str, Any] | None = None,
+        content: bytes | AsyncIterable[bytes] | None = None,
+        params: Mapping[str, Any] | httpx.QueryParams | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         signed: bool = False,
@@ -220,6 +249,64 @@ class AsyncCrowNest:
                 raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
             await asyncio.sleep(backoff_delay(failures))
             failures += 1
+
+    async def _run_events(self, run_id: str, after_seq: int) -> AsyncIterator[WorkspaceRunEvent]:
+        """``_sync.CrowNest._run_events``: the run's SSE event log to its
+        ``terminal`` event, resumed after a dropped connection, every
+        ``seq`` once and in order."""
+        path = f"/v1/workspace-runs/{run_id}/events"
+        last = after_seq
+        failures = 0
+        while True:
+            headers, params = event_stream_request(last)
+            try:
+                async with self._http.stream("GET", path, headers=headers, params=params) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        raise api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = run_event_from_sse(sse, response.status_code)
+                        if event is None or event.seq <= last:
+                            continue
+                        failures = 0
+                        if event.seq > last + 1:
+                            async for missing in self._run_events_between(path, last, event.seq):
+                                last = missing.seq
+                                yield missing
+                        last = event.seq
+                        yield event
+                        if event.type == "terminal":
+                            return
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ReadTimeout):
+                    if failures >= self.max_retries:
+                        raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+                    await asyncio.sleep(backoff_delay(failures))
+                    failures += 1
+                continue
+            if failures >= self.max_retries:
+                raise CrowNestConnectionError(f"GET {path}: the event stream ended before the terminal event")
+            await asyncio.sleep(backoff_delay(failures))
+            failures += 1
+
+    async def _run_events_between(self, path: str, after: int, before: int) -> AsyncIterator[WorkspaceRunEvent]:
+        while after + 1 < before:
+            params = run_event_params(after, min(1000, before - after - 1))
+            page = run_event_page(await self._request("GET", path, params=params), after)
+            events = [e for e in page.data if after < e.seq < before]
+            if not events or events[0].seq != after + 1:
+                raise CrowNestError(f"GET {path}: the event log has no event {after + 1}")
+            for event in events:
+                if event.seq != after + 1:
+                    raise CrowNestError(f"GET {path}: the event log has no event {after + 1}")
+                after = event.seq
+                yield event
 
     async def _code_stream(
         self,
@@ -681,3 +768,248 @@ class AsyncPreviews:
         return await self._client._http.request(
             method, target.url, content=content, headers=target.headers, extensions=target.extensions
         )
+
+
+# ---------------------------------------------------------------- workspace runs
+
+
+async def _read_archive(source: ArchiveSource) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        path = source
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return await asyncio.to_thread(read)
+    return await asyncio.to_thread(source.read)
+
+
+async def _stream_archive(source: str | os.PathLike[str] | IO[bytes], size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of a file (a path, or a binary file from its
+    position), read in a thread chunk by chunk."""
+    owned = isinstance(source, (str, os.PathLike))
+    f: IO[bytes] = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source  # noqa: SIM115
+    try:
+        left = size
+        while left > 0:
+            chunk = await asyncio.to_thread(f.read, min(_UPLOAD_CHUNK, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+            yield chunk
+    finally:
+        if owned:
+            f.close()
+
+
+async def _call_event(callback: AsyncEventCallback, event: WorkspaceRunEvent) -> None:
+    result = callback(event)
+    if inspect.isawaitable(result):
+        await result
+
+
+class AsyncWorkspaceRuns:
+    """Workspace Runs (see :class:`crownest.WorkspaceRuns`), with ``await``
+    and ``async for`` over ``list`` and ``events``."""
+
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    @staticmethod
+    def _path(run: str | Mapping[str, Any], suffix: str = "") -> str:
+        return f"/v1/workspace-runs/{run_id_of(run)}{suffix}"
+
+    async def create(
+        self,
+        command: str,
+        *,
+        archive: Mapping[str, Any],
+        template: str | None = None,
+        artifacts: Sequence[CollectSpec] | None = None,
+        timeout_ms: int | None = None,
+        env: Mapping[str, str] | None = None,
+        keep_sandbox: bool | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> WorkspaceRun:
+        """Creates a run (``awaiting_archive``) for ``archive={"sizeBytes", "sha256"}``."""
+        body = workspace_run_body(
+            command,
+            archive=archive,
+            template=template,
+            artifacts=artifacts,
+            timeout_ms=timeout_ms,
+            env=env,
+            keep_sandbox=keep_sandbox,
+            metadata=metadata,
+        )
+        data = await self._client._request(
+            "POST", "/v1/workspace-runs", json=body, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return WorkspaceRun(data)
+
+    async def get(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        return WorkspaceRun(await self._client._request("GET", self._path(run)))
+
+    async def list_page(
+        self,
+        *,
+        status: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> WorkspaceRunPage:
+        """One page of runs, newest first (``data``, ``next_cursor``)."""
+        params = httpx.QueryParams(workspace_run_list_params(status, metadata, limit, cursor))
+        return workspace_run_page(await self._client._request("GET", "/v1/workspace-runs", params=params))
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> AsyncPager[WorkspaceRun]:
+        """``async for`` over every matching run, newest first."""
+
+        async def fetch(after: str | None) -> tuple[list[WorkspaceRun], str | None]:
+            page = await self.list_page(status=status, metadata=metadata, limit=limit, cursor=after or cursor)
+            return page.data, page.next_cursor
+
+        return AsyncPager(fetch)
+
+    async def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record:
+        """Stages an archive upload: ``{url, method: "PUT", expiresAt, maxBytes}``."""
+        return Record(await self._client._request("POST", self._path(run, "/archive/uploads")))
+
+    async def upload_archive(
+        self, run: str | Mapping[str, Any], archive: ArchiveSource, *, staged: bool | None = None
+    ) -> WorkspaceRun:
+        """Uploads the run's ``.tar.gz``: direct up to 32 MiB, staged above
+        (or with ``staged=True``), streamed from a file."""
+        size = archive_source_size(archive)
+        if not (staged if staged is not None else size > DIRECT_UPLOAD_MAX):
+            data = await self._client._request(
+                "PUT", self._path(run, "/archive"), content=await _read_archive(archive), headers=OCTET_STREAM
+            )
+            return WorkspaceRun(data)
+        target = await self.archive_upload_url(run)
+        headers = {**OCTET_STREAM, "content-length": str(size)}
+        content: bytes | AsyncIterable[bytes]
+        if isinstance(archive, (bytes, bytearray, memoryview)):
+            content = bytes(archive)
+        else:
+            content = _stream_archive(archive, size)
+        response = await self._client._send(
+            target["method"], target["url"], content=content, headers=headers, signed=True
+        )
+        return WorkspaceRun(response.json())
+
+    async def start(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        return WorkspaceRun(await self._client._request("POST", self._path(run, "/start")))
+
+    async def cancel(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        return WorkspaceRun(await self._client._request("POST", self._path(run, "/cancel")))
+
+    async def list_events(
+        self, run: str | Mapping[str, Any], *, after_seq: int | None = None, limit: int | None = None
+    ) -> WorkspaceRunEventPage:
+        params = run_event_params(after_seq, limit)
+        body = await self._client._request("GET", self._path(run, "/events"), params=params)
+        return run_event_page(body, after_seq or 0)
+
+    def events(self, run: str | Mapping[str, Any], *, after_seq: int = 0) -> AsyncIterator[WorkspaceRunEvent]:
+        """``async for`` over the run's events after ``after_seq`` to the
+        ``terminal`` event, resumed after a dropped connection."""
+        return self._client._run_events(run_id_of(run), after_seq)
+
+    async def wait(self, run: str | Mapping[str, Any], *, timeout: float | None = None) -> WorkspaceRun:
+        """Polls the run until it is terminal and its evidence written (up
+        to 30 s after the end); ``CrowNestTimeoutError`` after ``timeout`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        grace: float | None = None
+        attempt = 0
+        while True:
+            current = await self.get(run)
+            if current.terminal:
+                grace = grace if grace is not None else loop.time() + EVIDENCE_GRACE
+                if current.get("evidenceReady") is not False or loop.time() >= grace:
+                    return current
+            delay = wait_poll_delay(attempt)
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise CrowNestTimeoutError(f"workspace run {current.id} is still {current.status} after {timeout} s")
+                delay = min(delay, left)
+            await asyncio.sleep(delay)
+            attempt += 1
+
+    async def evidence(self, run: str | Mapping[str, Any]) -> EvidenceBundle:
+        return EvidenceBundle(await self._client._request("GET", self._path(run, "/evidence")))
+
+    async def evidence_keys(self) -> builtins.list[Record]:
+        """The server's evidence signing keys (``GET /v1/evidence-keys``):
+        ``keyId``, ``algorithm`` (``ed25519``), ``publicKey`` (base64)."""
+        return [Record(k) for k in (await self._client._request("GET", "/v1/evidence-keys"))["data"]]
+
+    async def _evidence_when_ready(self, run: str | Mapping[str, Any], timeout: float = 60.0) -> EvidenceBundle:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        attempt = 0
+        while True:
+            try:
+                return await self.evidence(run)
+            except CrowNestApiError as e:
+                if e.code != "evidence_not_ready" or loop.time() >= deadline:
+                    raise
+            await asyncio.sleep(wait_poll_delay(attempt))
+            attempt += 1
+
+    async def run_directory(
+        self,
+        directory: str | os.PathLike[str],
+        command: str,
+        *,
+        artifacts: Sequence[CollectSpec] | None = None,
+        template: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        keep_sandbox: bool | None = None,
+        include_git: bool = False,
+        on_event: AsyncEventCallback | None = None,
+        staged: bool | None = None,
+    ) -> WorkspaceRunResult:
+        """Packs ``directory`` (in a thread), creates, uploads, starts and
+        follows the run, and returns ``(run, evidence)`` once it is terminal."""
+        packed: PackedArchive = await asyncio.to_thread(pack_directory, directory, include_git=include_git)
+        with packed:
+            created = await self.create(
+                command,
+                archive=packed.archive,
+                template=template,
+                artifacts=artifacts,
+                timeout_ms=timeout_ms,
+                env=env,
+                keep_sandbox=keep_sandbox,
+                metadata=metadata,
+            )
+            try:
+                await self.upload_archive(created, packed.file, staged=staged)
+                await self.start(created)
+            except BaseException:
+                try:
+                    await self.cancel(created)
+                except CrowNestError:
+                    pass
+                raise
+        async for event in self.events(created):
+            if on_event is not None:
+                await _call_event(on_event, event)
+        final = await self.wait(created)
+        return WorkspaceRunResult(final, await self._evidence_when_ready(created))

@@ -9,9 +9,9 @@ import os
 import random
 import re
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, NamedTuple, TypedDict
 
 import httpx
 
@@ -63,6 +63,11 @@ class CrowNestApiError(CrowNestError):
 class CrowNestConnectionError(CrowNestError):
     """The request could not be completed over the network (after the
     retries the SDK is allowed to make)."""
+
+
+class CrowNestTimeoutError(CrowNestError, TimeoutError):
+    """A wait for something on the server (a Workspace Run to end, its
+    evidence to be written) ran past its ``timeout``."""
 
 
 def api_error_from_response(status: int, body: bytes, request_id: str | None) -> CrowNestApiError:
@@ -588,3 +593,226 @@ def code_event_from_sse(ev: ServerSentEvent, status: int) -> tuple[str, Any] | N
     if ev.event == "complete":
         return "complete", payload
     return None
+
+
+# ---------------------------------------------------------------- workspace runs
+
+#: Statuses a Workspace Run ends in.
+TERMINAL_RUN_STATUSES = frozenset({"succeeded", "failed", "canceled"})
+#: How long ``wait`` waits, after the end, for the evidence to be written.
+EVIDENCE_GRACE = 30.0
+
+
+class ArchiveSpec(TypedDict):
+    """The archive a Workspace Run expects: ``sizeBytes`` and ``sha256``
+    (64 lower-case hex) of the ``.tar.gz``."""
+
+    sizeBytes: int
+    sha256: str
+
+
+class WorkspaceRun(Record):
+    """A Workspace Run: ``id`` (``wsr_…``), ``status`` (``awaiting_archive``,
+    ``queued``, ``extracting``, ``running``, ``succeeded``, ``failed``,
+    ``canceled``), ``reason``, ``template``, ``command``, ``env``,
+    ``archive`` (``sizeBytes``, ``sha256``, ``uploaded``), ``artifacts``
+    (what to collect), ``collected`` (``artifactId``, ``sha256``, … or
+    ``error``), ``timeoutMs``, ``keepSandbox``, ``metadata``,
+    ``sandboxId``, ``exitCode``, timestamps and ``evidenceReady``."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def status(self) -> str:
+        return str(self._data["status"])
+
+    @property
+    def reason(self) -> str | None:
+        reason = self._data.get("reason")
+        return str(reason) if reason is not None else None
+
+    @property
+    def exit_code(self) -> int | None:
+        code = self._data.get("exitCode")
+        return int(code) if code is not None else None
+
+    @property
+    def terminal(self) -> bool:
+        """Whether the run has ended (``succeeded``, ``failed`` or ``canceled``)."""
+        return self.status in TERMINAL_RUN_STATUSES
+
+
+@dataclass(frozen=True)
+class WorkspaceRunEvent:
+    """One event of a Workspace Run's log, numbered ``seq`` 1, 2, 3, …:
+    ``type`` (``status``, ``archive_progress``, ``stdout``, ``stderr``,
+    ``artifact_collected``, ``artifact_error``, ``heartbeat``, ``terminal``,
+    ``error``), ``at`` (a timestamp) and ``data`` (per type; ``data["data"]``
+    is the text of ``stdout``/``stderr``)."""
+
+    seq: int
+    type: str
+    at: str
+    data: dict[str, Any]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"seq": self.seq, "type": self.type, "at": self.at, "data": json.loads(json.dumps(self.data))}
+
+
+@dataclass(frozen=True)
+class WorkspaceRunEventPage:
+    """One page of ``GET …/events``: ``data``, ``next_after_seq`` (the
+    ``after_seq`` of the next page) and ``terminal`` (the log is complete)."""
+
+    data: list[WorkspaceRunEvent]
+    next_after_seq: int
+    terminal: bool
+
+
+@dataclass(frozen=True)
+class WorkspaceRunPage:
+    """One page of ``GET /v1/workspace-runs``: ``data`` (newest first) and
+    ``next_cursor`` (``None`` on the last page)."""
+
+    data: list[WorkspaceRun]
+    next_cursor: str | None
+
+
+class EvidenceBundle(Record):
+    """A Workspace Run's signed Evidence Bundle: ``bundle`` (``runId``,
+    ``status``, ``command``, ``template``, ``archive``, ``artifacts`` with
+    their ``sha256``, ``terminalEvent``, ``events`` ``{count, sha256}``, …)
+    and ``signature`` (``algorithm`` ``ed25519``, ``keyId``, ``value``
+    base64) over the canonical JSON of ``bundle``."""
+
+    @property
+    def bundle(self) -> dict[str, Any]:
+        return dict(self._data["bundle"])
+
+    @property
+    def signature(self) -> dict[str, Any]:
+        return dict(self._data["signature"])
+
+
+class WorkspaceRunResult(NamedTuple):
+    """What ``run_directory`` returns: the terminal ``run`` and its
+    ``evidence``; unpacks as ``run, evidence = …``."""
+
+    run: WorkspaceRun
+    evidence: EvidenceBundle
+
+
+def run_id_of(run: str | Mapping[str, Any]) -> str:
+    return run if isinstance(run, str) else str(run["id"])
+
+
+def workspace_run_body(
+    command: str,
+    *,
+    archive: Mapping[str, Any],
+    template: str | None,
+    artifacts: Sequence[CollectSpec] | None,
+    timeout_ms: int | None,
+    env: Mapping[str, str] | None,
+    keep_sandbox: bool | None,
+    metadata: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "command": command,
+        "archive": {"sizeBytes": archive["sizeBytes"], "sha256": archive["sha256"]},
+    }
+    if template is not None:
+        body["template"] = template
+    if artifacts is not None:
+        body["artifacts"] = [dict(a) for a in artifacts]
+    if timeout_ms is not None:
+        body["timeoutMs"] = timeout_ms
+    if env is not None:
+        body["env"] = dict(env)
+    if keep_sandbox is not None:
+        body["keepSandbox"] = keep_sandbox
+    if metadata is not None:
+        body["metadata"] = dict(metadata)
+    return body
+
+
+def workspace_run_list_params(
+    status: str | None, metadata: Mapping[str, Any] | None, limit: int | None, cursor: str | None
+) -> list[tuple[str, str | int | float | bool | None]]:
+    """Query of ``GET /v1/workspace-runs``: ``status``, one
+    ``metadata.<key>=<value>`` per entry (all must match), ``limit``, ``cursor``."""
+    params: list[tuple[str, str | int | float | bool | None]] = []
+    if status is not None:
+        params.append(("status", status))
+    for key, value in (metadata or {}).items():
+        params.append((f"metadata.{key}", value if isinstance(value, str) else json.dumps(value)))
+    params.extend((k, str(v)) for k, v in page_params(limit, cursor).items())
+    return params
+
+
+def workspace_run_page(body: Mapping[str, Any]) -> WorkspaceRunPage:
+    return WorkspaceRunPage([WorkspaceRun(d) for d in body["data"]], body.get("nextCursor") or None)
+
+
+def run_event_from_dict(payload: Mapping[str, Any]) -> WorkspaceRunEvent:
+    return WorkspaceRunEvent(
+        int(payload["seq"]), str(payload["type"]), str(payload.get("at", "")), dict(payload.get("data") or {})
+    )
+
+
+def run_event_page(body: Mapping[str, Any], after_seq: int) -> WorkspaceRunEventPage:
+    events = [run_event_from_dict(e) for e in body["data"]]
+    nxt = body.get("nextAfterSeq")
+    if nxt is None:
+        nxt = events[-1].seq if events else after_seq
+    return WorkspaceRunEventPage(events, int(nxt), bool(body.get("terminal")))
+
+
+def run_event_params(after_seq: int | None, limit: int | None) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    if after_seq is not None:
+        params["afterSeq"] = after_seq
+    if limit is not None:
+        params["limit"] = limit
+    return params
+
+
+def run_event_from_sse(ev: ServerSentEvent, status: int = 200) -> WorkspaceRunEvent | None:
+    """An SSE event of ``GET …/events`` as a run event (its ``data`` is the
+    event object). An error envelope in the stream is raised as
+    ``CrowNestApiError``; what is neither is skipped."""
+    try:
+        payload = json.loads(ev.data) if ev.data else None
+    except ValueError:
+        return None
+    if not isinstance(payload, dict):
+        return None
+    if "seq" not in payload and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        raise CrowNestApiError(
+            status if status >= 400 else 500,
+            str(err.get("code") or "internal"),
+            str(err.get("message") or ""),
+            err.get("details") or {},
+        )
+    if "seq" not in payload or "type" not in payload:
+        return None
+    try:
+        return run_event_from_dict(payload)
+    except (TypeError, ValueError):
+        return None
+
+
+def event_stream_request(after_seq: int) -> tuple[dict[str, str], dict[str, Any]]:
+    """Headers and query of one SSE connection resuming after ``after_seq``."""
+    headers = {"accept": "text/event-stream"}
+    if after_seq > 0:
+        headers["Last-Event-ID"] = str(after_seq)
+    return headers, {"afterSeq": after_seq}
+
+
+def wait_poll_delay(attempt: int) -> float:
+    """Polling interval of ``wait``: 0.2 s growing to 2 s."""
+    return float(min(2.0, 0.2 * (1.5**attempt)))

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import builtins
+import os
 import time
-from collections.abc import Callable, Iterator, Mapping
-from typing import Any, Generic, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import IO, Any, Generic, TypeVar
 
 import httpx
 
+from ._archive import DIRECT_UPLOAD_MAX, archive_source_size, pack_directory
 from ._shared import (
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    EVIDENCE_GRACE,
     OCTET_STREAM,
     CODE_STREAM_HEADERS,
     Artifact,
@@ -23,9 +27,17 @@ from ._shared import (
     CommandResult,
     CrowNestApiError,
     CrowNestConnectionError,
+    CrowNestError,
+    CrowNestTimeoutError,
+    EvidenceBundle,
     LogEvent,
     Record,
     SSEDecoder,
+    WorkspaceRun,
+    WorkspaceRunEvent,
+    WorkspaceRunEventPage,
+    WorkspaceRunPage,
+    WorkspaceRunResult,
     api_error_from_response,
     as_bytes,
     backoff_delay,
@@ -34,6 +46,7 @@ from ._shared import (
     code_run_body,
     command_body,
     default_headers,
+    event_stream_request,
     file_listing,
     log_event_from_sse,
     may_retry,
@@ -47,13 +60,25 @@ from ._shared import (
     page_params,
     resolve_api_key,
     resolve_base_url,
+    run_event_from_sse,
+    run_event_page,
+    run_event_params,
+    run_id_of,
     sandbox_body,
     stdin_body,
+    wait_poll_delay,
+    workspace_run_body,
+    workspace_run_list_params,
+    workspace_run_page,
 )
 
 T = TypeVar("T")
 Callback = Callable[[str], Any]
 OutputCallback = Callable[[dict[str, Any]], Any]
+#: Called with each event of a Workspace Run as it arrives.
+EventCallback = Callable[[WorkspaceRunEvent], Any]
+#: An archive to upload: its bytes, a path to the ``.tar.gz``, or a binary file.
+ArchiveSource = bytes | str | os.PathLike[str] | IO[bytes]
 
 
 class Pager(Generic[T]):
@@ -103,6 +128,7 @@ class CrowNest:
         self.sandboxes = Sandboxes(self)
         self.artifacts = Artifacts(self)
         self.templates = Templates(self)
+        self.workspace_runs = WorkspaceRuns(self)
 
     # -- lifecycle
 
@@ -127,8 +153,8 @@ class CrowNest:
         path: str,
         *,
         json: Any = None,
-        content: bytes | None = None,
-        params: Mapping[str, Any] | None = None,
+        content: bytes | Iterable[bytes] | None = None,
+        params: Mapping[str, Any] | httpx.QueryParams | None = None,
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         signed: bool = False,
@@ -212,6 +238,68 @@ class CrowNest:
                 raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
             time.sleep(backoff_delay(failures))
             failures += 1
+
+    def _run_events(self, run_id: str, after_seq: int) -> Iterator[WorkspaceRunEvent]:
+        """Follows a Workspace Run's SSE event log to its ``terminal`` event.
+        After a dropped connection it reconnects with ``Last-Event-ID`` /
+        ``afterSeq`` of the last event seen; an event already seen is
+        skipped, and a hole in the numbering is filled from ``GET …/events``,
+        so every ``seq`` is yielded once, in order."""
+        path = f"/v1/workspace-runs/{run_id}/events"
+        last = after_seq
+        failures = 0
+        while True:
+            headers, params = event_stream_request(last)
+            try:
+                with self._http.stream("GET", path, headers=headers, params=params) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        raise api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = run_event_from_sse(sse, response.status_code)
+                        if event is None or event.seq <= last:
+                            continue
+                        failures = 0
+                        if event.seq > last + 1:
+                            for missing in self._run_events_between(path, last, event.seq):
+                                last = missing.seq
+                                yield missing
+                        last = event.seq
+                        yield event
+                        if event.type == "terminal":
+                            return
+            except httpx.TransportError as exc:
+                if not isinstance(exc, httpx.ReadTimeout):
+                    if failures >= self.max_retries:
+                        raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+                    time.sleep(backoff_delay(failures))
+                    failures += 1
+                continue
+            # The stream ended before the terminal event: reconnect after `last`.
+            if failures >= self.max_retries:
+                raise CrowNestConnectionError(f"GET {path}: the event stream ended before the terminal event")
+            time.sleep(backoff_delay(failures))
+            failures += 1
+
+    def _run_events_between(self, path: str, after: int, before: int) -> Iterator[WorkspaceRunEvent]:
+        """The events numbered ``after + 1 … before - 1``, from the JSON pages."""
+        while after + 1 < before:
+            params = run_event_params(after, min(1000, before - after - 1))
+            page = run_event_page(self._request("GET", path, params=params), after)
+            events = [e for e in page.data if after < e.seq < before]
+            if not events or events[0].seq != after + 1:
+                raise CrowNestError(f"GET {path}: the event log has no event {after + 1}")
+            for event in events:
+                if event.seq != after + 1:
+                    raise CrowNestError(f"GET {path}: the event log has no event {after + 1}")
+                after = event.seq
+                yield event
 
     def _code_stream(
         self,
@@ -717,3 +805,246 @@ class Previews:
         return self._client._http.request(
             method, target.url, content=content, headers=target.headers, extensions=target.extensions
         )
+
+
+# ---------------------------------------------------------------- workspace runs
+
+
+def _read_archive(source: ArchiveSource) -> bytes:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return bytes(source)
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            return f.read()
+    return source.read()
+
+
+class WorkspaceRuns:
+    """Workspace Runs: upload a ``.tar.gz`` of a checkout, run one command on
+    it in a fresh sandbox, follow its event log, keep the files named as
+    artifacts, and get a signed Evidence Bundle. :meth:`run_directory` does
+    all of it for a local directory."""
+
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    @staticmethod
+    def _path(run: str | Mapping[str, Any], suffix: str = "") -> str:
+        return f"/v1/workspace-runs/{run_id_of(run)}{suffix}"
+
+    def create(
+        self,
+        command: str,
+        *,
+        archive: Mapping[str, Any],
+        template: str | None = None,
+        artifacts: Sequence[CollectSpec] | None = None,
+        timeout_ms: int | None = None,
+        env: Mapping[str, str] | None = None,
+        keep_sandbox: bool | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> WorkspaceRun:
+        """Creates a run (``awaiting_archive``) for an archive of
+        ``archive={"sizeBytes", "sha256"}``; ``template`` defaults to
+        ``python-node`` on the server, ``artifacts`` are ``{path, name?}``
+        relative to /workspace."""
+        body = workspace_run_body(
+            command,
+            archive=archive,
+            template=template,
+            artifacts=artifacts,
+            timeout_ms=timeout_ms,
+            env=env,
+            keep_sandbox=keep_sandbox,
+            metadata=metadata,
+        )
+        data = self._client._request(
+            "POST", "/v1/workspace-runs", json=body, idempotency_key=idempotency_key or new_idempotency_key()
+        )
+        return WorkspaceRun(data)
+
+    def get(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        return WorkspaceRun(self._client._request("GET", self._path(run)))
+
+    def list_page(
+        self,
+        *,
+        status: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> WorkspaceRunPage:
+        """One page of runs, newest first (``data``, ``next_cursor``),
+        filtered by ``status`` and ``metadata`` (every key must match)."""
+        params = workspace_run_list_params(status, metadata, limit, cursor)
+        return workspace_run_page(self._client._request("GET", "/v1/workspace-runs", params=httpx.QueryParams(params)))
+
+    def list(
+        self,
+        *,
+        status: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Pager[WorkspaceRun]:
+        """Every matching run, newest first, pages fetched lazily (from
+        ``cursor`` when given); ``limit`` is the page size."""
+
+        def fetch(after: str | None) -> tuple[list[WorkspaceRun], str | None]:
+            page = self.list_page(status=status, metadata=metadata, limit=limit, cursor=after or cursor)
+            return page.data, page.next_cursor
+
+        return Pager(fetch)
+
+    def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record:
+        """Stages an archive upload: ``{url, method: "PUT", expiresAt,
+        maxBytes}``, a signed URL for one PUT of the raw bytes, no API key."""
+        return Record(self._client._request("POST", self._path(run, "/archive/uploads")))
+
+    def upload_archive(
+        self, run: str | Mapping[str, Any], archive: ArchiveSource, *, staged: bool | None = None
+    ) -> WorkspaceRun:
+        """Uploads the run's ``.tar.gz`` (bytes, a path, or a binary file from
+        its position): up to 32 MiB in one ``PUT …/archive``, larger ones
+        (or with ``staged=True``) through a staged upload, streamed from the
+        file. The server checks size and SHA-256 (``archive_size_mismatch``,
+        ``archive_digest_mismatch``; the run then still awaits an archive)."""
+        size = archive_source_size(archive)
+        if not (staged if staged is not None else size > DIRECT_UPLOAD_MAX):
+            data = self._client._request(
+                "PUT", self._path(run, "/archive"), content=_read_archive(archive), headers=OCTET_STREAM
+            )
+            return WorkspaceRun(data)
+        target = self.archive_upload_url(run)
+        headers = {**OCTET_STREAM, "content-length": str(size)}
+        if isinstance(archive, (bytes, bytearray, memoryview)):
+            response = self._client._send(
+                target["method"], target["url"], content=bytes(archive), headers=headers, signed=True
+            )
+        elif isinstance(archive, (str, os.PathLike)):
+            with open(archive, "rb") as f:
+                response = self._client._send(target["method"], target["url"], content=f, headers=headers, signed=True)
+        else:
+            response = self._client._send(
+                target["method"], target["url"], content=archive, headers=headers, signed=True
+            )
+        return WorkspaceRun(response.json())
+
+    def start(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        """Queues the run (its archive must have been uploaded)."""
+        return WorkspaceRun(self._client._request("POST", self._path(run, "/start")))
+
+    def cancel(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        """Stops the command and ends the run ``canceled`` (with evidence)."""
+        return WorkspaceRun(self._client._request("POST", self._path(run, "/cancel")))
+
+    def list_events(
+        self, run: str | Mapping[str, Any], *, after_seq: int | None = None, limit: int | None = None
+    ) -> WorkspaceRunEventPage:
+        """One page of the run's event log after ``after_seq`` (``data``,
+        ``next_after_seq``, ``terminal``); ``limit`` 1 … 1000."""
+        params = run_event_params(after_seq, limit)
+        body = self._client._request("GET", self._path(run, "/events"), params=params)
+        return run_event_page(body, after_seq or 0)
+
+    def events(self, run: str | Mapping[str, Any], *, after_seq: int = 0) -> Iterator[WorkspaceRunEvent]:
+        """The run's events after ``after_seq`` as they happen (SSE), to the
+        ``terminal`` event; a finished run's log is replayed. A dropped
+        connection is resumed: no event is repeated or missed."""
+        return self._client._run_events(run_id_of(run), after_seq)
+
+    def wait(self, run: str | Mapping[str, Any], *, timeout: float | None = None) -> WorkspaceRun:
+        """Polls the run until it is terminal and its evidence written
+        (``evidenceReady``; that follows the end by a moment, and is given
+        up to 30 s) and returns it; after ``timeout`` seconds raises
+        ``CrowNestTimeoutError``."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        grace: float | None = None
+        attempt = 0
+        while True:
+            current = self.get(run)
+            if current.terminal:
+                grace = grace if grace is not None else time.monotonic() + EVIDENCE_GRACE
+                if current.get("evidenceReady") is not False or time.monotonic() >= grace:
+                    return current
+            delay = wait_poll_delay(attempt)
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise CrowNestTimeoutError(f"workspace run {current.id} is still {current.status} after {timeout} s")
+                delay = min(delay, left)
+            time.sleep(delay)
+            attempt += 1
+
+    def evidence(self, run: str | Mapping[str, Any]) -> EvidenceBundle:
+        """The run's signed Evidence Bundle (``bundle``, ``signature``);
+        before it is written: ``evidence_not_ready``."""
+        return EvidenceBundle(self._client._request("GET", self._path(run, "/evidence")))
+
+    def evidence_keys(self) -> builtins.list[Record]:
+        """The server's evidence signing keys (``GET /v1/evidence-keys``):
+        ``keyId``, ``algorithm`` (``ed25519``), ``publicKey`` (base64)."""
+        return [Record(k) for k in (self._client._request("GET", "/v1/evidence-keys"))["data"]]
+
+    def _evidence_when_ready(self, run: str | Mapping[str, Any], timeout: float = 60.0) -> EvidenceBundle:
+        deadline = time.monotonic() + timeout
+        attempt = 0
+        while True:
+            try:
+                return self.evidence(run)
+            except CrowNestApiError as e:
+                if e.code != "evidence_not_ready" or time.monotonic() >= deadline:
+                    raise
+            time.sleep(wait_poll_delay(attempt))
+            attempt += 1
+
+    def run_directory(
+        self,
+        directory: str | os.PathLike[str],
+        command: str,
+        *,
+        artifacts: Sequence[CollectSpec] | None = None,
+        template: str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout_ms: int | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        keep_sandbox: bool | None = None,
+        include_git: bool = False,
+        on_event: EventCallback | None = None,
+        staged: bool | None = None,
+    ) -> WorkspaceRunResult:
+        """Packs ``directory`` (``.gitignore`` respected, ``.git`` skipped
+        unless ``include_git``), creates a run for it, uploads the archive
+        (direct up to 32 MiB, staged above, or as ``staged`` says), starts
+        it, passes every event to ``on_event`` as it arrives, and returns
+        ``(run, evidence)`` once the run is terminal. A failed command is a
+        result (``run.status == "failed"``, ``run.exit_code``), not an
+        exception."""
+        with pack_directory(directory, include_git=include_git) as packed:
+            created = self.create(
+                command,
+                archive=packed.archive,
+                template=template,
+                artifacts=artifacts,
+                timeout_ms=timeout_ms,
+                env=env,
+                keep_sandbox=keep_sandbox,
+                metadata=metadata,
+            )
+            try:
+                self.upload_archive(created, packed.file, staged=staged)
+                self.start(created)
+            except BaseException:
+                try:  # it never ran: do not leave it awaiting an archive
+                    self.cancel(created)
+                except CrowNestError:
+                    pass
+                raise
+        for event in self.events(created):
+            if on_event is not None:
+                on_event(event)
+        # The run's record turns terminal, and its evidence is written, a
+        # moment after the `terminal` event.
+        final = self.wait(created)
+        return WorkspaceRunResult(final, self._evidence_when_ready(created))
