@@ -369,14 +369,15 @@ fn serve(args: ServeArgs) -> Result<()> {
         host.evidence_keys()
             .await
             .context("creating the evidence signing key")?;
-        let ended = host
+        let runs = host
             .reconcile_runs()
             .await
-            .context("ending workspace runs left by a previous run")?;
-        if ended > 0 {
+            .context("taking over the workspace runs left by a previous run")?;
+        if runs.resumed + runs.ended > 0 {
             tracing::info!(
-                workspace_runs = ended,
-                "ended the workspace runs of the previous host process (host_restart)"
+                resumed = runs.resumed,
+                ended = runs.ended,
+                "took over the workspace runs of the previous host process"
             );
         }
         let reaper = host.spawn_reaper();

@@ -591,7 +591,7 @@ async fn bad_run_requests_get_stable_codes() {
         ),
         (
             with(json!({"template": "no-such-template"})),
-            404,
+            400,
             "template_not_found",
         ),
         (with(json!({"timeoutMs": 1})), 400, "invalid_request"),
@@ -953,7 +953,54 @@ async fn a_run_past_its_timeout_fails_with_reason_timeout() {
 }
 
 #[tokio::test]
-async fn a_host_killed_mid_run_ends_it_as_host_restart_with_evidence() {
+async fn a_run_goes_on_after_a_kill_9_of_its_host_with_every_line_once() {
+    let mut server = Server::start();
+    let key = server.key("acme", None, "all");
+    let client = server.client(&key);
+    let bytes = archive(&[Entry::File("x", b"x")]);
+    let run = create(
+        &client,
+        &bytes,
+        "for i in $(seq 1 40); do echo line-$i; sleep 0.1; done; echo done > out.txt",
+        json!({"artifacts": [{"path": "out.txt"}]}),
+    )
+    .await;
+    let id = run["id"].as_str().expect("id").to_string();
+    put_archive(&client, &id, bytes).await;
+    start(&client, &id).await;
+    // Some output is copied before the crash, the rest comes after.
+    let before = sse_events(&client, &id, None, None, Some(6)).await;
+    assert!(before.iter().any(|e| e["type"] == "stdout"), "{before:?}");
+    server.kill9();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    server.start_again();
+    let client = server.client(&key);
+    let run = wait_done(&client, &id).await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let events = all_events(&client, &id, 1000).await;
+    assert_ordered(&events);
+    let text = output(&events, "stdout");
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(
+        lines,
+        (1..=40).map(|i| format!("line-{i}")).collect::<Vec<_>>(),
+        "every line once, across the restart"
+    );
+    assert!(
+        events.iter().any(|e| e["type"] == "artifact_collected"),
+        "{events:?}"
+    );
+    let sandbox = run["sandboxId"].as_str().expect("sandbox");
+    let (_, sbx) = client.get(&format!("/v1/sandboxes/{sandbox}")).await;
+    assert_eq!(sbx["status"], "destroyed", "{sbx}");
+    assert!(server.runc_containers().is_empty());
+    let document = evidence(&client, &id).await;
+    let (ok, text) = verify(&server.base_url, &key, &document, &[]);
+    assert!(ok, "{text}");
+}
+
+#[tokio::test]
+async fn a_run_whose_sandbox_died_with_its_host_ends_as_host_restart_with_evidence() {
     let mut server = Server::start();
     let key = server.key("acme", None, "all");
     let client = server.client(&key);
@@ -963,7 +1010,17 @@ async fn a_host_killed_mid_run_ends_it_as_host_restart_with_evidence() {
     put_archive(&client, &id, bytes).await;
     start(&client, &id).await;
     wait_status(&client, &id, "running").await;
+    let (_, run) = client.get(&format!("/v1/workspace-runs/{id}")).await;
+    let sandbox = run["sandboxId"].as_str().expect("sandbox").to_string();
     server.kill9();
+    let killed = std::process::Command::new("runc")
+        .arg("--root")
+        .arg(server.data_dir.join("runc"))
+        .args(["kill", &sandbox, "KILL"])
+        .status()
+        .expect("runc kill");
+    assert!(killed.success());
+    tokio::time::sleep(Duration::from_secs(1)).await;
     server.start_again();
     let client = server.client(&key);
     let run = wait_done(&client, &id).await;
@@ -972,8 +1029,7 @@ async fn a_host_killed_mid_run_ends_it_as_host_restart_with_evidence() {
     let events = all_events(&client, &id, 1000).await;
     assert_ordered(&events);
     assert_eq!(error_event(&events)["code"], "host_restart");
-    // Nothing orphaned: the run's sandbox is gone, no container is left.
-    let sandbox = run["sandboxId"].as_str().expect("sandbox");
+    // Nothing orphaned: the run's sandbox is a tombstone, no container is left.
     let (_, sbx) = client.get(&format!("/v1/sandboxes/{sandbox}")).await;
     assert_eq!(sbx["status"], "destroyed", "{sbx}");
     assert!(server.runc_containers().is_empty());

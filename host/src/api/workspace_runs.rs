@@ -213,8 +213,7 @@ fn cursor_of(row: &WorkspaceRunRow) -> Cursor {
 #[utoipa::path(post, path = "/v1/workspace-runs", tag = "workspace-runs",
     request_body = CreateRunBody,
     responses((status = 201, body = WorkspaceRunView),
-        (status = 400, description = "invalid_request, archive_too_large", body = ErrorEnvelope),
-        (status = 404, description = "template_not_found", body = ErrorEnvelope),
+        (status = 400, description = "invalid_request, archive_too_large, template_not_found", body = ErrorEnvelope),
         (status = 409, description = "runtime_unavailable", body = ErrorEnvelope)))]
 async fn create_run(
     State(state): State<AppState>,
@@ -232,7 +231,7 @@ async fn create_run(
             ));
         }
     };
-    let row = state
+    let created = state
         .host
         .create_run(
             principal,
@@ -255,7 +254,18 @@ async fn create_run(
                 metadata,
             },
         )
-        .await?;
+        .await;
+    let row = match created {
+        Ok(row) => row,
+        // A run names its template in its body: an unknown one is a bad
+        // request here (a sandbox create answers 404 for it).
+        Err(e @ crate::core::CoreError::UnknownTemplate { .. }) => {
+            let mut error = ApiError::from(e);
+            error.status = StatusCode::BAD_REQUEST;
+            return Err(error);
+        }
+        Err(e) => return Err(e.into()),
+    };
     Ok(Audited::created(row.id.clone(), render(row)))
 }
 

@@ -209,7 +209,7 @@ pub struct LiveSandbox {
     /// change while it lives, so they are served from here, not the store.
     pub row: crate::store::SandboxRow,
     /// Holds its uid slot machine-wide while it lives.
-    pub(crate) slot: Option<slots::SlotLock>,
+    pub(crate) slot: Mutex<Option<slots::SlotLock>>,
     pub agent: AgentClient,
     /// How its agent was reached (and can be reached again).
     pub channel: Arc<dyn crate::runtime::AgentChannel>,
@@ -353,6 +353,10 @@ impl Host {
     #[cfg(test)]
     pub(crate) fn crash_for_test(&self) {
         self.shutdown.cancel();
+        // The process's flocks go with it, whoever still holds a sandbox.
+        for sandbox in lock(&self.live).values() {
+            lock(&sandbox.slot).take();
+        }
         lock(&self.live).clear();
         lock(&self.running).clear();
         lock(&self.code_contexts).clear();

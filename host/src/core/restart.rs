@@ -141,7 +141,7 @@ impl Host {
         let sandbox = Arc::new(LiveSandbox {
             id: row.id.clone(),
             row: row.clone(),
-            slot,
+            slot: std::sync::Mutex::new(slot),
             agent,
             channel: started.channel,
             state_dir,

@@ -1,7 +1,7 @@
 //! Sandbox lifecycle: create (build the template if needed, reserve a uid
 //! slot, start the container, connect to its agent), read, list, destroy.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Mutex as AsyncMutex;
@@ -126,8 +126,8 @@ impl Host {
         inserted?;
 
         match self.start_container(&row, &template).await {
-            Ok(mut live) => {
-                live.slot = Some(slot_lock);
+            Ok(live) => {
+                *lock(&live.slot) = Some(slot_lock);
                 lock(&self.live).insert(row.id.clone(), Arc::new(live));
                 let id = row.id.clone();
                 self.store
@@ -188,7 +188,7 @@ impl Host {
             channel: started.channel,
             state_dir,
             stopping: CancellationToken::new(),
-            slot: None,
+            slot: Mutex::new(None),
         })
     }
 

@@ -961,25 +961,50 @@ mod workspace_runs {
         assert_eq!(bundle["events"]["count"], page.events.len());
     }
 
-    #[tokio::test]
-    async fn a_run_left_running_by_a_crash_ends_as_host_restart_with_evidence() {
-        let t = test_host();
-        let p = t.principal("acme", "all");
-        let id = uploaded_run(&t, &p, "sleep 30").await;
-        t.host.start_run(&p, &id).await.expect("start");
+    /// Starts a run of `command` and waits until its log has stdout.
+    async fn running_with_output(t: &TestHost, p: &Principal, command: &str) -> String {
+        let id = uploaded_run(t, p, command).await;
+        t.host.start_run(p, &id).await.expect("start");
         for _ in 0..400 {
-            if t.host.get_run(&p, &id).await.expect("get").status == RunStatus::Running {
-                break;
+            let page = t
+                .host
+                .run_event_page(p, &id, 0, 1000)
+                .await
+                .expect("events");
+            if page
+                .events
+                .iter()
+                .any(|e| matches!(e.body, RunEventBody::Stdout { .. }))
+            {
+                return id;
             }
             tokio::time::sleep(Duration::from_millis(25)).await;
         }
+        panic!("run {id} never printed");
+    }
+
+    #[tokio::test]
+    async fn a_run_whose_sandbox_died_with_the_host_ends_as_host_restart_with_evidence() {
+        let t = test_host();
+        let p = t.principal("acme", "all");
+        let id = running_with_output(&t, &p, "echo before; sleep 30").await;
+        let sandbox = t
+            .host
+            .get_run(&p, &id)
+            .await
+            .expect("get")
+            .sandbox_id
+            .expect("sandbox");
+        t.runtime.crash(&sandbox);
         t.host.crash_for_test();
         let host = t.restarted();
         host.reconcile().await.expect("reconcile");
-        assert_eq!(host.reconcile_runs().await.expect("runs"), 1);
+        let runs = host.reconcile_runs().await.expect("runs");
+        assert_eq!((runs.resumed, runs.ended), (0, 1));
         let run = wait_evidence(&host, &p, &id).await;
         assert_eq!(run.status, RunStatus::Failed);
         assert_eq!(run.reason, Some(RunReason::HostRestart));
-        assert_eq!(host.reconcile_runs().await.expect("again"), 0);
+        let again = host.reconcile_runs().await.expect("again");
+        assert_eq!((again.resumed, again.ended), (0, 0));
     }
 }

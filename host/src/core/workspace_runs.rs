@@ -214,6 +214,15 @@ fn artifact_path(path: &str) -> Result<String, CoreError> {
     Ok(parts.join("/"))
 }
 
+/// What [`Host::reconcile_runs`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ReconciledRuns {
+    /// Runs that go on (their sandbox and command were taken over).
+    pub resumed: usize,
+    /// Runs ended as `host_restart`.
+    pub ended: usize,
+}
+
 /// A page of a run's events.
 #[derive(Debug, Clone)]
 pub struct EventPage {
@@ -276,6 +285,14 @@ impl RunRegistry {
             signals.remove(id);
         }
     }
+}
+
+/// Where a restarted host picks a running run up: its command, adopted
+/// with its sandbox, followed on after the last copied log event.
+struct Resume {
+    sandbox_id: String,
+    command_id: String,
+    after_seq: i64,
 }
 
 /// How the phases of a run ended, before it is terminal.
@@ -371,6 +388,7 @@ impl Host {
             reason: None,
             sandbox_id: None,
             command_id: None,
+            command_seq: 0,
             exit_code: None,
             created_at: self.clock.now_ms(),
             started_at: None,
@@ -572,7 +590,7 @@ impl Host {
         let host = self.clone();
         let driven = run.clone();
         let driver = handle.clone();
-        let task = tokio::spawn(async move { host.drive_run(driven, driver).await });
+        let task = tokio::spawn(async move { host.drive_run(driven, driver, None).await });
         *lock(&handle.task) = Some(task.abort_handle());
         Ok(run)
     }
@@ -727,11 +745,22 @@ impl Host {
     }
 
     async fn append_events(&self, id: &str, events: Vec<RunEventBody>) -> Result<(), CoreError> {
+        self.append_events_at(id, events, None).await
+    }
+
+    /// Appends events; `command_seq` records how far the command's log is
+    /// copied, with them.
+    async fn append_events_at(
+        &self,
+        id: &str,
+        events: Vec<RunEventBody>,
+        command_seq: Option<i64>,
+    ) -> Result<(), CoreError> {
         let now = self.clock.now_ms();
         let key = id.to_string();
         let events: Vec<(Millis, RunEventBody)> = events.into_iter().map(|e| (now, e)).collect();
         self.store
-            .call(move |s| s.append_run_events(&key, &events))
+            .call(move |s| s.append_run_events(&key, &events, command_seq))
             .await?;
         self.runs.notify(id);
         Ok(())
@@ -754,21 +783,42 @@ impl Host {
 
     /// Drives a started run to its end; never returns early without a
     /// terminal state and evidence (unless the store itself fails).
-    async fn drive_run(self: Arc<Self>, run: WorkspaceRunRow, handle: Arc<RunHandle>) {
+    async fn drive_run(
+        self: Arc<Self>,
+        run: WorkspaceRunRow,
+        handle: Arc<RunHandle>,
+        resume: Option<Resume>,
+    ) {
         let principal = run_principal(&run);
-        let sandbox = std::sync::Mutex::new(None::<String>);
-        let deadline = tokio::time::Instant::now() + Duration::from_millis(run.timeout_ms as u64);
+        let sandbox = std::sync::Mutex::new(resume.as_ref().map(|r| r.sandbox_id.clone()));
+        // The timeout runs from the start, across a host restart too.
+        let elapsed = (self.clock.now_ms() - run.started_at.unwrap_or(run.created_at)).max(0);
+        let left = (run.timeout_ms - elapsed).max(0) as u64;
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(left);
         // The sandbox is created by a task of its own: a timeout or cancel
         // never abandons a half-started container; the cleanup below
         // waits for it instead.
-        let mut creation = Some(tokio::spawn({
-            let host = self.clone();
-            let (run, principal) = (run.clone(), principal.clone());
-            async move { host.create_run_sandbox(&run, &principal).await }
-        }));
+        let mut creation = match resume {
+            Some(_) => None,
+            None => Some(tokio::spawn({
+                let host = self.clone();
+                let (run, principal) = (run.clone(), principal.clone());
+                async move { host.create_run_sandbox(&run, &principal).await }
+            })),
+        };
         // Boxed, so that it can be dropped (its streams closed) as soon as
         // a timeout or cancel wins.
-        let mut phases = Box::pin(self.run_phases(&run, &principal, &sandbox, &mut creation));
+        let mut phases: std::pin::Pin<Box<dyn std::future::Future<Output = Outcome> + Send + '_>> =
+            match &resume {
+                None => Box::pin(self.run_phases(&run, &principal, &sandbox, &mut creation)),
+                Some(r) => Box::pin(self.follow_command(
+                    &run,
+                    &principal,
+                    &r.sandbox_id,
+                    &r.command_id,
+                    r.after_seq,
+                )),
+            };
         let mut stopped = None;
         let outcome = tokio::select! {
             outcome = &mut phases => outcome,
@@ -888,7 +938,7 @@ impl Host {
         {
             return failed(RunReason::SandboxFailed, e.to_string());
         }
-        self.follow_command(run, principal, &sandbox_row.id, &command.id)
+        self.follow_command(run, principal, &sandbox_row.id, &command.id, 0)
             .await
     }
 
@@ -1032,60 +1082,128 @@ impl Host {
         principal: &Principal,
         sandbox_id: &str,
         command_id: &str,
+        after_seq: i64,
     ) -> Outcome {
-        let mut log = match self.command_log(principal, sandbox_id, command_id, 0).await {
-            Ok(log) => log,
-            Err(e) => {
-                return Outcome::Failed {
-                    reason: RunReason::SandboxFailed,
-                    message: e.to_string(),
-                };
-            }
-        };
-        let started = tokio::time::Instant::now();
-        let mut heartbeat = tokio::time::interval_at(started + HEARTBEAT_EVERY, HEARTBEAT_EVERY);
+        // The command's log is read from the store, not from memory: what
+        // is there keeps its seq across a host restart, so the point this
+        // run has copied to (recorded with the copies) is exact on resume.
+        // The command's driver flushes every 25 ms and wakes us.
+        let live = lock(&self.running).get(command_id).cloned();
+        let mut changes = live.as_ref().map(|c| c.changed.subscribe());
+        let started_at = run.started_at.unwrap_or(run.created_at);
+        let mut heartbeat = tokio::time::interval_at(
+            tokio::time::Instant::now() + HEARTBEAT_EVERY,
+            HEARTBEAT_EVERY,
+        );
+        let mut after = after_seq;
+        let mut idle_passes = 0u32;
         loop {
-            tokio::select! {
-                event = log.recv() => {
-                    let body = match event {
-                        Some(Ok(event)) => event.body,
-                        Some(Err(e)) => {
-                            return Outcome::Failed { reason: RunReason::SandboxFailed, message: e.to_string() };
-                        }
-                        None => {
-                            return Outcome::Failed {
-                                reason: RunReason::SandboxFailed,
-                                message: String::from("the command's log ended before its exit"),
-                            };
-                        }
+            let key = command_id.to_string();
+            let from = after;
+            let page = match self
+                .store
+                .call(move |s| s.command_events(&key, from, EVENT_PAGE))
+                .await
+            {
+                Ok(page) => page,
+                Err(e) => {
+                    return Outcome::Failed {
+                        reason: RunReason::SandboxFailed,
+                        message: e.to_string(),
                     };
-                    match body {
-                        LogBody::Output { stream, data } => {
-                            let data = String::from_utf8_lossy(&data).into_owned();
-                            let body = match stream {
-                                OutputStream::Stdout => RunEventBody::Stdout { data },
-                                OutputStream::Stderr => RunEventBody::Stderr { data },
-                            };
-                            let _ = self.append_events(&run.id, vec![body]).await;
-                        }
-                        LogBody::Exit(exit) => {
-                            if exit.status == CommandStatus::Failed {
-                                return Outcome::Failed {
-                                    reason: RunReason::SandboxFailed,
-                                    message: exit.error.unwrap_or_else(|| String::from("the command failed")),
-                                };
-                            }
-                            return Outcome::Exited { status: exit.status, exit_code: exit.exit_code, signal: exit.signal };
-                        }
+                }
+            };
+            if page.is_empty() {
+                let finished = live.as_ref().is_none_or(|c| c.is_finished());
+                if finished {
+                    // Its end is flushed with its last events: once it is
+                    // finished and nothing more is recorded, read the end
+                    // from its record (twice empty, for the last flush).
+                    idle_passes += 1;
+                    if idle_passes > 2 {
+                        return self.command_end(principal, sandbox_id, command_id).await;
                     }
                 }
-                _ = heartbeat.tick() => {
-                    let elapsed_ms = started.elapsed().as_millis() as i64;
-                    let _ = self
-                        .append_events(&run.id, vec![RunEventBody::Heartbeat { status: RunStatus::Running, elapsed_ms }])
-                        .await;
+                tokio::select! {
+                    _ = async {
+                        match changes.as_mut() {
+                            Some(rx) => { let _ = rx.changed().await; }
+                            None => std::future::pending::<()>().await,
+                        }
+                    } => {}
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+                    _ = heartbeat.tick() => {
+                        let elapsed_ms = (self.clock.now_ms() - started_at).max(0);
+                        let _ = self
+                            .append_events(&run.id, vec![RunEventBody::Heartbeat { status: RunStatus::Running, elapsed_ms }])
+                            .await;
+                    }
+                }
+                continue;
+            }
+            idle_passes = 0;
+            for event in page {
+                after = event.seq;
+                match event.body {
+                    LogBody::Output { stream, data } => {
+                        let data = String::from_utf8_lossy(&data).into_owned();
+                        let body = match stream {
+                            OutputStream::Stdout => RunEventBody::Stdout { data },
+                            OutputStream::Stderr => RunEventBody::Stderr { data },
+                        };
+                        let _ = self
+                            .append_events_at(&run.id, vec![body], Some(event.seq))
+                            .await;
+                    }
+                    LogBody::Exit(exit) => {
+                        if exit.status == CommandStatus::Failed {
+                            return Outcome::Failed {
+                                reason: RunReason::SandboxFailed,
+                                message: exit
+                                    .error
+                                    .unwrap_or_else(|| String::from("the command failed")),
+                            };
+                        }
+                        return Outcome::Exited {
+                            status: exit.status,
+                            exit_code: exit.exit_code,
+                            signal: exit.signal,
+                        };
+                    }
                 }
             }
+        }
+    }
+
+    /// How a command ended, from its record, when its log ended without
+    /// its exit event (its log's tail was trimmed, or it ended while no
+    /// host followed it).
+    async fn command_end(
+        &self,
+        principal: &Principal,
+        sandbox_id: &str,
+        command_id: &str,
+    ) -> Outcome {
+        match self.get_command(principal, sandbox_id, command_id).await {
+            Ok(row) if row.status == CommandStatus::Failed => Outcome::Failed {
+                reason: RunReason::SandboxFailed,
+                message: row
+                    .error
+                    .unwrap_or_else(|| String::from("the command failed")),
+            },
+            Ok(row) if !row.status.is_running() => Outcome::Exited {
+                status: row.status,
+                exit_code: row.exit_code,
+                signal: row.signal,
+            },
+            Ok(_) => Outcome::Failed {
+                reason: RunReason::SandboxFailed,
+                message: String::from("the command's log ended before its exit"),
+            },
+            Err(e) => Outcome::Failed {
+                reason: RunReason::SandboxFailed,
+                message: e.to_string(),
+            },
         }
     }
 
@@ -1356,20 +1474,22 @@ impl Host {
         Ok(evidence::sign(&bundle, &key))
     }
 
-    /// At startup: runs a previous process left in progress end as
-    /// `failed` (`host_restart`) with their sandboxes destroyed unless
-    /// kept; terminal runs without evidence get it. Returns how many runs
-    /// were ended.
-    pub async fn reconcile_runs(&self) -> Result<usize, CoreError> {
+    /// At startup, after the sandboxes were taken over: a `running` run
+    /// whose sandbox and command were taken over goes on (its command's
+    /// log followed from where it was copied to, its timeout still
+    /// counting from its start); any other run a previous process left in
+    /// progress ends `failed` (`host_restart`) with its sandbox destroyed
+    /// unless kept; terminal runs without evidence get it.
+    pub async fn reconcile_runs(self: &Arc<Self>) -> Result<ReconciledRuns, CoreError> {
         let runs = self.store.call(|s| s.unfinished_runs()).await?;
+        let mut outcome = ReconciledRuns::default();
         if runs.is_empty() {
-            return Ok(0);
+            return Ok(outcome);
         }
         // A crash between a run's sandbox starting and its id being
         // recorded leaves the sandbox unnamed on the run: it is found by
         // the run id in its metadata.
         let live = self.store.call(|s| s.live_sandboxes()).await?;
-        let mut ended = 0;
         for mut run in runs {
             if run.sandbox_id.is_none()
                 && let Some(sandbox) = live.iter().find(|s| {
@@ -1382,10 +1502,32 @@ impl Host {
                     .await?;
                 run.sandbox_id = Some(sandbox.id.clone());
             }
+            if run.status == RunStatus::Running
+                && let (Some(sandbox_id), Some(command_id)) = (&run.sandbox_id, &run.command_id)
+                && self.live_sandbox(sandbox_id).is_some()
+            {
+                let handle = Arc::new(RunHandle {
+                    cancel: CancellationToken::new(),
+                    task: std::sync::Mutex::new(None),
+                });
+                lock(&self.runs.handles).insert(run.id.clone(), handle.clone());
+                let resume = Resume {
+                    sandbox_id: sandbox_id.clone(),
+                    command_id: command_id.clone(),
+                    after_seq: run.command_seq,
+                };
+                let host = self.clone();
+                let driver = handle.clone();
+                let task =
+                    tokio::spawn(async move { host.drive_run(run, driver, Some(resume)).await });
+                *lock(&handle.task) = Some(task.abort_handle());
+                outcome.resumed += 1;
+                continue;
+            }
             let result = if run.status.is_terminal() {
                 self.finish_run_cleanup(&run.id, true).await
             } else {
-                ended += 1;
+                outcome.ended += 1;
                 self.terminate(
                     &run,
                     Outcome::Failed {
@@ -1401,7 +1543,7 @@ impl Host {
                 tracing::warn!(run = %run.id, error = %e, "could not end workspace run after restart");
             }
         }
-        Ok(ended)
+        Ok(outcome)
     }
 }
 

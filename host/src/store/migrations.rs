@@ -252,6 +252,7 @@ pub const MIGRATIONS: &[&str] = &[
         reason            TEXT,
         sandbox_id        TEXT,
         command_id        TEXT,
+        command_seq       INTEGER NOT NULL DEFAULT 0,
         exit_code         INTEGER,
         created_at        INTEGER NOT NULL,
         started_at        INTEGER,

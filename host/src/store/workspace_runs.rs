@@ -31,6 +31,9 @@ pub struct WorkspaceRunRow {
     pub reason: Option<RunReason>,
     pub sandbox_id: Option<String>,
     pub command_id: Option<String>,
+    /// The command log event its output was copied up to (a restarted
+    /// host follows the command on from there).
+    pub command_seq: i64,
     pub exit_code: Option<i64>,
     pub created_at: Millis,
     pub started_at: Option<Millis>,
@@ -80,13 +83,15 @@ pub trait WorkspaceRunStore {
     fn advance_run(&self, id: &str, status: RunStatus, now: Millis) -> Result<bool, StoreError>;
     fn set_run_sandbox(&self, id: &str, sandbox_id: &str) -> Result<(), StoreError>;
     fn set_run_command(&self, id: &str, command_id: &str) -> Result<(), StoreError>;
-    /// Appends events to an unfinished run's log; returns the last seq, or
-    /// `None` when the run is terminal (nothing is appended after
-    /// `terminal`).
+    /// Appends events to an unfinished run's log (and, with
+    /// `command_seq`, records how far the command's log was copied, in the
+    /// same transaction); returns the last seq, or `None` when the run is
+    /// terminal (nothing is appended after `terminal`).
     fn append_run_events(
         &self,
         id: &str,
         events: &[(Millis, RunEventBody)],
+        command_seq: Option<i64>,
     ) -> Result<Option<i64>, StoreError>;
     /// Ends an unfinished run: its end state, what was collected, and the
     /// `terminal` event (built by `terminal` from the seq it will have),
@@ -145,6 +150,7 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<WorkspaceRunRow> {
         reason: row.get("reason")?,
         sandbox_id: row.get("sandbox_id")?,
         command_id: row.get("command_id")?,
+        command_seq: row.get("command_seq")?,
         exit_code: row.get("exit_code")?,
         created_at: row.get("created_at")?,
         started_at: row.get("started_at")?,
@@ -155,7 +161,8 @@ fn run_from_row(row: &Row<'_>) -> rusqlite::Result<WorkspaceRunRow> {
 
 const SELECT: &str = "SELECT id, org_id, project_id, created_by_key, template, command, env,
     archive_size, archive_sha256, archive_uploaded, artifacts, collected, timeout_ms,
-    keep_sandbox, metadata, status, reason, sandbox_id, command_id, exit_code, created_at,
+    keep_sandbox, metadata, status, reason, sandbox_id, command_id, command_seq, exit_code,
+    created_at,
     started_at, ended_at, evidence IS NOT NULL AS evidence_ready FROM workspace_runs";
 
 fn event_from_row(row: &Row<'_>) -> rusqlite::Result<RunEventRow> {
@@ -374,6 +381,7 @@ impl WorkspaceRunStore for SqliteStore {
         &self,
         id: &str,
         events: &[(Millis, RunEventBody)],
+        command_seq: Option<i64>,
     ) -> Result<Option<i64>, StoreError> {
         let mut conn = self.conn();
         let tx = conn.transaction()?;
@@ -383,6 +391,10 @@ impl WorkspaceRunStore for SqliteStore {
         let mut last = next_seq(&tx, id)? - 1;
         for (at, body) in events {
             last = append(&tx, id, *at, body)?;
+        }
+        if let Some(seq) = command_seq {
+            tx.prepare_cached("UPDATE workspace_runs SET command_seq = ?2 WHERE id = ?1")?
+                .execute(params![id, seq])?;
         }
         tx.commit()?;
         Ok(Some(last))
@@ -499,6 +511,7 @@ mod tests {
                 reason: None,
                 sandbox_id: None,
                 command_id: None,
+                command_seq: 0,
                 exit_code: None,
                 created_at: at,
                 started_at: None,
@@ -563,16 +576,22 @@ mod tests {
         };
         assert_eq!(
             store
-                .append_run_events("wsr_a", &[out("a"), out("b")])
+                .append_run_events("wsr_a", &[out("a"), out("b")], Some(7))
                 .expect("append"),
             Some(4)
         );
+        let scope = Scope {
+            org_id: store.find_org("acme").expect("org").expect("org").id,
+            project_id: None,
+        };
+        let row = store.get_run(&scope, "wsr_a").expect("get").expect("row");
+        assert_eq!(row.command_seq, 7);
         let terminal = store.finish_run("wsr_a", &end()).expect("finish");
         assert_eq!(terminal.map(|t| t.seq), Some(5));
         assert_eq!(store.finish_run("wsr_a", &end()).expect("again"), None);
         assert_eq!(
             store
-                .append_run_events("wsr_a", &[out("late")])
+                .append_run_events("wsr_a", &[out("late")], None)
                 .expect("append"),
             None
         );

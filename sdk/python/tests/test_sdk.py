@@ -1098,7 +1098,7 @@ async def test_workspace_run_create_validation_errors(client: Any) -> None:
     archive = {"sizeBytes": 10, "sha256": "a" * 64}
     with pytest.raises(CrowNestApiError) as info:
         await aw(client.workspace_runs.create("true", archive=archive, template="no-such-template"))
-    assert (info.value.status, info.value.code) == (404, "template_not_found")
+    assert (info.value.status, info.value.code) == (400, "template_not_found")
     with pytest.raises(CrowNestApiError) as info:
         await aw(client.workspace_runs.create("true", archive={"sizeBytes": 10, "sha256": "abc"}))
     assert (info.value.status, info.value.code) == (400, "invalid_request")

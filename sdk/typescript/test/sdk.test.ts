@@ -794,7 +794,7 @@ describe("workspace runs", () => {
       await rejectsWith(client.workspaceRuns.evidence(wrong), 409, "evidence_not_ready");
       await rejectsWith(
         client.workspaceRuns.create("true", { archive: { sizeBytes: 1, sha256: "a".repeat(64) }, template: "no-such-template" }),
-        404,
+        400,
         "template_not_found",
       );
     } finally {

@@ -43,6 +43,11 @@ pub(super) struct LiveState {
     stderr_received: u64,
     /// What the store has, as last written.
     recorded: OutputProgress,
+    /// The newest log event the store has. Readers are served only
+    /// events up to it: an event still only in memory could be numbered
+    /// differently by the next host process after a crash, and a reader
+    /// resuming after it would miss what it held.
+    durable_seq: i64,
 }
 
 impl LiveState {
@@ -83,7 +88,7 @@ pub struct LiveCommand {
     creator: Principal,
     pub(super) state: Mutex<LiveState>,
     /// Bumped on every change of `state`; readers wait on it.
-    pub(super) changed: watch::Sender<u64>,
+    pub(in crate::core) changed: watch::Sender<u64>,
     pub(super) input: Mutex<Option<ExecInput>>,
 }
 
@@ -113,6 +118,7 @@ impl LiveCommand {
                     stdout_offset: 0,
                     stderr_offset: 0,
                 },
+                durable_seq: 0,
             }),
             stdin_open: record.stdin,
             record,
@@ -150,6 +156,7 @@ impl LiveCommand {
             state.stdout_received = u64::try_from(recorded.stdout_offset).unwrap_or(0);
             state.stderr_received = u64::try_from(recorded.stderr_offset).unwrap_or(0);
             state.recorded = recorded;
+            state.durable_seq = next_seq - 1;
         }
         live
     }
@@ -177,18 +184,20 @@ impl LiveCommand {
     /// Retained events after `after`, and whether the command has ended.
     pub(super) fn events_after(&self, after: i64) -> (Vec<CommandEventRow>, Option<i64>, bool) {
         let state = lock(&self.state);
-        (
-            state.log.after(after),
-            state.log.first_seq(),
-            state.finished.is_some(),
-        )
+        let finished = state.finished.is_some();
+        let mut events = state.log.after(after);
+        // Once finished, its whole log is durable (the end commits it).
+        if !finished {
+            events.retain(|e| e.seq <= state.durable_seq);
+        }
+        (events, state.log.first_seq(), finished)
     }
 
     pub(super) fn org_id(&self) -> &str {
         &self.record.org_id
     }
 
-    pub(super) fn is_finished(&self) -> bool {
+    pub(in crate::core) fn is_finished(&self) -> bool {
         lock(&self.state).finished.is_some()
     }
 }
@@ -381,7 +390,7 @@ impl Host {
     }
 
     async fn flush_log(&self, live: &LiveCommand) {
-        let (events, trim, progress) = {
+        let (events, trim, progress, newest) = {
             let mut state = lock(&live.state);
             // Output waiting to be coalesced goes too: what is not in an
             // event is not recorded.
@@ -396,7 +405,8 @@ impl Host {
                 return;
             }
             let (events, trim) = state.log.take_unflushed();
-            (events, trim, progress)
+            let newest = events.last().map(|e| e.seq);
+            (events, trim, progress, newest)
         };
         let id = live.id.clone();
         let result = self
@@ -405,7 +415,15 @@ impl Host {
             .await;
         match result {
             Ok(()) => {
-                lock(&live.state).recorded = progress;
+                {
+                    let mut state = lock(&live.state);
+                    state.recorded = progress;
+                    if let Some(seq) = newest {
+                        state.durable_seq = state.durable_seq.max(seq);
+                    }
+                }
+                // Readers wait for what is durable: wake them.
+                live.bump();
                 let input = lock(&live.input).clone();
                 if let Some(input) = input {
                     let (stdout, stderr) = (
