@@ -1130,3 +1130,21 @@ async fn a_run_on_gvisor_unpacks_through_the_walk_and_collects() {
             .expect("json");
     assert_eq!(parsed["bundle"]["template"]["runtime"], "gvisor");
 }
+
+#[tokio::test]
+async fn a_long_run_gets_heartbeats_while_it_runs() {
+    let client = shared().client();
+    let bytes = archive(&[Entry::File("x", b"x")]);
+    let (run, events) = run_archive(
+        &client,
+        bytes,
+        "for i in $(seq 1 55); do echo tick-$i; sleep 0.2; done",
+        json!({}),
+    )
+    .await;
+    assert_eq!(run["status"], "succeeded", "{run}");
+    let beats: Vec<&Value> = events.iter().filter(|e| e["type"] == "heartbeat").collect();
+    assert!(!beats.is_empty(), "no heartbeat in an 11 s run: {events:?}");
+    assert_eq!(beats[0]["data"]["status"], "running");
+    assert!(beats[0]["data"]["elapsedMs"].as_i64().expect("elapsed") >= 10_000);
+}

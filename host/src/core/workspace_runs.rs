@@ -20,7 +20,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, watch};
@@ -1142,6 +1142,19 @@ impl Host {
                 continue;
             }
             idle_passes = 0;
+            // A command that prints all the time still gets its heartbeats.
+            if heartbeat.tick().now_or_never().is_some() {
+                let elapsed_ms = (self.clock.now_ms() - started_at).max(0);
+                let _ = self
+                    .append_events(
+                        &run.id,
+                        vec![RunEventBody::Heartbeat {
+                            status: RunStatus::Running,
+                            elapsed_ms,
+                        }],
+                    )
+                    .await;
+            }
             for event in page {
                 after = event.seq;
                 match event.body {
