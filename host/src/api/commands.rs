@@ -278,22 +278,7 @@ async fn command_logs(
     ApiQuery(query): ApiQuery<LogQuery>,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let principal = caller.require("commands:read")?;
-    let header = match headers.get("last-event-id") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "Last-Event-ID",
-                        "Last-Event-ID must be an event id this stream sent",
-                    )
-                })?,
-        ),
-    };
+    let header = super::last_event_id(&headers)?;
     let after = match (header, query.after) {
         (_, Some(n)) if n < 0 => return Err(ApiError::invalid("after", "after must be >= 0")),
         (Some(h), Some(q)) => h.max(q),

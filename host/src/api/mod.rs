@@ -538,6 +538,26 @@ pub const CREATED: StatusCode = StatusCode::CREATED;
 /// Bound on how long a streaming response idles before a keep-alive.
 pub const SSE_KEEPALIVE: Duration = Duration::from_secs(15);
 
+/// The `Last-Event-ID` header of an SSE reconnect: a non-negative event
+/// id (a log's seq), or none.
+pub(crate) fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<i64>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<i64>().ok())
+        .filter(|n| *n >= 0)
+        .map(Some)
+        .ok_or_else(|| {
+            ApiError::invalid(
+                "Last-Event-ID",
+                "Last-Event-ID must be an event id this stream sent",
+            )
+        })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -538,22 +538,7 @@ async fn run_events(
         })
         .into_response());
     }
-    let header_seq = match headers.get("last-event-id") {
-        None => None,
-        Some(value) => Some(
-            value
-                .to_str()
-                .ok()
-                .and_then(|v| v.trim().parse::<i64>().ok())
-                .filter(|n| *n >= 0)
-                .ok_or_else(|| {
-                    ApiError::invalid(
-                        "Last-Event-ID",
-                        "Last-Event-ID must be an event seq this stream sent",
-                    )
-                })?,
-        ),
-    };
+    let header_seq = super::last_event_id(&headers)?;
     let after = match (header_seq, query.after_seq) {
         (Some(h), Some(q)) => h.max(q),
         (h, q) => h.or(q).unwrap_or(0),

@@ -40,7 +40,8 @@ pub struct ExecArgs {
     command: Vec<String>,
 }
 
-fn parse_env(text: &str) -> Result<(String, String), String> {
+/// A `K=V` argument (`--env`, `--metadata`).
+pub(super) fn parse_env(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
         _ => Err(format!("`{text}` is not K=V")),

@@ -17,13 +17,12 @@ use reqwest::Method;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use super::exec::shell_quote;
+use super::exec::{parse_env, shell_quote};
+use super::files::DIRECT_MAX_BYTES;
 use super::sse::Parser;
 use super::{Api, ClientError, Output, print_json, print_table, segment, text, transfer};
 use crownest::evidence;
 
-/// Direct archive uploads up to this size; staged above.
-const DIRECT_MAX_BYTES: u64 = 32 * 1024 * 1024;
 /// A stream silent this long counts as dropped (keep-alives come every 15 s).
 const IDLE: Duration = Duration::from_secs(45);
 /// Reconnections in a row without a new event before giving up.
@@ -45,10 +44,10 @@ pub struct RunArgs {
     #[arg(long)]
     timeout_ms: Option<u64>,
     /// An environment variable for the command (repeatable).
-    #[arg(long = "env", value_name = "K=V", value_parser = parse_pair)]
+    #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
     env: Vec<(String, String)>,
     /// Metadata kept with the run (repeatable).
-    #[arg(long = "metadata", value_name = "K=V", value_parser = parse_pair)]
+    #[arg(long = "metadata", value_name = "K=V", value_parser = parse_env)]
     metadata: Vec<(String, String)>,
     /// Keep the sandbox after the run.
     #[arg(long)]
@@ -71,7 +70,7 @@ pub enum RunsCommand {
         #[arg(long)]
         status: Option<String>,
         /// Only runs whose metadata has K=V (repeatable).
-        #[arg(long = "metadata", value_name = "K=V", value_parser = parse_pair)]
+        #[arg(long = "metadata", value_name = "K=V", value_parser = parse_env)]
         metadata: Vec<(String, String)>,
     },
     /// Show one run.
@@ -109,16 +108,9 @@ pub enum EvidenceCommand {
         server: Option<String>,
         /// An artifact file to check against the bundle: NAME_OR_ID=FILE
         /// (repeatable).
-        #[arg(long = "artifact", value_name = "NAME_OR_ID=FILE", value_parser = parse_pair)]
+        #[arg(long = "artifact", value_name = "NAME_OR_ID=FILE", value_parser = parse_env)]
         artifacts: Vec<(String, String)>,
     },
-}
-
-fn parse_pair(text: &str) -> Result<(String, String), String> {
-    match text.split_once('=') {
-        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
-        _ => Err(format!("`{text}` is not K=V")),
-    }
 }
 
 /// A packed archive on disk.
@@ -197,10 +189,7 @@ fn pack(dir: &Path, include_git: bool) -> Result<Packed, ClientError> {
     let file = gz.finish().map_err(io(dir))?;
     file.sync_all().map_err(io(dir))?;
     drop(file);
-    let mut hasher = Sha256::new();
-    let mut reader = std::fs::File::open(&packed.path).map_err(io(&packed.path))?;
-    packed.size = std::io::copy(&mut reader, &mut hasher).map_err(io(&packed.path))?;
-    packed.sha256 = hex::encode(hasher.finalize());
+    (packed.size, packed.sha256) = digest_file(&packed.path)?;
     Ok(packed)
 }
 

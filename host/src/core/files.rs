@@ -524,7 +524,7 @@ fn transfer_sandbox(transfer: &TransferRow) -> Result<&str, CoreError> {
 }
 
 /// Transfers act for the org that created them, not for a key.
-fn transfer_principal(transfer: &TransferRow) -> Principal {
+pub(super) fn transfer_principal(transfer: &TransferRow) -> Principal {
     Principal {
         key_id: format!("transfer:{}", transfer.id),
         org_id: transfer.org_id.clone(),

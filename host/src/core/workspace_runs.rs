@@ -492,12 +492,7 @@ impl Host {
             return Err(CoreError::TransferNotFound);
         };
         // A transfer acts for the org that staged it.
-        let principal = Principal {
-            key_id: format!("transfer:{}", transfer.id),
-            org_id: transfer.org_id.clone(),
-            project_id: None,
-            scopes: Vec::new(),
-        };
+        let principal = super::files::transfer_principal(transfer);
         let run = self.get_run(&principal, id).await?;
         self.receive_archive(&principal, run, body).await
     }
@@ -581,18 +576,22 @@ impl Host {
             return Err(CoreError::RunAlreadyStarted(run.id));
         }
         let run = self.get_run(principal, id).await?;
+        self.runs.notify(&run.id);
+        self.spawn_driver(run.clone(), None);
+        Ok(run)
+    }
+
+    /// Registers a run's handle and starts its driver.
+    fn spawn_driver(self: &Arc<Self>, run: WorkspaceRunRow, resume: Option<Resume>) {
         let handle = Arc::new(RunHandle {
             cancel: CancellationToken::new(),
             task: std::sync::Mutex::new(None),
         });
         lock(&self.runs.handles).insert(run.id.clone(), handle.clone());
-        self.runs.notify(&run.id);
         let host = self.clone();
-        let driven = run.clone();
         let driver = handle.clone();
-        let task = tokio::spawn(async move { host.drive_run(driven, driver, None).await });
+        let task = tokio::spawn(async move { host.drive_run(run, driver, resume).await });
         *lock(&handle.task) = Some(task.abort_handle());
-        Ok(run)
     }
 
     /// Cancels a run: a run not started ends at once; a started one stops
@@ -1132,28 +1131,14 @@ impl Host {
                         }
                     } => {}
                     _ = tokio::time::sleep(Duration::from_millis(100)) => {}
-                    _ = heartbeat.tick() => {
-                        let elapsed_ms = (self.clock.now_ms() - started_at).max(0);
-                        let _ = self
-                            .append_events(&run.id, vec![RunEventBody::Heartbeat { status: RunStatus::Running, elapsed_ms }])
-                            .await;
-                    }
+                    _ = heartbeat.tick() => self.heartbeat(&run.id, started_at).await,
                 }
                 continue;
             }
             idle_passes = 0;
             // A command that prints all the time still gets its heartbeats.
             if heartbeat.tick().now_or_never().is_some() {
-                let elapsed_ms = (self.clock.now_ms() - started_at).max(0);
-                let _ = self
-                    .append_events(
-                        &run.id,
-                        vec![RunEventBody::Heartbeat {
-                            status: RunStatus::Running,
-                            elapsed_ms,
-                        }],
-                    )
-                    .await;
+                self.heartbeat(&run.id, started_at).await;
             }
             for event in page {
                 after = event.seq;
@@ -1186,6 +1171,16 @@ impl Host {
                 }
             }
         }
+    }
+
+    /// A `heartbeat` event of a running run started at `started_at`.
+    async fn heartbeat(&self, id: &str, started_at: Millis) {
+        let elapsed_ms = (self.clock.now_ms() - started_at).max(0);
+        let beat = RunEventBody::Heartbeat {
+            status: RunStatus::Running,
+            elapsed_ms,
+        };
+        let _ = self.append_events(id, vec![beat]).await;
     }
 
     /// How a command ended, from its record, when its log ended without
@@ -1413,9 +1408,15 @@ impl Host {
                 };
                 (
                     meter.map(|m| evidence::Usage {
-                        compute_unit_seconds: ((m.metered_until - m.started_at).max(0) + 999)
-                            / 1000
-                            * m.vcpus,
+                        compute_unit_seconds: super::ledger::usage_lines(
+                            std::slice::from_ref(&m),
+                            m.started_at,
+                            m.metered_until,
+                            super::ledger::UsageGroup::Sandbox,
+                        )
+                        .iter()
+                        .map(|line| line.compute_unit_seconds)
+                        .sum(),
                         pricing_version: m.pricing_version,
                     }),
                     runtime,
@@ -1519,21 +1520,12 @@ impl Host {
                 && let (Some(sandbox_id), Some(command_id)) = (&run.sandbox_id, &run.command_id)
                 && self.live_sandbox(sandbox_id).is_some()
             {
-                let handle = Arc::new(RunHandle {
-                    cancel: CancellationToken::new(),
-                    task: std::sync::Mutex::new(None),
-                });
-                lock(&self.runs.handles).insert(run.id.clone(), handle.clone());
                 let resume = Resume {
                     sandbox_id: sandbox_id.clone(),
                     command_id: command_id.clone(),
                     after_seq: run.command_seq,
                 };
-                let host = self.clone();
-                let driver = handle.clone();
-                let task =
-                    tokio::spawn(async move { host.drive_run(run, driver, Some(resume)).await });
-                *lock(&handle.task) = Some(task.abort_handle());
+                self.spawn_driver(run, Some(resume));
                 outcome.resumed += 1;
                 continue;
             }

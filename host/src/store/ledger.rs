@@ -112,6 +112,22 @@ pub struct Quota {
     pub max_concurrent_commands: Option<i64>,
 }
 
+/// A [`MeterRow`] from the columns of [`METER_COLUMNS`].
+fn meter_from_row(r: &Row<'_>) -> rusqlite::Result<MeterRow> {
+    Ok(MeterRow {
+        sandbox_id: r.get(0)?,
+        project_id: r.get(1)?,
+        vcpus: r.get(2)?,
+        pricing_version: r.get(3)?,
+        started_at: r.get(4)?,
+        metered_until: r.get(5)?,
+    })
+}
+
+/// The columns a [`MeterRow`] is read from, in its order.
+const METER_COLUMNS: &str = "id, project_id, vcpus, pricing_version, created_at,
+    COALESCE(metered_until, created_at) AS until";
+
 /// The pricing version new sandboxes are metered under (the column's
 /// default, migration 4).
 pub const PRICING_VERSION: &str = "2026-11-01";
@@ -427,45 +443,24 @@ impl LedgerStore for SqliteStore {
         to: Millis,
     ) -> Result<Vec<MeterRow>, StoreError> {
         let conn = self.conn();
-        let mut stmt = conn.prepare_cached(
-            "SELECT id, project_id, vcpus, pricing_version, created_at,
-                    COALESCE(metered_until, created_at) AS until
+        let mut stmt = conn.prepare_cached(&format!(
+            "SELECT {METER_COLUMNS}
              FROM sandboxes
              WHERE org_id = ?1 AND (?2 IS NULL OR project_id = ?2)
                AND created_at < ?4 AND COALESCE(metered_until, created_at) > ?3
-             ORDER BY created_at, id",
-        )?;
-        let rows = stmt.query_map(params![org_id, project_id, from, to], |r| {
-            Ok(MeterRow {
-                sandbox_id: r.get(0)?,
-                project_id: r.get(1)?,
-                vcpus: r.get(2)?,
-                pricing_version: r.get(3)?,
-                started_at: r.get(4)?,
-                metered_until: r.get(5)?,
-            })
-        })?;
+             ORDER BY created_at, id"
+        ))?;
+        let rows = stmt.query_map(params![org_id, project_id, from, to], meter_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn sandbox_meter(&self, id: &str) -> Result<Option<MeterRow>, StoreError> {
         Ok(self
             .conn()
-            .prepare_cached(
-                "SELECT id, project_id, vcpus, pricing_version, created_at,
-                        COALESCE(metered_until, created_at) AS until
-                 FROM sandboxes WHERE id = ?1",
-            )?
-            .query_row([id], |r| {
-                Ok(MeterRow {
-                    sandbox_id: r.get(0)?,
-                    project_id: r.get(1)?,
-                    vcpus: r.get(2)?,
-                    pricing_version: r.get(3)?,
-                    started_at: r.get(4)?,
-                    metered_until: r.get(5)?,
-                })
-            })
+            .prepare_cached(&format!(
+                "SELECT {METER_COLUMNS} FROM sandboxes WHERE id = ?1"
+            ))?
+            .query_row([id], meter_from_row)
             .optional()?)
     }
 
