@@ -54,8 +54,8 @@ use tokio::process::Command;
 use super::oci::bundle::{self, AGENT_IN_SANDBOX, Flavour, LIB_DIR_IN_SANDBOX, RUN_DIR_IN_SANDBOX};
 use super::oci::runc::{Runc, runc_log_errors};
 use super::{
-    GvisorPlatform, Isolation, MAX_SOCKET_PATH, MAX_UID_SLOTS, Runtime, RuntimeError, SandboxSpec,
-    Started, UnixChannel, validate_id,
+    GvisorPlatform, Isolation, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel,
+    validate_id,
 };
 
 /// The stat shim (see the module docs), built by `build.rs`.
@@ -361,41 +361,7 @@ impl Runtime for GvisorRuntime {
                 message: String::from("not a gvisor sandbox"),
             });
         };
-        if spec.uid_slot >= MAX_UID_SLOTS {
-            return Err(RuntimeError::InvalidUidSlot {
-                slot: spec.uid_slot,
-            });
-        }
-        for (what, path) in [
-            ("rootfs", &spec.rootfs),
-            ("state dir", &spec.state_dir),
-            ("agent binary", &spec.agent_binary),
-        ] {
-            if !path.is_absolute() {
-                return Err(RuntimeError::Config {
-                    id: spec.id.clone(),
-                    message: format!("{what} {} is not an absolute path", path.display()),
-                });
-            }
-        }
-        let agent_socket = spec.state_dir.join("run").join("agent.sock");
-        let len = agent_socket.as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(RuntimeError::SocketPathTooLong {
-                path: agent_socket,
-                len,
-            });
-        }
-        if !spec.rootfs.is_dir() {
-            return Err(RuntimeError::RootfsMissing {
-                path: spec.rootfs.clone(),
-            });
-        }
-        if !spec.agent_binary.is_file() {
-            return Err(RuntimeError::AgentMissing {
-                path: spec.agent_binary.clone(),
-            });
-        }
+        let agent_socket = super::oci::check_spec(spec)?;
         if self.state(&spec.id).await?.is_some() {
             return Err(RuntimeError::AlreadyExists {
                 id: spec.id.clone(),

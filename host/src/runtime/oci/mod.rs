@@ -111,42 +111,8 @@ impl OciRuntime {
         args: Vec<String>,
     ) -> Result<Started, RuntimeError> {
         validate_id(&spec.id)?;
-        if spec.uid_slot >= MAX_UID_SLOTS {
-            return Err(RuntimeError::InvalidUidSlot {
-                slot: spec.uid_slot,
-            });
-        }
-        for (what, path) in [
-            ("rootfs", &spec.rootfs),
-            ("state dir", &spec.state_dir),
-            ("agent binary", &spec.agent_binary),
-        ] {
-            if !path.is_absolute() {
-                return Err(RuntimeError::Config {
-                    id: spec.id.clone(),
-                    message: format!("{what} {} is not an absolute path", path.display()),
-                });
-            }
-        }
-        let agent_socket = spec.state_dir.join("run").join("agent.sock");
-        let len = agent_socket.as_os_str().len();
-        if len > MAX_SOCKET_PATH {
-            return Err(RuntimeError::SocketPathTooLong {
-                path: agent_socket,
-                len,
-            });
-        }
-        if !spec.rootfs.is_dir() {
-            return Err(RuntimeError::RootfsMissing {
-                path: spec.rootfs.clone(),
-            });
-        }
+        let agent_socket = check_spec(spec)?;
         check_reachable(&spec.rootfs)?;
-        if !spec.agent_binary.is_file() {
-            return Err(RuntimeError::AgentMissing {
-                path: spec.agent_binary.clone(),
-            });
-        }
         // Never touch a container (or state dir) we did not create here.
         if self.exists(&spec.id).await? {
             return Err(RuntimeError::AlreadyExists {
@@ -383,6 +349,48 @@ fn read_pid_file(path: &Path) -> Option<Pid> {
     let text = std::fs::read_to_string(path).ok()?;
     let pid: i32 = text.trim().parse().ok()?;
     (pid > 1).then(|| Pid::from_raw(pid))
+}
+
+/// What every OCI-style driver checks of a spec before it starts
+/// anything: the uid slot, absolute paths, the agent socket's path length,
+/// the rootfs and the agent binary. Returns the agent socket's path.
+pub(super) fn check_spec(spec: &SandboxSpec) -> Result<PathBuf, RuntimeError> {
+    if spec.uid_slot >= MAX_UID_SLOTS {
+        return Err(RuntimeError::InvalidUidSlot {
+            slot: spec.uid_slot,
+        });
+    }
+    for (what, path) in [
+        ("rootfs", &spec.rootfs),
+        ("state dir", &spec.state_dir),
+        ("agent binary", &spec.agent_binary),
+    ] {
+        if !path.is_absolute() {
+            return Err(RuntimeError::Config {
+                id: spec.id.clone(),
+                message: format!("{what} {} is not an absolute path", path.display()),
+            });
+        }
+    }
+    let agent_socket = spec.state_dir.join("run").join("agent.sock");
+    let len = agent_socket.as_os_str().len();
+    if len > MAX_SOCKET_PATH {
+        return Err(RuntimeError::SocketPathTooLong {
+            path: agent_socket,
+            len,
+        });
+    }
+    if !spec.rootfs.is_dir() {
+        return Err(RuntimeError::RootfsMissing {
+            path: spec.rootfs.clone(),
+        });
+    }
+    if !spec.agent_binary.is_file() {
+        return Err(RuntimeError::AgentMissing {
+            path: spec.agent_binary.clone(),
+        });
+    }
+    Ok(agent_socket)
 }
 
 /// The container's root (an unprivileged host uid) must be able to walk to
