@@ -532,3 +532,78 @@ async fn a_template_pointing_at_the_example_plugin_changes_outputs() {
     default_client.kill(&default_sandbox).await;
     client.kill(&sandbox).await;
 }
+
+#[tokio::test]
+async fn a_std_rust_plugin_runs_in_a_code_run_and_what_wasi_denies_fails_only_that_output() {
+    // The operator swaps in plugins/fixtures/std-probe: a formatter built
+    // with std (it imports WASI) that tries, on request, what WASI denies.
+    let templates = tempfile::tempdir().expect("templates dir");
+    let python = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
+    )
+    .expect("python template");
+    let probing = python.replace(
+        "formatter = \"default-formatter\"",
+        "formatter = \"std-probe\"",
+    );
+    std::fs::write(templates.path().join("python.toml"), probing).expect("write template");
+    let server = crownest_e2e::Server::start_with_env(&[(
+        "CROWNEST_TEMPLATES_DIR",
+        templates.path().to_str().expect("utf8 path"),
+    )]);
+    let client = server.client(&server.key("std-org", None, "all"));
+
+    let (_, listed) = client.get("/v1/templates").await;
+    let python = listed["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|t| t["name"] == "python")
+        .expect("python");
+    let imports = python["languages"][0]["formatter"]["wasiImports"]
+        .as_array()
+        .expect("the std plugin's WASI imports are listed")
+        .clone();
+    assert!(
+        imports.iter().any(|i| i
+            .as_str()
+            .is_some_and(|i| i.starts_with("wasi:filesystem/"))),
+        "{imports:?}"
+    );
+
+    let sandbox = client.sandbox("python").await;
+    let ran = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "'std'" }),
+    )
+    .await;
+    let text = output_of(&ran, "text")["content"].as_str().expect("text");
+    assert!(text.starts_with("std-probe: year>2020:true"), "{ran}");
+
+    for (probe, error) in [
+        ("fs", "cannot read /etc/passwd"),
+        ("env", "cannot read HOME"),
+        ("socket", "access-denied"),
+    ] {
+        let code = format!("print('before'); '{probe}'");
+        let result = run(
+            &client,
+            &sandbox,
+            json!({ "language": "python", "code": code }),
+        )
+        .await;
+        // Only the output falls back (to plain text); the run is whole.
+        assert_eq!(result["stdout"], json!(["before", "\n"]), "{result}");
+        let text = output_of(&result, "text")["content"]
+            .as_str()
+            .expect("text");
+        assert_eq!(text, format!("'{probe}'"), "{result}");
+        let notes = result["notes"].to_string();
+        assert!(
+            notes.contains("std-probe") && notes.contains(error),
+            "{probe}: {result}"
+        );
+    }
+    client.kill(&sandbox).await;
+}

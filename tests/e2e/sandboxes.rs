@@ -128,6 +128,13 @@ async fn templates_are_listed_with_their_resources() {
         .expect("python");
     assert_eq!(python["network"], "none");
     assert!(python["resources"]["memoryMiB"].as_u64().expect("memory") >= 128);
+    // Its output pipeline, with the WASI each plugin imports (the default
+    // ones are no_std: none).
+    let language = &python["languages"][0];
+    assert_eq!(language["language"], "python", "{python}");
+    assert_eq!(language["formatter"]["name"], "default-formatter");
+    assert_eq!(language["formatter"]["wasiImports"], serde_json::json!([]));
+    assert_eq!(language["adapter"]["error"], serde_json::Value::Null);
 }
 
 #[tokio::test]

@@ -86,6 +86,45 @@ pub struct TemplateView {
     pub resources: ResourcesView,
     /// `none`: loopback only.
     pub network: &'static str,
+    /// Code Run languages, each with the WASM plugins of its output
+    /// pipeline.
+    pub languages: Vec<TemplateLanguageView>,
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplateLanguageView {
+    /// `python`, `javascript` or `typescript`.
+    pub language: String,
+    pub adapter: TemplatePluginView,
+    pub formatter: TemplatePluginView,
+    pub policy: TemplatePluginView,
+}
+
+/// One plugin: the name the template gives it and what WASI it imports.
+#[derive(Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TemplatePluginView {
+    pub name: String,
+    /// The WASI 0.2 interfaces the component imports (empty: none); null
+    /// when the component cannot be read (see `error`).
+    pub wasi_imports: Option<Vec<String>>,
+    /// Why the component cannot be read; null when it can.
+    pub error: Option<String>,
+}
+
+impl From<crate::core::PluginSummary> for TemplatePluginView {
+    fn from(summary: crate::core::PluginSummary) -> Self {
+        let (wasi_imports, error) = match summary.wasi_imports {
+            Ok(imports) => (Some(imports), None),
+            Err(error) => (None, Some(error)),
+        };
+        TemplatePluginView {
+            name: summary.name,
+            wasi_imports,
+            error,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -113,10 +152,20 @@ async fn list_templates(
 ) -> Result<ApiJson<TemplateList>, ApiError> {
     caller.require("templates:read")?;
     let host = &state.host;
-    let data = host
-        .templates()
-        .iter()
-        .map(|t| TemplateView {
+    let mut data = Vec::new();
+    for t in host.templates().iter() {
+        let languages = host
+            .template_plugins(t)
+            .await
+            .into_iter()
+            .map(|l| TemplateLanguageView {
+                language: l.language,
+                adapter: l.adapter.into(),
+                formatter: l.formatter.into(),
+                policy: l.policy.into(),
+            })
+            .collect();
+        data.push(TemplateView {
             name: t.name.clone(),
             description: t.description.clone(),
             recipe_hash: t.recipe_hash(),
@@ -134,7 +183,8 @@ async fn list_templates(
             network: match t.network {
                 NetworkMode::None => "none",
             },
-        })
-        .collect();
+            languages,
+        });
+    }
     Ok(ApiJson(TemplateList { data }))
 }

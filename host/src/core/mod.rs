@@ -16,6 +16,7 @@ pub mod commands;
 pub mod files;
 pub mod ledger;
 mod pipeline;
+pub use pipeline::{LanguageSummary, PluginSummary};
 pub mod previews;
 mod restart;
 pub mod sandboxes;

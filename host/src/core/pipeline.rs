@@ -35,6 +35,32 @@ pub struct LanguagePipeline {
 pub struct Pipelines {
     host: tokio::sync::OnceCell<Result<Arc<PluginHost>, String>>,
     loaded: std::sync::Mutex<HashMap<(String, String), Arc<LanguagePipeline>>>,
+    /// The WASI imports of component files, by path, while the file's size
+    /// and modification time stay what they were.
+    imports: Arc<std::sync::Mutex<HashMap<PathBuf, (FileStamp, WasiImports)>>>,
+}
+
+/// A file's size and modification time.
+type FileStamp = (u64, Option<std::time::SystemTime>);
+/// The WASI interfaces a component imports, or why it cannot be read.
+type WasiImports = Result<Vec<String>, String>;
+
+/// One plugin of a template language, as a template listing shows it.
+#[derive(Debug, Clone)]
+pub struct PluginSummary {
+    /// As the template names it.
+    pub name: String,
+    /// The WASI interfaces it imports, or why the file cannot be read.
+    pub wasi_imports: WasiImports,
+}
+
+/// The three plugins of one template language.
+#[derive(Debug, Clone)]
+pub struct LanguageSummary {
+    pub language: String,
+    pub adapter: PluginSummary,
+    pub formatter: PluginSummary,
+    pub policy: PluginSummary,
 }
 
 impl Pipelines {
@@ -90,6 +116,51 @@ fn load_pipeline(
 }
 
 impl Host {
+    /// Per language of `template`, its plugins and the WASI each imports
+    /// (read from the component files, not compiled; cached per file).
+    pub async fn template_plugins(&self, template: &Template) -> Vec<LanguageSummary> {
+        let cache = self.pipelines.imports.clone();
+        let languages = template.languages.clone();
+        let summarize = move || {
+            let dir = plugins_dir();
+            let summary = |name: &str| {
+                let path = PluginHost::resolve(name, &dir);
+                let stamp = std::fs::metadata(&path)
+                    .map(|m| (m.len(), m.modified().ok()))
+                    .ok();
+                let cached = stamp.and_then(|stamp| {
+                    lock(&cache)
+                        .get(&path)
+                        .filter(|(at, _)| *at == stamp)
+                        .map(|(_, imports)| imports.clone())
+                });
+                let wasi_imports = cached.unwrap_or_else(|| {
+                    let imports = plugins::wasi_imports_of(&path);
+                    if let Some(stamp) = stamp {
+                        lock(&cache).insert(path.clone(), (stamp, imports.clone()));
+                    }
+                    imports
+                });
+                PluginSummary {
+                    name: name.to_owned(),
+                    wasi_imports,
+                }
+            };
+            languages
+                .iter()
+                .map(|(language, plugins)| LanguageSummary {
+                    language: language.clone(),
+                    adapter: summary(&plugins.adapter),
+                    formatter: summary(&plugins.formatter),
+                    policy: summary(&plugins.policy),
+                })
+                .collect()
+        };
+        tokio::task::spawn_blocking(summarize)
+            .await
+            .unwrap_or_default()
+    }
+
     /// The pipeline of a template language, loaded once (on the blocking
     /// pool: a first load may compile). A component for the wrong world or
     /// with forbidden imports fails here with the plugin host's message.

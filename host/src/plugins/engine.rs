@@ -4,6 +4,7 @@
 
 use super::PluginError;
 use super::bindings::host::{self, LogLevel};
+use super::wasi;
 use sha2::{Digest, Sha256};
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
@@ -163,10 +164,19 @@ pub struct StoreState {
     plugin: Arc<str>,
     limiter: MemoryLimiter,
     logs_left: u32,
+    /// The call's WASI (see [`super::wasi`]), made on its first use: a
+    /// component that imports none pays nothing for it.
+    pub(super) wasi: Option<wasi::CallWasi>,
+    pub(super) table: wasmtime::component::ResourceTable,
+    /// When the call's deadline passes: no timer of the plugin outlasts it.
+    deadline_at: tokio::time::Instant,
+    /// A timer was cut at the deadline: the call timed out, even if the
+    /// plugin got to return before the epoch interrupt.
+    timer_cut: bool,
 }
 
 impl StoreState {
-    pub fn new(plugin: Arc<str>, memory_cap: usize) -> Self {
+    pub fn new(plugin: Arc<str>, memory_cap: usize, deadline: Duration) -> Self {
         StoreState {
             plugin,
             limiter: MemoryLimiter {
@@ -174,6 +184,48 @@ impl StoreState {
                 hit: false,
             },
             logs_left: MAX_LOG_LINES,
+            wasi: None,
+            table: wasmtime::component::ResourceTable::new(),
+            deadline_at: tokio::time::Instant::now() + deadline,
+            timer_cut: false,
+        }
+    }
+
+    /// When a timer of `after` set now fires: at the latest at the call's
+    /// deadline (the epoch interrupt then ends the call).
+    pub(super) fn timer_at(&mut self, after: Duration) -> tokio::time::Instant {
+        let now = tokio::time::Instant::now();
+        match now.checked_add(after) {
+            Some(at) if at <= self.deadline_at => at,
+            _ => {
+                self.timer_cut = true;
+                self.deadline_at
+            }
+        }
+    }
+
+    /// The call's stdout and stderr, as log lines under the plugin's name
+    /// (stdout at info, stderr at warn), within the call's log budget.
+    fn log_stdio(&mut self) {
+        let Some(call) = &self.wasi else {
+            return;
+        };
+        for (captured, level) in [
+            (call.stdout.clone(), LogLevel::Info),
+            (call.stderr.clone(), LogLevel::Warn),
+        ] {
+            let (bytes, dropped) = captured.take();
+            let text = String::from_utf8_lossy(&bytes);
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                host::Host::log(self, level, line.to_owned());
+            }
+            if dropped > 0 {
+                host::Host::log(
+                    self,
+                    LogLevel::Warn,
+                    format!("{dropped} more bytes of output were dropped"),
+                );
+            }
         }
     }
 }
@@ -250,14 +302,25 @@ pub fn with_store<T>(
     memory_cap: usize,
     call: impl FnOnce(&mut Store<StoreState>) -> wasmtime::Result<T>,
 ) -> Result<T, PluginError> {
-    let mut store = Store::new(engine, StoreState::new(plugin.clone(), memory_cap));
+    let mut store = Store::new(
+        engine,
+        StoreState::new(plugin.clone(), memory_cap, deadline),
+    );
     store.limiter(|state| &mut state.limiter);
     // The current tick is partly over already: one more tick than the
     // deadline so a call always gets at least `deadline`.
     let ticks = deadline.as_millis().div_ceil(EPOCH_TICK.as_millis()).max(1) as u64 + 1;
     store.set_epoch_deadline(ticks);
     store.epoch_deadline_trap();
-    call(&mut store).map_err(|error| {
+    let result = call(&mut store);
+    store.data_mut().log_stdio();
+    if store.data().timer_cut {
+        return Err(PluginError::Timeout {
+            plugin: plugin.to_string(),
+            after: deadline,
+        });
+    }
+    result.map_err(|error| {
         let plugin = plugin.to_string();
         if store.data().limiter.hit {
             PluginError::MemoryLimit {

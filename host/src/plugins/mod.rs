@@ -8,10 +8,12 @@
 //!   `<cache>/plugins/<sha256>-<engine hash>.cwasm` and reused.
 //! - At load a component is checked against its world (an `InstancePre`
 //!   from the `bindgen!` types) and refused if it imports anything but
-//!   `crownest:plugin/*`: no WASI at all, so no filesystem, sockets, clocks,
-//!   environment or stdio.
-//! - Each call gets a fresh `Store` with a deadline (epochs) and a memory
-//!   cap; whatever the plugin does, the caller gets a [`PluginError`].
+//!   `crownest:plugin/*` and WASI 0.2. WASI is linked deny-by-default
+//!   ([`wasi`]): clocks, random and captured stdout/stderr work; there is
+//!   no file, socket, environment variable or argument to reach.
+//! - Each call gets a fresh `Store` with a deadline (epochs, and timers cut
+//!   at it) and a memory cap; whatever the plugin does, the caller gets a
+//!   [`PluginError`].
 //!
 //! Calls are synchronous and CPU-bound: async callers run them (or
 //! [`pipeline`]) on the blocking pool. Loaded plugins are cheap to clone.
@@ -21,6 +23,7 @@ mod bindings;
 mod engine;
 mod pipeline;
 mod types;
+mod wasi;
 
 #[cfg(test)]
 mod tests;
@@ -136,6 +139,8 @@ pub struct PluginInfo {
     pub path: PathBuf,
     /// The compiled code came from the cache (no compilation at this load).
     pub from_cache: bool,
+    /// The WASI interfaces it imports (`wasi:cli/stdout@0.2.0`, …), sorted.
+    pub wasi_imports: Vec<String>,
 }
 
 /// Loads plugins. Cheap to clone; all clones share the process's engine.
@@ -203,6 +208,8 @@ impl PluginHost {
         let mut linker = Linker::new(&engine);
         bindings::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| PluginError::Setup(format!("cannot link the host interface: {e:#}")))?;
+        wasi::add_to_linker(&mut linker)
+            .map_err(|e| PluginError::Setup(format!("cannot link WASI: {e:#}")))?;
         Ok(PluginHost {
             engine,
             linker: Arc::new(linker),
@@ -326,14 +333,23 @@ impl PluginHost {
             engine::load_component(&self.engine, &self.cache_dir, &name, &bytes)?;
         let ty = component.component_type();
 
-        let forbidden: Vec<String> = ty
+        let imports: Vec<String> = ty
             .imports(&self.engine)
             .map(|(import, _)| import.to_owned())
-            .filter(|import| !import.starts_with("crownest:plugin/"))
+            .collect();
+        let forbidden: Vec<String> = imports
+            .iter()
+            .filter(|import| !import.starts_with("crownest:plugin/") && !wasi::is_granted(import))
+            .cloned()
             .collect();
         if !forbidden.is_empty() {
             return Err(load_error(forbidden_imports_message(&forbidden)));
         }
+        let mut wasi_imports: Vec<String> = imports
+            .into_iter()
+            .filter(|import| wasi::is_granted(import))
+            .collect();
+        wasi_imports.sort();
 
         let exports: Vec<String> = ty
             .exports(&self.engine)
@@ -355,6 +371,7 @@ impl PluginHost {
             name,
             path: path.to_owned(),
             from_cache,
+            wasi_imports,
         };
         Ok((info, component))
     }
@@ -375,36 +392,47 @@ impl PluginHost {
     }
 }
 
-/// Names the worst of the refused imports first: filesystem and sockets.
+/// The WASI interfaces a component file imports, sorted, read from its
+/// import section without compiling it (for listings).
+pub fn wasi_imports_of(path: &Path) -> Result<Vec<String>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let mut depth = 0usize;
+    let mut imports = Vec::new();
+    for payload in wasmparser::Parser::new(0).parse_all(&bytes) {
+        match payload.map_err(|e| format!("not a valid component: {e}"))? {
+            wasmparser::Payload::Version { encoding, .. } => {
+                if depth == 0 && encoding != wasmparser::Encoding::Component {
+                    return Err(String::from("a core module, not a component"));
+                }
+                depth += 1;
+            }
+            wasmparser::Payload::End(_) => depth = depth.saturating_sub(1),
+            wasmparser::Payload::ComponentImportSection(reader) if depth == 1 => {
+                for import in reader {
+                    let import = import.map_err(|e| format!("not a valid component: {e}"))?;
+                    if wasi::is_granted(import.name.name) {
+                        imports.push(import.name.name.to_owned());
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    imports.sort();
+    Ok(imports)
+}
+
+/// Names the refused imports and what a plugin may import instead.
 fn forbidden_imports_message(imports: &[String]) -> String {
-    let quoted = |list: &[&String]| {
-        list.iter()
-            .map(|i| format!("`{i}`"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-    let (dangerous, rest): (Vec<&String>, Vec<&String>) = imports
+    let quoted = imports
         .iter()
-        .partition(|i| i.starts_with("wasi:filesystem/") || i.starts_with("wasi:sockets/"));
-    let mut what = Vec::new();
-    if !dangerous.is_empty() {
-        what.push(format!(
-            "the filesystem or network ({})",
-            quoted(&dangerous)
-        ));
-    }
-    if !rest.is_empty() {
-        what.push(format!(
-            "{} other interface(s) ({})",
-            rest.len(),
-            quoted(&rest)
-        ));
-    }
+        .map(|i| format!("`{i}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
     format!(
-        "it imports {}; a plugin may import only crownest:plugin/host (the host grants no \
-         filesystem, sockets, clocks, environment or stdio). Build it without std as the \
-         default plugins do (docs/plugins.md)",
-        what.join(" and ")
+        "it imports {quoted}, which the host does not provide; a plugin may import \
+         crownest:plugin/host and WASI 0.2 (wasi:cli, wasi:clocks, wasi:filesystem, wasi:io, \
+         wasi:random, wasi:sockets; see docs/plugins.md for what each grants)"
     )
 }
 

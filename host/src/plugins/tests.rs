@@ -404,16 +404,110 @@ fn component_for_the_wrong_world_is_refused_at_load_naming_the_world() {
     assert_host_still_works();
 }
 
-#[test]
-fn component_importing_the_filesystem_is_refused_at_load() {
-    let error = host()
-        .load_formatter(&path("fs-importer"))
-        .expect_err("must refuse");
-    let message = error.to_string();
-    eprintln!("{message}");
-    assert!(matches!(error, PluginError::Load { .. }), "{error:?}");
-    assert!(message.contains("wasi:filesystem/"), "{message}");
+fn std_probe() -> Formatter {
+    host()
+        .load_formatter(&path("std-probe"))
+        .expect("a std Rust component loads")
+}
+
+/// What the std probe makes of `what` (see its source).
+fn probe(what: &str) -> Result<Output, PluginError> {
+    std_probe().format(
+        rich(vec![text("text/plain", what)]),
+        &FormatLimits::default(),
+    )
+}
+
+fn probe_error(what: &str) -> String {
+    let error = probe(what).expect_err("WASI must refuse it");
+    assert!(matches!(error, PluginError::Returned { .. }), "{error:?}");
     assert_host_still_works();
+    error.to_string()
+}
+
+#[test]
+fn a_std_rust_component_loads_and_lists_the_wasi_it_imports() {
+    let probe = std_probe();
+    let imports = &probe.info().wasi_imports;
+    for wanted in [
+        "wasi:cli/environment",
+        "wasi:filesystem/preopens",
+        "wasi:sockets/tcp",
+    ] {
+        assert!(
+            imports.iter().any(|i| i.starts_with(wanted)),
+            "{wanted} in {imports:?}"
+        );
+    }
+    let output = probe_ok("just text");
+    assert_eq!(output, "std-probe: just text");
+    // The no_std default plugins import no WASI at all.
+    assert!(formatter().info().wasi_imports.is_empty());
+}
+
+fn probe_ok(what: &str) -> String {
+    probe(what).expect("format").text.expect("text")
+}
+
+#[test]
+fn wasi_grants_clocks_random_and_collections() {
+    assert_eq!(
+        probe_ok("std"),
+        "std-probe: year>2020:true counts:{' ': 1, 'd': 1, 'e': 1, 'h': 1, 'l': 3, 'o': 2, 'r': 1, 'w': 1} monotonic:true"
+    );
+}
+
+#[test]
+fn a_plugin_reading_a_file_gets_an_error_for_that_call_only() {
+    let message = probe_error("fs");
+    assert!(message.contains("cannot read /etc/passwd"), "{message}");
+    let message = probe_error("ls");
+    assert!(message.contains("cannot list /"), "{message}");
+}
+
+#[test]
+fn a_plugin_sees_no_environment_and_no_arguments() {
+    let message = probe_error("env");
+    assert!(message.contains("cannot read HOME"), "{message}");
+    assert!(message.contains("(0 variables, 0 arguments)"), "{message}");
+}
+
+#[test]
+fn a_plugin_opening_a_socket_is_denied() {
+    let message = probe_error("socket");
+    assert!(message.contains("access-denied"), "{message}");
+}
+
+#[test]
+fn a_plugin_asleep_is_cut_at_its_deadline() {
+    let host = host().with_limits(HostLimits {
+        formatter: CallLimits {
+            deadline: Duration::from_millis(200),
+            memory_bytes: 64 << 20,
+        },
+        ..HostLimits::default()
+    });
+    let probe = host.load_formatter(&path("std-probe")).expect("load");
+    let started = std::time::Instant::now();
+    let error = probe
+        .format(
+            rich(vec![text("text/plain", "sleep")]),
+            &FormatLimits::default(),
+        )
+        .expect_err("a 30 s sleep cannot finish");
+    assert!(matches!(error, PluginError::Timeout { .. }), "{error:?}");
+    // Cut at the deadline, not after the 30 s asked for.
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_host_still_works();
+}
+
+#[test]
+fn a_plugin_printing_keeps_working() {
+    assert_eq!(probe_ok("print"), "std-probe: print");
 }
 
 #[test]

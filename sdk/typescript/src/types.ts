@@ -142,6 +142,23 @@ export interface TemplateData {
   runtime: string;
   resources: { vcpus: number; memoryMiB: number; pids: number; diskMiB: number };
   network: string;
+  /** Code Run languages, each with the WASM plugins of its output pipeline. */
+  languages: TemplateLanguage[];
+}
+
+export interface TemplateLanguage {
+  language: CodeLanguage;
+  adapter: TemplatePlugin;
+  formatter: TemplatePlugin;
+  policy: TemplatePlugin;
+}
+
+/** A plugin as the template names it, with the WASI 0.2 interfaces it imports. */
+export interface TemplatePlugin {
+  name: string;
+  /** `null` when the component cannot be read (see `error`). */
+  wasiImports: string[] | null;
+  error: string | null;
 }
 
 export interface Page<T> {
