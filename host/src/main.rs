@@ -1,8 +1,10 @@
 //! The `crownest` binary: the API server (`serve`), the operator's tools
-//! (`keys`, `orgs`, `template`, `openapi`) and the HTTP client of the API
+//! (`keys`, `orgs`, `template`, `openapi`), the plugin author's tools
+//! (`plugin`) and the HTTP client of the API
 //! (`sandbox`, `exec`, `code`, `files`, `artifacts`; see `client/`).
 
 mod client;
+mod plugin_cli;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -48,6 +50,9 @@ enum Command {
     /// Build and inspect templates.
     #[command(subcommand)]
     Template(TemplateCommand),
+    /// Check and try out WASM plugin components, without a server.
+    #[command(subcommand)]
+    Plugin(plugin_cli::PluginCommand),
     /// Print the OpenAPI document of this build.
     Openapi,
     /// Runtime hooks runc runs for sandboxes (not for people).
@@ -258,6 +263,11 @@ fn main() -> Result<()> {
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&api::openapi())?);
             Ok(())
+        }
+        Command::Plugin(command) => {
+            // A plugin's log lines and captured stdout/stderr, on stderr.
+            init_logging(false);
+            std::process::exit(plugin_cli::run(command)?)
         }
         Command::Client(command) => std::process::exit(client::run(command)),
     }

@@ -607,3 +607,69 @@ async fn a_std_rust_plugin_runs_in_a_code_run_and_what_wasi_denies_fails_only_th
     }
     client.kill(&sandbox).await;
 }
+
+#[tokio::test]
+async fn python_and_javascript_plugins_shape_a_code_run() {
+    // The operator points the python template at the Python table
+    // formatter and the JavaScript image policy (examples/, built by
+    // scripts/build-plugin-examples).
+    let templates = tempfile::tempdir().expect("templates dir");
+    let python = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
+    )
+    .expect("python template");
+    let swapped = python
+        .replace(
+            "formatter = \"default-formatter\"",
+            "formatter = \"table-formatter\"",
+        )
+        .replace("policy = \"default-policy\"", "policy = \"image-policy\"");
+    assert_ne!(swapped, python);
+    std::fs::write(templates.path().join("python.toml"), swapped).expect("write template");
+    let server = crownest_e2e::Server::start_with_env(&[(
+        "CROWNEST_TEMPLATES_DIR",
+        templates.path().to_str().expect("utf8 path"),
+    )]);
+    let client = server.client(&server.key("polyglot-org", None, "all"));
+    let sandbox = client.sandbox("python").await;
+
+    let table = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": "import pandas as pd\npd.DataFrame({'a': [1, 2], 'b': ['x', 'y']})" }),
+    )
+    .await;
+    let markdown = output_of(&table, "markdown");
+    assert_eq!(markdown["type"], "inline", "{table}");
+    assert_eq!(
+        markdown["content"], "|  | a | b |\n|---|---|---|\n| 0 | 1 | x |\n| 1 | 2 | y |\n",
+        "{table}"
+    );
+
+    // A figure of more than 64 KiB is promoted; a small one stays inline.
+    let plot = |dpi: u32| {
+        format!(
+            "import matplotlib\nmatplotlib.use('Agg')\nimport matplotlib.pyplot as plt\nimport numpy as np\n\
+             fig = plt.figure(figsize=(8, 6), dpi={dpi})\nx = np.linspace(0, 20, 400)\n\
+             for k in range(12): plt.plot(x, np.sin(x * (k + 1)) * np.cos(x / (k + 2)))\nplt.show()"
+        )
+    };
+    let big = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": plot(200), "artifactPolicy": "promote" }),
+    )
+    .await;
+    let png = output_of(&big, "png");
+    assert_eq!(png["type"], "artifact", "{big}");
+    let small = run(
+        &client,
+        &sandbox,
+        json!({ "language": "python", "code": plot(20), "artifactPolicy": "promote" }),
+    )
+    .await;
+    let png = output_of(&small, "png");
+    assert_eq!(png["type"], "inline", "{small}");
+    assert_eq!(small["notes"], json!([]), "{small}");
+    client.kill(&sandbox).await;
+}

@@ -39,6 +39,7 @@ mod files;
 mod gvisor;
 mod ledger;
 mod parts;
+mod plugin_cli;
 mod previews;
 mod restart;
 mod sandboxes;

@@ -49,6 +49,95 @@ pub fn build_plugins() -> Result<PathBuf, String> {
     Ok(target_dir.join("wasm32-wasip2/release"))
 }
 
+/// The Python and JavaScript example plugins (built by
+/// `scripts/build-plugin-examples`): compile, cached load, and call.
+fn bench_polyglot(
+    host: &PluginHost,
+    plugins_dir: &Path,
+    iterations: usize,
+    rows: &mut Vec<BenchRow>,
+) -> Result<(), PluginError> {
+    let table = PluginHost::resolve("table-formatter", plugins_dir);
+    let image = PluginHost::resolve("image-policy", plugins_dir);
+    if !table.is_file() || !image.is_file() {
+        return Err(PluginError::Setup(String::from(
+            "the Python and JavaScript example plugins are not built: run scripts/build-plugin-examples",
+        )));
+    }
+    let iterations = iterations.min(500);
+    let timed_load = |what: &str, load: &dyn Fn() -> Result<(), PluginError>| {
+        let start = Instant::now();
+        load().map(|()| BenchRow {
+            what: what.to_owned(),
+            p50: start.elapsed(),
+            p90: start.elapsed(),
+            iterations: 1,
+        })
+    };
+    let compile = |path: &Path| {
+        if host.is_compiled(path) {
+            "from the cache"
+        } else {
+            "compile + cache"
+        }
+    };
+    let what = format!("load table-formatter, Python ({})", compile(&table));
+    rows.push(timed_load(&what, &|| {
+        host.load_formatter(&table).map(|_| ())
+    })?);
+    let what = format!("load image-policy, JavaScript ({})", compile(&image));
+    rows.push(timed_load(&what, &|| host.load_policy(&image).map(|_| ()))?);
+    rows.push(measure(
+        "load table-formatter (cached .cwasm)",
+        20.min(iterations),
+        || {
+            let _ = host.load_formatter(&table);
+        },
+    ));
+    let formatter = host.load_formatter(&table)?;
+    let policy = host.load_policy(&image)?;
+    let frame = rich(vec![
+        text_item("text/plain", "   a  b"),
+        text_item(
+            super::DATAFRAME_MIME,
+            r#"{"columns":["a","b"],"index":["0","1"],"rows":[[1,"x"],[2,"y"]],"dtypes":["int64","object"],"totalRows":2,"truncated":false}"#,
+        ),
+    ]);
+    let limits = FormatLimits::default();
+    // The first call after load, then the steady state.
+    rows.push(measure("table-formatter (Python) first call", 1, || {
+        let _ = formatter.format(frame.clone(), &limits);
+    }));
+    rows.push(measure(
+        "table-formatter (Python) format DataFrame -> markdown",
+        iterations,
+        || {
+            let _ = formatter.format(frame.clone(), &limits);
+        },
+    ));
+    let mut png = b"\x89PNG\r\n\x1a\n".to_vec();
+    png.resize(100 * 1024, 7);
+    let big = super::Output {
+        kind: OutputKind::DisplayData,
+        format: super::Format::Png,
+        mime: "image/png".into(),
+        text: None,
+        size: png.len() as u64,
+        bytes: Some(png),
+        truncated: false,
+        execution_count: None,
+    };
+    let policy_limits = PolicyLimits::default();
+    rows.push(measure(
+        "image-policy (JavaScript) decide",
+        iterations,
+        || {
+            let _ = policy.decide(&big, ArtifactPolicy::Promote, &policy_limits);
+        },
+    ));
+    Ok(())
+}
+
 /// One measured operation.
 #[derive(Debug, Clone)]
 pub struct BenchRow {
@@ -296,6 +385,7 @@ pub fn bench_plugins(
     });
     rows.push(run);
     rows.push(per_output);
+    bench_polyglot(&host, plugins_dir, iterations, &mut rows)?;
     Ok(BenchReport {
         pooling: host.pooling(),
         rows,

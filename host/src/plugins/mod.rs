@@ -163,6 +163,9 @@ impl std::fmt::Debug for PluginHost {
     }
 }
 
+/// The versions of the `crownest:plugin` package this host links.
+pub const SUPPORTED_VERSIONS: [&str; 1] = ["0.1.0"];
+
 /// The three worlds, for load-time checks and messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum World {
@@ -308,6 +311,53 @@ impl PluginHost {
         })
     }
 
+    /// Whether the compiled code of this component file is in the cache
+    /// (a load then takes milliseconds).
+    pub fn is_compiled(&self, path: &Path) -> bool {
+        std::fs::read(path)
+            .map(|bytes| engine::cache_path(&self.engine, &self.cache_dir, &bytes).is_file())
+            .unwrap_or(false)
+    }
+
+    /// Loads a component for whichever world it implements.
+    pub fn load_any(&self, path: &Path) -> Result<AnyPlugin, PluginError> {
+        match self.world_of(path)? {
+            World::ResultAdapter => self.load_adapter(path).map(AnyPlugin::Adapter),
+            World::OutputFormatter => self.load_formatter(path).map(AnyPlugin::Formatter),
+            World::PromotionPolicy => self.load_policy(path).map(AnyPlugin::Policy),
+        }
+    }
+
+    /// The world a component's exports say it implements.
+    fn world_of(&self, path: &Path) -> Result<World, PluginError> {
+        let name = plugin_name(path);
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Load {
+            plugin: name.clone(),
+            message: format!("cannot read {}: {e}", path.display()),
+        })?;
+        let (component, _) = engine::load_component(&self.engine, &self.cache_dir, &name, &bytes)?;
+        let exports: Vec<String> = component
+            .component_type()
+            .exports(&self.engine)
+            .map(|(e, _)| e.to_owned())
+            .collect();
+        World::ALL
+            .into_iter()
+            .find(|w| exports.iter().any(|e| e == w.export()))
+            .ok_or_else(|| PluginError::Load {
+                plugin: name,
+                message: format!(
+                    "it implements none of the worlds {}: it exports {}",
+                    World::ALL.map(World::name).join(", "),
+                    if exports.is_empty() {
+                        String::from("nothing")
+                    } else {
+                        exports.join(", ")
+                    }
+                ),
+            })
+    }
+
     fn plugin(&self, info: PluginInfo, limits: CallLimits) -> Plugin {
         Plugin {
             engine: self.engine.clone(),
@@ -319,10 +369,7 @@ impl PluginHost {
 
     /// Reads, compiles (or takes from the cache) and vets a component.
     fn load(&self, path: &Path, world: World) -> Result<(PluginInfo, Component), PluginError> {
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().replace('_', "-"))
-            .unwrap_or_else(|| path.display().to_string());
+        let name = plugin_name(path);
         let load_error = |message: String| PluginError::Load {
             plugin: name.clone(),
             message,
@@ -344,6 +391,17 @@ impl PluginHost {
             .collect();
         if !forbidden.is_empty() {
             return Err(load_error(forbidden_imports_message(&forbidden)));
+        }
+        if let Some(version) = unsupported_version(&imports) {
+            return Err(load_error(format!(
+                "it is built for crownest:plugin@{version}; this host supports {} (rebuild it \
+                 against one of them, see docs/plugins.md)",
+                SUPPORTED_VERSIONS
+                    .iter()
+                    .map(|v| format!("crownest:plugin@{v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
         }
         let mut wasi_imports: Vec<String> = imports
             .into_iter()
@@ -390,6 +448,57 @@ impl PluginHost {
         let pre = self.linker.instantiate_pre(component).map_err(load_error)?;
         typed(pre).map_err(load_error)
     }
+}
+
+/// A plugin's name: its file stem, with cargo's `_` as `-`.
+fn plugin_name(path: &Path) -> String {
+    path.file_stem()
+        .map(|s| s.to_string_lossy().replace('_', "-"))
+        .unwrap_or_else(|| path.display().to_string())
+}
+
+/// A loaded plugin of any world.
+#[derive(Debug, Clone)]
+pub enum AnyPlugin {
+    Adapter(Adapter),
+    Formatter(Formatter),
+    Policy(Policy),
+}
+
+impl AnyPlugin {
+    /// The world it implements, with its version.
+    pub fn world(&self) -> &'static str {
+        match self {
+            AnyPlugin::Adapter(_) => World::ResultAdapter.name(),
+            AnyPlugin::Formatter(_) => World::OutputFormatter.name(),
+            AnyPlugin::Policy(_) => World::PromotionPolicy.name(),
+        }
+    }
+
+    pub fn info(&self) -> &PluginInfo {
+        match self {
+            AnyPlugin::Adapter(p) => p.info(),
+            AnyPlugin::Formatter(p) => p.info(),
+            AnyPlugin::Policy(p) => p.info(),
+        }
+    }
+}
+
+/// The first `crownest:plugin` version among `imports` the host does not
+/// link (a 0.1.x import is served by 0.1.0).
+fn unsupported_version(imports: &[String]) -> Option<String> {
+    imports
+        .iter()
+        .filter_map(|i| i.strip_prefix("crownest:plugin/"))
+        .filter_map(|i| i.split_once('@').map(|(_, v)| v))
+        .find(|version| {
+            !SUPPORTED_VERSIONS.iter().any(|supported| {
+                let minor = |v: &str| v.rsplit_once('.').map(|(m, _)| m.to_owned());
+                version == supported
+                    || (minor(version).is_some() && minor(version) == minor(supported))
+            })
+        })
+        .map(str::to_owned)
 }
 
 /// The WASI interfaces a component file imports, sorted, read from its

@@ -10,12 +10,29 @@ fn plugins_dir() -> &'static Path {
     DIR.get_or_init(|| bench::build_plugins().unwrap_or_else(|e| panic!("{e}")))
 }
 
-/// One cache dir for the whole test process, so each component is
-/// compiled once.
+/// One compile cache for every test run (entries are keyed by the
+/// component's digest and the engine's configuration, so a stale one is
+/// never used): the Python and JavaScript components take seconds each to
+/// compile.
 fn cache_dir() -> &'static Path {
-    static DIR: OnceLock<tempfile::TempDir> = OnceLock::new();
-    DIR.get_or_init(|| tempfile::tempdir().expect("tempdir"))
-        .path()
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    DIR.get_or_init(|| {
+        let dir = bench::repo_root().join("plugins/target/test-compile-cache");
+        std::fs::create_dir_all(&dir).expect("cache dir");
+        dir
+    })
+}
+
+/// A component built by `scripts/build-plugin-examples` (Python and
+/// JavaScript plugins; `scripts/test` runs it before the tests).
+fn example(name: &str) -> PathBuf {
+    let path = path(name);
+    assert!(
+        path.is_file(),
+        "{} is missing: build it with scripts/build-plugin-examples",
+        path.display()
+    );
+    path
 }
 
 fn host() -> PluginHost {
@@ -853,4 +870,168 @@ fn a_looping_plugin_does_not_hold_up_calls_on_other_threads() {
     );
     let spun = spinner.join().expect("spinner thread");
     assert!(matches!(spun, Err(PluginError::Timeout { .. })), "{spun:?}");
+}
+
+fn dataframe_bundle() -> Vec<MimeItem> {
+    vec![
+        text("text/plain", "   a  b\n0  1  x"),
+        text(
+            DATAFRAME_MIME,
+            r#"{"columns":["a","b"],"index":["0","1"],"rows":[[1,"x"],[2,"y|z"]],"dtypes":["int64","object"],"totalRows":2,"truncated":false}"#,
+        ),
+    ]
+}
+
+#[test]
+fn the_python_table_formatter_renders_a_dataframe_as_markdown() {
+    let formatter = host()
+        .load_formatter(&example("table-formatter"))
+        .expect("a componentize-py component loads");
+    assert!(
+        formatter
+            .info()
+            .wasi_imports
+            .iter()
+            .any(|i| i.starts_with("wasi:cli/stdout")),
+        "{:?}",
+        formatter.info().wasi_imports
+    );
+    let output = formatter
+        .format(rich(dataframe_bundle()), &FormatLimits::default())
+        .expect("format");
+    assert_eq!(output.format, Format::Markdown);
+    assert_eq!(
+        output.text.as_deref(),
+        Some("|  | a | b |\n|---|---|---|\n| 0 | 1 | x |\n| 1 | 2 | y\\|z |\n")
+    );
+    // Any other output keeps its best plain representation.
+    let plain = formatter
+        .format(
+            rich(vec![text("text/plain", "42")]),
+            &FormatLimits::default(),
+        )
+        .expect("format");
+    assert_eq!(plain.text.as_deref(), Some("42"));
+    assert_eq!(plain.format, Format::Text);
+}
+
+fn png_of(len: usize) -> Output {
+    let mut bytes = PNG.to_vec();
+    bytes.resize(len, 0);
+    Output {
+        kind: OutputKind::DisplayData,
+        format: Format::Png,
+        mime: "image/png".into(),
+        text: None,
+        size: bytes.len() as u64,
+        bytes: Some(bytes),
+        truncated: false,
+        execution_count: None,
+    }
+}
+
+#[test]
+fn the_javascript_image_policy_promotes_big_images_and_inlines_the_rest() {
+    let policy = host()
+        .load_policy(&example("image-policy"))
+        .expect("a componentize-js component loads");
+    let limits = PolicyLimits::default();
+    let big = png_of(100 * 1024);
+    let small = png_of(1000);
+    assert_eq!(
+        policy
+            .decide(&big, ArtifactPolicy::Promote, &limits)
+            .expect("decide"),
+        Decision::Promote
+    );
+    assert_eq!(
+        policy
+            .decide(&big, ArtifactPolicy::Inline, &limits)
+            .expect("decide"),
+        Decision::Reject(RejectReason::RequiresArtifactPromotion)
+    );
+    for choice in [ArtifactPolicy::Inline, ArtifactPolicy::Promote] {
+        assert_eq!(
+            policy.decide(&small, choice, &limits).expect("decide"),
+            Decision::Inline
+        );
+    }
+    let text = format_one(vec![text("text/plain", "hello")]);
+    assert_eq!(
+        policy
+            .decide(&text, ArtifactPolicy::Inline, &limits)
+            .expect("decide"),
+        Decision::Inline
+    );
+}
+
+/// What the Python probe makes of `what` (see plugins/fixtures/py-probe).
+fn py_probe(what: &str) -> Result<Output, PluginError> {
+    host()
+        .load_formatter(&example("py-probe"))
+        .expect("load")
+        .format(
+            rich(vec![text("text/plain", what)]),
+            &FormatLimits::default(),
+        )
+}
+
+#[test]
+fn a_python_plugin_that_loops_forever_times_out() {
+    let error = py_probe("loop").expect_err("it never returns");
+    assert!(matches!(error, PluginError::Timeout { .. }), "{error:?}");
+    assert_host_still_works();
+}
+
+#[test]
+fn a_python_plugin_that_allocates_without_bound_fails_that_call() {
+    let error = py_probe("alloc").expect_err("the memory cap holds");
+    assert!(
+        matches!(error, PluginError::MemoryLimit { .. })
+            || error.to_string().contains("MemoryError"),
+        "{error:?}"
+    );
+    assert_host_still_works();
+}
+
+#[test]
+fn a_python_plugin_reaching_for_files_env_or_sockets_fails_that_call() {
+    for (what, says) in [
+        ("fs", "FileNotFoundError"),
+        ("env", "KeyError: 'HOME'"),
+        // componentize-py's CPython has no socket module; the WASI-level
+        // refusal is the std probe's test.
+        ("socket", "socket"),
+    ] {
+        let error = py_probe(what).expect_err(what);
+        assert!(matches!(error, PluginError::Returned { .. }), "{error:?}");
+        assert!(error.to_string().contains(says), "{what}: {error}");
+    }
+    assert_eq!(
+        py_probe("print").expect("printing works").text.as_deref(),
+        Some("py-probe: print")
+    );
+    assert_host_still_works();
+}
+
+#[test]
+fn only_the_supported_crownest_plugin_versions_are_accepted() {
+    let imports = |v: &str| {
+        vec![
+            format!("crownest:plugin/host@{v}"),
+            "wasi:io/poll@0.2.0".into(),
+        ]
+    };
+    assert_eq!(unsupported_version(&imports("0.1.0")), None);
+    // 0.1.x is served by 0.1.0.
+    assert_eq!(unsupported_version(&imports("0.1.3")), None);
+    assert_eq!(
+        unsupported_version(&imports("9.9.9")).as_deref(),
+        Some("9.9.9")
+    );
+    assert_eq!(
+        unsupported_version(&imports("0.2.0")).as_deref(),
+        Some("0.2.0")
+    );
+    assert_eq!(unsupported_version(&["wasi:cli/stdout@0.2.9".into()]), None);
 }
