@@ -124,7 +124,26 @@ pub struct LanguagePlugins {
     pub adapter: String,
     pub formatter: String,
     pub policy: String,
+    /// Strings each plugin gets with every call (`crownest:plugin@0.2.0`
+    /// components; empty when unset).
+    pub adapter_config: String,
+    pub formatter_config: String,
+    pub policy_config: String,
 }
+
+/// A plugin named by a template (resolved as `<plugins dir>/<name>.wasm`).
+fn is_plugin_name(value: &str) -> bool {
+    !value.is_empty()
+        && value.len() <= 128
+        && value != "."
+        && !value.contains("..")
+        && value
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The longest plugin config string a template may set.
+pub const MAX_PLUGIN_CONFIG_BYTES: usize = 64 * 1024;
 
 /// Languages a template may list under `[languages.<name>]`.
 pub const CODE_LANGUAGES: &[&str] = &["python", "javascript", "typescript"];
@@ -324,6 +343,44 @@ impl Template {
                         message: format!("`{language}` names an empty plugin"),
                     });
                 }
+                // A name resolves inside the plugins dir: it may not walk
+                // out of it. Elsewhere, the operator gives an absolute path.
+                let absolute = std::path::Path::new(value.as_str()).is_absolute();
+                if !absolute && !is_plugin_name(value) {
+                    return Err(TemplateError::Invalid {
+                        origin,
+                        field: "languages",
+                        message: format!(
+                            "`{language}` names plugin `{value}`: a plugin is the name of a built plugin \
+                             (letters, digits, '-', '_' and '.', no '/' and no '..') or an absolute path to a component"
+                        ),
+                    });
+                }
+                if absolute && value.split('/').any(|part| part == "..") {
+                    return Err(TemplateError::Invalid {
+                        origin,
+                        field: "languages",
+                        message: format!(
+                            "`{language}` names plugin `{value}`: an absolute path may not contain '..'"
+                        ),
+                    });
+                }
+            }
+            for config in [
+                &plugins.adapter_config,
+                &plugins.formatter_config,
+                &plugins.policy_config,
+            ] {
+                if config.len() > MAX_PLUGIN_CONFIG_BYTES {
+                    return Err(TemplateError::Invalid {
+                        origin,
+                        field: "languages",
+                        message: format!(
+                            "a plugin config of `{language}` is {} bytes; at most {MAX_PLUGIN_CONFIG_BYTES} are allowed",
+                            config.len()
+                        ),
+                    });
+                }
             }
             languages.insert(
                 language,
@@ -331,6 +388,9 @@ impl Template {
                     adapter: plugins.adapter,
                     formatter: plugins.formatter,
                     policy: plugins.policy,
+                    adapter_config: plugins.adapter_config,
+                    formatter_config: plugins.formatter_config,
+                    policy_config: plugins.policy_config,
                 },
             );
         }
@@ -518,6 +578,12 @@ struct RawLanguage {
     adapter: String,
     formatter: String,
     policy: String,
+    #[serde(default)]
+    adapter_config: String,
+    #[serde(default)]
+    formatter_config: String,
+    #[serde(default)]
+    policy_config: String,
 }
 
 #[derive(Deserialize)]
@@ -597,6 +663,51 @@ mod tests {
         for p in &set.get("node").expect("node").rootfs.packages {
             assert!(both.rootfs.packages.contains(p), "python-node lacks {p}");
         }
+    }
+
+    #[test]
+    fn a_plugin_name_that_walks_out_of_the_plugins_dir_is_refused() {
+        for bad in ["../../etc/evil", "a/b", "..", "/srv/../etc/x.wasm", "a b"] {
+            let text = python_text().replace(
+                "formatter = \"default-formatter\"",
+                &format!("formatter = \"{bad}\""),
+            );
+            let err = parse(&text).expect_err(bad).to_string();
+            assert!(err.contains("languages"), "{bad}: {err}");
+        }
+        for good in [
+            "redact-formatter",
+            "redact_formatter",
+            "v1.2-fmt",
+            "/srv/plugins/f.wasm",
+        ] {
+            let text = python_text().replace(
+                "formatter = \"default-formatter\"",
+                &format!("formatter = \"{good}\""),
+            );
+            parse(&text).unwrap_or_else(|e| panic!("{good}: {e}"));
+        }
+    }
+
+    #[test]
+    fn plugin_configs_are_kept_and_bounded() {
+        let text = python_text().replace(
+            "formatter = \"default-formatter\"",
+            "formatter = \"default-formatter\"\nformatter_config = \"rows=10\"",
+        );
+        let template = parse(&text).expect("config");
+        let python = &template.languages["python"];
+        assert_eq!(python.formatter_config, "rows=10");
+        assert_eq!(python.adapter_config, "");
+        let huge = python_text().replace(
+            "formatter = \"default-formatter\"",
+            &format!(
+                "formatter = \"default-formatter\"\npolicy_config = \"{}\"",
+                "x".repeat(MAX_PLUGIN_CONFIG_BYTES + 1)
+            ),
+        );
+        let err = parse(&huge).expect_err("too long").to_string();
+        assert!(err.contains("at most 65536"), "{err}");
     }
 
     #[test]

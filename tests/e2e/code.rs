@@ -673,3 +673,41 @@ async fn python_and_javascript_plugins_shape_a_code_run() {
     assert_eq!(small["notes"], json!([]), "{small}");
     client.kill(&sandbox).await;
 }
+
+#[tokio::test]
+async fn a_0_2_0_formatter_gets_the_template_config_beside_0_1_0_plugins() {
+    // One 0.2.0 component (plugins/fixtures/config-formatter) in two
+    // templates with different configs, beside the 0.1.0 adapter and policy.
+    let templates = tempfile::tempdir().expect("templates dir");
+    let source = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
+    )
+    .expect("python template");
+    for (name, config) in [("python", "[first] "), ("python-second", "[second] ")] {
+        let template = source
+            .replace("name = \"python\"", &format!("name = \"{name}\""))
+            .replace(
+                "formatter = \"default-formatter\"",
+                &format!("formatter = \"config-formatter\"\nformatter_config = \"{config}\""),
+            );
+        assert!(template.contains("formatter_config"));
+        std::fs::write(templates.path().join(format!("{name}.toml")), template)
+            .expect("write template");
+    }
+    let server = crownest_e2e::Server::start_with_env(&[(
+        "CROWNEST_TEMPLATES_DIR",
+        templates.path().to_str().expect("utf8 path"),
+    )]);
+    let client = server.client(&server.key("config-org", None, "all"));
+    for (name, expected) in [("python", "[first] 42"), ("python-second", "[second] 42")] {
+        let sandbox = client.sandbox(name).await;
+        let result = run(
+            &client,
+            &sandbox,
+            json!({ "language": "python", "code": "6 * 7" }),
+        )
+        .await;
+        assert_eq!(output_of(&result, "text")["content"], expected, "{result}");
+        client.kill(&sandbox).await;
+    }
+}

@@ -45,6 +45,7 @@ fn check_names_the_world_the_wasi_imports_and_whether_it_loads() {
         ("std_probe.wasm", "output-formatter@0.1.0", true),
         ("table_formatter.wasm", "output-formatter@0.1.0", true),
         ("image_policy.wasm", "promotion-policy@0.1.0", false),
+        ("config_formatter.wasm", "output-formatter@0.2.0", true),
     ] {
         let path = built(file);
         let (code, stdout, stderr) = plugin(&["check".as_ref(), path.as_os_str()], cache.path());
@@ -66,6 +67,15 @@ fn check_names_the_world_the_wasi_imports_and_whether_it_loads() {
     let (code, stdout, _) = plugin(&["check".as_ref(), bogus.as_os_str()], cache.path());
     assert_eq!(code, 1, "{stdout}");
     assert!(stdout.contains("loads: no: "), "{stdout}");
+    // Built for a version no host links: refused, naming the supported ones.
+    let future = built("future_formatter.wasm");
+    let (code, stdout, _) = plugin(&["check".as_ref(), future.as_os_str()], cache.path());
+    assert_eq!(code, 1, "{stdout}");
+    assert!(
+        stdout.contains("crownest:plugin@9.9.9")
+            && stdout.contains("crownest:plugin@0.1.0, crownest:plugin@0.2.0"),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -105,13 +105,16 @@ fn load_pipeline(
     Ok(LanguagePipeline {
         adapter: host
             .load_adapter(&path(&plugins.adapter))
-            .map_err(|e| format!("result adapter `{}`: {e}", plugins.adapter))?,
+            .map_err(|e| format!("result adapter `{}`: {e}", plugins.adapter))?
+            .with_config(&plugins.adapter_config),
         formatter: host
             .load_formatter(&path(&plugins.formatter))
-            .map_err(|e| format!("output formatter `{}`: {e}", plugins.formatter))?,
+            .map_err(|e| format!("output formatter `{}`: {e}", plugins.formatter))?
+            .with_config(&plugins.formatter_config),
         policy: host
             .load_policy(&path(&plugins.policy))
-            .map_err(|e| format!("promotion policy `{}`: {e}", plugins.policy))?,
+            .map_err(|e| format!("promotion policy `{}`: {e}", plugins.policy))?
+            .with_config(&plugins.policy_config),
     })
 }
 

@@ -293,6 +293,20 @@ impl host::Host for StoreState {
     }
 }
 
+impl super::bindings::v2::host::Host for StoreState {
+    fn log(&mut self, level: super::bindings::v2::host::LogLevel, message: String) {
+        use super::bindings::v2::host::LogLevel as V2;
+        let level = match level {
+            V2::Trace => LogLevel::Trace,
+            V2::Debug => LogLevel::Debug,
+            V2::Info => LogLevel::Info,
+            V2::Warn => LogLevel::Warn,
+            V2::Error => LogLevel::Error,
+        };
+        host::Host::log(self, level, message);
+    }
+}
+
 /// Runs `call` in a fresh store bounded by `deadline` and `memory_cap`,
 /// classifying a failure as Timeout, MemoryLimit or Trap.
 pub fn with_store<T>(

@@ -141,6 +141,8 @@ pub struct PluginInfo {
     pub from_cache: bool,
     /// The WASI interfaces it imports (`wasi:cli/stdout@0.2.0`, …), sorted.
     pub wasi_imports: Vec<String>,
+    /// The `crownest:plugin` version it implements (`0.1.0`, `0.2.0`).
+    pub version: String,
 }
 
 /// Loads plugins. Cheap to clone; all clones share the process's engine.
@@ -164,7 +166,7 @@ impl std::fmt::Debug for PluginHost {
 }
 
 /// The versions of the `crownest:plugin` package this host links.
-pub const SUPPORTED_VERSIONS: [&str; 1] = ["0.1.0"];
+pub const SUPPORTED_VERSIONS: [&str; 2] = ["0.1.0", "0.2.0"];
 
 /// The three worlds, for load-time checks and messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -181,12 +183,26 @@ impl World {
         World::PromotionPolicy,
     ];
 
-    fn name(self) -> &'static str {
+    fn short(self) -> &'static str {
         match self {
-            World::ResultAdapter => "crownest:plugin/result-adapter@0.1.0",
-            World::OutputFormatter => "crownest:plugin/output-formatter@0.1.0",
-            World::PromotionPolicy => "crownest:plugin/promotion-policy@0.1.0",
+            World::ResultAdapter => "result-adapter",
+            World::OutputFormatter => "output-formatter",
+            World::PromotionPolicy => "promotion-policy",
         }
+    }
+
+    /// `crownest:plugin/output-formatter@0.2.0`
+    fn name(self, version: &str) -> String {
+        format!("crownest:plugin/{}@{version}", self.short())
+    }
+
+    /// The world at every supported version, for messages.
+    fn any_version(self) -> String {
+        format!(
+            "crownest:plugin/{}@{{{}}}",
+            self.short(),
+            SUPPORTED_VERSIONS.join(",")
+        )
     }
 
     fn export(self) -> &'static str {
@@ -211,6 +227,9 @@ impl PluginHost {
         let mut linker = Linker::new(&engine);
         bindings::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(|e| PluginError::Setup(format!("cannot link the host interface: {e:#}")))?;
+        bindings::v2::host::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state).map_err(
+            |e| PluginError::Setup(format!("cannot link the 0.2.0 host interface: {e:#}")),
+        )?;
         wasi::add_to_linker(&mut linker)
             .map_err(|e| PluginError::Setup(format!("cannot link WASI: {e:#}")))?;
         Ok(PluginHost {
@@ -270,12 +289,13 @@ impl PluginHost {
     }
 
     pub fn load_adapter(&self, path: &Path) -> Result<Adapter, PluginError> {
-        let (info, component) = self.load(path, World::ResultAdapter)?;
-        let pre = self.instance_pre(
-            &info,
+        let (mut info, component) = self.load(path, World::ResultAdapter)?;
+        let pre = self.versioned_pre(
+            &mut info,
             &component,
             World::ResultAdapter,
-            ResultAdapterPre::new,
+            |pre| ResultAdapterPre::new(pre).map(AdapterPre::V1),
+            |pre| bindings::v2::adapter::ResultAdapterPre::new(pre).map(AdapterPre::V2),
         )?;
         Ok(Adapter {
             plugin: self.plugin(info, self.limits.adapter),
@@ -284,12 +304,13 @@ impl PluginHost {
     }
 
     pub fn load_formatter(&self, path: &Path) -> Result<Formatter, PluginError> {
-        let (info, component) = self.load(path, World::OutputFormatter)?;
-        let pre = self.instance_pre(
-            &info,
+        let (mut info, component) = self.load(path, World::OutputFormatter)?;
+        let pre = self.versioned_pre(
+            &mut info,
             &component,
             World::OutputFormatter,
-            OutputFormatterPre::new,
+            |pre| OutputFormatterPre::new(pre).map(FormatterPre::V1),
+            |pre| bindings::v2::formatter::OutputFormatterPre::new(pre).map(FormatterPre::V2),
         )?;
         Ok(Formatter {
             plugin: self.plugin(info, self.limits.formatter),
@@ -298,17 +319,48 @@ impl PluginHost {
     }
 
     pub fn load_policy(&self, path: &Path) -> Result<Policy, PluginError> {
-        let (info, component) = self.load(path, World::PromotionPolicy)?;
-        let pre = self.instance_pre(
-            &info,
+        let (mut info, component) = self.load(path, World::PromotionPolicy)?;
+        let pre = self.versioned_pre(
+            &mut info,
             &component,
             World::PromotionPolicy,
-            PromotionPolicyPre::new,
+            |pre| PromotionPolicyPre::new(pre).map(PolicyPre::V1),
+            |pre| bindings::v2::policy::PromotionPolicyPre::new(pre).map(PolicyPre::V2),
         )?;
         Ok(Policy {
             plugin: self.plugin(info, self.limits.policy),
             pre,
         })
+    }
+
+    /// The typed instance of a component at its version: the one its
+    /// `crownest:plugin` imports name, else (it imports none) whichever
+    /// version its exports match. Records the version in `info`.
+    fn versioned_pre<P>(
+        &self,
+        info: &mut PluginInfo,
+        component: &Component,
+        world: World,
+        v1: impl FnOnce(wasmtime::component::InstancePre<engine::StoreState>) -> wasmtime::Result<P>,
+        v2: impl FnOnce(wasmtime::component::InstancePre<engine::StoreState>) -> wasmtime::Result<P>,
+    ) -> Result<P, PluginError> {
+        match info.version.as_str() {
+            "0.2.0" => self.instance_pre(info, component, world, v2),
+            "0.1.0" => self.instance_pre(info, component, world, v1),
+            _ => match self.instance_pre(info, component, world, v1) {
+                Ok(pre) => {
+                    info.version = String::from("0.1.0");
+                    Ok(pre)
+                }
+                Err(v1_error) => {
+                    let pre = self
+                        .instance_pre(info, component, world, v2)
+                        .map_err(|_| v1_error)?;
+                    info.version = String::from("0.2.0");
+                    Ok(pre)
+                }
+            },
+        }
     }
 
     /// Whether the compiled code of this component file is in the cache
@@ -348,7 +400,7 @@ impl PluginHost {
                 plugin: name,
                 message: format!(
                     "it implements none of the worlds {}: it exports {}",
-                    World::ALL.map(World::name).join(", "),
+                    World::ALL.map(World::any_version).join(", "),
                     if exports.is_empty() {
                         String::from("nothing")
                     } else {
@@ -364,6 +416,7 @@ impl PluginHost {
             name: Arc::from(info.name.as_str()),
             info: Arc::new(info),
             limits,
+            config: Arc::from(""),
         }
     }
 
@@ -403,6 +456,7 @@ impl PluginHost {
                     .join(", ")
             )));
         }
+        let version = imported_version(&imports).unwrap_or_default();
         let mut wasi_imports: Vec<String> = imports
             .into_iter()
             .filter(|import| wasi::is_granted(import))
@@ -417,11 +471,15 @@ impl PluginHost {
             let looks_like = World::ALL
                 .into_iter()
                 .find(|w| exports.iter().any(|e| e == w.export()))
-                .map(|w| format!(" (it looks like a {} component)", w.name()))
+                .map(|w| format!(" (it looks like a {} component)", w.short()))
                 .unwrap_or_default();
             return Err(load_error(format!(
                 "it does not implement world {}: no `{}` export{looks_like}",
-                world.name(),
+                if version.is_empty() {
+                    world.any_version()
+                } else {
+                    world.name(&version)
+                },
                 world.export()
             )));
         }
@@ -430,6 +488,8 @@ impl PluginHost {
             path: path.to_owned(),
             from_cache,
             wasi_imports,
+            // Settled by `versioned_pre` when no import names it.
+            version,
         };
         Ok((info, component))
     }
@@ -441,9 +501,14 @@ impl PluginHost {
         world: World,
         typed: impl FnOnce(wasmtime::component::InstancePre<engine::StoreState>) -> wasmtime::Result<P>,
     ) -> Result<P, PluginError> {
+        let expected = if info.version.is_empty() {
+            world.any_version()
+        } else {
+            world.name(&info.version)
+        };
         let load_error = |e: wasmtime::Error| PluginError::Load {
             plugin: info.name.clone(),
-            message: format!("it does not implement world {}: {e:#}", world.name()),
+            message: format!("it does not implement world {expected}: {e:#}"),
         };
         let pre = self.linker.instantiate_pre(component).map_err(load_error)?;
         typed(pre).map_err(load_error)
@@ -467,12 +532,13 @@ pub enum AnyPlugin {
 
 impl AnyPlugin {
     /// The world it implements, with its version.
-    pub fn world(&self) -> &'static str {
-        match self {
-            AnyPlugin::Adapter(_) => World::ResultAdapter.name(),
-            AnyPlugin::Formatter(_) => World::OutputFormatter.name(),
-            AnyPlugin::Policy(_) => World::PromotionPolicy.name(),
-        }
+    pub fn world(&self) -> String {
+        let world = match self {
+            AnyPlugin::Adapter(_) => World::ResultAdapter,
+            AnyPlugin::Formatter(_) => World::OutputFormatter,
+            AnyPlugin::Policy(_) => World::PromotionPolicy,
+        };
+        world.name(&self.info().version)
     }
 
     pub fn info(&self) -> &PluginInfo {
@@ -482,6 +548,26 @@ impl AnyPlugin {
             AnyPlugin::Policy(p) => p.info(),
         }
     }
+}
+
+/// The supported `crownest:plugin` version `imports` name, if any.
+fn imported_version(imports: &[String]) -> Option<String> {
+    imports
+        .iter()
+        .filter_map(|i| i.strip_prefix("crownest:plugin/"))
+        .filter_map(|i| i.split_once('@').map(|(_, v)| v))
+        .find_map(|v| {
+            SUPPORTED_VERSIONS
+                .iter()
+                .find(|s| same_minor(v, s))
+                .map(|s| s.to_string())
+        })
+}
+
+/// `0.1.3` and `0.1.0` are the same minor version (0.x semver).
+fn same_minor(a: &str, b: &str) -> bool {
+    let minor = |v: &str| v.rsplit_once('.').map(|(m, _)| m.to_owned());
+    a == b || (minor(a).is_some() && minor(a) == minor(b))
 }
 
 /// The first `crownest:plugin` version among `imports` the host does not
@@ -552,6 +638,8 @@ struct Plugin {
     name: Arc<str>,
     info: Arc<PluginInfo>,
     limits: CallLimits,
+    /// The template's config string for this plugin (0.2.0 calls get it).
+    config: Arc<str>,
 }
 
 impl Plugin {
@@ -579,21 +667,39 @@ impl Plugin {
 #[derive(Clone)]
 pub struct Adapter {
     plugin: Plugin,
-    pre: ResultAdapterPre<engine::StoreState>,
+    pre: AdapterPre,
+}
+
+#[derive(Clone)]
+enum AdapterPre {
+    V1(ResultAdapterPre<engine::StoreState>),
+    V2(bindings::v2::adapter::ResultAdapterPre<engine::StoreState>),
 }
 
 /// A loaded output formatter.
 #[derive(Clone)]
 pub struct Formatter {
     plugin: Plugin,
-    pre: OutputFormatterPre<engine::StoreState>,
+    pre: FormatterPre,
+}
+
+#[derive(Clone)]
+enum FormatterPre {
+    V1(OutputFormatterPre<engine::StoreState>),
+    V2(bindings::v2::formatter::OutputFormatterPre<engine::StoreState>),
 }
 
 /// A loaded promotion policy.
 #[derive(Clone)]
 pub struct Policy {
     plugin: Plugin,
-    pre: PromotionPolicyPre<engine::StoreState>,
+    pre: PolicyPre,
+}
+
+#[derive(Clone)]
+enum PolicyPre {
+    V1(PromotionPolicyPre<engine::StoreState>),
+    V2(bindings::v2::policy::PromotionPolicyPre<engine::StoreState>),
 }
 
 macro_rules! plugin_accessors {
@@ -605,6 +711,13 @@ macro_rules! plugin_accessors {
 
             pub fn info(&self) -> &PluginInfo {
                 &self.plugin.info
+            }
+
+            /// The same plugin, called with this template config (a 0.2.0
+            /// component gets it; 0.1.0 has no way to take it).
+            pub fn with_config(mut self, config: &str) -> Self {
+                self.plugin.config = Arc::from(config);
+                self
             }
         }
 
@@ -622,9 +735,16 @@ impl Adapter {
     /// Raw interpreter events -> stdout/stderr, rich outputs, error.
     pub fn adapt(&self, events: &[RawEvent]) -> Result<Adapted, PluginError> {
         let events: Vec<bindings::types::RawEvent> = events.iter().map(Into::into).collect();
-        let adapted = self.plugin.call(|store| {
-            let instance: ResultAdapter = self.pre.instantiate(&mut *store)?;
-            instance.call_adapt(&mut *store, &events)
+        let config = &*self.plugin.config;
+        let adapted = self.plugin.call(|store| match &self.pre {
+            AdapterPre::V1(pre) => {
+                let instance: ResultAdapter = pre.instantiate(&mut *store)?;
+                instance.call_adapt(&mut *store, &events)
+            }
+            AdapterPre::V2(pre) => {
+                let instance = pre.instantiate(&mut *store)?;
+                instance.call_adapt(&mut *store, &events, config)
+            }
         })?;
         Ok(adapted.into())
     }
@@ -636,9 +756,16 @@ impl Formatter {
     pub fn format(&self, output: RichOutput, limits: &FormatLimits) -> Result<Output, PluginError> {
         let output: bindings::types::RichOutput = output.into();
         let limits = limits.into();
-        let formatted = self.plugin.call(|store| {
-            let instance: OutputFormatter = self.pre.instantiate(&mut *store)?;
-            instance.call_format(&mut *store, &output, limits)
+        let config = &*self.plugin.config;
+        let formatted = self.plugin.call(|store| match &self.pre {
+            FormatterPre::V1(pre) => {
+                let instance: OutputFormatter = pre.instantiate(&mut *store)?;
+                instance.call_format(&mut *store, &output, limits)
+            }
+            FormatterPre::V2(pre) => {
+                let instance = pre.instantiate(&mut *store)?;
+                instance.call_format(&mut *store, &output, limits, config)
+            }
         })?;
         let formatted: Output = formatted.into();
         check_output(&formatted).map_err(|message| PluginError::BadOutput {
@@ -659,9 +786,16 @@ impl Policy {
     ) -> Result<Decision, PluginError> {
         let output: bindings::types::Output = output.into();
         let limits = limits.into();
-        let decision = self.plugin.call(|store| {
-            let instance: PromotionPolicy = self.pre.instantiate(&mut *store)?;
-            instance.call_decide(&mut *store, &output, policy.into(), limits)
+        let config = &*self.plugin.config;
+        let decision = self.plugin.call(|store| match &self.pre {
+            PolicyPre::V1(pre) => {
+                let instance: PromotionPolicy = pre.instantiate(&mut *store)?;
+                instance.call_decide(&mut *store, &output, policy.into(), limits)
+            }
+            PolicyPre::V2(pre) => {
+                let instance = pre.instantiate(&mut *store)?;
+                instance.call_decide(&mut *store, &output, policy.into(), limits, config)
+            }
         })?;
         Ok(decision.into())
     }

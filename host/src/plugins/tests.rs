@@ -1029,9 +1029,88 @@ fn only_the_supported_crownest_plugin_versions_are_accepted() {
         unsupported_version(&imports("9.9.9")).as_deref(),
         Some("9.9.9")
     );
+    assert_eq!(unsupported_version(&imports("0.2.0")), None);
     assert_eq!(
-        unsupported_version(&imports("0.2.0")).as_deref(),
-        Some("0.2.0")
+        unsupported_version(&imports("0.3.0")).as_deref(),
+        Some("0.3.0")
     );
     assert_eq!(unsupported_version(&["wasi:cli/stdout@0.2.9".into()]), None);
+}
+
+#[test]
+fn a_0_1_0_and_a_0_2_0_component_work_side_by_side() {
+    let host = host();
+    let old = host
+        .load_formatter(&path("default-formatter"))
+        .expect("0.1.0");
+    let new = host
+        .load_formatter(&path("config-formatter"))
+        .expect("0.2.0")
+        .with_config("[cfg] ");
+    assert_eq!(old.info().version, "0.1.0");
+    assert_eq!(new.info().version, "0.2.0");
+    let bundle = || rich(vec![text("text/plain", "42")]);
+    let limits = FormatLimits::default();
+    assert_eq!(
+        old.format(bundle(), &limits)
+            .expect("format")
+            .text
+            .as_deref(),
+        Some("42")
+    );
+    assert_eq!(
+        new.format(bundle(), &limits)
+            .expect("format")
+            .text
+            .as_deref(),
+        Some("[cfg] 42")
+    );
+    // One component, two configs (two templates).
+    let other = new.clone().with_config("other: ");
+    assert_eq!(
+        other
+            .format(bundle(), &limits)
+            .expect("format")
+            .text
+            .as_deref(),
+        Some("other: 42")
+    );
+    assert_eq!(
+        new.format(bundle(), &limits)
+            .expect("format")
+            .text
+            .as_deref(),
+        Some("[cfg] 42")
+    );
+    // Both versions of a world side by side in one pipeline.
+    let result = pipeline(
+        &host
+            .load_adapter(&path("ipython-adapter"))
+            .expect("adapter"),
+        &new,
+        &policy(),
+        &[RawEvent::ExecuteResult {
+            bundle: vec![text("text/plain", "7")],
+            execution_count: Some(1),
+        }],
+        ArtifactPolicy::Inline,
+        &PipelineLimits::default(),
+    );
+    assert_eq!(result.notes, Vec::<String>::new());
+    assert_eq!(result.outputs[0].output.text.as_deref(), Some("[cfg] 7"));
+}
+
+#[test]
+fn a_component_for_an_unknown_version_is_refused_naming_the_supported_ones() {
+    let error = host()
+        .load_formatter(&path("future-formatter"))
+        .expect_err("9.9.9 is not linked");
+    assert!(matches!(error, PluginError::Load { .. }), "{error:?}");
+    let message = error.to_string();
+    assert!(message.contains("crownest:plugin@9.9.9"), "{message}");
+    assert!(
+        message.contains("crownest:plugin@0.1.0, crownest:plugin@0.2.0"),
+        "{message}"
+    );
+    assert_host_still_works();
 }
