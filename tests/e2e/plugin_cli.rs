@@ -144,3 +144,121 @@ fn run_puts_the_component_in_the_pipeline_and_prints_what_came_out() {
     assert_ne!(code, 0);
     assert!(stderr.contains("event 1 of"), "{stderr}");
 }
+
+/// `plugin new` then `plugin build` then `plugin check`/`run`, in each
+/// language (one world each; all nine pairs build the same way).
+#[test]
+fn new_projects_build_load_and_run_in_rust_python_and_javascript() {
+    let scratch = tempfile::tempdir().expect("scratch dir");
+    let componentize_py =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../target/plugin-venv/bin/componentize-py");
+    assert!(
+        componentize_py.is_file(),
+        "componentize-py is missing: scripts/build-plugin-examples installs it"
+    );
+    let events = scratch.path().join("events.json");
+    std::fs::write(
+        &events,
+        r#"[{"type":"stream","name":"stdout","text":"hi\n"},
+            {"type":"execute_result","execution_count":3,"data":{"text/plain":"42"}},
+            {"type":"error","ename":"ValueError","evalue":"bad","traceback":["\u001b[31mValueError\u001b[0m: bad"]}]"#,
+    )
+    .expect("write");
+    for (lang, world, name) in [
+        ("rust", "output-formatter", "my-formatter"),
+        ("python", "result-adapter", "my-adapter"),
+        ("js", "promotion-policy", "my-policy"),
+    ] {
+        let dir = scratch.path().join(name);
+        let out = Command::new(crownest_e2e::crownest_bin())
+            .args([
+                "plugin", "new", name, "--lang", lang, "--world", world, "--dir",
+            ])
+            .arg(&dir)
+            .output()
+            .expect("plugin new");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(dir.join("README.md").is_file());
+        let out = Command::new(crownest_e2e::crownest_bin())
+            .args(["plugin", "build"])
+            .arg(&dir)
+            .env("CROWNEST_COMPONENTIZE_PY", &componentize_py)
+            .output()
+            .expect("plugin build");
+        assert!(
+            out.status.success(),
+            "{lang}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = dir.join(format!("{}.wasm", name.replace('-', "_")));
+        let (code, stdout, stderr) = plugin(&["check".as_ref(), file.as_os_str()], scratch.path());
+        assert_eq!(code, 0, "{lang}: {stdout}{stderr}");
+        assert!(
+            stdout.contains(&format!("world: crownest:plugin/{world}@0.2.0")),
+            "{lang}: {stdout}"
+        );
+        let (code, stdout, stderr) = plugin(
+            &[
+                "run".as_ref(),
+                file.as_os_str(),
+                "--input".as_ref(),
+                events.as_os_str(),
+            ],
+            scratch.path(),
+        );
+        assert_eq!(code, 0, "{lang}: {stdout}{stderr}");
+        let printed: serde_json::Value = serde_json::from_str(&stdout).expect("JSON");
+        assert_eq!(
+            printed["stdout"],
+            serde_json::json!(["hi\n"]),
+            "{lang}: {printed}"
+        );
+        assert_eq!(printed["outputs"][0]["text"], "42", "{lang}: {printed}");
+        assert_eq!(
+            printed["outputs"][0]["decision"], "inline",
+            "{lang}: {printed}"
+        );
+        assert_eq!(
+            printed["error"]["traceback"],
+            serde_json::json!(["ValueError: bad"]),
+            "{lang}: {printed}"
+        );
+    }
+    // A second `new` into the same place is refused, as is a bad name.
+    let out = Command::new(crownest_e2e::crownest_bin())
+        .args([
+            "plugin",
+            "new",
+            "my-formatter",
+            "--lang",
+            "rust",
+            "--world",
+            "output-formatter",
+            "--dir",
+        ])
+        .arg(scratch.path().join("my-formatter"))
+        .output()
+        .expect("plugin new");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not empty"));
+    let out = Command::new(crownest_e2e::crownest_bin())
+        .args([
+            "plugin",
+            "new",
+            "../evil",
+            "--lang",
+            "rust",
+            "--world",
+            "output-formatter",
+        ])
+        .current_dir(scratch.path())
+        .output()
+        .expect("plugin new");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a plugin name"));
+}
