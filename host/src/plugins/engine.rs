@@ -185,7 +185,13 @@ impl StoreState {
             },
             logs_left: MAX_LOG_LINES,
             wasi: None,
-            table: wasmtime::component::ResourceTable::new(),
+            table: {
+                // Every WASI handle a plugin holds is host memory outside
+                // its linear-memory cap: bound how many it may hold.
+                let mut table = wasmtime::component::ResourceTable::new();
+                table.set_max_capacity(wasi::MAX_RESOURCES);
+                table
+            },
             deadline_at: tokio::time::Instant::now() + deadline,
             timer_cut: false,
         }

@@ -523,6 +523,16 @@ fn a_plugin_asleep_is_cut_at_its_deadline() {
 }
 
 #[test]
+fn what_wasi_allocates_on_the_host_is_bounded() {
+    // Each handle is host memory outside the plugin's linear-memory cap.
+    let error = probe("handles").expect_err("100,000 handles are too many");
+    assert!(matches!(error, PluginError::Trap { .. }), "{error:?}");
+    let error = probe("random").expect_err("64 MiB of random bytes is too much");
+    assert!(matches!(error, PluginError::Trap { .. }), "{error:?}");
+    assert_host_still_works();
+}
+
+#[test]
 fn a_plugin_printing_keeps_working() {
     assert_eq!(probe_ok("print"), "std-probe: print");
 }
@@ -985,7 +995,23 @@ fn a_python_plugin_that_loops_forever_times_out() {
 
 #[test]
 fn a_python_plugin_that_allocates_without_bound_fails_that_call() {
-    let error = py_probe("alloc").expect_err("the memory cap holds");
+    // Time enough that the memory cap, not the deadline, ends it on a slow
+    // machine (zeroing 64 MiB in Python takes longer than 100 ms there).
+    let error = host()
+        .with_limits(HostLimits {
+            formatter: CallLimits {
+                deadline: Duration::from_secs(10),
+                memory_bytes: 64 << 20,
+            },
+            ..HostLimits::default()
+        })
+        .load_formatter(&example("py-probe"))
+        .expect("load")
+        .format(
+            rich(vec![text("text/plain", "alloc")]),
+            &FormatLimits::default(),
+        )
+        .expect_err("the memory cap holds");
     assert!(
         matches!(error, PluginError::MemoryLimit { .. })
             || error.to_string().contains("MemoryError"),

@@ -5,7 +5,9 @@
 //! preopened directory (every path fails), no environment, no arguments,
 //! stdin at its end, sockets that refuse every use (`access-denied`).
 //! Timers never outlast the call: a sleep is cut at the call's deadline,
-//! after which the epoch interrupt ends the call.
+//! after which the epoch interrupt ends the call. What WASI allocates on
+//! the host is bounded too: at most [`MAX_RESOURCES`] handles at once and
+//! 1 MiB of random bytes per request.
 
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -36,6 +38,12 @@ const WASI_VERSION: &str = "0.2.12";
 
 /// Bytes of stdout and of stderr kept per call (the rest is counted).
 pub const MAX_STDIO_BYTES: usize = 16 * 1024;
+
+/// WASI handles (streams, pollables, …) one call may hold at once.
+pub const MAX_RESOURCES: usize = 10_000;
+
+/// The most random bytes one `get-random-bytes` call may ask for.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
 
 /// Whether `import` is a WASI interface the host links.
 pub fn is_granted(import: &str) -> bool {
@@ -138,6 +146,7 @@ impl CallWasi {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .socket_addr_check(|_, _| Box::pin(async { false }))
+            .max_random_size(MAX_RANDOM_BYTES)
             .build();
         CallWasi {
             ctx,
