@@ -391,6 +391,28 @@ async fn a_streamed_run_sends_stdout_before_complete_and_complete_equals_the_blo
 }
 }
 
+/// The built-in python template, as an operator copies it to edit.
+fn python_template() -> String {
+    std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
+    )
+    .expect("python template")
+}
+
+/// A server whose operator template dir holds `(name, TOML)` files as
+/// `<name>.toml`; the dir lives as long as the returned handle.
+fn server_with_templates(templates: &[(&str, &str)]) -> (crownest_e2e::Server, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("templates dir");
+    for (name, text) in templates {
+        std::fs::write(dir.path().join(format!("{name}.toml")), text).expect("write template");
+    }
+    let server = crownest_e2e::Server::start_with_env(&[(
+        "CROWNEST_TEMPLATES_DIR",
+        dir.path().to_str().expect("utf8 path"),
+    )]);
+    (server, dir)
+}
+
 fn output_of<'a>(result: &'a Value, format: &str) -> &'a Value {
     result["outputs"]
         .as_array()
@@ -484,21 +506,13 @@ async fn rich_outputs_go_through_the_wasm_pipeline() {
 async fn a_template_pointing_at_the_example_plugin_changes_outputs() {
     // The operator copies the python template and swaps in the example
     // redact-formatter (examples/redact-formatter, built with the plugins).
-    let templates = tempfile::tempdir().expect("templates dir");
-    let python = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
-    )
-    .expect("python template");
+    let python = python_template();
     assert!(python.contains("formatter = \"default-formatter\""));
     let redacting = python.replace(
         "formatter = \"default-formatter\"",
         "formatter = \"redact-formatter\"",
     );
-    std::fs::write(templates.path().join("python.toml"), redacting).expect("write template");
-    let server = crownest_e2e::Server::start_with_env(&[(
-        "CROWNEST_TEMPLATES_DIR",
-        templates.path().to_str().expect("utf8 path"),
-    )]);
+    let (server, _templates) = server_with_templates(&[("python", &redacting)]);
     let client = server.client(&server.key("redact-org", None, "all"));
     let sandbox = client.sandbox("python").await;
     let code = "'token=' + 'cn_live_' + 'A' * 40";
@@ -537,20 +551,11 @@ async fn a_template_pointing_at_the_example_plugin_changes_outputs() {
 async fn a_std_rust_plugin_runs_in_a_code_run_and_what_wasi_denies_fails_only_that_output() {
     // The operator swaps in plugins/fixtures/std-probe: a formatter built
     // with std (it imports WASI) that tries, on request, what WASI denies.
-    let templates = tempfile::tempdir().expect("templates dir");
-    let python = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
-    )
-    .expect("python template");
-    let probing = python.replace(
+    let probing = python_template().replace(
         "formatter = \"default-formatter\"",
         "formatter = \"std-probe\"",
     );
-    std::fs::write(templates.path().join("python.toml"), probing).expect("write template");
-    let server = crownest_e2e::Server::start_with_env(&[(
-        "CROWNEST_TEMPLATES_DIR",
-        templates.path().to_str().expect("utf8 path"),
-    )]);
+    let (server, _templates) = server_with_templates(&[("python", &probing)]);
     let client = server.client(&server.key("std-org", None, "all"));
 
     let (_, listed) = client.get("/v1/templates").await;
@@ -613,11 +618,7 @@ async fn python_and_javascript_plugins_shape_a_code_run() {
     // The operator points the python template at the Python table
     // formatter and the JavaScript image policy (examples/, built by
     // scripts/build-plugin-examples).
-    let templates = tempfile::tempdir().expect("templates dir");
-    let python = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
-    )
-    .expect("python template");
+    let python = python_template();
     let swapped = python
         .replace(
             "formatter = \"default-formatter\"",
@@ -625,11 +626,7 @@ async fn python_and_javascript_plugins_shape_a_code_run() {
         )
         .replace("policy = \"default-policy\"", "policy = \"image-policy\"");
     assert_ne!(swapped, python);
-    std::fs::write(templates.path().join("python.toml"), swapped).expect("write template");
-    let server = crownest_e2e::Server::start_with_env(&[(
-        "CROWNEST_TEMPLATES_DIR",
-        templates.path().to_str().expect("utf8 path"),
-    )]);
+    let (server, _templates) = server_with_templates(&[("python", &swapped)]);
     let client = server.client(&server.key("polyglot-org", None, "all"));
     let sandbox = client.sandbox("python").await;
 
@@ -678,11 +675,8 @@ async fn python_and_javascript_plugins_shape_a_code_run() {
 async fn a_0_2_0_formatter_gets_the_template_config_beside_0_1_0_plugins() {
     // One 0.2.0 component (plugins/fixtures/config-formatter) in two
     // templates with different configs, beside the 0.1.0 adapter and policy.
-    let templates = tempfile::tempdir().expect("templates dir");
-    let source = std::fs::read_to_string(
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../templates/python.toml"),
-    )
-    .expect("python template");
+    let source = python_template();
+    let mut templates = Vec::new();
     for (name, config) in [("python", "[first] "), ("python-second", "[second] ")] {
         let template = source
             .replace("name = \"python\"", &format!("name = \"{name}\""))
@@ -691,13 +685,10 @@ async fn a_0_2_0_formatter_gets_the_template_config_beside_0_1_0_plugins() {
                 &format!("formatter = \"config-formatter\"\nformatter_config = \"{config}\""),
             );
         assert!(template.contains("formatter_config"));
-        std::fs::write(templates.path().join(format!("{name}.toml")), template)
-            .expect("write template");
+        templates.push((name, template));
     }
-    let server = crownest_e2e::Server::start_with_env(&[(
-        "CROWNEST_TEMPLATES_DIR",
-        templates.path().to_str().expect("utf8 path"),
-    )]);
+    let files: Vec<(&str, &str)> = templates.iter().map(|(n, t)| (*n, t.as_str())).collect();
+    let (server, _templates) = server_with_templates(&files);
     let client = server.client(&server.key("config-org", None, "all"));
     for (name, expected) in [("python", "[first] 42"), ("python-second", "[second] 42")] {
         let sandbox = client.sandbox(name).await;

@@ -552,39 +552,35 @@ impl AnyPlugin {
 
 /// The supported `crownest:plugin` version `imports` name, if any.
 fn imported_version(imports: &[String]) -> Option<String> {
-    imports
-        .iter()
-        .filter_map(|i| i.strip_prefix("crownest:plugin/"))
-        .filter_map(|i| i.split_once('@').map(|(_, v)| v))
-        .find_map(|v| {
-            SUPPORTED_VERSIONS
-                .iter()
-                .find(|s| same_minor(v, s))
-                .map(|s| s.to_string())
-        })
-}
-
-/// `0.1.3` and `0.1.0` are the same minor version (0.x semver).
-fn same_minor(a: &str, b: &str) -> bool {
-    let minor = |v: &str| v.rsplit_once('.').map(|(m, _)| m.to_owned());
-    a == b || (minor(a).is_some() && minor(a) == minor(b))
+    crownest_versions(imports)
+        .find_map(supported)
+        .map(str::to_owned)
 }
 
 /// The first `crownest:plugin` version among `imports` the host does not
 /// link (a 0.1.x import is served by 0.1.0).
 fn unsupported_version(imports: &[String]) -> Option<String> {
+    crownest_versions(imports)
+        .find(|version| supported(version).is_none())
+        .map(str::to_owned)
+}
+
+/// The versions of the `crownest:plugin/*` interfaces among `imports`.
+fn crownest_versions(imports: &[String]) -> impl Iterator<Item = &str> {
     imports
         .iter()
         .filter_map(|i| i.strip_prefix("crownest:plugin/"))
         .filter_map(|i| i.split_once('@').map(|(_, v)| v))
-        .find(|version| {
-            !SUPPORTED_VERSIONS.iter().any(|supported| {
-                let minor = |v: &str| v.rsplit_once('.').map(|(m, _)| m.to_owned());
-                version == supported
-                    || (minor(version).is_some() && minor(version) == minor(supported))
-            })
-        })
-        .map(str::to_owned)
+}
+
+/// The linked version that serves `version`: the same one, or the same
+/// minor version (0.x semver: `0.1.3` is served by `0.1.0`).
+fn supported(version: &str) -> Option<&'static str> {
+    let minor = |v: &str| v.rsplit_once('.').map(|(m, _)| m.to_owned());
+    SUPPORTED_VERSIONS
+        .iter()
+        .find(|s| version == **s || (minor(version).is_some() && minor(version) == minor(s)))
+        .copied()
 }
 
 /// The WASI interfaces a component file imports, sorted, read from its
