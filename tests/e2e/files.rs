@@ -383,46 +383,57 @@ async fn a_symlink_race_never_reads_or_writes_outside_the_workspace(template) {
     let setup = client
         .run(
             &sandbox,
-            "echo SECRET > /tmp/secret && mkdir real && echo inside > real/secret",
+            "echo SECRET > /tmp/secret && mkdir real wreal && echo inside > real/secret",
         )
         .await;
     assert_eq!(setup["exitCode"], 0, "{setup}");
-    // `d` flips between the real directory, nothing, and a symlink to /tmp.
+    // `d` (read through) and `e` (written through) each flip between a real
+    // directory, nothing, and a symlink to /tmp. They are apart because a
+    // write creates missing parents: one landing while `e` is absent nests
+    // `wreal` a level down, which must not take `d/secret` away from reads.
     let (status, racer) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/commands"),
             json!({
-                "command": "while true; do ln -sfn /tmp d; rm -rf d; mv real d; mv d real; done",
+                "command": "while true; do ln -sfn /tmp d; ln -sfn /tmp e; rm -rf d; \
+                            mv real d; rm -rf e; mv d real; mv wreal e; mv e wreal; done",
                 "background": true,
-                "timeoutMs": 60000
+                "timeoutMs": 120000
             }),
         )
         .await;
     assert_eq!(status, 200, "{racer}");
 
-    let deadline = Instant::now() + Duration::from_secs(8);
-    let (mut inside, mut refused, mut writes) = (0, 0, 0);
+    // Race until every outcome has been seen a few times (a loaded machine
+    // gets fewer rounds a second), within a generous cap.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (mut inside, mut refused, mut writes, mut write_refused) = (0, 0, 0, 0);
     let mut round = 0;
-    while Instant::now() < deadline {
+    while Instant::now() < deadline && (inside < 3 || refused < 3 || writes < 3 || write_refused < 3)
+    {
         round += 1;
         let (status, bytes, _) = get_bytes(&client, &sandbox, "d/secret").await;
+        let shown = String::from_utf8_lossy(&bytes);
         match status {
             200 => {
-                assert_eq!(bytes, b"inside\n", "read through the race must stay inside");
+                assert_eq!(shown, "inside\n", "read through the race must stay inside");
                 inside += 1;
             }
             400 => {
                 let body: Value = serde_json::from_slice(&bytes).expect("json");
-                assert_eq!(error_code(&body), "path_outside_workspace");
+                assert_eq!(error_code(&body), "path_outside_workspace", "{body}");
                 refused += 1;
             }
             404 => {}
-            other => panic!("unexpected status {other}"),
+            other => panic!("unexpected read status {other}: {shown}"),
         }
-        let (status, body) = put(&client, &sandbox, &format!("d/w{round}"), b"x".to_vec()).await;
+        let (status, body) = put(&client, &sandbox, &format!("e/w{round}"), b"x".to_vec()).await;
         match status {
             200 => writes += 1,
-            400 => assert_eq!(error_code(&body), "path_outside_workspace"),
+            400 => {
+                assert_eq!(error_code(&body), "path_outside_workspace", "{body}");
+                write_refused += 1;
+            }
             404 | 409 => {}
             other => panic!("unexpected write status {other}: {body}"),
         }
@@ -438,8 +449,9 @@ async fn a_symlink_race_never_reads_or_writes_outside_the_workspace(template) {
         .await;
     assert!(status == 200 || status == 409, "cancel: {status}");
     assert!(
-        inside + refused > 0,
-        "the race never resolved d: {inside} {refused}"
+        inside > 0 && refused > 0 && writes > 0 && write_refused > 0,
+        "the race did not reach every outcome in {round} rounds: reads inside {inside}, \
+         refused {refused}; writes {writes}, refused {write_refused}"
     );
     let check = client
         .run(&sandbox, "ls /tmp | grep -c '^w' ; cat /tmp/secret")
