@@ -67,6 +67,37 @@ impl BlobStore {
         self.dir.join("sha256").join(prefix).join(sha256)
     }
 
+    /// Opens the blob with this digest for reading. The digest comes from
+    /// a store row: anything but 64 lower-case hex characters names no
+    /// blob, and the file is opened inside the blob directory (through
+    /// `crate::contained`), so no row can point a download elsewhere.
+    pub fn open_blob(&self, sha256: &str) -> Result<std::fs::File, BlobError> {
+        let root = self.dir.join("sha256");
+        let valid = sha256.len() == 64
+            && sha256
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if !valid {
+            return Err(BlobError::Io {
+                path: root,
+                source: std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    format!("`{}` is not a SHA-256 digest", sha256.escape_debug()),
+                ),
+            });
+        }
+        let contained = crate::contained::Contained::open(&root).map_err(|e| BlobError::Io {
+            path: root.clone(),
+            source: std::io::Error::other(e.to_string()),
+        })?;
+        contained
+            .open_file(format!("{}/{sha256}", &sha256[..2]))
+            .map_err(|e| BlobError::Io {
+                path: self.path_of(sha256),
+                source: std::io::Error::other(e.to_string()),
+            })
+    }
+
     /// Streams `content` into the store, refusing more than `limit` bytes.
     /// Hashing, writing and syncing run on the blocking pool; the caller's
     /// task only forwards chunks (at most a few in flight).
@@ -217,6 +248,35 @@ mod tests {
                 .expect("again"),
             blob
         );
+    }
+
+    #[tokio::test]
+    async fn a_crafted_digest_or_a_planted_symlink_opens_nothing_outside_the_store() {
+        let dir = tempfile::tempdir().expect("tmp");
+        let blobs = BlobStore::open(dir.path().join("blobs")).expect("open");
+        let blob = blobs.put(chunks(&[b"content"]), 1024).await.expect("put");
+        let mut read = String::new();
+        std::io::Read::read_to_string(&mut blobs.open_blob(&blob.sha256).expect("open"), &mut read)
+            .expect("read");
+        assert_eq!(read, "content");
+        std::fs::write(dir.path().join("secret"), "SECRET").expect("secret");
+        for crafted in [
+            "../../secret",
+            "/etc/shadow",
+            "ab/../../../secret",
+            "",
+            "AB",
+        ] {
+            assert!(blobs.open_blob(crafted).is_err(), "{crafted}");
+        }
+        // A row naming a well-formed digest whose file was replaced by a
+        // symlink out of the store (a tampered data dir) opens nothing.
+        let planted = "ab".repeat(32);
+        let place = blobs.path_of(&planted);
+        std::fs::create_dir_all(place.parent().expect("parent")).expect("mkdir");
+        std::os::unix::fs::symlink(dir.path().join("secret"), &place).expect("symlink");
+        let err = blobs.open_blob(&planted).expect_err("symlink out");
+        assert!(err.to_string().contains("leads outside"), "{err}");
     }
 
     #[tokio::test]

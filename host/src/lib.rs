@@ -9,6 +9,7 @@ pub mod auth;
 pub mod blobs;
 pub mod clock;
 pub mod config;
+pub mod contained;
 pub mod core;
 pub mod evidence;
 pub mod ids;

@@ -183,11 +183,13 @@ async fn artifact_content(
                 })?,
         ),
     };
-    let path = state.host.artifact_path(&artifact);
-    let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
-        tracing::error!(artifact = %artifact.id, path = %path.display(), error = %e, "artifact blob missing");
-        ApiError::internal()
-    })?;
+    let mut file = match state.host.artifact_file(&artifact).await {
+        Ok(file) => tokio::fs::File::from_std(file),
+        Err(e) => {
+            tracing::error!(artifact = %artifact.id, error = %e, "artifact blob missing");
+            return Err(ApiError::internal());
+        }
+    };
     let (status, start, len) = match range {
         Some((start, end)) => (StatusCode::PARTIAL_CONTENT, start, end - start + 1),
         None => (StatusCode::OK, 0, size),

@@ -268,9 +268,13 @@ impl Host {
             .await?)
     }
 
-    /// The file holding an artifact's content.
-    pub fn artifact_path(&self, artifact: &ArtifactRow) -> std::path::PathBuf {
-        self.blobs.path_of(&artifact.sha256)
+    /// The file holding an artifact's content, open for reading.
+    pub async fn artifact_file(&self, artifact: &ArtifactRow) -> Result<std::fs::File, CoreError> {
+        let (blobs, sha256) = (self.blobs.clone(), artifact.sha256.clone());
+        tokio::task::spawn_blocking(move || blobs.open_blob(&sha256))
+            .await
+            .map_err(|e| CoreError::Blob(crate::blobs::BlobError::Task(e.to_string())))?
+            .map_err(CoreError::Blob)
     }
 }
 

@@ -128,8 +128,8 @@ impl Host {
             let dir = plugins_dir();
             let summary = |name: &str| {
                 let path = PluginHost::resolve(name, &dir);
-                let stamp = std::fs::metadata(&path)
-                    .map(|m| (m.len(), m.modified().ok()))
+                let stamp = crate::contained::metadata(&path)
+                    .map(|m| (m.len(), m.modified().map(|t| t.into_std()).ok()))
                     .ok();
                 let cached = stamp.and_then(|stamp| {
                     lock(&cache)

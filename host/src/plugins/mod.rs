@@ -270,7 +270,8 @@ impl PluginHost {
         }
         let exact = plugins_dir.join(format!("{name_or_path}.wasm"));
         let cargo_name = plugins_dir.join(format!("{}.wasm", name_or_path.replace('-', "_")));
-        if !exact.exists() && cargo_name.exists() {
+        let exists = |path: &Path| crate::contained::metadata(path).is_ok();
+        if !exists(&exact) && exists(&cargo_name) {
             cargo_name
         } else {
             exact
@@ -366,7 +367,7 @@ impl PluginHost {
     /// Whether the compiled code of this component file is in the cache
     /// (a load then takes milliseconds).
     pub fn is_compiled(&self, path: &Path) -> bool {
-        std::fs::read(path)
+        read_component(path)
             .map(|bytes| engine::cache_path(&self.engine, &self.cache_dir, &bytes).is_file())
             .unwrap_or(false)
     }
@@ -383,9 +384,9 @@ impl PluginHost {
     /// The world a component's exports say it implements.
     fn world_of(&self, path: &Path) -> Result<World, PluginError> {
         let name = plugin_name(path);
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Load {
+        let bytes = read_component(path).map_err(|e| PluginError::Load {
             plugin: name.clone(),
-            message: format!("cannot read {}: {e}", path.display()),
+            message: format!("cannot read it: {e}"),
         })?;
         let (component, _) = engine::load_component(&self.engine, &self.cache_dir, &name, &bytes)?;
         let exports: Vec<String> = component
@@ -427,8 +428,7 @@ impl PluginHost {
             plugin: name.clone(),
             message,
         };
-        let bytes = std::fs::read(path)
-            .map_err(|e| load_error(format!("cannot read {}: {e}", path.display())))?;
+        let bytes = read_component(path).map_err(|e| load_error(format!("cannot read it: {e}")))?;
         let (component, from_cache) =
             engine::load_component(&self.engine, &self.cache_dir, &name, &bytes)?;
         let ty = component.component_type();
@@ -583,10 +583,21 @@ fn supported(version: &str) -> Option<&'static str> {
         .copied()
 }
 
+/// The largest component file read (a componentize-py component, CPython
+/// inside, is about 18 MiB).
+pub const MAX_COMPONENT_BYTES: u64 = 128 << 20;
+
+/// A component file's bytes, read inside its own directory: a plugin name
+/// resolves to `<plugins_dir>/<name>.wasm`, and a symlink planted there
+/// that leads out of the directory is refused (see `crate::contained`).
+fn read_component(path: &Path) -> Result<Vec<u8>, crate::contained::ContainedError> {
+    crate::contained::read_file(path, MAX_COMPONENT_BYTES)
+}
+
 /// The WASI interfaces a component file imports, sorted, read from its
 /// import section without compiling it (for listings).
 pub fn wasi_imports_of(path: &Path) -> Result<Vec<String>, String> {
-    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let bytes = read_component(path).map_err(|e| format!("cannot read it: {e}"))?;
     let mut depth = 0usize;
     let mut imports = Vec::new();
     for payload in wasmparser::Parser::new(0).parse_all(&bytes) {

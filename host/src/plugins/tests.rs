@@ -1140,3 +1140,39 @@ fn a_component_for_an_unknown_version_is_refused_naming_the_supported_ones() {
     );
     assert_host_still_works();
 }
+
+#[test]
+fn a_plugin_file_that_is_a_symlink_out_of_the_plugins_dir_is_refused() {
+    let root = tempfile::tempdir().expect("tempdir");
+    let plugins = root.path().join("plugins");
+    let outside = root.path().join("outside");
+    std::fs::create_dir_all(&plugins).expect("plugins");
+    std::fs::create_dir_all(&outside).expect("outside");
+    let real = path("default-formatter");
+    std::fs::copy(&real, outside.join("f.wasm")).expect("copy out");
+    std::fs::copy(&real, plugins.join("kept.wasm")).expect("copy in");
+    std::os::unix::fs::symlink("../outside/f.wasm", plugins.join("out.wasm")).expect("link");
+    std::os::unix::fs::symlink("/etc/shadow", plugins.join("shadow.wasm")).expect("link");
+    std::os::unix::fs::symlink("kept.wasm", plugins.join("alias.wasm")).expect("link");
+
+    let host = host();
+    for name in ["out", "shadow"] {
+        let err = host
+            .load_formatter(&PluginHost::resolve(name, &plugins))
+            .err()
+            .unwrap_or_else(|| panic!("{name} loaded"));
+        let message = err.to_string();
+        assert!(message.contains("leads outside"), "{name}: {message}");
+        assert!(message.contains(&format!("{name}.wasm")), "{message}");
+        let imports = wasi_imports_of(&PluginHost::resolve(name, &plugins));
+        assert!(
+            imports.is_err_and(|e| e.contains("leads outside")),
+            "{name}"
+        );
+    }
+    // A symlink that stays inside the directory is an ordinary name.
+    host.load_formatter(&PluginHost::resolve("alias", &plugins))
+        .expect("alias inside");
+    host.load_formatter(&PluginHost::resolve("kept", &plugins))
+        .expect("kept");
+}
