@@ -731,7 +731,8 @@ where
         | Open::ExecAttach(_)
         | Open::ExecList
         | Open::CodeContextList
-        | Open::ArchiveExtract(_) => {}
+        | Open::ArchiveExtract(_)
+        | Open::EgressListen => {}
     }
 }
 

@@ -11,6 +11,7 @@
 
 mod archive;
 mod code;
+mod egress;
 mod exec;
 mod execs;
 mod files;
@@ -53,6 +54,8 @@ pub struct Shared {
     /// Commands by the host's id: they outlive sessions, so a restarted
     /// host can attach to them again.
     pub execs: execs::Execs,
+    /// The egress proxy (listening once the host offers a first stream).
+    pub egress: Arc<egress::Egress>,
 }
 
 impl Shared {
@@ -62,6 +65,7 @@ impl Shared {
             running: AtomicU32::new(0),
             contexts: Arc::new(code::Contexts::default()),
             execs: execs::Execs::default(),
+            egress: Arc::new(egress::Egress::default()),
         })
     }
 }

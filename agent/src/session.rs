@@ -83,6 +83,7 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
         Open::CodeRun(request) => shared.contexts.run(request, writer).await,
         Open::TcpConnect { port } => tunnel::serve(port, reader, writer).await,
         Open::ArchiveExtract(request) => archive::serve(request, reader, writer).await,
+        Open::EgressListen => shared.egress.offer(reader, writer).await,
     }
 }
 

@@ -114,6 +114,7 @@ fn shared_with(execs: execs::Execs) -> Arc<Shared> {
         running: AtomicU32::new(0),
         contexts: Arc::new(code::Contexts::default()),
         execs,
+        egress: Arc::new(crate::egress::Egress::default()),
     })
 }
 

@@ -23,6 +23,7 @@ pub const SCOPES: &[&str] = &[
     "sandboxes:create",
     "sandboxes:read",
     "sandboxes:kill",
+    "sandboxes:network",
     "commands:run",
     "commands:read",
     "commands:kill",

@@ -31,6 +31,8 @@ pub struct Config {
     /// them for the next server process to take over.
     pub destroy_on_shutdown: bool,
     pub limits: Limits,
+    /// Egress: non-public ranges the operator allows, per-sandbox caps.
+    pub egress: crate::egress::Settings,
 }
 
 /// Product limits enforced by API validation.

@@ -11,6 +11,7 @@ pub mod clock;
 pub mod config;
 pub mod contained;
 pub mod core;
+pub mod egress;
 pub mod evidence;
 pub mod ids;
 pub mod model;

@@ -126,6 +126,27 @@ struct ServeArgs {
     /// before it is answered `504 preview_upstream_timeout`.
     #[arg(long, env = "CROWNEST_PREVIEW_TIMEOUT_SECS", default_value_t = Limits::default().preview_response_timeout_ms / 1000)]
     preview_timeout_secs: u64,
+    /// A non-public range (CIDR) sandboxes may reach through an allow rule
+    /// that names it (a private package mirror, a test server on
+    /// loopback); repeat for more. Loopback, private, link-local, CGNAT
+    /// and multicast addresses are refused otherwise; cloud metadata
+    /// addresses always are.
+    #[arg(
+        long = "egress-allow-private",
+        value_name = "CIDR",
+        env = "CROWNEST_EGRESS_ALLOW_PRIVATE",
+        value_delimiter = ','
+    )]
+    egress_allow_private: Vec<ipnet::IpNet>,
+    /// Egress connections one sandbox may have open at once.
+    #[arg(long, env = "CROWNEST_EGRESS_MAX_CONNECTIONS", default_value_t = crownest::egress::Settings::default().max_connections)]
+    egress_max_connections: usize,
+    /// Egress bandwidth per sandbox and direction, MiB/s (0: no cap).
+    #[arg(long, env = "CROWNEST_EGRESS_BANDWIDTH_MIB", default_value_t = crownest::egress::Settings::default().bandwidth_bytes_per_sec >> 20)]
+    egress_bandwidth_mib: u64,
+    /// Seconds an egress connection may idle before it is closed.
+    #[arg(long, env = "CROWNEST_EGRESS_IDLE_TIMEOUT_SECS", default_value_t = crownest::egress::Settings::default().idle_timeout.as_secs())]
+    egress_idle_timeout_secs: u64,
     /// Days audit events are kept.
     #[arg(long, default_value_t = config::DEFAULT_AUDIT_RETENTION_DAYS, value_parser = clap::value_parser!(i64).range(1..=36_500))]
     audit_retention_days: i64,
@@ -316,6 +337,19 @@ fn serve(args: ServeArgs) -> Result<()> {
         runtime_binary: args.runtime.clone(),
         runsc_binary: args.runsc.clone(),
         destroy_on_shutdown: args.destroy_on_shutdown,
+        egress: crownest::egress::Settings {
+            ceiling: crownest::egress::Ceiling {
+                allow_private: args
+                    .egress_allow_private
+                    .iter()
+                    .map(|n| n.trunc())
+                    .collect(),
+            },
+            max_connections: args.egress_max_connections.max(1),
+            bandwidth_bytes_per_sec: args.egress_bandwidth_mib.saturating_mul(1 << 20),
+            idle_timeout: std::time::Duration::from_secs(args.egress_idle_timeout_secs.max(1)),
+            ..crownest::egress::Settings::default()
+        },
         agent_binary,
         preview_domain: args.preview_domain.clone(),
         limits: Limits {

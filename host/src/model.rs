@@ -205,6 +205,8 @@ audit_actions! {
     WorkspaceRunUploadUrl => "workspace_run.upload_url", WorkspaceRun;
     WorkspaceRunStart => "workspace_run.start", WorkspaceRun;
     WorkspaceRunCancel => "workspace_run.cancel", WorkspaceRun;
+    SandboxNetwork => "sandbox.network", Sandbox;
+    EgressDenied => "egress_denied", Sandbox;
 }
 
 impl Serialize for AuditAction {
@@ -242,6 +244,12 @@ pub struct AuditDetails {
     /// Why the host destroyed a sandbox on its own.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub reason: Option<EndReason>,
+    /// The `host:port` an egress connection asked for.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub target: Option<String>,
+    /// Why the host refused it, in words.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub message: Option<String>,
 }
 
 /// A file to promote to an artifact when a command ends.

@@ -26,7 +26,9 @@
 //! pids = 256                      # 16..=32768
 //! diskMiB = 1024                  # 16..=65536, size of the /workspace tmpfs
 //! [network]
-//! mode = "none"                   # only "none" (loopback only) is implemented
+//! mode = "none"                   # "none" (loopback only), "allow" or "open"
+//! allow = ["pypi.org", "*.pythonhosted.org:443"]   # mode "allow": what may be reached
+//! deny = ["bad.example"]          # wins over allow (docs/network.md)
 //! [user]
 //! uid = 1000                      # 1..=65533 (inside the sandbox user namespace)
 //! gid = 1000
@@ -39,7 +41,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{GvisorPlatform, Isolation, NetworkMode, Resources, SandboxUser};
+use crate::runtime::{GvisorPlatform, Isolation, Resources, SandboxUser};
 
 /// Bumped whenever the way a recipe is turned into a rootfs changes (the
 /// mmdebstrap command line, the customize hooks), so old cache entries are
@@ -157,7 +159,8 @@ pub struct Template {
     /// The runtime that runs its sandboxes, with its options.
     pub runtime: Isolation,
     pub resources: Resources,
-    pub network: NetworkMode,
+    /// Egress policy: the ceiling a sandbox may narrow (`crate::egress`).
+    pub network: crate::egress::Policy,
     /// The default command user; created in the rootfs at build time.
     pub user: SandboxUser,
     /// Name of the default user (its home is `/home/<user_name>`).
@@ -297,17 +300,9 @@ impl Template {
             disk_mib: r.disk_mib,
         };
 
-        let network = match raw.network.mode.as_str() {
-            "none" => NetworkMode::None,
-            other => {
-                return Err(invalid(
-                    "network.mode",
-                    format!(
-                        "`{other}` is not supported yet; the only network mode is \"none\" (loopback only)"
-                    ),
-                ));
-            }
-        };
+        let network =
+            crate::egress::Policy::parse(&raw.network.mode, &raw.network.allow, &raw.network.deny)
+                .map_err(|e| invalid("network", e))?;
 
         // 0 is root; 65534 is nobody/nogroup, which is how host-owned files
         // (the shared rootfs) appear inside the user namespace.
@@ -617,6 +612,10 @@ struct RawResources {
 #[serde(deny_unknown_fields)]
 struct RawNetwork {
     mode: String,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
 }
 
 #[derive(Deserialize)]
@@ -647,7 +646,7 @@ mod tests {
         let py = set.get("python").expect("python");
         assert!(py.rootfs.packages.iter().any(|p| p == "python-is-python3"));
         assert_eq!(py.runtime, Isolation::Oci);
-        assert_eq!(py.network, NetworkMode::None);
+        assert_eq!(py.network, crate::egress::Policy::none());
         assert_eq!(
             py.user,
             SandboxUser {
@@ -719,11 +718,24 @@ mod tests {
     }
 
     #[test]
-    fn network_mode_other_than_none_is_rejected_clearly() {
+    fn network_policies_parse_and_a_bad_one_names_the_key_and_the_choices() {
         let text = python_text().replace("mode = \"none\"", "mode = \"bridge\"");
         let err = parse(&text).expect_err("bridge").to_string();
-        assert!(err.contains("network.mode"), "{err}");
-        assert!(err.contains("only network mode is \"none\""), "{err}");
+        assert!(err.contains("network"), "{err}");
+        assert!(err.contains("\"none\", \"allow\" or \"open\""), "{err}");
+        let text = python_text().replace(
+            "mode = \"none\"",
+            "mode = \"allow\"\nallow = [\"pypi.org\", \"*.pythonhosted.org\"]\ndeny = [\"x.org\"]",
+        );
+        let template = parse(&text).expect("allow");
+        assert_eq!(template.network.mode, crate::egress::Mode::Allow);
+        assert_eq!(
+            template.network.allow_texts(),
+            ["pypi.org", "*.pythonhosted.org"]
+        );
+        let text = python_text().replace("mode = \"none\"", "mode = \"allow\"\nallow = [\"*foo\"]");
+        let err = parse(&text).expect_err("bad rule").to_string();
+        assert!(err.contains("allow[0]"), "{err}");
     }
 
     #[test]

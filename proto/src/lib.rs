@@ -165,6 +165,43 @@ pub enum Open {
     /// the agent answers [`ArchiveReply::Progress`] as it goes and one
     /// `Done` or `Failed`.
     ArchiveExtract(ArchiveExtract),
+    /// Offers the agent's egress proxy one outbound connection: the stream
+    /// waits, unanswered, until a program in the sandbox connects to the
+    /// proxy; the agent then sends one [`EgressRequest`], the host decides
+    /// and dials and answers one [`EgressReply`], and after `Connected` the
+    /// stream carries the connection's raw bytes both ways. The first such
+    /// stream also starts the agent's proxy listeners
+    /// ([`EGRESS_HTTP_PORT`], [`EGRESS_SOCKS_PORT`]); a sandbox without
+    /// network access never gets one, so it has no listener.
+    EgressListen,
+}
+
+/// The agent's HTTP proxy port on the sandbox's loopback.
+pub const EGRESS_HTTP_PORT: u16 = 3128;
+/// The agent's SOCKS5 proxy port on the sandbox's loopback.
+pub const EGRESS_SOCKS_PORT: u16 = 1080;
+/// Longest host name an [`EgressRequest`] may carry.
+pub const MAX_EGRESS_HOST: usize = 255;
+
+/// Agent to host, first frame on an [`Open::EgressListen`] stream: where a
+/// program in the sandbox wants to connect (a name or an address, as the
+/// program wrote it; the host resolves names itself).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EgressRequest {
+    pub host: String,
+    pub port: u16,
+}
+
+/// Host to agent, the answer to an [`EgressRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum EgressReply {
+    /// Dialled: raw bytes follow both ways.
+    Connected,
+    /// The policy refused it (`code` is `egress_denied`,
+    /// `egress_not_allowed`, `egress_private_address`, ...).
+    Refused { code: String, reason: String },
+    /// Allowed, but the connection failed (DNS, refused, timed out).
+    Failed { reason: String },
 }
 
 /// What an archive may unpack to.

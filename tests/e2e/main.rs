@@ -34,6 +34,7 @@ mod bad_input;
 mod cli;
 mod code;
 mod commands;
+mod egress;
 mod escape;
 mod files;
 mod gvisor;

@@ -30,12 +30,14 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_util::compat::{Compat, FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
 mod code;
+mod egress;
 mod files;
 #[cfg(test)]
 mod tests;
 mod tunnel;
 
 pub use code::{MAX_RUN_BYTES, RunOutput, RunSession};
+pub use egress::{EgressOffer, EgressStream};
 pub use files::{FileReader, FileWriter};
 pub use tunnel::Tunnel;
 

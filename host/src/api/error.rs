@@ -168,6 +168,12 @@ impl From<CoreError> for ApiError {
                 format!("no template named `{name}`; available: {available}"),
             )
             .with_details(json!({ "template": name })),
+            E::NetworkPolicyTooWide(message) => Self::new(
+                StatusCode::BAD_REQUEST,
+                "network_policy_too_wide",
+                format!("{message}; a sandbox may only narrow its template's network policy (GET /v1/templates shows it)"),
+            )
+            .with_details(json!({ "field": "network" })),
             E::Invalid { field, message } => Self::invalid(field, message),
             E::MissingScope(scope) => Self::forbidden(scope),
             E::RateLimited { retry_after_ms } => Self::new(

@@ -169,6 +169,8 @@ async fn audit(
             .get::<ErrorCode>()
             .map(|c| c.0.to_string()),
         reason: None,
+        target: None,
+        message: None,
     };
     let actor = if principal.is_some() {
         AuditActor::Key

@@ -29,6 +29,52 @@ pub fn routes() -> OpenApiRouter<AppState> {
             Some("sandboxes:kill"),
             routes!(kill_sandbox),
         ))
+        .routes(mutation(
+            AuditAction::SandboxNetwork,
+            Some("sandboxes:network"),
+            routes!(set_network),
+        ))
+}
+
+/// A sandbox's egress policy as a client asks for it (on create, or in a
+/// PATCH): each part omitted keeps the template's; it may only narrow the
+/// template's (`400 network_policy_too_wide` otherwise).
+#[derive(Debug, Default, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct NetworkBody {
+    /// `none`, `allow` or `open` (only if the template is `open`).
+    pub mode: Option<String>,
+    /// Rules that may be reached, each within the template's allow list:
+    /// `pypi.org`, `*.pythonhosted.org`, `github.com:443`,
+    /// `203.0.113.0/24:*` (no port: 80 and 443).
+    pub allow: Option<Vec<String>>,
+    /// Rules added to the template's deny list (deny wins).
+    #[serde(default)]
+    pub deny: Vec<String>,
+}
+
+impl NetworkBody {
+    fn into_request(self) -> crate::core::NetworkRequest {
+        crate::core::NetworkRequest {
+            mode: self.mode,
+            allow: self.allow,
+            deny: self.deny,
+        }
+    }
+}
+
+/// A sandbox's egress policy and meters.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxNetworkView {
+    /// `none`, `allow` or `open`.
+    pub mode: &'static str,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+    /// Bytes received through the egress proxy.
+    pub bytes_in: u64,
+    /// Bytes sent through it.
+    pub bytes_out: u64,
 }
 
 #[derive(Debug, Deserialize, ToSchema)]
@@ -42,6 +88,8 @@ pub struct CreateSandboxBody {
     /// Free-form JSON object kept with the sandbox.
     #[schema(value_type = Option<Object>)]
     pub metadata: Option<serde_json::Value>,
+    /// A narrower egress policy than the template's.
+    pub network: Option<NetworkBody>,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -65,10 +113,19 @@ pub struct SandboxView {
     /// The runtime that isolates it: `oci` (runc, the host kernel behind
     /// namespaces and seccomp) or `gvisor` (runsc, gVisor's kernel).
     pub runtime: String,
+    /// Its egress policy and meters (docs/network.md).
+    pub network: SandboxNetworkView,
 }
 
 pub fn render(row: SandboxRow) -> SandboxView {
     SandboxView {
+        network: SandboxNetworkView {
+            mode: row.network.mode.as_str(),
+            allow: row.network.allow_texts(),
+            deny: row.network.deny_texts(),
+            bytes_in: u64::try_from(row.egress_bytes_in).unwrap_or(0),
+            bytes_out: u64::try_from(row.egress_bytes_out).unwrap_or(0),
+        },
         metadata: serde_json::Value::Object(row.metadata),
         id: row.id,
         status: row.status,
@@ -115,10 +172,11 @@ async fn create_sandbox(
                 template: body.template,
                 ttl_ms: body.ttl_ms,
                 metadata,
+                network: body.network.map(NetworkBody::into_request),
             },
         )
         .await?;
-    Ok(Audited::created(row.id.clone(), render(row)))
+    Ok(Audited::created(row.id.clone(), render_live(&state, row)))
 }
 
 /// Lists the caller's sandboxes, newest first, destroyed ones included.
@@ -157,9 +215,47 @@ async fn get_sandbox(
     ApiPath(id): ApiPath<String>,
 ) -> Result<ApiJson<SandboxView>, ApiError> {
     let principal = caller.require("sandboxes:read")?;
-    Ok(ApiJson(render(
-        state.host.get_sandbox(principal, &id).await?,
-    )))
+    let row = state.host.get_sandbox(principal, &id).await?;
+    Ok(ApiJson(render_live(&state, row)))
+}
+
+/// [`render`] with a live sandbox's current policy and running meters.
+fn render_live(state: &AppState, row: SandboxRow) -> SandboxView {
+    let policy = state.host.egress_policy(&row);
+    let (bytes_in, bytes_out) = state.host.egress_bytes(&row);
+    let mut view = render(row);
+    view.network = SandboxNetworkView {
+        mode: policy.mode.as_str(),
+        allow: policy.allow_texts(),
+        deny: policy.deny_texts(),
+        bytes_in,
+        bytes_out,
+    };
+    view
+}
+
+/// Replaces a live sandbox's egress policy with one within its
+/// template's; new connections follow it at once (open ones keep going).
+/// Scope `sandboxes:network`.
+#[utoipa::path(patch, path = "/v1/sandboxes/{id}/network", tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = NetworkBody,
+    responses((status = 200, body = SandboxView),
+        (status = 400, description = "network_policy_too_wide, invalid_request", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope)))]
+async fn set_network(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<NetworkBody>,
+) -> Result<ApiJson<SandboxView>, ApiError> {
+    let principal = caller.require("sandboxes:network")?;
+    let row = state
+        .host
+        .set_sandbox_network(principal, &id, body.into_request())
+        .await?;
+    Ok(ApiJson(render_live(&state, row)))
 }
 
 /// Kills a sandbox; it stays readable as a `destroyed` tombstone.

@@ -8,8 +8,6 @@ use utoipa_axum::routes;
 use super::{ApiError, ApiJson, AppState, Caller};
 use axum::extract::State;
 
-use crate::runtime::NetworkMode;
-
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(health))
@@ -84,11 +82,37 @@ pub struct TemplateView {
     /// Why it is unavailable and what to install; null when available.
     pub reason: Option<String>,
     pub resources: ResourcesView,
-    /// `none`: loopback only.
+    /// `none` (loopback only), `allow` or `open`: the mode of
+    /// `networkPolicy`.
     pub network: &'static str,
+    /// The egress ceiling a sandbox of this template may narrow.
+    pub network_policy: NetworkPolicyView,
     /// Code Run languages, each with the WASM plugins of its output
     /// pipeline.
     pub languages: Vec<TemplateLanguageView>,
+}
+
+/// An egress policy (docs/network.md).
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NetworkPolicyView {
+    /// `none`, `allow` or `open`.
+    pub mode: &'static str,
+    /// Rules that may be reached (`pypi.org`, `*.pythonhosted.org:443`,
+    /// `203.0.113.0/24:*`); without a port, 80 and 443.
+    pub allow: Vec<String>,
+    /// Rules that may not, whatever `allow` says.
+    pub deny: Vec<String>,
+}
+
+impl NetworkPolicyView {
+    pub fn of(policy: &crate::egress::Policy) -> Self {
+        Self {
+            mode: policy.mode.as_str(),
+            allow: policy.allow_texts(),
+            deny: policy.deny_texts(),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema)]
@@ -180,9 +204,8 @@ async fn list_templates(
                 pids: t.resources.pids,
                 disk_mib: t.resources.disk_mib,
             },
-            network: match t.network {
-                NetworkMode::None => "none",
-            },
+            network: t.network.mode.as_str(),
+            network_policy: NetworkPolicyView::of(&t.network),
             languages,
         });
     }

@@ -361,6 +361,10 @@ impl Host {
             ));
         }
         let id = ids::new(ids::Kind::CodeContext);
+        let mut with_proxy = super::egress::proxy_env(&template);
+        with_proxy.retain(|(k, _)| !env.iter().any(|(key, _)| key == k));
+        with_proxy.extend(env);
+        let env = with_proxy;
         let reply = live
             .agent
             .context_create(ContextCreate {

@@ -73,6 +73,46 @@ pub enum Idempotency {
 
 /// The fingerprint of a request for idempotency: method, path with query,
 /// and body.
+/// Records an audit event (for tasks that hold the store, not the host).
+/// Failing to record is logged, not fatal to what it describes.
+pub(crate) async fn record_audit(
+    store: &crate::store::StoreHandle,
+    clock: &crate::clock::Clock,
+    event: AuditEvent,
+) {
+    let row = AuditRow {
+        id: ids::new(ids::Kind::Audit),
+        at: clock.now_ms(),
+        org_id: event
+            .principal
+            .as_ref()
+            .map(|p| p.org_id.clone())
+            .or(event.org_id),
+        project_id: event.principal.as_ref().and_then(|p| p.project_id.clone()),
+        actor_key_id: event.principal.as_ref().map(|p| p.key_id.clone()),
+        actor: event.actor,
+        action: event.action,
+        resource_type: Some(event.action.resource()),
+        resource_id: event.resource_id,
+        outcome: event.outcome,
+        status: event.status.map(i64::from),
+        request_id: event.request_id,
+        details: event.details,
+    };
+    if row.org_id.is_none() {
+        // Nothing names whose event it is: unauthenticated requests
+        // write nothing durable.
+        tracing::debug!(
+            action = row.action.name(),
+            "audit event without an org dropped"
+        );
+        return;
+    }
+    if let Err(e) = store.call(move |s| s.insert_audit(&row)).await {
+        tracing::error!(error = %e, "could not record an audit event");
+    }
+}
+
 pub fn request_hash(method: &str, path_and_query: &str, body: &[u8]) -> Vec<u8> {
     let mut hasher = Sha256::new();
     hasher.update(method.as_bytes());
@@ -297,37 +337,7 @@ impl Host {
     /// Records an audit event. Failing to record is logged, not fatal to
     /// the request it describes.
     pub async fn audit(&self, event: AuditEvent) {
-        let row = AuditRow {
-            id: ids::new(ids::Kind::Audit),
-            at: self.clock.now_ms(),
-            org_id: event
-                .principal
-                .as_ref()
-                .map(|p| p.org_id.clone())
-                .or(event.org_id),
-            project_id: event.principal.as_ref().and_then(|p| p.project_id.clone()),
-            actor_key_id: event.principal.as_ref().map(|p| p.key_id.clone()),
-            actor: event.actor,
-            action: event.action,
-            resource_type: Some(event.action.resource()),
-            resource_id: event.resource_id,
-            outcome: event.outcome,
-            status: event.status.map(i64::from),
-            request_id: event.request_id,
-            details: event.details,
-        };
-        if row.org_id.is_none() {
-            // Nothing names whose event it is: unauthenticated requests
-            // write nothing durable.
-            tracing::debug!(
-                action = row.action.name(),
-                "audit event without an org dropped"
-            );
-            return;
-        }
-        if let Err(e) = self.store.call(move |s| s.insert_audit(&row)).await {
-            tracing::error!(error = %e, "could not record an audit event");
-        }
+        record_audit(&self.store, &self.clock, event).await;
     }
 
     pub async fn audit_events(

@@ -13,6 +13,7 @@ mod admission;
 pub mod artifacts;
 pub mod code;
 pub mod commands;
+pub(crate) mod egress;
 pub mod files;
 pub mod ledger;
 mod pipeline;
@@ -46,7 +47,7 @@ use crate::templates::TemplateSet;
 pub use admission::StreamPlace;
 pub use commands::{CommandLog, LogEvent, RunCommand};
 pub use restart::{ADOPT_TIMEOUT, Reconciled};
-pub use sandboxes::CreateSandbox;
+pub use sandboxes::{CreateSandbox, NetworkRequest};
 
 use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, EndReason, SandboxStatus};
 
@@ -62,6 +63,9 @@ pub enum CoreError {
     SandboxNotReady(String),
     #[error("unknown template `{name}`; available: {available}")]
     UnknownTemplate { name: String, available: String },
+    /// A sandbox's network policy asks for more than its template allows.
+    #[error("{0}")]
+    NetworkPolicyTooWide(String),
     #[error("{message}")]
     Invalid {
         field: &'static str,
@@ -218,6 +222,8 @@ pub struct LiveSandbox {
     /// Cancelled when the sandbox is being destroyed, so running commands
     /// stop waiting on an agent that is going away.
     pub stopping: CancellationToken,
+    /// Its egress state, when its policy lets anything out.
+    pub egress: Option<Arc<crate::egress::SandboxEgress>>,
 }
 
 /// The host's core service. One per process, shared behind an `Arc`.

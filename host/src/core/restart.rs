@@ -138,7 +138,7 @@ impl Host {
             .await
             .map_err(|e| e.to_string())?;
 
-        let sandbox = Arc::new(LiveSandbox {
+        let mut live = LiveSandbox {
             id: row.id.clone(),
             row: row.clone(),
             slot: std::sync::Mutex::new(slot),
@@ -146,7 +146,10 @@ impl Host {
             channel: started.channel,
             state_dir,
             stopping: CancellationToken::new(),
-        });
+            egress: None,
+        };
+        live.egress = self.start_egress(&live);
+        let sandbox = Arc::new(live);
         let (kept, gone): (Vec<_>, Vec<_>) =
             contexts.into_iter().partition(|c| alive.contains(&c.id));
         for context in gone {

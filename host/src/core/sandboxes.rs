@@ -25,6 +25,51 @@ pub struct CreateSandbox {
     pub template: String,
     pub ttl_ms: Option<i64>,
     pub metadata: Metadata,
+    /// A narrower egress policy than the template's.
+    pub network: Option<NetworkRequest>,
+}
+
+/// A sandbox's egress policy as a client asks for it: each part omitted
+/// keeps the template's (deny rules are added to the template's).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct NetworkRequest {
+    pub mode: Option<String>,
+    pub allow: Option<Vec<String>>,
+    pub deny: Vec<String>,
+}
+
+impl NetworkRequest {
+    /// The policy within `ceiling` (the template's), or why not.
+    pub fn within(
+        &self,
+        ceiling: &crate::egress::Policy,
+    ) -> Result<crate::egress::Policy, CoreError> {
+        use crate::egress::{Mode, Rule};
+        let mode = match &self.mode {
+            None => None,
+            Some(text) => Some(Mode::parse(text).ok_or_else(|| {
+                CoreError::invalid(
+                    "network.mode",
+                    format!(
+                        "`{}` is not a network mode; use \"none\", \"allow\" or \"open\"",
+                        text.escape_debug()
+                    ),
+                )
+            })?),
+        };
+        let allow = match &self.allow {
+            None => None,
+            Some(items) => Some(
+                Rule::parse_list("network.allow", items)
+                    .map_err(|e| CoreError::invalid("network.allow", e))?,
+            ),
+        };
+        let deny = Rule::parse_list("network.deny", &self.deny)
+            .map_err(|e| CoreError::invalid("network.deny", e))?;
+        ceiling
+            .narrow(mode, allow, deny)
+            .map_err(CoreError::NetworkPolicyTooWide)
+    }
 }
 
 /// A request that passed [`CreateSandbox::validate`].
@@ -33,6 +78,7 @@ pub struct ValidCreateSandbox {
     pub template: String,
     pub ttl_ms: i64,
     pub metadata: Metadata,
+    pub network: Option<NetworkRequest>,
 }
 
 impl CreateSandbox {
@@ -67,6 +113,7 @@ impl CreateSandbox {
             template: self.template,
             ttl_ms,
             metadata: self.metadata,
+            network: self.network,
         })
     }
 }
@@ -83,8 +130,13 @@ impl Host {
             template,
             ttl_ms,
             metadata,
+            network,
         } = request.validate(&self.config.limits)?;
         let template = self.template(&template)?;
+        let network = match &network {
+            None => template.network.clone(),
+            Some(request) => request.within(&template.network)?,
+        };
         if let Some(reason) = self.runtimes.unavailable(template.runtime) {
             return Err(CoreError::RuntimeUnavailable {
                 template: template.name.clone(),
@@ -116,6 +168,9 @@ impl Host {
             memory_mib: template.resources.memory_mib as i64,
             created_by_key: principal.key_id.clone(),
             runtime: template.runtime.kind().to_string(),
+            network,
+            egress_bytes_in: 0,
+            egress_bytes_out: 0,
         };
         let inserted = {
             let row = row.clone();
@@ -126,7 +181,8 @@ impl Host {
         inserted?;
 
         match self.start_container(&row, &template).await {
-            Ok(live) => {
+            Ok(mut live) => {
+                live.egress = self.start_egress(&live);
                 *lock(&live.slot) = Some(slot_lock);
                 lock(&self.live).insert(row.id.clone(), Arc::new(live));
                 let id = row.id.clone();
@@ -171,7 +227,9 @@ impl Host {
             state_dir: state_dir.clone(),
             agent_binary: self.config.agent_binary.clone(),
             resources: template.resources.clone(),
-            network: template.network.clone(),
+            // Loopback only, whatever the policy: egress goes through the
+            // agent's proxy and the host (`crate::egress`).
+            network: crate::runtime::NetworkMode::None,
             uid_slot: row.uid_slot as u32,
             user: template.user.clone(),
         };
@@ -189,6 +247,7 @@ impl Host {
             state_dir,
             stopping: CancellationToken::new(),
             slot: Mutex::new(None),
+            egress: None,
         })
     }
 

@@ -65,6 +65,7 @@ pub(crate) fn test_host_with(limits: Limits) -> TestHost {
         preview_domain: None,
         runsc_binary: "runsc".into(),
         destroy_on_shutdown: false,
+        egress: crate::egress::Settings::default(),
         limits,
     };
     std::fs::create_dir_all(&config.data_dir).expect("data dir");

@@ -960,6 +960,7 @@ impl Host {
                     template: run.template.clone(),
                     ttl_ms: Some(ttl.max(self.config.limits.min_ttl_ms)),
                     metadata,
+                    network: None,
                 },
             )
             .await?;

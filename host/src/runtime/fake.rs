@@ -368,6 +368,12 @@ async fn stream_task(stream: yamux::Stream, sandbox: Arc<FakeSandbox>) {
             }
             return;
         }
+        Open::EgressListen => {
+            // No program in a fake sandbox connects: the offer waits until
+            // the host closes it.
+            let _ = tokio::io::copy(&mut reader, &mut tokio::io::sink()).await;
+            return;
+        }
     }
     let _ = writer.shutdown().await;
 }

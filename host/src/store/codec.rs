@@ -159,6 +159,32 @@ impl FromSql for AuditAction {
 /// The `kind` column of a command's log event.
 pub(super) const LOG_EXIT: &str = "exit";
 
+/// A sandbox's egress policy: `{"mode","allow","deny"}` with the rules as
+/// written (parsed again on read).
+pub(super) fn network_to_sql(policy: &crate::egress::Policy) -> String {
+    serde_json::json!({
+        "mode": policy.mode.as_str(),
+        "allow": policy.allow_texts(),
+        "deny": policy.deny_texts(),
+    })
+    .to_string()
+}
+
+pub(super) fn network_from_sql(text: &str) -> Result<crate::egress::Policy, StoreError> {
+    #[derive(serde::Deserialize)]
+    struct Stored {
+        mode: String,
+        #[serde(default)]
+        allow: Vec<String>,
+        #[serde(default)]
+        deny: Vec<String>,
+    }
+    let stored: Stored = serde_json::from_str(text)
+        .map_err(|e| StoreError::Corrupt(format!("sandbox network policy: {e}")))?;
+    crate::egress::Policy::parse(&stored.mode, &stored.allow, &stored.deny)
+        .map_err(|e| StoreError::Corrupt(format!("sandbox network policy: {e}")))
+}
+
 /// A sandbox's metadata: a JSON object.
 pub(super) fn metadata_to_sql(metadata: &crate::model::Metadata) -> String {
     serde_json::Value::Object(metadata.clone()).to_string()

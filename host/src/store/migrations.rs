@@ -289,6 +289,12 @@ pub const MIGRATIONS: &[&str] = &[
     DROP TABLE transfers;
     ALTER TABLE transfers_v8 RENAME TO transfers;
     "#,
+    // 9: egress policy per sandbox (JSON: mode, allow, deny) and its meters.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '{"mode":"none","allow":[],"deny":[]}';
+    ALTER TABLE sandboxes ADD COLUMN egress_bytes_in INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE sandboxes ADD COLUMN egress_bytes_out INTEGER NOT NULL DEFAULT 0;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

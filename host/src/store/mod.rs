@@ -122,6 +122,12 @@ pub struct SandboxRow {
     /// The runtime driver that runs it (`oci`, `gvisor`): the one that
     /// takes it over after a host restart.
     pub runtime: String,
+    /// Its egress policy (the template's, or narrower).
+    pub network: crate::egress::Policy,
+    /// Egress bytes received and sent, as of the last connection that
+    /// ended (a live sandbox's meters run ahead of this).
+    pub egress_bytes_in: i64,
+    pub egress_bytes_out: i64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -282,6 +288,14 @@ pub trait Store:
         limit: usize,
     ) -> Result<Vec<SandboxRow>, StoreError>;
     fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError>;
+    /// Replaces a sandbox's egress policy (a narrowing PATCH).
+    fn set_sandbox_network(
+        &self,
+        id: &str,
+        policy: &crate::egress::Policy,
+    ) -> Result<(), StoreError>;
+    /// Adds the bytes of ended egress connections to a sandbox's meters.
+    fn add_egress_bytes(&self, id: &str, bytes_in: u64, bytes_out: u64) -> Result<(), StoreError>;
     /// Marks a sandbox destroyed (its tombstone) and frees its uid slot.
     fn end_sandbox(&self, id: &str, reason: EndReason, now: Millis) -> Result<(), StoreError>;
     /// Every sandbox whose status is not `destroyed`.

@@ -122,6 +122,10 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         memory_mib: row.get("memory_mib")?,
         created_by_key: row.get("created_by_key")?,
         runtime: row.get("runtime")?,
+        network: codec::network_from_sql(&row.get::<_, String>("network")?)
+            .map_err(|e| corrupt(0, e))?,
+        egress_bytes_in: row.get("egress_bytes_in")?,
+        egress_bytes_out: row.get("egress_bytes_out")?,
     })
 }
 
@@ -331,8 +335,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status,
                     metadata, created_at, expires_at, ended_at, end_reason, uid_slot, vcpus,
-                    memory_mib, created_by_key, runtime)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16)",
+                    memory_mib, created_by_key, runtime, network)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
             )?
             .execute(params![
                 s.id,
@@ -350,7 +354,8 @@ impl Store for SqliteStore {
                 s.vcpus,
                 s.memory_mib,
                 s.created_by_key,
-                s.runtime
+                s.runtime,
+                codec::network_to_sql(&s.network)
             ]);
         match result {
             Ok(_) => Ok(()),
@@ -409,6 +414,28 @@ impl Store for SqliteStore {
                 "UPDATE sandboxes SET status = ?2 WHERE id = ?1 AND status <> 'destroyed'",
             )?
             .execute(params![id, status])?;
+        Ok(())
+    }
+
+    fn set_sandbox_network(
+        &self,
+        id: &str,
+        policy: &crate::egress::Policy,
+    ) -> Result<(), StoreError> {
+        self.conn()
+            .prepare_cached("UPDATE sandboxes SET network = ?2 WHERE id = ?1")?
+            .execute(params![id, codec::network_to_sql(policy)])?;
+        Ok(())
+    }
+
+    fn add_egress_bytes(&self, id: &str, bytes_in: u64, bytes_out: u64) -> Result<(), StoreError> {
+        let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
+        self.conn()
+            .prepare_cached(
+                "UPDATE sandboxes SET egress_bytes_in = egress_bytes_in + ?2,
+                    egress_bytes_out = egress_bytes_out + ?3 WHERE id = ?1",
+            )?
+            .execute(params![id, clamp(bytes_in), clamp(bytes_out)])?;
         Ok(())
     }
 
@@ -791,6 +818,9 @@ mod tests {
             memory_mib: 512,
             created_by_key: "key_x".into(),
             runtime: "oci".into(),
+            network: crate::egress::Policy::none(),
+            egress_bytes_in: 0,
+            egress_bytes_out: 0,
         }
     }
 

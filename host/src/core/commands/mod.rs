@@ -474,6 +474,7 @@ fn exec_request(
         (String::from("LANG"), String::from("C.UTF-8")),
         (String::from("CROWNEST_SANDBOX_ID"), sandbox.id.clone()),
     ];
+    env.extend(crate::core::egress::proxy_env(template));
     for (key, value) in &request.env {
         env.retain(|(k, _)| k != key);
         env.push((key.clone(), value.clone()));
