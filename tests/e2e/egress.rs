@@ -228,6 +228,19 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
     let moved = bytes_in(&client, &sandbox).await - before;
     let size = BLOB_BYTES as u64;
     assert!(moved >= size && moved <= size + size / 100, "counted {moved} for {size}");
+    // Usage has it too, once the connection's end is recorded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, usage) = client.get("/v1/usage?groupBy=sandbox").await;
+        assert_eq!(status, 200, "{usage}");
+        let line = usage["data"].as_array().expect("data").iter().find(|l| l["key"] == sandbox.as_str()).cloned();
+        let counted = line.as_ref().and_then(|l| l["egressBytesIn"].as_u64()).unwrap_or(0);
+        if counted >= before + size {
+            break;
+        }
+        assert!(Instant::now() < deadline, "usage shows {counted} egress bytes: {usage}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // Another port is refused with its reason, by HTTP proxy and SOCKS.
     let other = free_port();
@@ -346,4 +359,57 @@ async fn a_template_without_network_has_no_proxy_and_no_route() {
 
 fn shell_quote(text: &str) -> String {
     format!("'{}'", text.replace('\'', "'\\''"))
+}
+
+#[tokio::test]
+async fn a_narrowed_policy_and_the_meters_survive_a_kill_9_of_the_host() {
+    let web = Web::start();
+    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let mut server = Server::start_with_env(&[
+        ("CROWNEST_TEMPLATES_DIR", templates.to_str().expect("utf8")),
+        ("CROWNEST_EGRESS_ALLOW_PRIVATE", "127.0.0.1/32"),
+        ("CROWNEST_DESTROY_ON_SHUTDOWN", "false"),
+    ]);
+    let key = server.key("egress-restart", None, "all");
+    let client = server.client(&key);
+    let port = web.port;
+    let (status, body) = create(
+        &client,
+        "python-egress",
+        json!({ "allow": [format!("127.0.0.1:{port}")] }),
+    )
+    .await;
+    assert_eq!(status, 201, "{body}");
+    let sandbox = body["id"].as_str().expect("id").to_owned();
+    let hello =
+        format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{port}/hello.txt");
+    assert_eq!(
+        stdout(&client, &sandbox, &hello).await,
+        "hello egress\n 200"
+    );
+    let before = bytes_in(&client, &sandbox).await;
+    assert!(before > 0);
+
+    server.kill9();
+    server.start_again();
+    let client = server.client(&key);
+    // The adopted sandbox's proxy is served again, under the same policy.
+    assert_eq!(
+        stdout(&client, &sandbox, &hello).await,
+        "hello egress\n 200"
+    );
+    let other = free_port();
+    let refused = stdout(
+        &client,
+        &sandbox,
+        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{other}/"),
+    )
+    .await;
+    assert!(
+        refused.contains("egress_not_allowed") && refused.ends_with(" 403"),
+        "{refused}"
+    );
+    assert!(bytes_in(&client, &sandbox).await > before);
+    client.kill(&sandbox).await;
+    server.stop();
 }

@@ -201,6 +201,10 @@ pub struct UsageLineView {
     pub seconds: i64,
     /// vCPUs × seconds.
     pub compute_unit_seconds: i64,
+    /// Bytes received through the egress proxy, in the hours of the window.
+    pub egress_bytes_in: i64,
+    /// Bytes sent through it.
+    pub egress_bytes_out: i64,
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -250,6 +254,8 @@ async fn usage(
                 pricing_version: l.pricing_version,
                 seconds: l.seconds,
                 compute_unit_seconds: l.compute_unit_seconds,
+                egress_bytes_in: l.egress_bytes_in,
+                egress_bytes_out: l.egress_bytes_out,
             })
             .collect(),
         total_compute_unit_seconds: total,

@@ -78,9 +78,9 @@ impl Host {
                         bytes_in,
                         bytes_out,
                     } => {
-                        let id = id.clone();
+                        let (id, now) = (id.clone(), clock.now_ms());
                         if let Err(e) = store
-                            .call(move |s| s.add_egress_bytes(&id, bytes_in, bytes_out))
+                            .call(move |s| s.add_egress_bytes(&id, bytes_in, bytes_out, now))
                             .await
                         {
                             tracing::warn!(error = %e, "could not record egress bytes");
@@ -134,19 +134,17 @@ impl Host {
     ) -> Result<crate::store::SandboxRow, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
         let template = self.template(&sandbox.template)?;
+        // Within a `none` template only `none` passes, and such a sandbox
+        // has no relay: the stored policy is all there is to change.
         let policy = request.within(&template.network)?;
-        let Some(egress) = live.egress.clone() else {
-            return Err(CoreError::NetworkPolicyTooWide(format!(
-                "template `{}` has network mode \"none\": its sandboxes reach nothing",
-                template.name
-            )));
-        };
         let id = sandbox.id.clone();
         let stored = policy.clone();
         self.store
             .call(move |s| s.set_sandbox_network(&id, &stored))
             .await?;
-        egress.set_policy(policy);
+        if let Some(egress) = &live.egress {
+            egress.set_policy(policy);
+        }
         self.get_sandbox(principal, sandbox_id).await
     }
 

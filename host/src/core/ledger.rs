@@ -156,6 +156,9 @@ pub struct UsageLine {
     /// Seconds alive in the window, rounded up per sandbox.
     pub seconds: i64,
     pub compute_unit_seconds: i64,
+    /// Egress bytes received and sent in the window (hour buckets).
+    pub egress_bytes_in: i64,
+    pub egress_bytes_out: i64,
 }
 
 impl Host {
@@ -368,11 +371,16 @@ impl Host {
             ));
         }
         let (org, project) = (principal.org_id.clone(), principal.project_id.clone());
-        let meters = self
+        let (meters, egress) = self
             .store
-            .call(move |s| s.meters(&org, project.as_deref(), from, to))
+            .call(move |s| {
+                Ok((
+                    s.meters(&org, project.as_deref(), from, to)?,
+                    s.egress_usage(&org, project.as_deref(), from, to)?,
+                ))
+            })
             .await?;
-        Ok(usage_lines(&meters, from, to, group))
+        Ok(usage_lines(&meters, &egress, from, to, group))
     }
 
     /// The key's principal and its org's quota, in one trip to the store
@@ -425,7 +433,7 @@ impl Host {
                 .store
                 .call(move |s| s.meters(&org, None, from, now + 1))
                 .await?;
-            let used: i64 = usage_lines(&meters, from, now + 1, UsageGroup::Sandbox)
+            let used: i64 = usage_lines(&meters, &[], from, now + 1, UsageGroup::Sandbox)
                 .iter()
                 .map(|l| l.compute_unit_seconds)
                 .sum();
@@ -451,6 +459,7 @@ fn overlap_seconds(start: Millis, end: Millis, from: Millis, to: Millis) -> i64 
 /// Groups metered lifetimes into usage lines, per pricing version.
 pub fn usage_lines(
     meters: &[MeterRow],
+    egress: &[crate::store::EgressUsageRow],
     from: Millis,
     to: Millis,
     group: UsageGroup,
@@ -486,15 +495,51 @@ pub fn usage_lines(
             }
         }
     }
-    lines
+    let mut out: Vec<UsageLine> = lines
         .into_iter()
         .map(|((group, pricing_version), (seconds, cus))| UsageLine {
             group,
             pricing_version,
             seconds,
             compute_unit_seconds: cus,
+            egress_bytes_in: 0,
+            egress_bytes_out: 0,
         })
-        .collect()
+        .collect();
+    // Egress goes on the first line of its group (a sandbox that moved
+    // bytes in an hour was alive then; a line is added if its time fell
+    // outside the window).
+    for row in egress {
+        let key = match group {
+            UsageGroup::Sandbox => Some(row.sandbox_id.clone()),
+            UsageGroup::Project => row.project_id.clone(),
+            UsageGroup::Day => Some(crate::clock::rfc3339(row.hour)[..10].to_string()),
+        };
+        let index = match out.iter().position(|l| l.group == key) {
+            Some(index) => index,
+            None => {
+                let pricing_version = meters
+                    .iter()
+                    .find(|m| m.sandbox_id == row.sandbox_id)
+                    .map_or_else(
+                        || crate::store::PRICING_VERSION.to_string(),
+                        |m| m.pricing_version.clone(),
+                    );
+                out.push(UsageLine {
+                    group: key,
+                    pricing_version,
+                    seconds: 0,
+                    compute_unit_seconds: 0,
+                    egress_bytes_in: 0,
+                    egress_bytes_out: 0,
+                });
+                out.len() - 1
+            }
+        };
+        out[index].egress_bytes_in = out[index].egress_bytes_in.saturating_add(row.bytes_in);
+        out[index].egress_bytes_out = out[index].egress_bytes_out.saturating_add(row.bytes_out);
+    }
+    out
 }
 
 /// The first millisecond of the UTC calendar month containing `now`.
@@ -526,16 +571,52 @@ mod tests {
     #[test]
     fn usage_is_vcpus_times_seconds_rounded_up_per_sandbox() {
         let meters = [meter("a", 0, 10_001, 2), meter("b", 500, 1_000, 1)];
-        let lines = usage_lines(&meters, 0, 100_000, UsageGroup::Sandbox);
+        let lines = usage_lines(&meters, &[], 0, 100_000, UsageGroup::Sandbox);
         assert_eq!(lines[0].seconds, 11);
         assert_eq!(lines[0].compute_unit_seconds, 22);
         assert_eq!(lines[1].seconds, 1);
     }
 
     #[test]
+    fn egress_bytes_go_on_their_groups_line() {
+        let egress = |id: &str, hour: Millis, bytes_in: i64| crate::store::EgressUsageRow {
+            sandbox_id: id.into(),
+            project_id: None,
+            hour,
+            bytes_in,
+            bytes_out: 1,
+        };
+        let meters = [meter("a", 0, 3 * HOUR, 1), meter("b", 0, 10_000, 1)];
+        let rows = [
+            egress("a", 0, 100),
+            egress("a", HOUR, 50),
+            egress("c", 0, 7),
+        ];
+        let lines = usage_lines(&meters, &rows, 0, 4 * HOUR, UsageGroup::Sandbox);
+        let line = |id: &str| {
+            lines
+                .iter()
+                .find(|l| l.group.as_deref() == Some(id))
+                .expect(id)
+        };
+        assert_eq!(
+            (line("a").egress_bytes_in, line("a").egress_bytes_out),
+            (150, 2)
+        );
+        assert_eq!(line("b").egress_bytes_in, 0);
+        assert_eq!((line("c").seconds, line("c").egress_bytes_in), (0, 7));
+        let by_day = usage_lines(&meters, &rows, 0, 4 * HOUR, UsageGroup::Day);
+        assert_eq!(by_day.len(), 1);
+        assert_eq!(by_day[0].egress_bytes_in, 157);
+    }
+
+    const HOUR: Millis = 60 * 60 * 1000;
+
+    #[test]
     fn usage_is_clipped_to_the_window() {
         let lines = usage_lines(
             &[meter("a", 0, 60_000, 1)],
+            &[],
             30_000,
             40_000,
             UsageGroup::Sandbox,
@@ -547,6 +628,7 @@ mod tests {
     fn usage_by_day_splits_at_utc_midnight() {
         let lines = usage_lines(
             &[meter("a", DAY_MS - 5_000, DAY_MS + 7_000, 1)],
+            &[],
             0,
             3 * DAY_MS,
             UsageGroup::Day,

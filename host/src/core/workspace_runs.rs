@@ -1411,6 +1411,7 @@ impl Host {
                     meter.map(|m| evidence::Usage {
                         compute_unit_seconds: super::ledger::usage_lines(
                             std::slice::from_ref(&m),
+                            &[],
                             m.started_at,
                             m.metered_until,
                             super::ledger::UsageGroup::Sandbox,

@@ -98,6 +98,20 @@ pub struct MeterRow {
     pub metered_until: Millis,
 }
 
+/// Egress usage is kept in hour buckets.
+pub const HOUR_MS: Millis = 60 * 60 * 1000;
+
+/// Egress bytes of one sandbox in one hour.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EgressUsageRow {
+    pub sandbox_id: String,
+    pub project_id: Option<String>,
+    /// Start of the hour (ms since the epoch).
+    pub hour: Millis,
+    pub bytes_in: i64,
+    pub bytes_out: i64,
+}
+
 /// Per-org limits set by the operator; `None` means unlimited. An org the
 /// operator never set a quota for gets [`Quota::default`], which is finite
 /// where a tenant could otherwise exhaust the host.
@@ -202,6 +216,15 @@ pub trait LedgerStore {
         from: Millis,
         to: Millis,
     ) -> Result<Vec<MeterRow>, StoreError>;
+    /// Egress bytes of the org's (or project's) sandboxes in the hours
+    /// that start within `[from, to)` (`from` rounded down to its hour).
+    fn egress_usage(
+        &self,
+        org_id: &str,
+        project_id: Option<&str>,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<EgressUsageRow>, StoreError>;
     fn live_sandbox_count(&self, org_id: &str) -> Result<i64, StoreError>;
     /// The org of a sandbox, whatever its state (for system audit events).
     fn sandbox_org(&self, id: &str) -> Result<Option<String>, StoreError>;
@@ -462,6 +485,34 @@ impl LedgerStore for SqliteStore {
             ))?
             .query_row([id], meter_from_row)
             .optional()?)
+    }
+
+    fn egress_usage(
+        &self,
+        org_id: &str,
+        project_id: Option<&str>,
+        from: Millis,
+        to: Millis,
+    ) -> Result<Vec<EgressUsageRow>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare_cached(
+            "SELECT u.sandbox_id, s.project_id, u.hour, u.bytes_in, u.bytes_out
+             FROM egress_usage u JOIN sandboxes s ON s.id = u.sandbox_id
+             WHERE s.org_id = ?1 AND (?2 IS NULL OR s.project_id = ?2)
+               AND u.hour >= ?3 AND u.hour < ?4
+             ORDER BY u.hour, u.sandbox_id",
+        )?;
+        let from_hour = from.div_euclid(HOUR_MS) * HOUR_MS;
+        let rows = stmt.query_map(params![org_id, project_id, from_hour, to], |row| {
+            Ok(EgressUsageRow {
+                sandbox_id: row.get(0)?,
+                project_id: row.get(1)?,
+                hour: row.get(2)?,
+                bytes_in: row.get(3)?,
+                bytes_out: row.get(4)?,
+            })
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn live_sandbox_count(&self, org_id: &str) -> Result<i64, StoreError> {

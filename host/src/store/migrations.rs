@@ -289,11 +289,19 @@ pub const MIGRATIONS: &[&str] = &[
     DROP TABLE transfers;
     ALTER TABLE transfers_v8 RENAME TO transfers;
     "#,
-    // 9: egress policy per sandbox (JSON: mode, allow, deny) and its meters.
+    // 9: egress policy per sandbox (JSON: mode, allow, deny), its meters,
+    // and its bytes per hour for usage.
     r#"
     ALTER TABLE sandboxes ADD COLUMN network TEXT NOT NULL DEFAULT '{"mode":"none","allow":[],"deny":[]}';
     ALTER TABLE sandboxes ADD COLUMN egress_bytes_in INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE sandboxes ADD COLUMN egress_bytes_out INTEGER NOT NULL DEFAULT 0;
+    CREATE TABLE egress_usage (
+        sandbox_id  TEXT NOT NULL REFERENCES sandboxes(id),
+        hour        INTEGER NOT NULL,
+        bytes_in    INTEGER NOT NULL DEFAULT 0,
+        bytes_out   INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (sandbox_id, hour)
+    ) WITHOUT ROWID;
     "#,
 ];
 

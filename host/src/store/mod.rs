@@ -26,8 +26,8 @@ use crate::model::{
 
 pub use artifacts::{ArtifactRow, ArtifactStore};
 pub use ledger::{
-    AuditFilter, AuditRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest, LedgerStore,
-    MeterRow, PRICING_VERSION, Quota, StoredResponse,
+    AuditFilter, AuditRow, EgressUsageRow, IdempotencyBegin, IdempotencyRecord, IdempotentRequest,
+    LedgerStore, MeterRow, PRICING_VERSION, Quota, StoredResponse,
 };
 pub use previews::{InsertPreview, PreviewRow, PreviewStore};
 pub use sqlite::SqliteStore;
@@ -294,8 +294,15 @@ pub trait Store:
         id: &str,
         policy: &crate::egress::Policy,
     ) -> Result<(), StoreError>;
-    /// Adds the bytes of ended egress connections to a sandbox's meters.
-    fn add_egress_bytes(&self, id: &str, bytes_in: u64, bytes_out: u64) -> Result<(), StoreError>;
+    /// Adds the bytes of an ended egress connection to a sandbox's meters
+    /// and to its usage in the hour of `now`.
+    fn add_egress_bytes(
+        &self,
+        id: &str,
+        bytes_in: u64,
+        bytes_out: u64,
+        now: Millis,
+    ) -> Result<(), StoreError>;
     /// Marks a sandbox destroyed (its tombstone) and frees its uid slot.
     fn end_sandbox(&self, id: &str, reason: EndReason, now: Millis) -> Result<(), StoreError>;
     /// Every sandbox whose status is not `destroyed`.

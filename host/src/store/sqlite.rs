@@ -428,14 +428,31 @@ impl Store for SqliteStore {
         Ok(())
     }
 
-    fn add_egress_bytes(&self, id: &str, bytes_in: u64, bytes_out: u64) -> Result<(), StoreError> {
+    fn add_egress_bytes(
+        &self,
+        id: &str,
+        bytes_in: u64,
+        bytes_out: u64,
+        now: Millis,
+    ) -> Result<(), StoreError> {
         let clamp = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.conn()
-            .prepare_cached(
-                "UPDATE sandboxes SET egress_bytes_in = egress_bytes_in + ?2,
-                    egress_bytes_out = egress_bytes_out + ?3 WHERE id = ?1",
-            )?
-            .execute(params![id, clamp(bytes_in), clamp(bytes_out)])?;
+        let (bytes_in, bytes_out) = (clamp(bytes_in), clamp(bytes_out));
+        let hour = now.div_euclid(crate::store::ledger::HOUR_MS) * crate::store::ledger::HOUR_MS;
+        let mut conn = self.conn();
+        let tx = conn.transaction()?;
+        tx.execute(
+            "UPDATE sandboxes SET egress_bytes_in = egress_bytes_in + ?2,
+                egress_bytes_out = egress_bytes_out + ?3 WHERE id = ?1",
+            params![id, bytes_in, bytes_out],
+        )?;
+        tx.execute(
+            "INSERT INTO egress_usage (sandbox_id, hour, bytes_in, bytes_out)
+                SELECT ?1, ?2, ?3, ?4 WHERE EXISTS (SELECT 1 FROM sandboxes WHERE id = ?1)
+             ON CONFLICT (sandbox_id, hour) DO UPDATE SET
+                bytes_in = bytes_in + excluded.bytes_in, bytes_out = bytes_out + excluded.bytes_out",
+            params![id, hour, bytes_in, bytes_out],
+        )?;
+        tx.commit()?;
         Ok(())
     }
 
