@@ -158,8 +158,14 @@ async fn pipe(mut client: TcpStream, early: &[u8], offer: Offer) {
         return;
     }
     let mut host = tokio::io::join(reader, writer);
-    let _ = tokio::io::copy_bidirectional(&mut client, &mut host).await;
+    // Large buffers: every write to the host stream is one yamux frame.
+    let _ =
+        tokio::io::copy_bidirectional_with_sizes(&mut client, &mut host, PIPE_BUFFER, PIPE_BUFFER)
+            .await;
 }
+
+/// Bytes copied per read in each direction (one yamux frame at most).
+const PIPE_BUFFER: usize = 256 * 1024;
 
 // ---- HTTP proxy -----------------------------------------------------------
 

@@ -59,6 +59,11 @@ async fn main() {
         .and_then(|v| v.parse().ok())
         .unwrap_or(200);
     let creates: usize = (iterations / 10).max(5);
+    // `CROWNEST_BENCH_ONLY=egress`: just the egress table.
+    if std::env::var("CROWNEST_BENCH_ONLY").as_deref() == Ok("egress") {
+        println!("{}", egress_measurements(iterations).await);
+        return;
+    }
     // No per-key rate limit: the bench measures latency, one key at a time.
     let mut server = Server::start_with_env(&[("CROWNEST_RATE_LIMIT", "0")]);
     let client = server.client(&server.key("bench", None, "all"));
@@ -396,6 +401,7 @@ async fn main() {
     server.stop();
     let runtime_table = runtime_measurements(iterations, creates).await;
     let run_table = workspace_run_measurements().await;
+    let egress_table = egress_measurements(iterations).await;
 
     println!("\n| measurement | n | p50 | p99 | target |");
     println!("|---|---|---|---|---|");
@@ -434,6 +440,156 @@ async fn main() {
     }
     println!("{runtime_table}");
     println!("{run_table}");
+    println!("{egress_table}");
+}
+
+/// A loopback HTTP server that answers every request with `bytes` bytes
+/// (the "internet" of the egress measurements). Returns its port.
+async fn blob_server(bytes: usize) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let body: std::sync::Arc<Vec<u8>> =
+        std::sync::Arc::new((0..bytes).map(|i| (i % 251) as u8).collect());
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut socket, _)) = listener.accept().await else {
+                continue;
+            };
+            let body = body.clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let header = format!(
+                    "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = socket.write_all(header.as_bytes()).await;
+                let _ = socket.write_all(&body).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    port
+}
+
+/// Through-proxy download throughput against a loopback server, beside the
+/// same download by curl on the host, and connection setup through the
+/// policy (a CONNECT answered) beside a plain TCP connect on the host.
+async fn egress_measurements(iterations: usize) -> String {
+    const BLOB: usize = 256 << 20;
+    let port = blob_server(BLOB).await;
+    let templates = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
+    let templates = templates.to_str().expect("utf8").to_owned();
+    let url = format!("http://127.0.0.1:{port}/blob");
+    let host_speed = || {
+        let out = Command::new("curl")
+            .args(["-sS", "-o", "/dev/null", "-w", "%{speed_download}", &url])
+            .output()
+            .expect("curl on the host");
+        String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse::<f64>()
+            .unwrap_or(0.0)
+    };
+    let host = (0..3).map(|_| host_speed()).fold(0.0, f64::max);
+    let mut host_connect: Vec<Duration> = (0..iterations)
+        .map(|_| {
+            let start = Instant::now();
+            let _ = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            start.elapsed()
+        })
+        .collect();
+    host_connect.sort();
+    let mut out = String::from(
+        "\n| egress (python-egress template, runc) | value | target |\n|---|---|---|\n",
+    );
+    out += &format!(
+        "| download on the host (curl, 256 MiB, loopback) | {:.0} MB/s | |\n",
+        host / 1e6
+    );
+    for (cap, label) in [("0", "no cap"), ("50", "default cap 50 MiB/s")] {
+        let mut server = Server::start_with_env(&[
+            ("CROWNEST_RATE_LIMIT", "0"),
+            ("CROWNEST_TEMPLATES_DIR", &templates),
+            ("CROWNEST_EGRESS_ALLOW_PRIVATE", "127.0.0.1/32"),
+            ("CROWNEST_EGRESS_BANDWIDTH_MIB", cap),
+        ]);
+        let client = server.client(&server.key("bench", None, "all"));
+        let sandbox = client.sandbox("python-egress").await;
+        let speed = |record: &Value| {
+            record["stdout"]
+                .as_str()
+                .unwrap_or("")
+                .trim()
+                .parse::<f64>()
+                .unwrap_or(0.0)
+        };
+        let mut best: f64 = 0.0;
+        for _ in 0..3 {
+            let record = client
+                .run(&sandbox, &format!("env NO_PROXY= no_proxy= curl -sS -o /dev/null -w '%{{speed_download}}' {url}"))
+                .await;
+            best = best.max(speed(&record));
+        }
+        out += &format!(
+            "| download through the proxy ({label}) | {:.0} MB/s ({:.0}% of host) | >= 50% of host (no cap) |\n",
+            best / 1e6,
+            100.0 * best / host.max(1.0)
+        );
+        if cap == "0" {
+            let probe = format!(
+                "import socket, time\n\
+                 samples = []\n\
+                 for _ in range({iterations}):\n\
+                 \x20   t = time.perf_counter(); s = socket.create_connection(('127.0.0.1', 3128))\n\
+                 \x20   s.sendall(b'CONNECT 127.0.0.1:{port} HTTP/1.1\\r\\n\\r\\n')\n\
+                 \x20   reply = s.recv(100); samples.append(time.perf_counter() - t); s.close()\n\
+                 \x20   assert reply.startswith(b'HTTP/1.1 200'), reply\n\
+                 print(' '.join(str(int(x * 1e6)) for x in samples))\n"
+            );
+            let record = client
+                .run(
+                    &sandbox,
+                    &format!("python3 -c '{}'", probe.replace('\'', "'\\''")),
+                )
+                .await;
+            let mut through: Vec<Duration> = record["stdout"]
+                .as_str()
+                .unwrap_or("")
+                .split_whitespace()
+                .filter_map(|n| n.parse().ok())
+                .map(Duration::from_micros)
+                .collect();
+            through.sort();
+            if through.is_empty() {
+                out += &format!("| connect through the policy | failed: {record} | |\n");
+            } else {
+                let added =
+                    |p: f64| percentile(&through, p).saturating_sub(percentile(&host_connect, p));
+                out += &format!(
+                    "| connection setup through the policy (CONNECT answered), p50 / p99 | {} / {} (host TCP connect {} / {}; added {} / {}) | <= 2 ms added |\n",
+                    ms(percentile(&through, 0.5)),
+                    ms(percentile(&through, 0.99)),
+                    ms(percentile(&host_connect, 0.5)),
+                    ms(percentile(&host_connect, 0.99)),
+                    ms(added(0.5)),
+                    ms(added(0.99))
+                );
+            }
+        }
+        client.kill(&sandbox).await;
+        server.stop();
+    }
+    out
 }
 
 /// An archive of `files` incompressible files totalling `bytes`.

@@ -412,7 +412,9 @@ async fn copy<R, W>(
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
-    let mut buffer = vec![0u8; 64 * 1024];
+    // One read is one write to the agent stream, so one yamux frame: large
+    // reads keep bulk transfers cheap (MAX_FRAME_LEN bounds a frame).
+    let mut buffer = vec![0u8; crownest_proto::MAX_FRAME_LEN];
     loop {
         let read = tokio::select! {
             _ = done.cancelled() => break,

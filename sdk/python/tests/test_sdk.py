@@ -74,6 +74,23 @@ async def test_sandbox_create_get_list_refresh_kill(client: Any) -> None:
     assert (await aw(client.sandboxes.get(sandbox.id))).status == "destroyed"
 
 
+async def test_a_sandbox_narrows_its_network_within_the_template_and_never_widens_it(client: Any) -> None:
+    # The python template's policy is "none": narrowing to none is all a
+    # sandbox of it may do.
+    sandbox = await new_sandbox(client, network={"mode": "none"})
+    try:
+        assert sandbox["network"] == {"mode": "none", "allow": [], "deny": [], "bytesIn": 0, "bytesOut": 0}
+        with pytest.raises(CrowNestApiError) as info:
+            await aw(sandbox.set_network(allow=["pypi.org"]))
+        assert (info.value.status, info.value.code) == (400, "network_policy_too_wide")
+        assert (await aw(sandbox.set_network(mode="none")))["network"]["mode"] == "none"
+        with pytest.raises(CrowNestApiError) as info:
+            await new_sandbox(client, network={"mode": "open"})
+        assert info.value.code == "network_policy_too_wide"
+    finally:
+        await kill_quietly(sandbox)
+
+
 async def _aiter(iterable: Any) -> Any:
     for item in await alist(iterable):
         yield item

@@ -21,6 +21,7 @@ import type {
   FileData,
   FileListing,
   LogEvent,
+  NetworkPolicyRequest,
   Page,
   PreviewData,
   RunCodeResult,
@@ -694,6 +695,8 @@ export interface CreateSandboxOptions {
   template: string;
   ttlMs?: number;
   metadata?: Record<string, unknown>;
+  /** A narrower egress policy than the template's. */
+  network?: NetworkPolicyRequest;
   /** Default: a new random key (reused across the SDK's own retries). */
   idempotencyKey?: string;
 }
@@ -732,6 +735,17 @@ export class Sandbox {
     return this;
   }
 
+  /** Narrows the sandbox's egress policy within its template's (`PATCH
+   * /v1/sandboxes/{id}/network`, scope `sandboxes:network`); new
+   * connections follow it at once. */
+  async setNetwork(policy: NetworkPolicyRequest): Promise<this> {
+    Object.assign(
+      this,
+      await this.client.request<SandboxData>("PATCH", `/v1/sandboxes/${this.id}/network`, { json: policy }),
+    );
+    return this;
+  }
+
   toJSON(): SandboxData {
     const { commands: _c, code: _co, files: _f, artifacts: _a, previews: _p, client: _cl, ...data } = this as unknown as Record<string, unknown>;
     return data as unknown as SandboxData;
@@ -745,6 +759,7 @@ export class Sandboxes {
     const body: Record<string, unknown> = { template: options.template };
     if (options.ttlMs !== undefined) body.ttlMs = options.ttlMs;
     if (options.metadata !== undefined) body.metadata = options.metadata;
+    if (options.network !== undefined) body.network = options.network;
     const data = await this.client.request<SandboxData>("POST", "/v1/sandboxes", {
       json: body,
       idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),

@@ -14,6 +14,32 @@ export interface SandboxData {
   metadata: Record<string, unknown>;
   vcpus: number;
   memoryMiB: number;
+  /** `oci` (runc) or `gvisor` (runsc). */
+  runtime?: string;
+  /** Its egress policy and meters (docs/network.md). */
+  network?: SandboxNetwork;
+}
+
+/** A sandbox's egress policy (within its template's) and meters. */
+export interface SandboxNetwork {
+  /** `none`, `allow` or `open`. */
+  mode: string;
+  allow: string[];
+  deny: string[];
+  /** Bytes received through the egress proxy. */
+  bytesIn: number;
+  /** Bytes sent through it. */
+  bytesOut: number;
+}
+
+/** A narrower egress policy than the template's: each part omitted keeps
+ * the template's (`deny` is added to it). Wider is
+ * `network_policy_too_wide`. */
+export interface NetworkPolicyRequest {
+  mode?: "none" | "allow" | "open";
+  /** `pypi.org`, `*.pythonhosted.org`, `github.com:443`, `203.0.113.0/24:*`. */
+  allow?: string[];
+  deny?: string[];
 }
 
 export interface CollectSpec {

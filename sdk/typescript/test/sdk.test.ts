@@ -63,6 +63,18 @@ after(async () => {
   await server?.stop();
 });
 
+describe("network policy", () => {
+  test("a sandbox narrows its template's policy and is refused anything wider", async () => {
+    // The python template's policy is "none": narrowing to none is all a
+    // sandbox of it may do.
+    const sandbox = await newSandbox({ network: { mode: "none" } });
+    assert.deepEqual(sandbox.network, { mode: "none", allow: [], deny: [], bytesIn: 0, bytesOut: 0 });
+    await rejectsWith(sandbox.setNetwork({ allow: ["pypi.org"] }), 400, "network_policy_too_wide");
+    assert.equal((await sandbox.setNetwork({ mode: "none" })).network?.mode, "none");
+    await rejectsWith(newSandbox({ network: { mode: "open" } }), 400, "network_policy_too_wide");
+  });
+});
+
 describe("the landing page's end-to-end snippet", () => {
   test("streams stdout through onStdout before the result, and collects report.html", async () => {
     const sandbox = await client.sandboxes.create({ template: "python" });

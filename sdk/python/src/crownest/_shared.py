@@ -383,12 +383,32 @@ def command_body(
     return body
 
 
-def sandbox_body(template: str, ttl_ms: int | None, metadata: Mapping[str, Any] | None) -> dict[str, Any]:
+def sandbox_body(
+    template: str,
+    ttl_ms: int | None,
+    metadata: Mapping[str, Any] | None,
+    network: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
     body: dict[str, Any] = {"template": template}
     if ttl_ms is not None:
         body["ttlMs"] = ttl_ms
     if metadata is not None:
         body["metadata"] = dict(metadata)
+    if network is not None:
+        body["network"] = dict(network)
+    return body
+
+
+def network_body(mode: str | None, allow: Sequence[str] | None, deny: Sequence[str] | None) -> dict[str, Any]:
+    """The body of ``PATCH /v1/sandboxes/{id}/network``: each part omitted
+    keeps the template's."""
+    body: dict[str, Any] = {}
+    if mode is not None:
+        body["mode"] = mode
+    if allow is not None:
+        body["allow"] = list(allow)
+    if deny is not None:
+        body["deny"] = list(deny)
     return body
 
 

@@ -64,6 +64,7 @@ from ._shared import (
     run_event_page,
     run_event_params,
     run_id_of,
+    network_body,
     sandbox_body,
     stdin_body,
     wait_poll_delay,
@@ -394,6 +395,22 @@ class SandboxHandle(Record):
         self._data = self._client._request("DELETE", f"/v1/sandboxes/{self.id}")
         return self
 
+    def set_network(
+        self,
+        *,
+        mode: str | None = None,
+        allow: Sequence[str] | None = None,
+        deny: Sequence[str] | None = None,
+    ) -> SandboxHandle:
+        """Narrows the sandbox's egress policy within its template's
+        (``PATCH /v1/sandboxes/{id}/network``, scope ``sandboxes:network``);
+        new connections follow it at once. Wider than the template is
+        ``network_policy_too_wide``."""
+        self._data = self._client._request(
+            "PATCH", f"/v1/sandboxes/{self.id}/network", json=network_body(mode, allow, deny)
+        )
+        return self
+
 
 class Sandboxes:
     def __init__(self, client: CrowNest) -> None:
@@ -405,13 +422,14 @@ class Sandboxes:
         *,
         ttl_ms: int | None = None,
         metadata: Mapping[str, Any] | None = None,
+        network: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> SandboxHandle:
         """Creates a sandbox from a template and starts it."""
         data = self._client._request(
             "POST",
             "/v1/sandboxes",
-            json=sandbox_body(template, ttl_ms, metadata),
+            json=sandbox_body(template, ttl_ms, metadata, network),
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return SandboxHandle(self._client, data)
