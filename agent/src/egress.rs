@@ -286,27 +286,43 @@ fn parse_head(head: &[u8]) -> Option<ProxyRequest> {
     };
     let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
     let (host, port) = split_authority(authority, Some(80))?;
-    let mut forward = format!("{method} {path} {version}\r\n");
-    let mut has_host = false;
-    for line in lines.filter(|l| !l.is_empty()) {
-        let name = line.split(':').next().unwrap_or("").trim();
-        let hop = [
-            "proxy-connection",
-            "proxy-authorization",
-            "connection",
-            "keep-alive",
-        ]
-        .iter()
-        .any(|h| name.eq_ignore_ascii_case(h));
-        if hop {
+    // The origin gets the URI's authority as Host (RFC 9112 3.2.2: a Host
+    // that differs is replaced), and no hop-by-hop or proxy header: neither
+    // those the spec names nor those the client's Connection header lists.
+    let headers: Vec<&str> = lines.filter(|l| !l.is_empty()).collect();
+    let name_of = |line: &str| {
+        line.split(':')
+            .next()
+            .unwrap_or("")
+            .trim()
+            .to_ascii_lowercase()
+    };
+    let mut hop: Vec<String> = [
+        "proxy-connection",
+        "proxy-authorization",
+        "connection",
+        "keep-alive",
+        "host",
+    ]
+    .iter()
+    .map(|h| h.to_string())
+    .collect();
+    for line in headers.iter().filter(|l| name_of(l) == "connection") {
+        let listed = line.split_once(':').map_or("", |(_, v)| v);
+        hop.extend(
+            listed
+                .split(',')
+                .map(|t| t.trim().to_ascii_lowercase())
+                .filter(|t| !t.is_empty()),
+        );
+    }
+    let mut forward = format!("{method} {path} {version}\r\nHost: {authority}\r\n");
+    for line in headers {
+        if hop.contains(&name_of(line)) {
             continue;
         }
-        has_host |= name.eq_ignore_ascii_case("host");
         forward.push_str(line);
         forward.push_str("\r\n");
-    }
-    if !has_host {
-        forward.push_str(&format!("Host: {authority}\r\n"));
     }
     forward.push_str("Connection: close\r\n\r\n");
     Some(ProxyRequest {
@@ -473,6 +489,16 @@ mod tests {
         assert_eq!(
             forward,
             "GET /simple/?q=1 HTTP/1.1\r\nHost: example.test:8080\r\nAccept: */*\r\nConnection: close\r\n\r\n"
+        );
+
+        let fronted = parse_head(
+            b"GET http://allowed.test/ HTTP/1.1\r\nHost: other.test\r\nConnection: close, X-Secret\r\n\
+              X-Secret: 1\r\nUser-Agent: t\r\n\r\n",
+        )
+        .expect("fronted");
+        assert_eq!(
+            String::from_utf8(fronted.forward.expect("forward")).expect("utf8"),
+            "GET / HTTP/1.1\r\nHost: allowed.test\r\nUser-Agent: t\r\nConnection: close\r\n\r\n"
         );
 
         let v6 = parse_head(b"GET http://[::1]/ HTTP/1.0\r\n\r\n").expect("v6");

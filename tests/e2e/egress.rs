@@ -273,8 +273,8 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
     );
 
     // Narrowing a live sandbox takes effect for new connections: with only
-    // the address allowed, the name that resolves to it is refused (a
-    // name never reaches a private address through an address rule).
+    // the address allowed, the name that resolves to it is refused, before
+    // any lookup (a name never reaches an address through an address rule).
     let (status, body) = patch_network(&client, &sandbox, json!({ "allow": [format!("127.0.0.1:{port}")] })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["network"]["allow"], json!([format!("127.0.0.1:{port}")]));
@@ -284,7 +284,7 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
         &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://localhost:{port}/hello.txt"),
     )
     .await;
-    assert!(rebound.contains("egress_private_address") && rebound.ends_with(" 403"), "{rebound}");
+    assert!(rebound.contains("egress_not_allowed") && rebound.ends_with(" 403"), "{rebound}");
     assert_eq!(stdout(&client, &sandbox, &format!("{VIA_PROXY} curl -sS {url}/hello.txt")).await, "hello egress\n");
     // Widening past the template is refused, and changes nothing.
     for wider in [json!({ "allow": ["10.0.0.1"] }), json!({ "mode": "open" })] {
@@ -389,6 +389,25 @@ async fn a_narrowed_policy_and_the_meters_survive_a_kill_9_of_the_host() {
     );
     let before = bytes_in(&client, &sandbox).await;
     assert!(before > 0);
+    // The meter is committed (usage reads the store) before the crash.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, usage) = client.get("/v1/usage?groupBy=sandbox").await;
+        let line = usage["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .find(|l| l["key"] == sandbox.as_str())
+            .cloned();
+        if line.and_then(|l| l["egressBytesIn"].as_u64()).unwrap_or(0) >= before {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the meter was not committed: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 
     server.kill9();
     server.start_again();

@@ -4,6 +4,7 @@
 //! programs the proxy variables.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use crownest_proto::{EGRESS_HTTP_PORT, EGRESS_SOCKS_PORT};
@@ -19,6 +20,8 @@ use crate::templates::Template;
 /// are counted in the log only.
 const AUDITS_PER_WINDOW: u32 = 20;
 const AUDIT_WINDOW: Duration = Duration::from_secs(60);
+/// How often ended connections' bytes are written to the store.
+const METER_FLUSH: Duration = Duration::from_secs(1);
 
 /// The variables every command and code context of a sandbox with egress
 /// gets: pip, npm, curl, git, `urllib` and `requests` honour them.
@@ -51,74 +54,130 @@ impl Host {
             return None;
         }
         let settings = Arc::new(self.config.egress.clone());
+        // The stored policy within the template as it is now: a restarted
+        // host applies an operator's tightening, and a rule's right to a
+        // private address comes from the template, never from the store.
+        let policy = template.network.renarrow(&live.row.network);
         let egress = Arc::new(SandboxEgress::new(
-            live.row.network.clone(),
+            policy,
             &settings,
             u64::try_from(live.row.egress_bytes_in).unwrap_or(0),
             u64::try_from(live.row.egress_bytes_out).unwrap_or(0),
         ));
-        let (events, mut received) = mpsc::unbounded_channel();
-        let report: Arc<dyn Fn(EgressEvent) + Send + Sync> = Arc::new(move |event| {
-            let _ = events.send(event);
+        // Refusals go through a bounded queue (they are audited at a
+        // bounded rate anyway); ended connections' bytes add up in memory
+        // and are written at most once a second, so a sandbox opening
+        // connections in a loop makes no write per connection.
+        let (refusals, mut received) = mpsc::channel::<(String, crate::egress::Refusal)>(256);
+        let pending = Arc::new((AtomicU64::new(0), AtomicU64::new(0)));
+        let counted = pending.clone();
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let wake = ended.clone();
+        let report: Arc<dyn Fn(EgressEvent) + Send + Sync> = Arc::new(move |event| match event {
+            EgressEvent::Refused { target, refusal } => {
+                let _ = refusals.try_send((target, refusal));
+            }
+            EgressEvent::Closed {
+                bytes_in,
+                bytes_out,
+            } => {
+                counted.0.fetch_add(bytes_in, Ordering::Relaxed);
+                counted.1.fetch_add(bytes_out, Ordering::Relaxed);
+                wake.notify_one();
+            }
         });
+        let stopping = live.stopping.clone();
         relay::spawn(
             live.agent.clone(),
             egress.clone(),
             settings,
-            live.stopping.clone(),
+            stopping.clone(),
             report,
         );
         let (store, clock) = (self.store.clone(), self.clock.clone());
         let (id, org) = (live.row.id.clone(), live.row.org_id.clone());
         tokio::spawn(async move {
-            let mut window = (tokio::time::Instant::now(), 0u32, 0u64);
-            while let Some(event) = received.recv().await {
-                match event {
-                    EgressEvent::Closed {
-                        bytes_in,
-                        bytes_out,
-                    } => {
-                        let (id, now) = (id.clone(), clock.now_ms());
-                        if let Err(e) = store
-                            .call(move |s| s.add_egress_bytes(&id, bytes_in, bytes_out, now))
-                            .await
-                        {
-                            tracing::warn!(error = %e, "could not record egress bytes");
-                        }
+            let flush = |store: crate::store::StoreHandle, id: String, now| {
+                let (bytes_in, bytes_out) = (
+                    pending.0.swap(0, Ordering::Relaxed),
+                    pending.1.swap(0, Ordering::Relaxed),
+                );
+                async move {
+                    if bytes_in == 0 && bytes_out == 0 {
+                        return;
                     }
-                    EgressEvent::Refused { target, refusal } => {
-                        if window.0.elapsed() >= AUDIT_WINDOW {
-                            if window.2 > 0 {
-                                tracing::warn!(sandbox = %id, suppressed = window.2, "egress_denied audit events suppressed");
-                            }
-                            window = (tokio::time::Instant::now(), 0, 0);
-                        }
-                        if window.1 >= AUDITS_PER_WINDOW {
-                            window.2 += 1;
-                            continue;
-                        }
-                        window.1 += 1;
-                        tracing::info!(sandbox = %id, %target, code = refusal.code, reason = %refusal.reason, "egress refused");
-                        let event = ledger::AuditEvent {
-                            principal: None,
-                            actor: AuditActor::System,
-                            action: AuditAction::EgressDenied,
-                            resource_id: Some(id.clone()),
-                            outcome: AuditOutcome::Denied,
-                            status: None,
-                            request_id: None,
-                            details: AuditDetails {
-                                sandbox_id: Some(id.clone()),
-                                error_code: Some(refusal.code.to_owned()),
-                                target: Some(target),
-                                message: Some(refusal.reason.chars().take(500).collect()),
-                                ..AuditDetails::default()
-                            },
-                            org_id: Some(org.clone()),
-                        };
-                        ledger::record_audit(&store, &clock, event).await;
+                    if let Err(e) = store
+                        .call(move |s| s.add_egress_bytes(&id, bytes_in, bytes_out, now))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "could not record egress bytes");
                     }
                 }
+            };
+            let mut tick = tokio::time::interval(METER_FLUSH);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let now = tokio::time::Instant::now();
+            let mut flushed = now.checked_sub(METER_FLUSH).unwrap_or(now);
+            let mut window = (tokio::time::Instant::now(), 0u32, 0u64);
+            loop {
+                let (target, refusal) = tokio::select! {
+                    // A connection ended: written now unless a write was
+                    // made within the last second (then the tick writes).
+                    _ = ended.notified(), if flushed.elapsed() >= METER_FLUSH => {
+                        flush(store.clone(), id.clone(), clock.now_ms()).await;
+                        flushed = tokio::time::Instant::now();
+                        continue;
+                    }
+                    _ = tick.tick() => {
+                        flush(store.clone(), id.clone(), clock.now_ms()).await;
+                        flushed = tokio::time::Instant::now();
+                        continue;
+                    }
+                    _ = stopping.cancelled() => {
+                        // Connections end with the sandbox: give them a
+                        // moment to count their last bytes.
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                        flush(store.clone(), id.clone(), clock.now_ms()).await;
+                        return;
+                    }
+                    refused = received.recv() => match refused {
+                        Some(refused) => refused,
+                        None => {
+                            flush(store.clone(), id.clone(), clock.now_ms()).await;
+                            return;
+                        }
+                    },
+                };
+                if window.0.elapsed() >= AUDIT_WINDOW {
+                    if window.2 > 0 {
+                        tracing::warn!(sandbox = %id, suppressed = window.2, "egress_denied audit events suppressed");
+                    }
+                    window = (tokio::time::Instant::now(), 0, 0);
+                }
+                if window.1 >= AUDITS_PER_WINDOW {
+                    window.2 += 1;
+                    continue;
+                }
+                window.1 += 1;
+                tracing::info!(sandbox = %id, %target, code = refusal.code, reason = %refusal.reason, "egress refused");
+                let event = ledger::AuditEvent {
+                    principal: None,
+                    actor: AuditActor::System,
+                    action: AuditAction::EgressDenied,
+                    resource_id: Some(id.clone()),
+                    outcome: AuditOutcome::Denied,
+                    status: None,
+                    request_id: None,
+                    details: AuditDetails {
+                        sandbox_id: Some(id.clone()),
+                        error_code: Some(refusal.code.to_owned()),
+                        target: Some(target),
+                        message: Some(refusal.reason.chars().take(500).collect()),
+                        ..AuditDetails::default()
+                    },
+                    org_id: Some(org.clone()),
+                };
+                ledger::record_audit(&store, &clock, event).await;
             }
         });
         Some(egress)
@@ -137,6 +196,10 @@ impl Host {
         // Within a `none` template only `none` passes, and such a sandbox
         // has no relay: the stored policy is all there is to change.
         let policy = request.within(&template.network)?;
+        let _changing = match &live.egress {
+            Some(egress) => Some(egress.changing.lock().await),
+            None => None,
+        };
         let id = sandbox.id.clone();
         let stored = policy.clone();
         self.store

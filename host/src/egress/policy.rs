@@ -104,6 +104,11 @@ pub struct Rule {
     text: String,
     target: Target,
     ports: Ports,
+    /// Whether this rule may let a non-public address through: an
+    /// operator's rule naming a target (not `*`), or a sandbox's rule that
+    /// such an operator rule covers. A sandbox never gains a private
+    /// address its template's explicit rules do not name.
+    private_ok: bool,
 }
 
 impl fmt::Display for Rule {
@@ -149,6 +154,18 @@ fn canonical(ip: IpAddr) -> IpAddr {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
+}
+
+/// `::ffff:a.b.c.d/N` (N >= 96) is the IPv4 network `a.b.c.d/(N-96)`.
+fn canonical_net(net: IpNet) -> IpNet {
+    if let IpNet::V6(v6) = net
+        && v6.prefix_len() >= 96
+        && let Some(v4) = v6.addr().to_ipv4_mapped()
+        && let Ok(mapped) = ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+    {
+        return IpNet::V4(mapped.trunc());
+    }
+    net
 }
 
 fn normalize_name(text: &str) -> Option<String> {
@@ -204,7 +221,7 @@ impl Rule {
         } else if let Some(suffix) = host.strip_prefix("*.") {
             Target::Subdomains(normalize_name(suffix).ok_or_else(|| bad("is not a valid name"))?)
         } else if let Ok(net) = host.parse::<IpNet>() {
-            Target::Net(net.trunc())
+            Target::Net(canonical_net(net.trunc()))
         } else if let Ok(ip) = host.parse::<IpAddr>() {
             Target::Net(IpNet::from(canonical(ip)))
         } else if host.contains('*') {
@@ -212,10 +229,12 @@ impl Rule {
         } else {
             Target::Name(normalize_name(host).ok_or_else(|| bad("is not a valid host"))?)
         };
+        let private_ok = !matches!(target, Target::Anything);
         Ok(Rule {
             text: text.to_owned(),
             target,
             ports,
+            private_ok,
         })
     }
 
@@ -273,9 +292,18 @@ impl Rule {
         target && self.ports.covers(other.ports)
     }
 
-    /// Whether this rule names the target explicitly (not `*`).
-    fn is_explicit(&self) -> bool {
-        !matches!(self.target, Target::Anything)
+    /// This rule as a sandbox's, within `ceiling`'s explicit rules.
+    fn within(&self, ceiling: &[Rule]) -> Rule {
+        let private_ok = self.private_ok && ceiling.iter().any(|t| t.private_ok && t.covers(self));
+        Rule {
+            private_ok,
+            ..self.clone()
+        }
+    }
+
+    /// Whether this is a name rule (a host or `*.domain`).
+    fn is_name(&self) -> bool {
+        matches!(self.target, Target::Name(_) | Target::Subdomains(_))
     }
 }
 
@@ -416,6 +444,7 @@ impl Policy {
                 self.allow_texts().join(", ")
             ));
         }
+        let allow = allow.iter().map(|r| r.within(&self.allow)).collect();
         let mut all_deny = self.deny.clone();
         all_deny.extend(deny.into_iter().filter(|r| !self.deny.contains(r)));
         if all_deny.len() > MAX_RULES {
@@ -426,6 +455,40 @@ impl Policy {
             allow,
             deny: all_deny,
         })
+    }
+
+    /// A stored sandbox policy within this (the template's, as it is now):
+    /// its rules the template no longer covers are dropped, its mode is no
+    /// wider, the template's deny rules are added. Used when a restarted
+    /// host takes a sandbox over, so an operator's tightening applies.
+    pub fn renarrow(&self, stored: &Policy) -> Policy {
+        let mode = match (self.mode, stored.mode) {
+            (Mode::None, _) | (_, Mode::None) => return Policy::none(),
+            (Mode::Allow, _) | (_, Mode::Allow) => Mode::Allow,
+            (Mode::Open, Mode::Open) => Mode::Open,
+        };
+        let allow = if stored.mode == Mode::Open {
+            // Only an open template lets a sandbox stay open; otherwise
+            // the template's own list is the narrowest that is still true.
+            self.allow.clone()
+        } else {
+            stored
+                .allow
+                .iter()
+                .filter(|r| self.mode == Mode::Open || self.allow.iter().any(|t| t.covers(r)))
+                .map(|r| r.within(&self.allow))
+                .collect()
+        };
+        let mut deny = self.deny.clone();
+        deny.extend(
+            stored
+                .deny
+                .iter()
+                .filter(|r| !self.deny.contains(r))
+                .cloned(),
+        );
+        deny.truncate(MAX_RULES);
+        Policy { mode, allow, deny }
     }
 
     /// The decision before resolving: a name or address denied, or not
@@ -445,13 +508,11 @@ impl Policy {
                     format!("{host}:{port} is denied by `{rule}`"),
                 ));
             }
+            // Only a name some rule allows is resolved: one that is not
+            // (say, one carrying data to a resolver someone watches) never
+            // reaches the host's DNS.
             let by_name = self.allow.iter().any(|r| r.matches_name(name, port));
-            // An address rule may still allow what the name resolves to.
-            let by_net = self
-                .allow
-                .iter()
-                .any(|r| matches!(r.target, Target::Net(_)) && r.ports.contains(port));
-            if self.mode == Mode::Allow && !by_name && !by_net {
+            if self.mode == Mode::Allow && !by_name {
                 return Err(Refusal::new(
                     "egress_not_allowed",
                     format!("{host}:{port} is not on the allow list"),
@@ -495,19 +556,15 @@ impl Policy {
         // non-public address: a name by a name rule, an address by an
         // address rule. A name that resolves to 127.0.0.1 is not let
         // through by a rule for 127.0.0.1 (DNS rebinding).
-        let explicit = self.allow.iter().any(|r| {
-            r.is_explicit()
-                && match name {
-                    Some(n) => r.matches_name(n, port),
-                    None => r.matches_ip(ip, port),
-                }
-        });
-        let allowed = explicit
-            || self.mode == Mode::Open
-            || self
-                .allow
-                .iter()
-                .any(|r| r.matches_ip(ip, port) || name.is_some_and(|n| r.matches_name(n, port)));
+        let matches = |r: &Rule| match name {
+            Some(n) => r.matches_name(n, port),
+            None => r.matches_ip(ip, port),
+        };
+        let explicit = self
+            .allow
+            .iter()
+            .any(|r| r.private_ok && (name.is_none() || r.is_name()) && matches(r));
+        let allowed = explicit || self.mode == Mode::Open || self.allow.iter().any(matches);
         if !allowed {
             return Err(Refusal::new(
                 "egress_not_allowed",
@@ -538,10 +595,41 @@ impl Policy {
     }
 }
 
-/// Cloud metadata services: never reachable, whatever is allowed.
+/// Cloud metadata and platform services: never reachable, whatever is
+/// allowed (also inside an IPv6 address that embeds them).
 fn is_metadata(ip: IpAddr) -> bool {
-    ip == IpAddr::V4(Ipv4Addr::new(169, 254, 169, 254))
-        || ip == IpAddr::V6(Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254))
+    const V4: [Ipv4Addr; 3] = [
+        Ipv4Addr::new(169, 254, 169, 254), // AWS, GCP, Azure, OpenStack, ...
+        Ipv4Addr::new(168, 63, 129, 16),   // Azure's platform address
+        Ipv4Addr::new(100, 100, 100, 200), // Alibaba Cloud
+    ];
+    match canonical(ip) {
+        IpAddr::V4(v4) => V4.contains(&v4),
+        IpAddr::V6(v6) => {
+            v6 == Ipv6Addr::new(0xfd00, 0xec2, 0, 0, 0, 0, 0, 0x254)
+                || embedded_v4(v6).is_some_and(|v4| V4.contains(&v4))
+        }
+    }
+}
+
+/// The IPv4 address a NAT64 (`64:ff9b::/96`, `64:ff9b:1::/48`), 6to4
+/// (`2002::/16`), IPv4-compatible (`::a.b.c.d`) or Teredo (`2001::/32`)
+/// address carries.
+fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
+    let s = v6.segments();
+    let v4 = |hi: u16, lo: u16| Ipv4Addr::new((hi >> 8) as u8, hi as u8, (lo >> 8) as u8, lo as u8);
+    if s[0] == 0x64 && s[1] == 0xff9b && (s[2..6] == [0, 0, 0, 0] || s[2] == 1) {
+        Some(v4(s[6], s[7]))
+    } else if s[0] == 0x2002 {
+        Some(v4(s[1], s[2]))
+    } else if s[..6] == [0, 0, 0, 0, 0, 0] && (s[6] != 0 || s[7] > 1) {
+        Some(v4(s[6], s[7]))
+    } else if s[0] == 0x2001 && s[1] == 0 {
+        // Teredo: the client's address, bit-inverted, in the last 32 bits.
+        Some(v4(!s[6], !s[7]))
+    } else {
+        None
+    }
 }
 
 /// What kind of non-public address this is, if it is one.
@@ -560,15 +648,10 @@ pub fn special(ip: IpAddr) -> Option<&'static str> {
                 Some("link-local")
             } else if s[0] & 0xff00 == 0xff00 {
                 Some("multicast")
-            } else if s[0] == 0x64 && s[1] == 0xff9b && s[2..6] == [0, 0, 0, 0] {
-                // NAT64: the embedded IPv4 address decides.
-                let v4 =
-                    Ipv4Addr::new((s[6] >> 8) as u8, s[6] as u8, (s[7] >> 8) as u8, s[7] as u8);
-                special_v4(v4)
-            } else if s[0] == 0x2002 {
-                // 6to4: the embedded IPv4 address decides.
-                let v4 =
-                    Ipv4Addr::new((s[1] >> 8) as u8, s[1] as u8, (s[2] >> 8) as u8, s[2] as u8);
+            } else if s[0] == 0x2001 && s[1] == 0 {
+                Some("reserved (Teredo)")
+            } else if let Some(v4) = embedded_v4(v6) {
+                // NAT64, 6to4, IPv4-compatible: the embedded address decides.
                 special_v4(v4)
             } else if s[0] == 0x2001 && s[1] == 0x0db8 {
                 Some("documentation")
@@ -702,8 +785,12 @@ mod tests {
             Err("egress_not_allowed")
         );
         assert_eq!(check(&p, &c, "203.0.113.9", 5000, "203.0.113.9"), Ok(()));
-        // A name not on the list that resolves into an allowed CIDR is allowed.
-        assert_eq!(check(&p, &c, "other.example", 5000, "203.0.113.9"), Ok(()));
+        // A name is allowed by a name rule only: one not on the list is
+        // never resolved, even if it would land in an allowed CIDR.
+        assert_eq!(
+            check(&p, &c, "other.example", 5000, "203.0.113.9"),
+            Err("egress_not_allowed")
+        );
         assert_eq!(
             check(&p, &c, "evil.example", 443, "198.51.100.7"),
             Err("egress_not_allowed")
@@ -772,7 +859,18 @@ mod tests {
         );
         assert_eq!(
             check(&by_address, &loopback, "rebind.example", 8080, "127.0.0.1"),
-            Err("egress_private_address")
+            Err("egress_not_allowed")
+        );
+        // A name allowed by a `*.domain` rule of an operator is reached on
+        // a private address only through that rule; `*` alone never.
+        let suffix = policy("allow", &["*.rebind.example:*"], &[]);
+        assert_eq!(
+            check(&suffix, &loopback, "rebind.example", 80, "127.0.0.1"),
+            Err("egress_not_allowed")
+        );
+        assert_eq!(
+            check(&suffix, &loopback, "a.rebind.example", 80, "127.0.0.1"),
+            Ok(())
         );
         for (ip, kind) in [
             ("10.1.2.3", "private"),
@@ -812,6 +910,155 @@ mod tests {
         );
         assert_eq!(
             check(&metadata, &everything, "fd00:ec2::254", 80, "fd00:ec2::254"),
+            Err("egress_denied")
+        );
+    }
+
+    #[test]
+    fn a_sandbox_never_gains_a_private_address_its_template_does_not_name() {
+        let rules = |l: &[&str]| {
+            l.iter()
+                .map(|s| Rule::parse(s).expect("rule"))
+                .collect::<Vec<_>>()
+        };
+        let private = Ceiling {
+            allow_private: vec!["10.0.0.0/8".parse().expect("net")],
+        };
+        // An open template, and an allow template whose only rule is `*:*`:
+        // a sandbox's rule for 10/8 is within them, but reaches nothing
+        // private, because no operator rule names it.
+        for template in [policy("open", &[], &[]), policy("allow", &["*:*"], &[])] {
+            let sandbox = template
+                .narrow(
+                    None,
+                    Some(rules(&["10.0.0.0/8:*", "*.corp.example:*"])),
+                    vec![],
+                )
+                .expect("within");
+            assert_eq!(
+                check(&sandbox, &private, "10.1.2.3", 80, "10.1.2.3"),
+                Err("egress_private_address")
+            );
+            assert_eq!(
+                check(&sandbox, &private, "pypi.corp.example", 443, "10.1.2.3"),
+                Err("egress_private_address")
+            );
+        }
+        // A template that names the mirror lets a sandbox narrowed to it in.
+        let template = policy("open", &["pypi.corp.example:443", "10.20.0.0/16:*"], &[]);
+        let sandbox = template
+            .narrow(
+                None,
+                Some(rules(&["pypi.corp.example:443", "10.20.1.0/24:8080"])),
+                vec![],
+            )
+            .expect("within");
+        assert_eq!(
+            check(&sandbox, &private, "pypi.corp.example", 443, "10.20.0.5"),
+            Ok(())
+        );
+        assert_eq!(
+            check(&sandbox, &private, "10.20.1.9", 8080, "10.20.1.9"),
+            Ok(())
+        );
+        assert_eq!(
+            check(&sandbox, &private, "10.20.2.9", 8080, "10.20.2.9"),
+            Err("egress_not_allowed")
+        );
+    }
+
+    #[test]
+    fn a_taken_over_sandbox_is_narrowed_to_the_template_as_it_is_now() {
+        let rules = |l: &[&str]| {
+            l.iter()
+                .map(|s| Rule::parse(s).expect("rule"))
+                .collect::<Vec<_>>()
+        };
+        let before = policy(
+            "allow",
+            &["pypi.org", "github.com:443", "10.0.0.0/8:*"],
+            &[],
+        );
+        let stored = before
+            .narrow(
+                None,
+                Some(rules(&["pypi.org", "github.com:443", "10.1.0.0/16:*"])),
+                rules(&["x.org"]),
+            )
+            .expect("within");
+        let after = policy("allow", &["pypi.org", "*.internal:*"], &["bad.org"]);
+        let taken = after.renarrow(&stored);
+        assert_eq!(taken.mode, Mode::Allow);
+        assert_eq!(taken.allow_texts(), ["pypi.org"]);
+        assert_eq!(taken.deny_texts(), ["bad.org", "x.org"]);
+        assert_eq!(Policy::none().renarrow(&stored), Policy::none());
+        let open = policy("open", &[], &[]);
+        assert_eq!(after.renarrow(&open).allow_texts(), after.allow_texts());
+        // A stored rule comes back with the private rights the template
+        // gives it now, whatever the store's text suggests.
+        let reparsed = Policy::parse("allow", &["10.1.0.0/16:*".into()], &[]).expect("stored");
+        let private = Ceiling {
+            allow_private: vec!["10.0.0.0/8".parse().expect("net")],
+        };
+        let star = policy("allow", &["*:*"], &[]);
+        assert_eq!(
+            check(
+                &star.renarrow(&reparsed),
+                &private,
+                "10.1.2.3",
+                80,
+                "10.1.2.3"
+            ),
+            Err("egress_private_address")
+        );
+        assert_eq!(
+            check(
+                &before.renarrow(&reparsed),
+                &private,
+                "10.1.2.3",
+                80,
+                "10.1.2.3"
+            ),
+            Ok(())
+        );
+    }
+
+    #[test]
+    fn addresses_hidden_inside_ipv6_forms_are_classified_by_what_they_carry() {
+        for (ip, kind) in [
+            ("64:ff9b:1::a00:1", "private"),
+            ("::10.0.0.1", "private"),
+            ("::127.0.0.1", "loopback"),
+            ("2002:7f00:1::1", "loopback"),
+            ("2001:0:4136:e378:8000:63bf:3fff:fdd2", "Teredo"),
+        ] {
+            let found = special(ip.parse().expect("ip")).unwrap_or("public");
+            assert!(found.contains(kind), "{ip}: {found}");
+        }
+        let everything = Ceiling {
+            allow_private: vec![
+                "0.0.0.0/0".parse().expect("net"),
+                "::/0".parse().expect("net"),
+            ],
+        };
+        let all = policy("allow", &["0.0.0.0/0:*", "[::/0]:*"], &[]);
+        for metadata in [
+            "64:ff9b::a9fe:a9fe",
+            "2002:a9fe:a9fe::1",
+            "168.63.129.16",
+            "100.100.100.200",
+            "::ffff:169.254.169.254",
+        ] {
+            assert_eq!(
+                check(&all, &everything, metadata, 80, metadata),
+                Err("egress_denied"),
+                "{metadata}"
+            );
+        }
+        // A deny rule written in IPv4-mapped form covers the IPv4 network.
+        let mapped = policy("open", &[], &["[::ffff:10.0.0.0/104]:*"]);
+        assert_eq!(
+            check(&mapped, &everything, "10.1.2.3", 80, "10.1.2.3"),
             Err("egress_denied")
         );
     }

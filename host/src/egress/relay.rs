@@ -68,6 +68,10 @@ pub struct SandboxEgress {
     /// Bytes sent by the sandbox.
     bytes_out: AtomicU64,
     connections: Arc<Semaphore>,
+    /// Name lookups of this sandbox running now.
+    lookups: Arc<Semaphore>,
+    /// Serialises policy changes (the store and the live copy agree).
+    pub(crate) changing: tokio::sync::Mutex<()>,
     inbound: Limiter,
     outbound: Limiter,
 }
@@ -80,6 +84,8 @@ impl SandboxEgress {
             bytes_in: AtomicU64::new(bytes_in),
             bytes_out: AtomicU64::new(bytes_out),
             connections: Arc::new(Semaphore::new(settings.max_connections.max(1))),
+            lookups: Arc::new(Semaphore::new(MAX_LOOKUPS_PER_SANDBOX)),
+            changing: tokio::sync::Mutex::new(()),
             inbound: Limiter::new(settings.bandwidth_bytes_per_sec),
             outbound: Limiter::new(settings.bandwidth_bytes_per_sec),
         }
@@ -265,7 +271,9 @@ async fn connect(
         ));
         return offer.refuse(&reply).await;
     };
-    let addresses = match resolve(&host, request.port, settings.connect_timeout).await {
+    // Resolving and every dial share one deadline.
+    let deadline = tokio::time::Instant::now() + settings.connect_timeout;
+    let addresses = match resolve(&host, request.port, &egress.lookups, deadline).await {
         Ok(addresses) => addresses,
         Err(reason) => return offer.refuse(&EgressReply::Failed { reason }).await,
     };
@@ -278,7 +286,7 @@ async fn connect(
             continue;
         }
         let dial = TcpStream::connect((ip, request.port));
-        match tokio::time::timeout(settings.connect_timeout, dial).await {
+        match tokio::time::timeout_at(deadline, dial).await {
             Ok(Ok(stream)) => {
                 upstream = Some(stream);
                 break;
@@ -289,7 +297,14 @@ async fn connect(
     }
     let Some(upstream) = upstream else {
         let reply = match (failure, refusal) {
-            (Some(reason), _) => EgressReply::Failed { reason },
+            (Some(reason), refusal) => {
+                // An address the policy refused is audited even when a
+                // later one was allowed and failed.
+                if let Some(r) = refusal {
+                    let _ = refuse(r);
+                }
+                EgressReply::Failed { reason }
+            }
             (None, Some(r)) => refuse(r),
             (None, None) => EgressReply::Failed {
                 reason: format!("{target} has no address"),
@@ -319,24 +334,54 @@ async fn connect(
 }
 
 /// The addresses to try: the literal one, or what the name resolves to.
-async fn resolve(host: &Host, port: u16, timeout: Duration) -> Result<Vec<IpAddr>, String> {
-    match host {
-        Host::Ip(ip) => Ok(vec![*ip]),
-        Host::Name(name) => {
-            let lookup = tokio::net::lookup_host((name.as_str(), port));
-            let found = tokio::time::timeout(timeout, lookup)
-                .await
-                .map_err(|_| format!("resolving {name} timed out"))?
-                .map_err(|e| format!("cannot resolve {name}: {e}"))?;
-            let mut addresses: Vec<IpAddr> = Vec::new();
-            for address in found {
-                if !addresses.contains(&address.ip()) {
-                    addresses.push(address.ip());
-                }
-            }
-            Ok(addresses)
+/// Name lookups running at once on this host, all sandboxes together.
+/// A lookup runs getaddrinfo on a blocking thread that cannot be stopped,
+/// so a place is given back only when that thread returns, not when the
+/// connection stops waiting: a resolver that never answers can hold these
+/// places, never the blocking pool the store also uses.
+const MAX_LOOKUPS: usize = 32;
+/// Lookups one sandbox may have running at once.
+const MAX_LOOKUPS_PER_SANDBOX: usize = 4;
+
+fn lookups() -> &'static Arc<Semaphore> {
+    static LOOKUPS: std::sync::OnceLock<Arc<Semaphore>> = std::sync::OnceLock::new();
+    LOOKUPS.get_or_init(|| Arc::new(Semaphore::new(MAX_LOOKUPS)))
+}
+
+async fn resolve(
+    host: &Host,
+    port: u16,
+    own: &Arc<Semaphore>,
+    deadline: tokio::time::Instant,
+) -> Result<Vec<IpAddr>, String> {
+    let name = match host {
+        Host::Ip(ip) => return Ok(vec![*ip]),
+        Host::Name(name) => name.clone(),
+    };
+    let busy = || format!("resolving {name} timed out (too many lookups running)");
+    let mine = own.clone().try_acquire_owned().map_err(|_| busy())?;
+    let global = tokio::time::timeout_at(deadline, lookups().clone().acquire_owned())
+        .await
+        .map_err(|_| busy())?
+        .map_err(|_| busy())?;
+    let shown = name.clone();
+    let lookup = tokio::task::spawn_blocking(move || {
+        let found = std::net::ToSocketAddrs::to_socket_addrs(&(name.as_str(), port));
+        drop((mine, global));
+        found
+    });
+    let found = tokio::time::timeout_at(deadline, lookup)
+        .await
+        .map_err(|_| format!("resolving {shown} timed out"))?
+        .map_err(|e| format!("resolving {shown} failed: {e}"))?
+        .map_err(|e| format!("cannot resolve {shown}: {e}"))?;
+    let mut addresses: Vec<IpAddr> = Vec::new();
+    for address in found {
+        if !addresses.contains(&address.ip()) {
+            addresses.push(address.ip());
         }
     }
+    Ok(addresses)
 }
 
 /// Copies both ways until both sides close, the connection idles out or
@@ -437,8 +482,16 @@ async fn copy<R, W>(
                 continue;
             }
         };
-        direction.limiter.take(n).await;
-        if to.write_all(&buffer[..n]).await.is_err() {
+        // A peer that stops reading (a zero window) must not hold the
+        // connection past a stop or the idle timeout either.
+        let written = tokio::select! {
+            _ = done.cancelled() => break,
+            written = tokio::time::timeout(idle, async {
+                direction.limiter.take(n).await;
+                to.write_all(&buffer[..n]).await
+            }) => written,
+        };
+        if !matches!(written, Ok(Ok(()))) {
             break;
         }
         direction.meter.fetch_add(n as u64, Ordering::Relaxed);
