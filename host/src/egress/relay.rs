@@ -468,7 +468,8 @@ async fn copy<R, W>(
         };
         let n = match read {
             Ok(Ok(0)) => {
-                let _ = to.shutdown().await;
+                // Half-close: the other direction goes on.
+                let _ = tokio::time::timeout(idle, to.shutdown()).await;
                 return;
             }
             Ok(Ok(n)) => n,
@@ -498,10 +499,14 @@ async fn copy<R, W>(
         direction.moved.fetch_add(n as u64, Ordering::Relaxed);
         last.store(start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    // An error, the idle timeout or a stop ends both directions.
+    // An error, the idle timeout or a stop ends both directions (a peer
+    // that reads nothing cannot hold the shutdown either).
     done.cancel();
-    let _ = to.shutdown().await;
+    let _ = tokio::time::timeout(SHUTDOWN_WAIT, to.shutdown()).await;
 }
+
+/// How long closing a direction may wait for its peer.
+const SHUTDOWN_WAIT: Duration = Duration::from_secs(1);
 
 #[cfg(test)]
 mod tests {
