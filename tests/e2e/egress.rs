@@ -132,11 +132,18 @@ PY"#,
 }
 
 fn egress_server() -> Server {
+    egress_server_with(&[])
+}
+
+/// The egress test server, with more environment for it.
+fn egress_server_with(extra: &[(&str, &str)]) -> Server {
     let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-    Server::start_with_env(&[
+    let mut env = vec![
         ("CROWNEST_TEMPLATES_DIR", templates.to_str().expect("utf8")),
         ("CROWNEST_EGRESS_ALLOW_PRIVATE", "127.0.0.1/32"),
-    ])
+    ];
+    env.extend_from_slice(extra);
+    Server::start_with_env(&env)
 }
 
 async fn create(client: &Client, template: &str, network: Value) -> (u16, Value) {
@@ -172,6 +179,41 @@ async fn bytes_in(client: &Client, sandbox: &str) -> u64 {
     let (status, body) = client.get(&format!("/v1/sandboxes/{sandbox}")).await;
     assert_eq!(status, 200, "{body}");
     body["network"]["bytesIn"].as_u64().expect("bytesIn")
+}
+
+/// Waits (10 s at most) until usage, which reads the store, counts at
+/// least `at_least` egress bytes in for the sandbox.
+async fn wait_for_usage(client: &Client, sandbox: &str, at_least: u64) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, usage) = client.get("/v1/usage?groupBy=sandbox").await;
+        assert_eq!(status, 200, "{usage}");
+        let counted = usage["data"]
+            .as_array()
+            .expect("data")
+            .iter()
+            .find(|l| l["key"] == sandbox)
+            .and_then(|l| l["egressBytesIn"].as_u64())
+            .unwrap_or(0);
+        if counted >= at_least {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "usage shows {counted} egress bytes: {usage}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `curl` through the proxy: the body, a space, the HTTP status.
+async fn curl(client: &Client, sandbox: &str, url: &str) -> String {
+    stdout(
+        client,
+        sandbox,
+        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' {url}"),
+    )
+    .await
 }
 
 on_each_egress_runtime! {
@@ -229,27 +271,11 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
     let size = BLOB_BYTES as u64;
     assert!(moved >= size && moved <= size + size / 100, "counted {moved} for {size}");
     // Usage has it too, once the connection's end is recorded.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (status, usage) = client.get("/v1/usage?groupBy=sandbox").await;
-        assert_eq!(status, 200, "{usage}");
-        let line = usage["data"].as_array().expect("data").iter().find(|l| l["key"] == sandbox.as_str()).cloned();
-        let counted = line.as_ref().and_then(|l| l["egressBytesIn"].as_u64()).unwrap_or(0);
-        if counted >= before + size {
-            break;
-        }
-        assert!(Instant::now() < deadline, "usage shows {counted} egress bytes: {usage}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_for_usage(&client, &sandbox, before + size).await;
 
     // Another port is refused with its reason, by HTTP proxy and SOCKS.
     let other = free_port();
-    let refused = stdout(
-        &client,
-        &sandbox,
-        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{other}/"),
-    )
-    .await;
+    let refused = curl(&client, &sandbox, &format!("http://127.0.0.1:{other}/")).await;
     assert!(
         refused.contains("egress_not_allowed") && refused.contains("not on the allow list") && refused.ends_with(" 403"),
         "{refused}"
@@ -259,7 +285,7 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
         .await;
     assert_ne!(socks["exitCode"], 0, "{socks}");
     // The cloud metadata address, whatever is asked.
-    let metadata = stdout(&client, &sandbox, "curl -sS -w ' %{http_code}' http://169.254.169.254/latest/meta-data/").await;
+    let metadata = curl(&client, &sandbox, "http://169.254.169.254/latest/meta-data/").await;
     assert!(metadata.ends_with(" 403"), "{metadata}");
     let (status, audit) = client
         .get(&format!("/v1/audit-events?action=egress_denied&resourceId={sandbox}"))
@@ -278,12 +304,7 @@ async fn curl_urllib_pip_and_git_reach_an_allowed_host_and_nothing_else(template
     let (status, body) = patch_network(&client, &sandbox, json!({ "allow": [format!("127.0.0.1:{port}")] })).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["network"]["allow"], json!([format!("127.0.0.1:{port}")]));
-    let rebound = stdout(
-        &client,
-        &sandbox,
-        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://localhost:{port}/hello.txt"),
-    )
-    .await;
+    let rebound = curl(&client, &sandbox, &format!("http://localhost:{port}/hello.txt")).await;
     assert!(rebound.contains("egress_not_allowed") && rebound.ends_with(" 403"), "{rebound}");
     assert_eq!(stdout(&client, &sandbox, &format!("{VIA_PROXY} curl -sS {url}/hello.txt")).await, "hello egress\n");
     // Widening past the template is refused, and changes nothing.
@@ -322,12 +343,7 @@ async fn deny_wins_over_allow_and_none_turns_a_sandbox_off(template) {
     let (status, body) = create(&client, template, json!({ "mode": "none" })).await;
     assert_eq!(status, 201, "{body}");
     let sandbox = body["id"].as_str().expect("id").to_owned();
-    let off = stdout(
-        &client,
-        &sandbox,
-        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{port}/hello.txt"),
-    )
-    .await;
+    let off = curl(&client, &sandbox, &format!("http://127.0.0.1:{port}/hello.txt")).await;
     assert!(off.contains("network_disabled") && off.ends_with(" 403"), "{off}");
     client.kill(&sandbox).await;
 }
@@ -364,12 +380,7 @@ fn shell_quote(text: &str) -> String {
 #[tokio::test]
 async fn a_narrowed_policy_and_the_meters_survive_a_kill_9_of_the_host() {
     let web = Web::start();
-    let templates = Path::new(env!("CARGO_MANIFEST_DIR")).join("templates");
-    let mut server = Server::start_with_env(&[
-        ("CROWNEST_TEMPLATES_DIR", templates.to_str().expect("utf8")),
-        ("CROWNEST_EGRESS_ALLOW_PRIVATE", "127.0.0.1/32"),
-        ("CROWNEST_DESTROY_ON_SHUTDOWN", "false"),
-    ]);
+    let mut server = egress_server_with(&[("CROWNEST_DESTROY_ON_SHUTDOWN", "false")]);
     let key = server.key("egress-restart", None, "all");
     let client = server.client(&key);
     let port = web.port;
@@ -381,49 +392,20 @@ async fn a_narrowed_policy_and_the_meters_survive_a_kill_9_of_the_host() {
     .await;
     assert_eq!(status, 201, "{body}");
     let sandbox = body["id"].as_str().expect("id").to_owned();
-    let hello =
-        format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{port}/hello.txt");
-    assert_eq!(
-        stdout(&client, &sandbox, &hello).await,
-        "hello egress\n 200"
-    );
+    let hello = format!("http://127.0.0.1:{port}/hello.txt");
+    assert_eq!(curl(&client, &sandbox, &hello).await, "hello egress\n 200");
     let before = bytes_in(&client, &sandbox).await;
     assert!(before > 0);
     // The meter is committed (usage reads the store) before the crash.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let (_, usage) = client.get("/v1/usage?groupBy=sandbox").await;
-        let line = usage["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .find(|l| l["key"] == sandbox.as_str())
-            .cloned();
-        if line.and_then(|l| l["egressBytesIn"].as_u64()).unwrap_or(0) >= before {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the meter was not committed: {usage}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_usage(&client, &sandbox, before).await;
 
     server.kill9();
     server.start_again();
     let client = server.client(&key);
     // The adopted sandbox's proxy is served again, under the same policy.
-    assert_eq!(
-        stdout(&client, &sandbox, &hello).await,
-        "hello egress\n 200"
-    );
+    assert_eq!(curl(&client, &sandbox, &hello).await, "hello egress\n 200");
     let other = free_port();
-    let refused = stdout(
-        &client,
-        &sandbox,
-        &format!("{VIA_PROXY} curl -sS -w ' %{{http_code}}' http://127.0.0.1:{other}/"),
-    )
-    .await;
+    let refused = curl(&client, &sandbox, &format!("http://127.0.0.1:{other}/")).await;
     assert!(
         refused.contains("egress_not_allowed") && refused.ends_with(" 403"),
         "{refused}"

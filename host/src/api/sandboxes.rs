@@ -77,6 +77,18 @@ pub struct SandboxNetworkView {
     pub bytes_out: u64,
 }
 
+impl SandboxNetworkView {
+    fn of(policy: &crate::egress::Policy, bytes_in: u64, bytes_out: u64) -> Self {
+        Self {
+            mode: policy.mode.as_str(),
+            allow: policy.allow_texts(),
+            deny: policy.deny_texts(),
+            bytes_in,
+            bytes_out,
+        }
+    }
+}
+
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct CreateSandboxBody {
@@ -119,13 +131,11 @@ pub struct SandboxView {
 
 pub fn render(row: SandboxRow) -> SandboxView {
     SandboxView {
-        network: SandboxNetworkView {
-            mode: row.network.mode.as_str(),
-            allow: row.network.allow_texts(),
-            deny: row.network.deny_texts(),
-            bytes_in: u64::try_from(row.egress_bytes_in).unwrap_or(0),
-            bytes_out: u64::try_from(row.egress_bytes_out).unwrap_or(0),
-        },
+        network: SandboxNetworkView::of(
+            &row.network,
+            u64::try_from(row.egress_bytes_in).unwrap_or(0),
+            u64::try_from(row.egress_bytes_out).unwrap_or(0),
+        ),
         metadata: serde_json::Value::Object(row.metadata),
         id: row.id,
         status: row.status,
@@ -224,13 +234,7 @@ fn render_live(state: &AppState, row: SandboxRow) -> SandboxView {
     let policy = state.host.egress_policy(&row);
     let (bytes_in, bytes_out) = state.host.egress_bytes(&row);
     let mut view = render(row);
-    view.network = SandboxNetworkView {
-        mode: policy.mode.as_str(),
-        allow: policy.allow_texts(),
-        deny: policy.deny_texts(),
-        bytes_in,
-        bytes_out,
-    };
+    view.network = SandboxNetworkView::of(&policy, bytes_in, bytes_out);
     view
 }
 

@@ -213,8 +213,7 @@ impl Host {
 
     /// A sandbox's egress meters now: a live one's run ahead of the store.
     pub fn egress_bytes(&self, row: &crate::store::SandboxRow) -> (u64, u64) {
-        let live = lock(&self.live).get(&row.id).and_then(|l| l.egress.clone());
-        match live {
+        match self.live_egress(&row.id) {
             Some(egress) => egress.bytes(),
             None => (
                 u64::try_from(row.egress_bytes_in).unwrap_or(0),
@@ -225,7 +224,11 @@ impl Host {
 
     /// A sandbox's egress policy now (a live one's may have been patched).
     pub fn egress_policy(&self, row: &crate::store::SandboxRow) -> crate::egress::Policy {
-        let live = lock(&self.live).get(&row.id).and_then(|l| l.egress.clone());
-        live.map_or_else(|| row.network.clone(), |e| e.policy())
+        self.live_egress(&row.id)
+            .map_or_else(|| row.network.clone(), |e| e.policy())
+    }
+
+    fn live_egress(&self, id: &str) -> Option<Arc<SandboxEgress>> {
+        lock(&self.live).get(id).and_then(|l| l.egress.clone())
     }
 }

@@ -700,6 +700,13 @@ mod tests {
         Host::parse(text).expect("host")
     }
 
+    fn rules(texts: &[&str]) -> Vec<Rule> {
+        texts
+            .iter()
+            .map(|s| Rule::parse(s).expect("rule"))
+            .collect()
+    }
+
     fn check(
         p: &Policy,
         ceiling: &Ceiling,
@@ -916,11 +923,6 @@ mod tests {
 
     #[test]
     fn a_sandbox_never_gains_a_private_address_its_template_does_not_name() {
-        let rules = |l: &[&str]| {
-            l.iter()
-                .map(|s| Rule::parse(s).expect("rule"))
-                .collect::<Vec<_>>()
-        };
         let private = Ceiling {
             allow_private: vec!["10.0.0.0/8".parse().expect("net")],
         };
@@ -969,11 +971,6 @@ mod tests {
 
     #[test]
     fn a_taken_over_sandbox_is_narrowed_to_the_template_as_it_is_now() {
-        let rules = |l: &[&str]| {
-            l.iter()
-                .map(|s| Rule::parse(s).expect("rule"))
-                .collect::<Vec<_>>()
-        };
         let before = policy(
             "allow",
             &["pypi.org", "github.com:443", "10.0.0.0/8:*"],
@@ -1065,11 +1062,6 @@ mod tests {
 
     #[test]
     fn a_sandbox_may_narrow_the_template_never_widen_it() {
-        let rules = |l: &[&str]| {
-            l.iter()
-                .map(|s| Rule::parse(s).expect("rule"))
-                .collect::<Vec<_>>()
-        };
         let template = policy(
             "allow",
             &["pypi.org", "*.pythonhosted.org", "10.0.0.0/8:*"],
