@@ -7,7 +7,8 @@
 //! ([`reaper`]). It runs on one thread and never trusts the host to send
 //! well-formed input: a bad stream is logged and dropped.
 //!
-//! Usage: `crownest-agent [--listen unix:PATH | --serial PATH]`.
+//! Usage: `crownest-agent [--listen unix:PATH | --serial PATH | --vm ARGS…]`
+//! (`--vm`: init of a microVM guest, see [`vm`]).
 
 mod archive;
 mod code;
@@ -21,6 +22,7 @@ mod session;
 mod transport;
 mod tree;
 mod tunnel;
+mod vm;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -75,9 +77,14 @@ impl Shared {
 enum Transport {
     Unix(PathBuf),
     Serial(PathBuf),
+    /// Set the microVM guest up first, then serve its agent port.
+    Vm(vm::VmConfig),
 }
 
 fn parse_args(args: &[String]) -> Result<Transport, String> {
+    if args.first().map(String::as_str) == Some("--vm") {
+        return vm::VmConfig::parse(&args[1..]).map(Transport::Vm);
+    }
     let mut transport = Transport::Unix(PathBuf::from(DEFAULT_SOCKET));
     let mut args = args.iter();
     while let Some(arg) = args.next() {
@@ -102,7 +109,7 @@ fn parse_args(args: &[String]) -> Result<Transport, String> {
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.iter().any(|a| a == "--help" || a == "-h") {
-        println!("usage: crownest-agent [--listen unix:PATH | --serial PATH]");
+        println!("usage: crownest-agent [--listen unix:PATH | --serial PATH | --vm ARGS...]");
         return std::process::ExitCode::SUCCESS;
     }
     if args.iter().any(|a| a == "--version") {
@@ -110,6 +117,13 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let transport = match parse_args(&args) {
+        Ok(Transport::Vm(config)) => match vm::init(&config) {
+            Ok(port) => Transport::Serial(port),
+            Err(e) => {
+                eprintln!("crownest-agent: guest setup failed: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        },
         Ok(transport) => transport,
         Err(e) => {
             eprintln!("crownest-agent: {e}");
@@ -136,6 +150,8 @@ fn main() -> std::process::ExitCode {
         match transport {
             Transport::Unix(path) => serve_unix(&path, shared).await,
             Transport::Serial(path) => serve_serial(&path, shared).await,
+            // Turned into `Serial` by `vm::init` above.
+            Transport::Vm(_) => Err(std::io::Error::other("the guest was not set up")),
         }
     });
     match result {
@@ -227,11 +243,21 @@ async fn accept_loop(listener: UnixListener, shared: Arc<Shared>) -> std::io::Re
 async fn serve_serial(path: &Path, shared: Arc<Shared>) -> std::io::Result<()> {
     let mut io = transport::Replay::new(transport::FdStream::open(path)?);
     let version = env!("CARGO_PKG_VERSION");
+    // Until a host connects, every read ends at once: say so once, not ten
+    // times a second (the serial console is the guest's only log).
+    let mut last_error = String::new();
     loop {
         match agent_handshake(&mut io, shared.boot_id, version).await {
-            Ok(_hello) => io.forget(),
+            Ok(_hello) => {
+                io.forget();
+                last_error.clear();
+            }
             Err(e) => {
-                eprintln!("crownest-agent: handshake on {}: {e}", path.display());
+                let text = e.to_string();
+                if text != last_error {
+                    eprintln!("crownest-agent: handshake on {}: {text}", path.display());
+                    last_error = text;
+                }
                 // Nobody may be connected to the port yet (reads see EOF):
                 // do not spin.
                 tokio::time::sleep(Duration::from_millis(100)).await;

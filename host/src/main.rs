@@ -22,7 +22,7 @@ use crownest::core::Host;
 use crownest::ids;
 use crownest::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome};
 use crownest::rootfs::RootfsCache;
-use crownest::runtime::{GvisorRuntime, OciRuntime, Runtime, Runtimes};
+use crownest::runtime::{GvisorRuntime, MicrovmRuntime, OciRuntime, Runtime, Runtimes};
 use crownest::store::{AuditRow, Quota, SqliteStore, Store, StoreHandle};
 use crownest::templates::TemplateSet;
 
@@ -58,6 +58,15 @@ enum Command {
     /// Runtime hooks runc runs for sandboxes (not for people).
     #[command(hide = true, subcommand)]
     Hook(HookCommand),
+    /// The byte relay between a crosvm guest's console and the host (started
+    /// by the microvm runtime beside each crosvm; not for people).
+    #[command(hide = true)]
+    MicrovmRelay {
+        #[arg(long)]
+        guest: PathBuf,
+        #[arg(long)]
+        host: PathBuf,
+    },
     /// Client commands: talk to a running server over HTTP.
     #[command(flatten)]
     Client(client::Command),
@@ -92,6 +101,16 @@ struct ServeArgs {
     /// runsc binary of the `gvisor` runtime.
     #[arg(long, env = "CROWNEST_RUNSC", default_value = "runsc")]
     runsc: PathBuf,
+    /// QEMU binary of the `microvm` runtime (`vmm = "qemu"`).
+    #[arg(long, env = "CROWNEST_QEMU", default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+    /// crosvm binary of the `microvm` runtime (`vmm = "crosvm"`).
+    #[arg(long, env = "CROWNEST_CROSVM", default_value = "crosvm")]
+    crosvm: PathBuf,
+    /// Force one accelerator for every microVM template (`kvm` or `tcg`;
+    /// `auto` uses KVM only where /dev/kvm works and this host is not a VM).
+    #[arg(long, env = "CROWNEST_MICROVM_ACCEL", value_parser = parse_accel)]
+    microvm_accel: Option<crownest::runtime::Accel>,
     /// Destroy every sandbox when the server stops. By default sandboxes
     /// keep running and the next server process on this data dir takes
     /// them over (commands, their logs and code contexts included).
@@ -281,6 +300,13 @@ fn main() -> Result<()> {
             crownest::runtime::oci::hook::userns_limits()?;
             Ok(())
         }
+        Command::MicrovmRelay { guest, host } => {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(crownest::runtime::microvm::crosvm::relay(&guest, &host))?;
+            Ok(())
+        }
         Command::Openapi => {
             println!("{}", serde_json::to_string_pretty(&api::openapi())?);
             Ok(())
@@ -374,7 +400,13 @@ fn serve(args: ServeArgs) -> Result<()> {
         config.runsc_binary.clone(),
         data_dir.join("runsc"),
     ));
-    let mut runtimes = Runtimes::new(vec![oci, gvisor]);
+    let microvm: Arc<dyn Runtime> = Arc::new(microvm_runtime(
+        args.qemu.clone(),
+        args.crosvm.clone(),
+        &data_dir,
+        args.microvm_accel,
+    )?);
+    let mut runtimes = Runtimes::new(vec![oci, gvisor, microvm]);
     let runtime_rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -670,6 +702,28 @@ fn print_quota(org: &str, quota: &Quota) {
     );
 }
 
+fn parse_accel(text: &str) -> Result<crownest::runtime::Accel, String> {
+    crownest::runtime::Accel::parse(text).ok_or_else(|| format!("`{text}`: use auto, kvm or tcg"))
+}
+
+/// The microvm driver: its artifacts in the rootfs cache, its VMM records
+/// under the data dir, crosvm's relay run from this binary.
+fn microvm_runtime(
+    qemu: PathBuf,
+    crosvm: PathBuf,
+    data_dir: &std::path::Path,
+    accel: Option<crownest::runtime::Accel>,
+) -> Result<MicrovmRuntime> {
+    Ok(MicrovmRuntime::new(
+        qemu,
+        crosvm,
+        std::env::current_exe().context("finding this binary")?,
+        config::default_cache_dir(),
+        data_dir.join("microvm"),
+    )
+    .with_accel(accel))
+}
+
 fn template(command: TemplateCommand) -> Result<()> {
     match command {
         TemplateCommand::Build { name, templates } => {
@@ -681,18 +735,26 @@ fn template(command: TemplateCommand) -> Result<()> {
                 )
             })?;
             let cache = RootfsCache::new(config::default_cache_dir());
-            if cache.is_built(template) {
-                eprintln!(
-                    "{name} is already built at {}",
-                    cache.path_for(template).display()
-                );
-                return Ok(());
-            }
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
-            let path = runtime.block_on(cache.build(template, true))?;
-            eprintln!("built {name} at {}", path.display());
+            if cache.is_built(template) {
+                eprintln!(
+                    "{name}'s rootfs is already built at {}",
+                    cache.path_for(template).display()
+                );
+            } else {
+                let path = runtime.block_on(cache.build(template, true))?;
+                eprintln!("built {name} at {}", path.display());
+            }
+            // A microVM template also needs its disk image and guest kernel.
+            let microvm = microvm_runtime(
+                PathBuf::from("qemu-system-x86_64"),
+                PathBuf::from("crosvm"),
+                std::path::Path::new("."),
+                None,
+            )?;
+            runtime.block_on(microvm.prepare(template.runtime, &cache.path_for(template), true))?;
         }
         TemplateCommand::List { templates } => {
             let set = TemplateSet::load(templates.templates_dir.as_deref())?;

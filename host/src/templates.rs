@@ -18,8 +18,10 @@
 //! variant = "minbase"             # minbase|essential|apt|required|important|standard
 //! packages = ["python3", "..."]   # Debian package names, order irrelevant
 //! [runtime]
-//! kind = "oci"                    # "oci" (runc) or "gvisor" (runsc)
+//! kind = "oci"                    # "oci" (runc), "gvisor" (runsc) or "microvm"
 //! platform = "ptrace"             # gvisor only: ptrace (default), kvm, systrap
+//! vmm = "qemu"                    # microvm only: "qemu" (default) or "crosvm"
+//! accel = "auto"                  # microvm only: "auto" (default), "kvm", "tcg"
 //! [resources]
 //! vcpus = 1                       # 1..=64
 //! memoryMiB = 512                 # 64..=65536
@@ -41,7 +43,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-use crate::runtime::{GvisorPlatform, Isolation, Resources, SandboxUser};
+use crate::runtime::{Accel, GvisorPlatform, Isolation, Resources, SandboxUser, Vmm};
 
 /// Bumped whenever the way a recipe is turned into a rootfs changes (the
 /// mmdebstrap command line, the customize hooks), so old cache entries are
@@ -59,6 +61,14 @@ const BUILTIN: &[(&str, &str)] = &[
     (
         "python-gvisor.toml",
         include_str!("../../templates/python-gvisor.toml"),
+    ),
+    (
+        "python-microvm.toml",
+        include_str!("../../templates/python-microvm.toml"),
+    ),
+    (
+        "python-crosvm.toml",
+        include_str!("../../templates/python-crosvm.toml"),
     ),
 ];
 
@@ -251,36 +261,88 @@ impl Template {
         packages.sort();
         packages.dedup();
 
-        const KINDS: &str = "\"oci\", \"gvisor\"";
-        let platforms = || {
-            GvisorPlatform::ALL
-                .map(|p| format!("\"{}\"", p.as_str()))
+        const KINDS: &str = "\"oci\", \"gvisor\", \"microvm\"";
+        let quoted = |names: Vec<&str>| {
+            names
+                .into_iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
                 .join(", ")
         };
-        let runtime = match (raw.runtime.kind.as_str(), raw.runtime.platform.as_deref()) {
-            ("oci", None) => Isolation::Oci,
-            ("oci", Some(_)) => {
-                return Err(invalid(
-                    "runtime.platform",
-                    String::from("applies only to kind = \"gvisor\"; remove it for \"oci\""),
-                ));
+        let rt = &raw.runtime;
+        let only = |field: &'static str, kind: &str| {
+            invalid(
+                field,
+                format!(
+                    "applies only to kind = \"{kind}\"; remove it for \"{}\"",
+                    rt.kind
+                ),
+            )
+        };
+        if rt.kind != "gvisor" && rt.platform.is_some() {
+            return Err(only("runtime.platform", "gvisor"));
+        }
+        if rt.kind != "microvm" {
+            if rt.vmm.is_some() {
+                return Err(only("runtime.vmm", "microvm"));
             }
-            ("gvisor", platform) => {
-                let platform = match platform {
+            if rt.accel.is_some() {
+                return Err(only("runtime.accel", "microvm"));
+            }
+        }
+        let runtime = match rt.kind.as_str() {
+            "oci" => Isolation::Oci,
+            "gvisor" => {
+                let platform = match rt.platform.as_deref() {
                     None => GvisorPlatform::Ptrace,
                     Some(text) => GvisorPlatform::parse(text).ok_or_else(|| {
                         invalid(
                             "runtime.platform",
                             format!(
                                 "`{text}` is not a gVisor platform; use one of {}",
-                                platforms()
+                                quoted(GvisorPlatform::ALL.map(|p| p.as_str()).to_vec())
                             ),
                         )
                     })?,
                 };
                 Isolation::Gvisor { platform }
             }
-            (other, _) => {
+            "microvm" => {
+                let vmm = match rt.vmm.as_deref() {
+                    None => Vmm::Qemu,
+                    Some(text) => Vmm::parse(text).ok_or_else(|| {
+                        invalid(
+                            "runtime.vmm",
+                            format!(
+                                "`{text}` is not a VMM; use one of {}",
+                                quoted(Vmm::ALL.map(|v| v.as_str()).to_vec())
+                            ),
+                        )
+                    })?,
+                };
+                let accel = match rt.accel.as_deref() {
+                    None => Accel::Auto,
+                    Some(text) => Accel::parse(text).ok_or_else(|| {
+                        invalid(
+                            "runtime.accel",
+                            format!(
+                                "`{text}` is not an accelerator; use one of {}",
+                                quoted(Accel::ALL.map(|a| a.as_str()).to_vec())
+                            ),
+                        )
+                    })?,
+                };
+                if vmm == Vmm::Crosvm && accel == Accel::Tcg {
+                    return Err(invalid(
+                        "runtime.accel",
+                        String::from(
+                            "crosvm runs only on KVM; use accel = \"kvm\" or \"auto\" with vmm = \"crosvm\", or vmm = \"qemu\" for \"tcg\"",
+                        ),
+                    ));
+                }
+                Isolation::Microvm { vmm, accel }
+            }
+            other => {
                 return Err(invalid(
                     "runtime.kind",
                     format!("`{other}` is not a runtime; use one of {KINDS}"),
@@ -595,6 +657,8 @@ struct RawRootfs {
 struct RawRuntime {
     kind: String,
     platform: Option<String>,
+    vmm: Option<String>,
+    accel: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -642,7 +706,17 @@ mod tests {
     fn builtin_templates_load_and_python_has_python_is_python3() {
         let set = TemplateSet::load(None).expect("builtins load");
         let names: Vec<_> = set.names().collect();
-        assert_eq!(names, ["node", "python", "python-gvisor", "python-node"]);
+        assert_eq!(
+            names,
+            [
+                "node",
+                "python",
+                "python-crosvm",
+                "python-gvisor",
+                "python-microvm",
+                "python-node"
+            ]
+        );
         let py = set.get("python").expect("python");
         assert!(py.rootfs.packages.iter().any(|p| p == "python-is-python3"));
         assert_eq!(py.runtime, Isolation::Oci);
@@ -740,10 +814,13 @@ mod tests {
 
     #[test]
     fn an_unknown_runtime_kind_or_platform_names_the_file_the_key_and_the_choices() {
-        let text = python_text().replace("kind = \"oci\"", "kind = \"microvm\"");
-        let err = parse(&text).expect_err("microvm").to_string();
+        let text = python_text().replace("kind = \"oci\"", "kind = \"firecracker\"");
+        let err = parse(&text).expect_err("firecracker").to_string();
         assert!(
-            err.contains("runtime.kind") && err.contains("\"gvisor\"") && err.contains("t.toml"),
+            err.contains("runtime.kind")
+                && err.contains("\"gvisor\"")
+                && err.contains("\"microvm\"")
+                && err.contains("t.toml"),
             "{err}"
         );
         let text = python_text().replace("kind = \"oci\"", "kind = \"gvisor\"\nplatform = \"vmx\"");
@@ -770,6 +847,58 @@ mod tests {
             Isolation::Gvisor {
                 platform: GvisorPlatform::Ptrace
             }
+        );
+    }
+
+    #[test]
+    fn microvm_templates_name_their_vmm_and_accel_and_share_the_python_rootfs() {
+        let set = TemplateSet::load(None).expect("builtins load");
+        let python = set.get("python").expect("python");
+        let vm = set.get("python-microvm").expect("python-microvm");
+        assert_eq!(
+            vm.runtime,
+            Isolation::Microvm {
+                vmm: Vmm::Qemu,
+                accel: Accel::Auto
+            }
+        );
+        assert_eq!(vm.recipe_hash(), python.recipe_hash());
+        let crosvm = set.get("python-crosvm").expect("python-crosvm");
+        assert_eq!(crosvm.runtime.vmm(), Some(Vmm::Crosvm));
+        assert!(crosvm.description.contains("not exercised by CI"));
+
+        let microvm = |extra: &str| {
+            python_text().replace("kind = \"oci\"", &format!("kind = \"microvm\"\n{extra}"))
+        };
+        let defaults = parse(&microvm("")).expect("defaults");
+        assert_eq!(
+            defaults.runtime,
+            Isolation::Microvm {
+                vmm: Vmm::Qemu,
+                accel: Accel::Auto
+            }
+        );
+        let forced = parse(&microvm("vmm = \"qemu\"\naccel = \"tcg\"")).expect("tcg");
+        assert_eq!(forced.runtime.accel(), Some(Accel::Tcg));
+        for (extra, field, hint) in [
+            ("vmm = \"firecracker\"", "runtime.vmm", "\"crosvm\""),
+            ("accel = \"hvf\"", "runtime.accel", "\"tcg\""),
+            (
+                "vmm = \"crosvm\"\naccel = \"tcg\"",
+                "runtime.accel",
+                "only on KVM",
+            ),
+            ("platform = \"ptrace\"", "runtime.platform", "gvisor"),
+        ] {
+            let err = parse(&microvm(extra)).expect_err(extra).to_string();
+            assert!(err.contains(field) && err.contains(hint), "{extra}: {err}");
+        }
+        let oci_with_vmm =
+            python_text().replace("kind = \"oci\"", "kind = \"oci\"\nvmm = \"qemu\"");
+        let err = parse(&oci_with_vmm).expect_err("vmm on oci").to_string();
+        assert!(
+            err.contains("runtime.vmm") && err.contains("microvm"),
+            "{err}"
         );
     }
 

@@ -64,6 +64,11 @@ async fn main() {
         println!("{}", egress_measurements(iterations).await);
         return;
     }
+    // `CROWNEST_BENCH_ONLY=microvm`: just the microVM table.
+    if std::env::var("CROWNEST_BENCH_ONLY").as_deref() == Ok("microvm") {
+        println!("{}", microvm_measurements().await);
+        return;
+    }
     // No per-key rate limit: the bench measures latency, one key at a time.
     let mut server = Server::start_with_env(&[("CROWNEST_RATE_LIMIT", "0")]);
     let client = server.client(&server.key("bench", None, "all"));
@@ -402,6 +407,7 @@ async fn main() {
     let runtime_table = runtime_measurements(iterations, creates).await;
     let run_table = workspace_run_measurements().await;
     let egress_table = egress_measurements(iterations).await;
+    let microvm_table = microvm_measurements().await;
 
     println!("\n| measurement | n | p50 | p99 | target |");
     println!("|---|---|---|---|---|");
@@ -441,6 +447,128 @@ async fn main() {
     println!("{runtime_table}");
     println!("{run_table}");
     println!("{egress_table}");
+    println!("{microvm_table}");
+}
+
+/// QEMU processes of `sandbox` (their command line names it).
+fn vmm_pids(sandbox: &str) -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_string_lossy().parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let text = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            (text.contains("qemu-system") && text.contains(sandbox)).then_some(pid)
+        })
+        .collect()
+}
+
+/// The microVM runtime on QEMU (TCG here): a few boots only, each tens of
+/// seconds.
+async fn microvm_measurements() -> String {
+    const TEMPLATE: &str = "python-microvm";
+    const CREATES: usize = 3;
+    const IDLE: usize = 3;
+    let mut server = Server::start_with_env(&[
+        ("CROWNEST_RATE_LIMIT", "0"),
+        ("CROWNEST_DESTROY_ON_SHUTDOWN", "false"),
+    ]);
+    let key = server.key("bench-microvm", None, "all");
+    let client = server.client(&key);
+    let (mut creates, mut firsts, mut uptimes) = (Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..CREATES {
+        let start = Instant::now();
+        let id = client.sandbox(TEMPLATE).await;
+        creates.push(start.elapsed());
+        let result = client.run(&id, "cut -d' ' -f1 /proc/uptime").await;
+        firsts.push(start.elapsed());
+        let uptime: f64 = result["stdout"]
+            .as_str()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0.0);
+        uptimes.push(Duration::from_secs_f64(uptime));
+        client.kill(&id).await;
+    }
+    let p50 = |mut samples: Vec<Duration>| {
+        samples.sort();
+        percentile(&samples, 0.5)
+    };
+    let warm = client.sandbox(TEMPLATE).await;
+    client.run(&warm, "true").await;
+    let mut commands = Vec::new();
+    for _ in 0..50 {
+        let start = Instant::now();
+        client.run(&warm, "true").await;
+        commands.push(start.elapsed());
+    }
+    let runs = format!("/v1/sandboxes/{warm}/code/runs");
+    client
+        .post(&runs, json!({ "language": "python", "code": "0" }))
+        .await;
+    let mut codes = Vec::new();
+    for _ in 0..20 {
+        let start = Instant::now();
+        let (status, body) = client
+            .post(&runs, json!({ "language": "python", "code": "1+1" }))
+            .await;
+        codes.push(start.elapsed());
+        assert_eq!(status, 200, "{body}");
+    }
+    client.kill(&warm).await;
+
+    let server_pid = server.pid().expect("server pid");
+    let before = rss_kib(server_pid);
+    let mut idle = Vec::new();
+    for _ in 0..IDLE {
+        idle.push(client.sandbox(TEMPLATE).await);
+    }
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let host = rss_kib(server_pid).saturating_sub(before);
+    let vmm: u64 = idle.iter().flat_map(|id| vmm_pids(id)).map(rss_kib).sum();
+    let vmm_mib = vmm as f64 / IDLE as f64 / 1024.0;
+    let host_mib = host as f64 / IDLE as f64 / 1024.0;
+    server.kill9();
+    let start = Instant::now();
+    server.start_again();
+    let readopt = start.elapsed();
+    let client = server.client(&key);
+    for id in &idle {
+        let (_, row) = client.get(&format!("/v1/sandboxes/{id}")).await;
+        assert_eq!(row["status"], "running", "{row}");
+        client.kill(id).await;
+    }
+    server.stop();
+
+    let mut out = String::from(
+        "\n| microvm (QEMU, TCG: no usable KVM here) | n | p50 | on KVM (not measurable here) |\n|---|---|---|---|\n",
+    );
+    out += &format!(
+        "| create (VMM start -> kernel boot -> agent handshake) | {CREATES} | {} | Firecracker SLA anchor: boot <= 125 ms |\n",
+        ms(p50(creates))
+    );
+    out += &format!(
+        "| guest kernel uptime at the first command (boot -> first result) | {CREATES} | {} | |\n",
+        ms(p50(uptimes))
+    );
+    out += &format!(
+        "| create -> first command result | {CREATES} | {} | |\n",
+        ms(p50(firsts))
+    );
+    out += &format!(
+        "| command round trip (`true`) | 50 | {} | |\n",
+        ms(p50(commands))
+    );
+    out += &format!("| code run `1+1` | 20 | {} | |\n", ms(p50(codes)));
+    out += &format!(
+        "| host memory per idle microVM ({IDLE} idle, 512 MiB guests): VMM RSS + host growth | {IDLE} | {vmm_mib:.1} MiB + {host_mib:.2} MiB | Firecracker anchor: VMM overhead <= 5 MiB |\n",
+    );
+    out += &format!(
+        "| host restart (kill -9) -> {IDLE} live microVMs taken over | 1 | {} | |",
+        ms(readopt)
+    );
+    out
 }
 
 /// A loopback HTTP server that answers every request with `bytes` bytes

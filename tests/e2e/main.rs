@@ -39,6 +39,7 @@ mod escape;
 mod files;
 mod gvisor;
 mod ledger;
+mod microvm;
 mod parts;
 mod plugin_cli;
 mod previews;

@@ -123,8 +123,11 @@ pub struct SandboxView {
     #[serde(rename = "memoryMiB")]
     pub memory_mib: i64,
     /// The runtime that isolates it: `oci` (runc, the host kernel behind
-    /// namespaces and seccomp) or `gvisor` (runsc, gVisor's kernel).
+    /// namespaces and seccomp), `gvisor` (runsc, gVisor's kernel) or
+    /// `microvm` (a virtual machine with its own guest kernel).
     pub runtime: String,
+    /// The VMM of a `microvm` sandbox: `qemu` or `crosvm`; null otherwise.
+    pub vmm: Option<String>,
     /// Its egress policy and meters (docs/network.md).
     pub network: SandboxNetworkView,
 }
@@ -147,6 +150,7 @@ pub fn render(row: SandboxRow) -> SandboxView {
         vcpus: row.vcpus,
         memory_mib: row.memory_mib,
         runtime: row.runtime,
+        vmm: row.vmm,
     }
 }
 

@@ -72,10 +72,16 @@ pub struct TemplateView {
     /// Whether the rootfs is built; the first create of an unbuilt template
     /// builds it and takes minutes.
     pub built: bool,
-    /// The runtime that isolates its sandboxes: `oci` or `gvisor`.
+    /// The runtime that isolates its sandboxes: `oci`, `gvisor` or
+    /// `microvm`.
     pub runtime: &'static str,
     /// For `gvisor`: `ptrace`, `kvm` or `systrap`.
     pub platform: Option<&'static str>,
+    /// For `microvm`: `qemu` or `crosvm`.
+    pub vmm: Option<&'static str>,
+    /// For `microvm`: `auto`, `kvm` or `tcg` as the template asks (a
+    /// server's `--microvm-accel` overrides it).
+    pub accel: Option<&'static str>,
     /// Whether this host can run it; creating from an unavailable template
     /// is `409 runtime_unavailable`.
     pub available: bool,
@@ -196,6 +202,8 @@ async fn list_templates(
             built: host.rootfs().is_built(t),
             runtime: t.runtime.kind(),
             platform: t.runtime.platform().map(|p| p.as_str()),
+            vmm: t.runtime.vmm().map(|v| v.as_str()),
+            accel: t.runtime.accel().map(|a| a.as_str()),
             available: host.runtimes().unavailable(t.runtime).is_none(),
             reason: host.runtimes().unavailable(t.runtime).map(str::to_string),
             resources: ResourcesView {

@@ -145,6 +145,7 @@ impl Host {
             });
         }
         self.ensure_rootfs(&template).await?;
+        self.prepare_runtime(&template).await?;
 
         let quota = self.quota(&principal.org_id).await?;
         let admission = self.admission.lock().await;
@@ -168,6 +169,7 @@ impl Host {
             memory_mib: template.resources.memory_mib as i64,
             created_by_key: principal.key_id.clone(),
             runtime: template.runtime.kind().to_string(),
+            vmm: template.runtime.vmm().map(|v| v.as_str().to_string()),
             network,
             egress_bytes_in: 0,
             egress_bytes_out: 0,
@@ -234,7 +236,8 @@ impl Host {
             user: template.user.clone(),
         };
         let started = self.driver(&row.runtime)?.start(&spec).await?;
-        let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms);
+        let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms)
+            .max(started.boot_timeout.unwrap_or_default());
         let agent = connect_agent(started.channel.as_ref(), timeout, &self.config.limits).await?;
         Ok(LiveSandbox {
             id: row.id.clone(),
@@ -283,6 +286,19 @@ impl Host {
             .build(template, false)
             .await
             .map(|_| ())
+            .map_err(|e| CoreError::TemplateBuild {
+                template: template.name.clone(),
+                message: e.to_string(),
+            })
+    }
+
+    /// Lets the template's driver derive what it boots from the rootfs (a
+    /// microVM's disk image and kernel; nothing for containers), once.
+    async fn prepare_runtime(&self, template: &Template) -> Result<(), CoreError> {
+        let rootfs = self.rootfs.path_for(template);
+        self.driver(template.runtime.kind())?
+            .prepare(template.runtime, &rootfs, false)
+            .await
             .map_err(|e| CoreError::TemplateBuild {
                 template: template.name.clone(),
                 message: e.to_string(),

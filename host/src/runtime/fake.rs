@@ -121,9 +121,7 @@ impl Runtime for FakeRuntime {
             stopped: CancellationToken::new(),
         });
         lock(&self.sandboxes).insert(spec.id.clone(), sandbox.clone());
-        Ok(Started {
-            channel: Arc::new(FakeChannel { sandbox }),
-        })
+        Ok(Started::new(Arc::new(FakeChannel { sandbox })))
     }
 
     async fn destroy(&self, id: &str, _state_dir: &Path) -> Result<(), RuntimeError> {
@@ -139,9 +137,9 @@ impl Runtime for FakeRuntime {
     }
 
     async fn adopt(&self, id: &str, _state_dir: &Path) -> Result<Option<Started>, RuntimeError> {
-        Ok(self.sandbox(id).map(|sandbox| Started {
-            channel: Arc::new(FakeChannel { sandbox }),
-        }))
+        Ok(self
+            .sandbox(id)
+            .map(|sandbox| Started::new(Arc::new(FakeChannel { sandbox }))))
     }
 }
 

@@ -408,9 +408,7 @@ impl Runtime for GvisorRuntime {
             }
             return Err(e);
         }
-        Ok(Started {
-            channel: Arc::new(UnixChannel { path: agent_socket }),
-        })
+        Ok(Started::new(Arc::new(UnixChannel { path: agent_socket })))
     }
 
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
@@ -467,11 +465,11 @@ impl Runtime for GvisorRuntime {
     async fn adopt(&self, id: &str, state_dir: &Path) -> Result<Option<Started>, RuntimeError> {
         validate_id(id)?;
         match self.state(id).await? {
-            Some((status, _)) if status == "running" => Ok(Some(Started {
-                channel: Arc::new(UnixChannel {
+            Some((status, _)) if status == "running" => {
+                Ok(Some(Started::new(Arc::new(UnixChannel {
                     path: state_dir.join("run").join("agent.sock"),
-                }),
-            })),
+                }))))
+            }
             _ => Ok(None),
         }
     }

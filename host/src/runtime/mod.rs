@@ -23,6 +23,7 @@
 #[cfg(test)]
 pub mod fake;
 pub mod gvisor;
+pub mod microvm;
 pub mod oci;
 
 use std::path::{Path, PathBuf};
@@ -32,6 +33,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite};
 
 pub use gvisor::GvisorRuntime;
+pub use microvm::{Accel, MicrovmRuntime, Vmm};
 pub use oci::OciRuntime;
 
 /// How a template's sandboxes are isolated: which driver, with which
@@ -45,22 +47,42 @@ pub enum Isolation {
     /// implements Linux in user space; `platform` is how the sentry traps
     /// the sandbox's system calls.
     Gvisor { platform: GvisorPlatform },
+    /// A virtual machine with its own guest kernel, run by `vmm` with
+    /// `accel` (hardware virtualisation, or QEMU's emulator).
+    Microvm { vmm: Vmm, accel: Accel },
 }
 
 impl Isolation {
-    /// The driver's name: `oci` or `gvisor` (what the API shows).
+    /// The driver's name: `oci`, `gvisor` or `microvm` (what the API shows).
     pub fn kind(self) -> &'static str {
         match self {
             Self::Oci => "oci",
             Self::Gvisor { .. } => "gvisor",
+            Self::Microvm { .. } => "microvm",
         }
     }
 
     /// The gVisor platform, for `gvisor`.
     pub fn platform(self) -> Option<GvisorPlatform> {
         match self {
-            Self::Oci => None,
             Self::Gvisor { platform } => Some(platform),
+            Self::Oci | Self::Microvm { .. } => None,
+        }
+    }
+
+    /// The accelerator a `microvm` template asks for.
+    pub fn accel(self) -> Option<Accel> {
+        match self {
+            Self::Microvm { accel, .. } => Some(accel),
+            Self::Oci | Self::Gvisor { .. } => None,
+        }
+    }
+
+    /// The VMM, for `microvm`.
+    pub fn vmm(self) -> Option<Vmm> {
+        match self {
+            Self::Microvm { vmm, .. } => Some(vmm),
+            Self::Oci | Self::Gvisor { .. } => None,
         }
     }
 }
@@ -194,6 +216,20 @@ pub struct Started {
     /// The way to the agent. It may not accept connections yet; `open`
     /// waits.
     pub channel: Arc<dyn AgentChannel>,
+    /// How long the agent may take to answer its first handshake, when the
+    /// driver knows it needs longer than the host's default (a microVM
+    /// boots a kernel first).
+    pub boot_timeout: Option<Duration>,
+}
+
+impl Started {
+    /// A start whose agent answers within the host's default timeout.
+    pub fn new(channel: Arc<dyn AgentChannel>) -> Self {
+        Self {
+            channel,
+            boot_timeout: None,
+        }
+    }
 }
 
 /// An agent listening on a unix socket on the host's side of the sandbox.
@@ -303,6 +339,19 @@ pub trait Runtime: Send + Sync {
     /// its own kind): `Err` says why not and what to install.
     async fn check(&self, isolation: Isolation) -> Result<(), String> {
         let _ = isolation;
+        Ok(())
+    }
+    /// Turns a built template rootfs into what this driver boots from (a
+    /// microVM's disk image and guest kernel), once per recipe: called
+    /// before every start and by `crownest template build`, so it must be
+    /// cheap when there is nothing to do.
+    async fn prepare(
+        &self,
+        isolation: Isolation,
+        rootfs: &Path,
+        progress: bool,
+    ) -> Result<(), RuntimeError> {
+        let _ = (isolation, rootfs, progress);
         Ok(())
     }
 }

@@ -303,6 +303,10 @@ pub const MIGRATIONS: &[&str] = &[
         PRIMARY KEY (sandbox_id, hour)
     ) WITHOUT ROWID;
     "#,
+    // 10: the VMM of a microvm sandbox (`qemu`, `crosvm`); NULL for others.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN vmm TEXT;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

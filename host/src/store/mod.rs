@@ -119,9 +119,11 @@ pub struct SandboxRow {
     pub vcpus: i64,
     pub memory_mib: i64,
     pub created_by_key: String,
-    /// The runtime driver that runs it (`oci`, `gvisor`): the one that
-    /// takes it over after a host restart.
+    /// The runtime driver that runs it (`oci`, `gvisor`, `microvm`): the
+    /// one that takes it over after a host restart.
     pub runtime: String,
+    /// The VMM of a `microvm` sandbox (`qemu`, `crosvm`).
+    pub vmm: Option<String>,
     /// Its egress policy (the template's, or narrower).
     pub network: crate::egress::Policy,
     /// Egress bytes received and sent, as of the last connection that

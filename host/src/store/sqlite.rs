@@ -122,6 +122,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
         memory_mib: row.get("memory_mib")?,
         created_by_key: row.get("created_by_key")?,
         runtime: row.get("runtime")?,
+        vmm: row.get("vmm")?,
         network: codec::network_from_sql(&row.get::<_, String>("network")?)
             .map_err(|e| corrupt(0, e))?,
         egress_bytes_in: row.get("egress_bytes_in")?,
@@ -335,8 +336,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status,
                     metadata, created_at, expires_at, ended_at, end_reason, uid_slot, vcpus,
-                    memory_mib, created_by_key, runtime, network)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17)",
+                    memory_mib, created_by_key, runtime, network, vmm)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
             )?
             .execute(params![
                 s.id,
@@ -355,7 +356,8 @@ impl Store for SqliteStore {
                 s.memory_mib,
                 s.created_by_key,
                 s.runtime,
-                codec::network_to_sql(&s.network)
+                codec::network_to_sql(&s.network),
+                s.vmm,
             ]);
         match result {
             Ok(_) => Ok(()),
@@ -835,6 +837,7 @@ mod tests {
             memory_mib: 512,
             created_by_key: "key_x".into(),
             runtime: "oci".into(),
+            vmm: None,
             network: crate::egress::Policy::none(),
             egress_bytes_in: 0,
             egress_bytes_out: 0,

@@ -151,6 +151,7 @@ mod tests {
                 memory_mib: 512,
                 created_by_key: String::from("key_x"),
                 runtime: String::from("oci"),
+                vmm: None,
                 network: crate::egress::Policy::none(),
                 egress_bytes_in: 0,
                 egress_bytes_out: 0,

@@ -14,8 +14,10 @@ export interface SandboxData {
   metadata: Record<string, unknown>;
   vcpus: number;
   memoryMiB: number;
-  /** `oci` (runc) or `gvisor` (runsc). */
+  /** `oci` (runc), `gvisor` (runsc) or `microvm` (its own guest kernel). */
   runtime?: string;
+  /** For `microvm`: `qemu` or `crosvm`; otherwise null. */
+  vmm?: string | null;
   /** Its egress policy and meters (docs/network.md). */
   network?: SandboxNetwork;
 }
@@ -165,7 +167,17 @@ export interface TemplateData {
   description: string;
   recipeHash: string;
   built: boolean;
+  /** `oci`, `gvisor` or `microvm`. */
   runtime: string;
+  /** For `gvisor`: `ptrace`, `kvm` or `systrap`. */
+  platform?: string | null;
+  /** For `microvm`: `qemu` or `crosvm`. */
+  vmm?: string | null;
+  /** For `microvm`: `auto`, `kvm` or `tcg`. */
+  accel?: string | null;
+  /** Whether this host can run it (else `reason` says why). */
+  available?: boolean;
+  reason?: string | null;
   resources: { vcpus: number; memoryMiB: number; pids: number; diskMiB: number };
   network: string;
   /** Code Run languages, each with the WASM plugins of its output pipeline. */

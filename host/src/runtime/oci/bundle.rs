@@ -474,7 +474,7 @@ fn mounts(spec: &SandboxSpec, flavour: Flavour<'_>) -> Result<Vec<Mount>, oci_sp
 
 /// The home directory of `uid` in the rootfs's /etc/passwd, if it is a
 /// plain absolute path below / that exists in the rootfs.
-fn user_home(rootfs: &Path, uid: u32) -> Option<String> {
+pub(crate) fn user_home(rootfs: &Path, uid: u32) -> Option<String> {
     let passwd = std::fs::read_to_string(rootfs.join("etc/passwd")).ok()?;
     let home = passwd.lines().find_map(|line| {
         let fields: Vec<&str> = line.split(':').collect();

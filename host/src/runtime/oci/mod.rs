@@ -135,9 +135,9 @@ impl OciRuntime {
             }
             return Err(e);
         }
-        Ok(Started {
-            channel: std::sync::Arc::new(UnixChannel { path: agent_socket }),
-        })
+        Ok(Started::new(std::sync::Arc::new(UnixChannel {
+            path: agent_socket,
+        })))
     }
 
     async fn create_and_run(
@@ -269,11 +269,9 @@ impl Runtime for OciRuntime {
         if state["status"] != "running" {
             return Ok(None);
         }
-        Ok(Some(Started {
-            channel: std::sync::Arc::new(UnixChannel {
-                path: state_dir.join("run").join("agent.sock"),
-            }),
-        }))
+        Ok(Some(Started::new(std::sync::Arc::new(UnixChannel {
+            path: state_dir.join("run").join("agent.sock"),
+        }))))
     }
 
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
