@@ -12,8 +12,9 @@
 //!    at `/tmp`, `/run`, `/dev/shm` and the user's home, and moves the root
 //!    there (the `switch_root` dance: `MS_MOVE` onto `/`, then `chroot`);
 //! 4. brings up loopback (the egress proxy and previews dial it), sets the
-//!    hostname and makes itself the OOM killer's last choice, so that a
-//!    memory bomb kills the bomb, not the guest.
+//!    hostname, caps the sandbox user's processes at the template's `pids`
+//!    and makes itself the OOM killer's last choice, so that a memory bomb
+//!    kills the bomb, not the guest.
 //!
 //! Whatever fails here is fatal: init exiting panics the guest kernel,
 //! which (`panic=-1`, QEMU `-no-reboot`) ends the VM, and the host sees a
@@ -49,6 +50,10 @@ pub struct VmConfig {
     /// Size of `/tmp` and the home tmpfs.
     pub tmp_mib: u64,
     pub hostname: String,
+    /// Processes the sandbox user may have at once (`RLIMIT_NPROC`, which
+    /// the agent's children inherit; the agent itself, root, is exempt):
+    /// the template's `pids`, which a container gets from its pids cgroup.
+    pub pids: Option<u64>,
     /// The agent's port as a device path (crosvm's single-port console,
     /// a tty), instead of the virtio-serial port named [`AGENT_PORT_NAME`].
     pub port: Option<PathBuf>,
@@ -108,6 +113,13 @@ impl VmConfig {
                         .map_err(|_| format!("--tmp-mib {text}: expected a number"))?;
                 }
                 "--hostname" => config.hostname = value()?,
+                "--pids" => {
+                    let text = value()?;
+                    config.pids = Some(
+                        text.parse()
+                            .map_err(|_| format!("--pids {text}: expected a number"))?,
+                    );
+                }
                 "--port" => {
                     let port = value()?;
                     if !port.starts_with("/dev/") || port.contains("..") {
@@ -257,6 +269,10 @@ pub fn init(config: &VmConfig) -> io::Result<PathBuf> {
     if let Err(e) = nix::unistd::sethostname(&config.hostname) {
         eprintln!("crownest-agent: sethostname: {e}");
     }
+    if let Some(pids) = config.pids {
+        nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NPROC, pids, pids)
+            .map_err(|e| io::Error::other(format!("RLIMIT_NPROC: {e}")))?;
+    }
     std::fs::write("/proc/self/oom_score_adj", "-1000")
         .map_err(|e| io::Error::new(e.kind(), format!("oom_score_adj: {e}")))?;
     // SAFETY: setsid has no memory-safety preconditions; as PID 1 it fails
@@ -385,7 +401,7 @@ mod tests {
     #[test]
     fn vm_arguments_parse_and_bad_ones_are_named() {
         let config = VmConfig::parse(&args(
-            "--modules virtio.ko,virtio_blk.ko --user 1000:1001 --home /home/user --tmp-mib 256 --hostname sbx-1 --port /dev/hvc0",
+            "--modules virtio.ko,virtio_blk.ko --user 1000:1001 --home /home/user --tmp-mib 256 --hostname sbx-1 --port /dev/hvc0 --pids 256",
         ))
         .expect("parse");
         assert_eq!(config.modules, ["virtio.ko", "virtio_blk.ko"]);
@@ -394,6 +410,7 @@ mod tests {
         assert_eq!(config.tmp_mib, 256);
         assert_eq!(config.hostname, "sbx-1");
         assert_eq!(config.port.as_deref(), Some(Path::new("/dev/hvc0")));
+        assert_eq!(config.pids, Some(256));
         for bad in [
             "--modules ../evil.ko",
             "--modules x.so",
@@ -401,6 +418,7 @@ mod tests {
             "--home relative",
             "--home /a/../b",
             "--tmp-mib lots",
+            "--pids many",
             "--hostname",
             "--port hvc0",
             "--port /dev/../etc/x",

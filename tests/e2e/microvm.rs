@@ -228,6 +228,15 @@ async fn a_microvm_sandbox_runs_commands_files_code_and_previews_in_its_own_kern
         parts[3]
     );
 
+    // The template's pids bound the sandbox user's processes.
+    let nproc = client
+        .run(
+            &sandbox,
+            "grep '^Max processes' /proc/self/limits | tr -s ' ' | cut -d' ' -f3,4",
+        )
+        .await;
+    assert_eq!(nproc["stdout"], "256 256\n", "{nproc}");
+
     // A memory bomb ends inside the guest: the bomb dies, the agent and
     // the sandbox live on.
     let bomb = client

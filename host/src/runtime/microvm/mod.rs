@@ -17,8 +17,8 @@
 //!   sandbox's uid slot base, so no two VMMs share a uid) under QEMU's
 //!   seccomp sandbox or crosvm's minijail.
 //! - **Limits are the VM's size**: `vcpus` and `memoryMiB` are the guest's
-//!   CPUs and RAM; `pids` is not enforced by a cgroup (the guest kernel's
-//!   own limits apply); `diskMiB` sizes the scratch disk, not a tmpfs.
+//!   CPUs and RAM; `pids` is the sandbox user's `RLIMIT_NPROC` in the guest
+//!   (no cgroup); `diskMiB` sizes the scratch disk, not a tmpfs.
 //! - **The channel** is a unix socket QEMU listens on (a `virtserialport`
 //!   named [`AGENT_PORT_NAME`], `/dev/vportNpM` in the guest); a restarted
 //!   host connects again and the handshake resyncs on the same port. crosvm
@@ -37,7 +37,6 @@ pub mod guest;
 pub mod qemu;
 
 use std::os::unix::fs::PermissionsExt;
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -357,6 +356,7 @@ impl MicrovmRuntime {
             spec.resources.disk_mib.clamp(16, 1024)
         ));
         line.push_str(&format!(" --hostname {}", bundle::hostname(&spec.id)));
+        line.push_str(&format!(" --pids {}", spec.resources.pids));
         if let Some(port) = port {
             line.push_str(&format!(" --port {port}"));
         }
@@ -364,8 +364,9 @@ impl MicrovmRuntime {
     }
 
     /// Spawns `program` in a session of its own as `uid` (no supplementary
-    /// groups but `groups`), its output appended to `log`. Reaped by a task
-    /// while this process lives; after a host restart, by init.
+    /// groups but `groups`), its output appended to `log`. The child is
+    /// left to tokio's orphan reaping while this process lives (no thread
+    /// or task per VM); after a host restart, init reaps it.
     fn spawn_as(
         program: &Path,
         args: Vec<std::ffi::OsString>,
@@ -387,17 +388,18 @@ impl MicrovmRuntime {
             path: log.to_owned(),
             source,
         })?;
-        let mut command = std::process::Command::new(program);
+        let mut command = tokio::process::Command::new(program);
         command
             .args(args)
             .stdin(std::process::Stdio::null())
             .stdout(output)
-            .stderr(errors);
+            .stderr(errors)
+            .kill_on_drop(false);
         let gids: Vec<nix::unistd::Gid> =
             groups.into_iter().map(nix::unistd::Gid::from_raw).collect();
         // SAFETY: the closure runs in the child between fork and exec and
         // only makes async-signal-safe system calls (setsid, setgroups,
-        // setresgid, setresuid).
+        // setresgid, setresuid) on data prepared before the fork.
         unsafe {
             command.pre_exec(move || {
                 nix::unistd::setsid()?;
@@ -409,20 +411,17 @@ impl MicrovmRuntime {
                 Ok(())
             });
         }
-        let mut child = command.spawn().map_err(|source| RuntimeError::Spawn {
+        let child = command.spawn().map_err(|source| RuntimeError::Spawn {
             binary: program.to_owned(),
             source,
         })?;
-        let pid = i32::try_from(child.id()).unwrap_or(0);
-        std::thread::Builder::new()
-            .name(String::from("vmm-reaper"))
-            .spawn(move || {
-                let _ = child.wait();
-            })
-            .map_err(|source| RuntimeError::Spawn {
-                binary: program.to_owned(),
-                source,
+        let pid = child
+            .id()
+            .and_then(|p| i32::try_from(p).ok())
+            .ok_or_else(|| {
+                RuntimeError::Unavailable(format!("{} exited at once", program.display()))
             })?;
+        drop(child);
         Ok(pid)
     }
 
@@ -821,7 +820,7 @@ mod tests {
         assert_eq!(
             agent_args,
             format!(
-                "--vm --user 1000:1000 --home /home/user --tmp-mib 1024 --hostname {}",
+                "--vm --user 1000:1000 --home /home/user --tmp-mib 1024 --hostname {} --pids 256",
                 bundle::hostname("sbx_abc")
             )
         );
