@@ -135,7 +135,7 @@ async fn templates_show_their_runtime_and_a_missing_runsc_makes_gvisor_unavailab
 #[test]
 fn a_template_with_an_unknown_runtime_or_platform_stops_the_server_with_the_file_key_and_choices() {
     for (runtime, key, choices) in [
-        ("kind = \"microvm\"", "runtime.kind", "\"gvisor\""),
+        ("kind = \"firecracker\"", "runtime.kind", "\"microvm\""),
         (
             "kind = \"gvisor\"\nplatform = \"vmx\"",
             "runtime.platform",

@@ -65,6 +65,9 @@ const KVM_BOOT_TIMEOUT: Duration = Duration::from_secs(30);
 /// QEMU's TCG translation cache per VM.
 const TCG_TB_MIB: u32 = 64;
 
+/// How long `crosvm stop` may take, and then crosvm to exit.
+const CROSVM_STOP_WAIT: Duration = Duration::from_secs(5);
+
 /// How long a killed VMM may take to exit.
 const EXIT_WAIT: Duration = Duration::from_secs(10);
 
@@ -425,6 +428,26 @@ impl MicrovmRuntime {
         Ok(pid)
     }
 
+    /// Asks crosvm to stop through its control socket (`crosvm stop`) and
+    /// waits a little for it to exit; the caller kills what is left.
+    async fn crosvm_stop(&self, control: &Path, record: &Record) {
+        let stop = tokio::process::Command::new(&self.crosvm)
+            .args(CrosvmCommand::stop_args(control))
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .status();
+        if let Ok(Ok(status)) = tokio::time::timeout(CROSVM_STOP_WAIT, stop).await
+            && status.success()
+        {
+            let deadline = tokio::time::Instant::now() + CROSVM_STOP_WAIT;
+            while alive(record.pid, record.start_time) && tokio::time::Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+
     /// Kills a recorded process and waits for it to go.
     async fn kill_and_wait(pid: i32, started: u64) {
         if !alive(pid, started) {
@@ -645,6 +668,10 @@ impl Runtime for MicrovmRuntime {
     async fn destroy(&self, id: &str, state_dir: &Path) -> Result<(), RuntimeError> {
         validate_id(id)?;
         if let Some(record) = self.read_record(id) {
+            if record.vmm == Vmm::Crosvm.as_str() && alive(record.pid, record.start_time) {
+                self.crosvm_stop(&state_dir.join("vm").join("control.sock"), &record)
+                    .await;
+            }
             Self::kill_and_wait(record.pid, record.start_time).await;
             if let (Some(pid), Some(started)) = (record.relay_pid, record.relay_start_time) {
                 Self::kill_and_wait(pid, started).await;
@@ -709,7 +736,9 @@ impl Runtime for MicrovmRuntime {
             (Some(pid), Some(started)) => alive(pid, started),
             _ => true,
         };
-        if !alive(record.pid, record.start_time) || !relay_alive {
+        let control_present = record.vmm != Vmm::Crosvm.as_str()
+            || state_dir.join("vm").join("control.sock").exists();
+        if !alive(record.pid, record.start_time) || !relay_alive || !control_present {
             return Ok(None);
         }
         Ok(Some(Started::new(Arc::new(UnixChannel {
