@@ -755,6 +755,12 @@ fn template(command: TemplateCommand) -> Result<()> {
                 None,
             )?;
             runtime.block_on(microvm.prepare(template.runtime, &cache.path_for(template), true))?;
+            if let Some(vmm) = template.runtime.vmm() {
+                eprintln!(
+                    "{name}'s guest kernel and disk image are ready (vmm {})",
+                    vmm.as_str()
+                );
+            }
         }
         TemplateCommand::List { templates } => {
             let set = TemplateSet::load(templates.templates_dir.as_deref())?;
