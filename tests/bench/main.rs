@@ -583,7 +583,7 @@ async fn microvm_measurements() -> String {
         "| host memory per idle microVM ({IDLE} idle, 512 MiB guests): VMM RSS + host growth | {IDLE} | {vmm_mib:.1} MiB + {host_mib:.2} MiB | |\n",
     );
     out += &format!(
-        "| of which guest RAM in use (MemTotal - MemFree) / VMM overhead | {IDLE} | {guest_mib:.1} MiB / {:.1} MiB | Firecracker anchor: VMM overhead <= 5 MiB |\n",
+        "| of which guest RAM in use (MemTotal - MemFree) / the rest (QEMU, TCG's cache, guest pages touched then freed) | {IDLE} | {guest_mib:.1} MiB / {:.1} MiB | Firecracker anchor: VMM overhead <= 5 MiB |\n",
         (vmm_mib - guest_mib).max(0.0)
     );
     out += &format!(
