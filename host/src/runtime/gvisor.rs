@@ -54,7 +54,7 @@ use tokio::process::Command;
 use super::oci::bundle::{self, AGENT_IN_SANDBOX, Flavour, LIB_DIR_IN_SANDBOX, RUN_DIR_IN_SANDBOX};
 use super::oci::runc::{Runc, runc_log_errors};
 use super::{
-    GvisorPlatform, Isolation, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel,
+    GvisorPlatform, Isolation, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel, io_error,
     validate_id,
 };
 
@@ -171,14 +171,6 @@ impl GvisorRuntime {
         spec: &SandboxSpec,
         platform: GvisorPlatform,
     ) -> Result<(), RuntimeError> {
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| RuntimeError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let bundle_dir = spec.state_dir.join("bundle");
         let console_path = spec.state_dir.join("console.log");
         let log_path = spec.state_dir.join("runsc.log");
@@ -186,10 +178,10 @@ impl GvisorRuntime {
             .create(true)
             .append(true)
             .open(&console_path)
-            .map_err(io("cannot open", &console_path))?;
+            .map_err(io_error("cannot open", &console_path))?;
         let console_err = console
             .try_clone()
-            .map_err(io("cannot duplicate", &console_path))?;
+            .map_err(io_error("cannot duplicate", &console_path))?;
         let mut command = Command::new(&self.runsc.binary);
         command
             .arg("--root")
@@ -254,15 +246,7 @@ impl GvisorRuntime {
         let dir = self.runsc.root.with_file_name("runsc-lib");
         let shim = dir.join(STAT_SHIM_NAME);
         let preload = dir.join("ld.so.preload");
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| RuntimeError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&dir).map_err(io("cannot create", &dir))?;
+        std::fs::create_dir_all(&dir).map_err(io_error("cannot create", &dir))?;
         let line = format!("{LIB_DIR_IN_SANDBOX}/{STAT_SHIM_NAME}\n");
         for (path, content) in [(&shim, STAT_SHIM), (&preload, line.as_bytes())] {
             if std::fs::read(path).ok().as_deref() == Some(content) {
@@ -271,8 +255,8 @@ impl GvisorRuntime {
             // Written aside and renamed: a sandbox starting meanwhile sees
             // the old file or the new one, never half of one.
             let temp = path.with_extension("tmp");
-            std::fs::write(&temp, content).map_err(io("cannot write", &temp))?;
-            std::fs::rename(&temp, path).map_err(io("cannot write", path))?;
+            std::fs::write(&temp, content).map_err(io_error("cannot write", &temp))?;
+            std::fs::rename(&temp, path).map_err(io_error("cannot write", path))?;
         }
         Ok((dir, preload))
     }
@@ -302,24 +286,17 @@ impl GvisorRuntime {
 /// `/run/crownest-lib` directories, and empty
 /// `/run/crownest-agent/crownest-agent` and `/etc/ld.so.preload` files.
 pub fn ensure_mount_points(rootfs: &Path) -> Result<(), RuntimeError> {
-    let io = |action, path: PathBuf| {
-        move |source| RuntimeError::Io {
-            action,
-            path,
-            source,
-        }
-    };
     let inside = |p: &str| rootfs.join(p.trim_start_matches('/'));
     let run_dir = inside(RUN_DIR_IN_SANDBOX);
-    std::fs::create_dir_all(&run_dir).map_err(io("cannot create", run_dir.clone()))?;
+    std::fs::create_dir_all(&run_dir).map_err(io_error("cannot create", &run_dir))?;
     let lib_dir = inside(LIB_DIR_IN_SANDBOX);
-    std::fs::create_dir_all(&lib_dir).map_err(io("cannot create", lib_dir.clone()))?;
+    std::fs::create_dir_all(&lib_dir).map_err(io_error("cannot create", &lib_dir))?;
     for file in [inside(AGENT_IN_SANDBOX), inside("/etc/ld.so.preload")] {
         if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir).map_err(io("cannot create", dir.to_owned()))?;
+            std::fs::create_dir_all(dir).map_err(io_error("cannot create", dir))?;
         }
         if !file.exists() {
-            std::fs::File::create(&file).map_err(io("cannot create", file.clone()))?;
+            std::fs::File::create(&file).map_err(io_error("cannot create", &file))?;
         }
     }
     Ok(())

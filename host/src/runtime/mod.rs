@@ -310,6 +310,19 @@ pub enum RuntimeError {
     Unavailable(String),
 }
 
+/// Maps an I/O error on `path` to [`RuntimeError::Io`]: for `map_err`.
+pub(crate) fn io_error(
+    action: &'static str,
+    path: &Path,
+) -> impl FnOnce(std::io::Error) -> RuntimeError + use<> {
+    let path = path.to_owned();
+    move |source| RuntimeError::Io {
+        action,
+        path,
+        source,
+    }
+}
+
 /// A sandbox runtime driver.
 #[async_trait::async_trait]
 pub trait Runtime: Send + Sync {

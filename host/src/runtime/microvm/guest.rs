@@ -27,7 +27,7 @@ use std::time::Duration;
 use sha2::{Digest, Sha256};
 use tokio::process::Command;
 
-use crate::runtime::RuntimeError;
+use crate::runtime::{RuntimeError, io_error};
 
 /// The Debian package whose dependency is the guest kernel.
 pub const KERNEL_PACKAGE: &str = "linux-image-cloud-amd64";
@@ -80,15 +80,6 @@ impl Kernel {
             .map(|m| self.dir.join("modules").join(format!("{m}.ko")))
             .filter(|p| p.is_file())
             .collect()
-    }
-}
-
-fn io_error(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> RuntimeError {
-    let path = path.to_owned();
-    move |source| RuntimeError::Io {
-        action,
-        path,
-        source,
     }
 }
 

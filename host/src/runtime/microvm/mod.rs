@@ -48,7 +48,7 @@ use serde::{Deserialize, Serialize};
 use super::oci::bundle;
 use super::{
     Isolation, MAX_SOCKET_PATH, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel,
-    host_id_base, validate_id,
+    host_id_base, io_error, validate_id,
 };
 use crosvm::CrosvmCommand;
 use guest::Kernel;
@@ -248,11 +248,7 @@ impl MicrovmRuntime {
 
     fn write_record(&self, id: &str, record: &Record) -> Result<(), RuntimeError> {
         let path = self.record_path(id);
-        std::fs::create_dir_all(&self.root).map_err(|source| RuntimeError::Io {
-            action: "cannot create",
-            path: self.root.clone(),
-            source,
-        })?;
+        std::fs::create_dir_all(&self.root).map_err(io_error("cannot create", &self.root))?;
         let temp = path.with_extension("tmp");
         let text = serde_json::to_vec(record).map_err(|e| RuntimeError::Config {
             id: id.to_owned(),
@@ -260,11 +256,7 @@ impl MicrovmRuntime {
         })?;
         std::fs::write(&temp, text)
             .and_then(|()| std::fs::rename(&temp, &path))
-            .map_err(|source| RuntimeError::Io {
-                action: "cannot write",
-                path,
-                source,
-            })
+            .map_err(io_error("cannot write", &path))
     }
 
     async fn initramfs(&self, kernel: &Kernel, agent: &Path) -> Result<PathBuf, RuntimeError> {
@@ -381,16 +373,10 @@ impl MicrovmRuntime {
             .create(true)
             .append(true)
             .open(log)
-            .map_err(|source| RuntimeError::Io {
-                action: "cannot open",
-                path: log.to_owned(),
-                source,
-            })?;
-        let errors = output.try_clone().map_err(|source| RuntimeError::Io {
-            action: "cannot duplicate",
-            path: log.to_owned(),
-            source,
-        })?;
+            .map_err(io_error("cannot open", log))?;
+        let errors = output
+            .try_clone()
+            .map_err(io_error("cannot duplicate", log))?;
         let mut command = tokio::process::Command::new(program);
         command
             .args(args)
@@ -479,17 +465,9 @@ impl MicrovmRuntime {
         if len > MAX_SOCKET_PATH {
             return Err(RuntimeError::SocketPathTooLong { path: longest, len });
         }
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| RuntimeError::Io {
-                action,
-                path,
-                source,
-            }
-        };
-        std::fs::create_dir_all(&vm_dir).map_err(io("cannot create", &vm_dir))?;
+        std::fs::create_dir_all(&vm_dir).map_err(io_error("cannot create", &vm_dir))?;
         std::fs::set_permissions(&spec.state_dir, std::fs::Permissions::from_mode(0o711))
-            .map_err(io("cannot chmod", &spec.state_dir))?;
+            .map_err(io_error("cannot chmod", &spec.state_dir))?;
         let vmm_uid = host_id_base(spec.uid_slot);
         let scratch = vm_dir.join("scratch.img");
         guest::make_scratch(
@@ -500,10 +478,10 @@ impl MicrovmRuntime {
         .await?;
         for path in [&vm_dir, &scratch] {
             std::os::unix::fs::chown(path, Some(vmm_uid), Some(vmm_uid))
-                .map_err(io("cannot chown", path))?;
+                .map_err(io_error("cannot chown", path))?;
         }
         std::fs::set_permissions(&vm_dir, std::fs::Permissions::from_mode(0o700))
-            .map_err(io("cannot chmod", &vm_dir))?;
+            .map_err(io_error("cannot chmod", &vm_dir))?;
         let console_log = vm_dir.join("console.log");
         let kvm_group = || -> Vec<u32> {
             nix::unistd::Group::from_name("kvm")
@@ -685,20 +663,14 @@ impl Runtime for MicrovmRuntime {
         }
         match std::fs::remove_dir_all(state_dir) {
             Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                return Err(RuntimeError::Io {
-                    action: "cannot remove",
-                    path: state_dir.to_owned(),
-                    source: e,
-                });
+                return Err(io_error("cannot remove", state_dir)(e));
             }
             _ => {}
         }
         match std::fs::remove_file(self.record_path(id)) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(RuntimeError::Io {
-                action: "cannot remove",
-                path: self.record_path(id),
-                source: e,
-            }),
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(io_error("cannot remove", &self.record_path(id))(e))
+            }
             _ => Ok(()),
         }
     }
@@ -707,13 +679,7 @@ impl Runtime for MicrovmRuntime {
         let entries = match std::fs::read_dir(&self.root) {
             Ok(entries) => entries,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
-            Err(source) => {
-                return Err(RuntimeError::Io {
-                    action: "cannot list",
-                    path: self.root.clone(),
-                    source,
-                });
-            }
+            Err(e) => return Err(io_error("cannot list", &self.root)(e)),
         };
         let mut ids: Vec<String> = entries
             .flatten()

@@ -34,7 +34,7 @@ use nix::unistd::Pid;
 use self::runc::Runc;
 use super::{
     MAX_SOCKET_PATH, MAX_UID_SLOTS, Runtime, RuntimeError, SandboxSpec, Started, UnixChannel,
-    host_id_base, validate_id,
+    host_id_base, io_error, validate_id,
 };
 
 /// The `oci` runtime driver.
@@ -145,26 +145,19 @@ impl OciRuntime {
         spec: &SandboxSpec,
         config: &oci_spec::runtime::Spec,
     ) -> Result<(), RuntimeError> {
-        let io = |action, path: &Path| {
-            let path = path.to_owned();
-            move |source| RuntimeError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let bundle_dir = spec.state_dir.join("bundle");
         let run_dir = spec.state_dir.join("run");
-        std::fs::create_dir_all(&bundle_dir).map_err(io("cannot create", &bundle_dir))?;
-        std::fs::create_dir_all(&run_dir).map_err(io("cannot create", &run_dir))?;
+        std::fs::create_dir_all(&bundle_dir).map_err(io_error("cannot create", &bundle_dir))?;
+        std::fs::create_dir_all(&run_dir).map_err(io_error("cannot create", &run_dir))?;
         // The agent runs as the sandbox's root, an unprivileged host uid:
         // give it the run dir so it can create its socket there.
         let root_id = host_id_base(spec.uid_slot);
         std::os::unix::fs::chown(&run_dir, Some(root_id), Some(root_id))
-            .map_err(io("cannot chown", &run_dir))?;
+            .map_err(io_error("cannot chown", &run_dir))?;
         std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o750))
-            .map_err(io("cannot chmod", &run_dir))?;
-        std::fs::create_dir_all(&self.runc.root).map_err(io("cannot create", &self.runc.root))?;
+            .map_err(io_error("cannot chmod", &run_dir))?;
+        std::fs::create_dir_all(&self.runc.root)
+            .map_err(io_error("cannot create", &self.runc.root))?;
         bundle::write(&bundle_dir, config)?;
 
         let console_path = spec.state_dir.join("console.log");
@@ -172,7 +165,7 @@ impl OciRuntime {
             .create(true)
             .append(true)
             .open(&console_path)
-            .map_err(io("cannot open", &console_path))?;
+            .map_err(io_error("cannot open", &console_path))?;
         self.runc
             .run_detached(
                 &spec.id,
