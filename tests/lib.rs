@@ -509,6 +509,32 @@ impl Client {
         let (status, body) = self.delete(&format!("/v1/sandboxes/{sandbox}")).await;
         assert_eq!(status, 200, "kill: {body}");
     }
+
+    /// Writes `body` to `path` (URL-safe as given, relative to /workspace)
+    /// over the files API and asserts it succeeded.
+    pub async fn write_file(&self, sandbox: &str, path: &str, body: &str) {
+        let response = self
+            .request(
+                reqwest::Method::PUT,
+                &format!("/v1/sandboxes/{sandbox}/files?path={path}"),
+            )
+            .body(body.to_string())
+            .send()
+            .await
+            .expect("write");
+        assert!(
+            response.status().is_success(),
+            "write {path}: {}",
+            response.status()
+        );
+    }
+}
+
+/// The host's kernel release (`uname -r`), to tell a sandbox's own kernel
+/// from it.
+pub fn host_kernel_release() -> String {
+    let out = Command::new("uname").arg("-r").output().expect("uname");
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
 /// Asserts the error envelope shape and returns the code.

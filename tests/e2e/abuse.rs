@@ -273,16 +273,7 @@ async fn six_hundred_concurrent_preview_requests_leave_the_sandbox_alive() {
     let key = server.key("streams-org", None, "all");
     let client = server.client(&key);
     let sandbox = client.sandbox("python").await;
-    let response = client
-        .request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sandbox}/files?path=slow.py"),
-        )
-        .body(SLOW_APP)
-        .send()
-        .await
-        .expect("write");
-    assert!(response.status().is_success());
+    client.write_file(&sandbox, "slow.py", SLOW_APP).await;
     client
         .post(
             &format!("/v1/sandboxes/{sandbox}/commands"),

@@ -12,13 +12,7 @@ async fn a_gvisor_sandbox_runs_on_gvisors_kernel_and_sees_nothing_of_the_hosts()
     let (_, row) = client.get(&format!("/v1/sandboxes/{sandbox}")).await;
     assert_eq!(row["runtime"], "gvisor", "{row}");
 
-    let host_release = std::process::Command::new("uname")
-        .arg("-r")
-        .output()
-        .expect("uname");
-    let host_release = String::from_utf8_lossy(&host_release.stdout)
-        .trim()
-        .to_string();
+    let host_release = crownest_e2e::host_kernel_release();
     let inside = client.run(&sandbox, "uname -r; dmesg | head -1").await;
     let stdout = inside["stdout"].as_str().expect("stdout");
     let mut lines = stdout.lines();

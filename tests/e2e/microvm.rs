@@ -42,23 +42,6 @@ async fn assert_no_vmm_left(sandbox: &str) {
     );
 }
 
-async fn write_file(client: &crownest_e2e::Client, sandbox: &str, path: &str, body: &str) {
-    let response = client
-        .request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sandbox}/files?path={path}"),
-        )
-        .body(body.to_string())
-        .send()
-        .await
-        .expect("write");
-    assert!(
-        response.status().is_success(),
-        "write {path}: {}",
-        response.status()
-    );
-}
-
 /// A tiny HTTP app on the guest's loopback port 8000.
 const APP: &str = r#"
 import http.server
@@ -89,13 +72,9 @@ async fn a_microvm_sandbox_runs_commands_files_code_and_previews_in_its_own_kern
 
     // A file written over the files API lands on the scratch disk and
     // reads back.
-    write_file(
-        &client,
-        &sandbox,
-        "notes/hello.txt",
-        "written from the host",
-    )
-    .await;
+    client
+        .write_file(&sandbox, "notes/hello.txt", "written from the host")
+        .await;
     let response = client
         .request(
             reqwest::Method::GET,
@@ -128,7 +107,7 @@ async fn a_microvm_sandbox_runs_commands_files_code_and_previews_in_its_own_kern
     assert_eq!(code["outputs"][0]["content"], "2", "{code}");
 
     // A preview through the agent's tunnel (the guest has no network).
-    write_file(&client, &sandbox, "app.py", APP).await;
+    client.write_file(&sandbox, "app.py", APP).await;
     let (status, started) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/commands"),
@@ -169,13 +148,7 @@ async fn a_microvm_sandbox_runs_commands_files_code_and_previews_in_its_own_kern
     assert_eq!(links["stdout"], "lo\n", "{links}");
 
     // Escape probes: its own kernel, no host filesystem, no host process.
-    let host_release = std::process::Command::new("uname")
-        .arg("-r")
-        .output()
-        .expect("uname");
-    let host_release = String::from_utf8_lossy(&host_release.stdout)
-        .trim()
-        .to_string();
+    let host_release = crownest_e2e::host_kernel_release();
     let inside = client.run(&sandbox, "uname -r").await;
     let release = inside["stdout"]
         .as_str()
@@ -266,7 +239,7 @@ async fn a_microvm_outlives_a_host_crash_and_is_taken_over_with_its_files() {
     let key = server.key("vm-org", None, "all");
     let client = server.client(&key);
     let sandbox = client.sandbox(TEMPLATE).await;
-    write_file(&client, &sandbox, "kept.txt", "still here").await;
+    client.write_file(&sandbox, "kept.txt", "still here").await;
     let (status, context) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/code/runs"),

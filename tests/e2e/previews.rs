@@ -61,16 +61,7 @@ async fn envelope(response: reqwest::Response) -> (u16, Value) {
 async fn sandbox_with_app(client: &crownest_e2e::Client) -> (String, Value) {
     let sandbox = client.sandbox("python").await;
     for (path, body) in [("server.py", APP), ("index.html", "<h1>hello preview</h1>")] {
-        let response = client
-            .request(
-                reqwest::Method::PUT,
-                &format!("/v1/sandboxes/{sandbox}/files?path={path}"),
-            )
-            .body(body.to_string())
-            .send()
-            .await
-            .expect("write");
-        assert!(response.status().is_success(), "{}", response.status());
+        client.write_file(&sandbox, path, body).await;
     }
     let (status, started) = client
         .post(
@@ -413,16 +404,7 @@ async fn a_preview_passes_a_protocol_upgrade_through() {
     let client = shared().client();
     let key = client.key.clone().expect("key");
     let sandbox = client.sandbox("python").await;
-    let response = client
-        .request(
-            reqwest::Method::PUT,
-            &format!("/v1/sandboxes/{sandbox}/files?path=shout.py"),
-        )
-        .body(SHOUT_APP)
-        .send()
-        .await
-        .expect("write");
-    assert!(response.status().is_success());
+    client.write_file(&sandbox, "shout.py", SHOUT_APP).await;
     let (status, _) = client
         .post(
             &format!("/v1/sandboxes/{sandbox}/commands"),
