@@ -547,17 +547,7 @@ async fn microvm_measurements() -> String {
     }
     let guest_mib = guest_kib as f64 / IDLE as f64 / 1024.0;
     let host_mib = host as f64 / IDLE as f64 / 1024.0;
-    server.kill9();
-    let start = Instant::now();
-    server.start_again();
-    let readopt = start.elapsed();
-    let client = server.client(&key);
-    for id in &idle {
-        let (_, row) = client.get(&format!("/v1/sandboxes/{id}")).await;
-        assert_eq!(row["status"], "running", "{row}");
-        client.kill(id).await;
-    }
-    server.stop();
+    let readopt = readopt_after_kill9(&mut server, &key, &idle).await;
 
     let mut out = String::from(
         "\n| microvm (QEMU, TCG: no usable KVM here) | n | p50 | on KVM (not measurable here) |\n|---|---|---|---|\n",
@@ -1025,17 +1015,7 @@ async fn runtime_column(template: &str, iterations: usize, creates: usize) -> Ru
 
     // Kill -9 the host with the 20 live, start it again: the start returns
     // once every one is taken over (it listens after reconciling).
-    server.kill9();
-    let start = Instant::now();
-    server.start_again();
-    let readopt = start.elapsed();
-    let client = server.client(&key);
-    for id in &idle {
-        let (_, row) = client.get(&format!("/v1/sandboxes/{id}")).await;
-        assert_eq!(row["status"], "running", "{row}");
-        client.kill(id).await;
-    }
-    server.stop();
+    let readopt = readopt_after_kill9(&mut server, &key, &idle).await;
     RuntimeColumn {
         create,
         command,
@@ -1043,6 +1023,24 @@ async fn runtime_column(template: &str, iterations: usize, creates: usize) -> Ru
         idle_mib,
         readopt,
     }
+}
+
+/// Kills the host with `live` sandboxes running and starts it again: how
+/// long until it serves (it listens once every one is taken over). Checks
+/// each is `running`, kills them and stops the server.
+async fn readopt_after_kill9(server: &mut Server, key: &str, live: &[String]) -> Duration {
+    server.kill9();
+    let start = Instant::now();
+    server.start_again();
+    let readopt = start.elapsed();
+    let client = server.client(key);
+    for id in live {
+        let (_, row) = client.get(&format!("/v1/sandboxes/{id}")).await;
+        assert_eq!(row["status"], "running", "{row}");
+        client.kill(id).await;
+    }
+    server.stop();
+    readopt
 }
 
 async fn runtime_measurements(iterations: usize, creates: usize) -> String {
