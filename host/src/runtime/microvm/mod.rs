@@ -199,6 +199,9 @@ pub struct MicrovmRuntime {
     /// The initramfs of the current agent binary, once made.
     initramfs: Mutex<Option<(PathBuf, PathBuf)>>,
     qemu_version: OnceLock<String>,
+    /// What `auto` picks on this host, decided once (it reads
+    /// /proc/cpuinfo and opens /dev/kvm).
+    auto_accel: OnceLock<Accel>,
 }
 
 impl MicrovmRuntime {
@@ -218,6 +221,7 @@ impl MicrovmRuntime {
             force_accel: None,
             initramfs: Mutex::new(None),
             qemu_version: OnceLock::new(),
+            auto_accel: OnceLock::new(),
         }
     }
 
@@ -231,8 +235,13 @@ impl MicrovmRuntime {
     fn resolve(&self, vmm: Vmm, wanted: Accel) -> Accel {
         match self.force_accel.unwrap_or(wanted) {
             Accel::Auto if vmm == Vmm::Crosvm => Accel::Kvm,
-            Accel::Auto if !nested() && kvm_usable().is_ok() => Accel::Kvm,
-            Accel::Auto => Accel::Tcg,
+            Accel::Auto => *self.auto_accel.get_or_init(|| {
+                if !nested() && kvm_usable().is_ok() {
+                    Accel::Kvm
+                } else {
+                    Accel::Tcg
+                }
+            }),
             other => other,
         }
     }
