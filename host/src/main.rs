@@ -274,16 +274,49 @@ enum KeysCommand {
 
 #[derive(Subcommand)]
 enum TemplateCommand {
-    /// Build a template's rootfs into the cache (skipped when already built).
+    /// Build templates' rootfs into the cache (each cached stage is reused).
     Build {
+        /// The templates to build.
+        #[arg(required_unless_present = "all")]
+        names: Vec<String>,
+        /// Build every template.
+        #[arg(long, conflicts_with = "names")]
+        all: bool,
+        /// Rebuild every stage even if cached.
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        templates: TemplatesDir,
+    },
+    /// List templates: source, runtime, built or not, recipe hash, size.
+    #[command(alias = "list")]
+    Ls {
+        /// One JSON object per template instead of a table.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        templates: TemplatesDir,
+    },
+    /// Print a template with every default filled in.
+    Show {
         name: String,
         #[command(flatten)]
         templates: TemplatesDir,
     },
-    /// List templates and whether they are built.
-    List {
+    /// Validate template files without building them.
+    Check {
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Remove cached builds no template (and no live sandbox) refers to.
+    Gc {
+        /// Only say what would be removed.
+        #[arg(long)]
+        dry_run: bool,
         #[command(flatten)]
         templates: TemplatesDir,
+        #[command(flatten)]
+        data: DataDir,
     },
 }
 
@@ -457,6 +490,7 @@ fn serve(args: ServeArgs) -> Result<()> {
             );
         }
         let reaper = host.spawn_reaper();
+        let reloader = spawn_template_reloader(host.clone())?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .with_context(|| format!("binding {}", config.listen))?;
@@ -474,8 +508,33 @@ fn serve(args: ServeArgs) -> Result<()> {
         }
         host.shutdown().await;
         reaper.abort();
+        reloader.abort();
         Ok::<_, anyhow::Error>(())
     })
+}
+
+/// Re-reads the templates on every SIGHUP. An invalid directory keeps the
+/// templates that were loaded, and the log says why.
+fn spawn_template_reloader(host: Arc<Host>) -> Result<tokio::task::JoinHandle<()>> {
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("listening for SIGHUP")?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            match host.reload_templates().await {
+                Ok(report) => tracing::info!(
+                    added = ?report.added,
+                    changed = ?report.changed,
+                    removed = ?report.removed,
+                    unchanged = report.unchanged,
+                    "templates reloaded (SIGHUP)"
+                ),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "template reload (SIGHUP) failed; keeping the templates loaded before"
+                ),
+            }
+        }
+    }))
 }
 
 async fn shutdown_signal() {
@@ -725,8 +784,114 @@ fn microvm_runtime(
 }
 
 fn template(command: TemplateCommand) -> Result<()> {
+    let cache = RootfsCache::new(config::default_cache_dir());
     match command {
-        TemplateCommand::Build { name, templates } => {
+        TemplateCommand::Build {
+            names,
+            all,
+            force,
+            templates,
+        } => {
+            let set = TemplateSet::load(templates.templates_dir.as_deref())?;
+            let chosen: Vec<_> = if all {
+                set.iter().collect()
+            } else {
+                names
+                    .iter()
+                    .map(|name| {
+                        set.get(name).with_context(|| {
+                            format!(
+                                "no template named `{name}`; available: {}",
+                                set.names().collect::<Vec<_>>().join(", ")
+                            )
+                        })
+                    })
+                    .collect::<Result<_>>()?
+            };
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let microvm = microvm_runtime(
+                PathBuf::from("qemu-system-x86_64"),
+                PathBuf::from("crosvm"),
+                std::path::Path::new("."),
+                None,
+            )?;
+            for template in chosen {
+                let name = &template.name;
+                if cache.is_built(template) && !force {
+                    eprintln!(
+                        "{name}: already built at {} (recipe {})",
+                        cache.path_for(template).display(),
+                        &template.recipe_hash()[..12]
+                    );
+                } else {
+                    let options = crownest::rootfs::BuildOptions {
+                        progress: true,
+                        force,
+                    };
+                    let path = runtime.block_on(cache.build_with(template, options))?;
+                    eprintln!("{name}: built at {}", path.display());
+                }
+                template.check_rootfs(&cache.path_for(template))?;
+                // A microVM template also needs its disk image and guest kernel.
+                runtime.block_on(microvm.prepare(
+                    template.runtime,
+                    &cache.path_for(template),
+                    true,
+                ))?;
+                if let Some(vmm) = template.runtime.vmm() {
+                    eprintln!(
+                        "{name}: guest kernel and disk image are ready (vmm {})",
+                        vmm.as_str()
+                    );
+                }
+            }
+        }
+        TemplateCommand::Ls { json, templates } => {
+            let set = TemplateSet::load(templates.templates_dir.as_deref())?;
+            if !json {
+                println!(
+                    "{:<16} {:<7} {:<8} {:<8} {:<13} {:>9}  DESCRIPTION",
+                    "NAME", "SOURCE", "RUNTIME", "BUILT", "RECIPE", "SIZE"
+                );
+            }
+            for t in set.iter() {
+                let built = cache.is_built(t);
+                let size = cache.size_of(t);
+                if json {
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "name": t.name,
+                            "source": t.rootfs.source.kind(),
+                            "runtime": t.runtime.kind(),
+                            "built": built,
+                            "recipeHash": t.recipe_hash(),
+                            "version": t.version(),
+                            "sizeBytes": size,
+                            "description": t.description,
+                        })
+                    );
+                    continue;
+                }
+                println!(
+                    "{:<16} {:<7} {:<8} {:<8} {:<13} {:>9}  {}",
+                    t.name,
+                    t.rootfs.source.kind(),
+                    t.runtime.kind(),
+                    if built { "built" } else { "unbuilt" },
+                    &t.recipe_hash()[..12],
+                    if built {
+                        human_bytes(size)
+                    } else {
+                        String::from("-")
+                    },
+                    t.description
+                );
+            }
+        }
+        TemplateCommand::Show { name, templates } => {
             let set = TemplateSet::load(templates.templates_dir.as_deref())?;
             let template = set.get(&name).with_context(|| {
                 format!(
@@ -734,53 +899,110 @@ fn template(command: TemplateCommand) -> Result<()> {
                     set.names().collect::<Vec<_>>().join(", ")
                 )
             })?;
-            let cache = RootfsCache::new(config::default_cache_dir());
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            if cache.is_built(template) {
-                eprintln!(
-                    "{name}'s rootfs is already built at {}",
-                    cache.path_for(template).display()
-                );
-            } else {
-                let path = runtime.block_on(cache.build(template, true))?;
-                eprintln!("built {name} at {}", path.display());
+            print!("{}", template.resolved_toml());
+            println!(
+                "# built: {}",
+                if cache.is_built(template) {
+                    cache.path_for(template).display().to_string()
+                } else {
+                    String::from("no")
+                }
+            );
+        }
+        TemplateCommand::Check { files } => {
+            let plugins = crownest::plugins::PluginHost::default_plugins_dir();
+            let mut failed = 0;
+            for file in &files {
+                let checked = TemplateSet::read_file(file, None).and_then(|t| {
+                    t.check_plugins(&plugins)?;
+                    if cache.is_built(&t) {
+                        t.check_rootfs(&cache.path_for(&t))?;
+                    }
+                    Ok(t)
+                });
+                match checked {
+                    Ok(t) => {
+                        println!(
+                            "{}: ok: template `{}` (source {}, runtime {}, recipe {}{})",
+                            file.display(),
+                            t.name,
+                            t.rootfs.source.kind(),
+                            t.runtime.kind(),
+                            &t.recipe_hash()[..12],
+                            if cache.is_built(&t) {
+                                ", built"
+                            } else {
+                                ", not built"
+                            }
+                        );
+                        let stem = file.file_stem().map(|s| s.to_string_lossy().into_owned());
+                        if stem.as_deref() != Some(t.name.as_str()) {
+                            println!(
+                                "  note: in a templates directory this file must be named {}.toml",
+                                t.name
+                            );
+                        }
+                    }
+                    Err(e) => {
+                        failed += 1;
+                        eprintln!("{e}");
+                    }
+                }
             }
-            // A microVM template also needs its disk image and guest kernel.
-            let microvm = microvm_runtime(
-                PathBuf::from("qemu-system-x86_64"),
-                PathBuf::from("crosvm"),
-                std::path::Path::new("."),
-                None,
-            )?;
-            runtime.block_on(microvm.prepare(template.runtime, &cache.path_for(template), true))?;
-            if let Some(vmm) = template.runtime.vmm() {
-                eprintln!(
-                    "{name}'s guest kernel and disk image are ready (vmm {})",
-                    vmm.as_str()
-                );
+            if failed > 0 {
+                bail!("{failed} of {} template files are invalid", files.len());
             }
         }
-        TemplateCommand::List { templates } => {
+        TemplateCommand::Gc {
+            dry_run,
+            templates,
+            data,
+        } => {
             let set = TemplateSet::load(templates.templates_dir.as_deref())?;
-            let cache = RootfsCache::new(config::default_cache_dir());
-            for t in set.iter() {
+            let mut in_use = std::collections::BTreeSet::new();
+            if data.data_dir.join("crownest.db").is_file() {
+                let store = open_store(&data.data_dir)?;
+                in_use.extend(store.blocking().live_template_hashes()?);
+            }
+            let keep: Vec<_> = set.iter().collect();
+            let report = cache.gc(&keep, &in_use, dry_run)?;
+            for path in &report.removed {
                 println!(
-                    "{:<14} {:<8} {}  {}",
-                    t.name,
-                    if cache.is_built(t) {
-                        "built"
-                    } else {
-                        "unbuilt"
-                    },
-                    &t.recipe_hash()[..12],
-                    t.description
+                    "{} {}",
+                    if dry_run { "would remove" } else { "removed" },
+                    path.display()
                 );
             }
+            println!(
+                "{} {} cache entries, {} ({} bytes){}",
+                if dry_run { "would free" } else { "freed" },
+                report.removed.len(),
+                human_bytes(report.bytes),
+                report.bytes,
+                if in_use.is_empty() {
+                    String::new()
+                } else {
+                    format!("; kept {} recipes live sandboxes use", in_use.len())
+                }
+            );
         }
     }
     Ok(())
+}
+
+fn human_bytes(bytes: u64) -> String {
+    const UNITS: &[&str] = &["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit < UNITS.len() - 1 {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} B")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
 }
 
 /// `host[:port]` with a host of DNS labels (no scheme, path or `*`).

@@ -45,4 +45,5 @@ mod plugin_cli;
 mod previews;
 mod restart;
 mod sandboxes;
+mod templates;
 mod workspace_runs;

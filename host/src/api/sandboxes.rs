@@ -102,6 +102,23 @@ pub struct CreateSandboxBody {
     pub metadata: Option<serde_json::Value>,
     /// A narrower egress policy than the template's.
     pub network: Option<NetworkBody>,
+    /// Environment variables of every command and code context of the
+    /// sandbox, over the template's `env` (a command's own `env` wins).
+    /// Values may be secrets: they are stored encrypted and never returned,
+    /// audited or logged.
+    #[schema(value_type = Option<std::collections::BTreeMap<String, String>>)]
+    pub env: Option<SecretEnv>,
+}
+
+/// Environment variables whose values are kept out of `Debug` output.
+#[derive(Deserialize)]
+#[serde(transparent)]
+pub struct SecretEnv(pub std::collections::BTreeMap<String, String>);
+
+impl std::fmt::Debug for SecretEnv {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_set().entries(self.0.keys()).finish()
+    }
 }
 
 #[derive(Debug, Serialize, ToSchema)]
@@ -187,6 +204,10 @@ async fn create_sandbox(
                 ttl_ms: body.ttl_ms,
                 metadata,
                 network: body.network.map(NetworkBody::into_request),
+                env: body
+                    .env
+                    .map(|e| e.0.into_iter().collect())
+                    .unwrap_or_default(),
             },
         )
         .await?;

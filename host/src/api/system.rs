@@ -67,8 +67,22 @@ async fn health(State(state): State<AppState>) -> ApiJson<Health> {
 pub struct TemplateView {
     pub name: String,
     pub description: String,
-    /// Hash of the rootfs recipe; changes when the operator edits it.
+    /// Hash of the rootfs recipe (every input, file contents and image
+    /// digests included); changes when what the rootfs is built from does.
     pub recipe_hash: String,
+    /// Changes with any edit of the template file; a sandbox keeps the
+    /// version it was created with across a reload (SIGHUP).
+    pub version: String,
+    /// What the rootfs starts from: `debian`, `oci` or `dir`.
+    pub source: &'static str,
+    /// The build layers on top of the source, in order (`pip`, `npm`,
+    /// `files`, `run`).
+    pub layers: Vec<&'static str>,
+    /// Default cwd of commands and code contexts.
+    pub workdir: String,
+    /// Names of the variables the template's `env` sets (values are not
+    /// shown: they can be operator secrets).
+    pub env_keys: Vec<String>,
     /// Whether the rootfs is built; the first create of an unbuilt template
     /// builds it and takes minutes.
     pub built: bool,
@@ -141,18 +155,29 @@ pub struct TemplatePluginView {
     pub wasi_imports: Option<Vec<String>>,
     /// Why the component cannot be read; null when it can.
     pub error: Option<String>,
+    /// `ok` (the component reads as one), `missing` (no such file: build
+    /// the plugin) or `invalid` (see `error`).
+    pub status: &'static str,
 }
 
 impl From<crate::core::PluginSummary> for TemplatePluginView {
     fn from(summary: crate::core::PluginSummary) -> Self {
-        let (wasi_imports, error) = match summary.wasi_imports {
-            Ok(imports) => (Some(imports), None),
-            Err(error) => (None, Some(error)),
+        let (wasi_imports, error, status) = match summary.wasi_imports {
+            Ok(imports) => (Some(imports), None, "ok"),
+            Err(error) => {
+                let status = if error.contains("os error 2") {
+                    "missing"
+                } else {
+                    "invalid"
+                };
+                (None, Some(error), status)
+            }
         };
         TemplatePluginView {
             name: summary.name,
             wasi_imports,
             error,
+            status,
         }
     }
 }
@@ -199,6 +224,11 @@ async fn list_templates(
             name: t.name.clone(),
             description: t.description.clone(),
             recipe_hash: t.recipe_hash(),
+            version: t.version().to_string(),
+            source: t.rootfs.source.kind(),
+            layers: t.rootfs.layers.iter().map(|l| l.kind()).collect(),
+            workdir: t.workdir.clone(),
+            env_keys: t.env.iter().map(|(k, _)| k.clone()).collect(),
             built: host.rootfs().is_built(t),
             runtime: t.runtime.kind(),
             platform: t.runtime.platform().map(|p| p.as_str()),

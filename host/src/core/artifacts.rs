@@ -135,7 +135,7 @@ impl Host {
         // A file cannot hold more data than the workspace it is in; a
         // larger size is a sparse file, refused rather than inflated.
         let workspace = self
-            .template(&sandbox.template)
+            .template_of(&sandbox)
             .map(|t| t.resources.disk_mib.saturating_mul(1024 * 1024))
             .unwrap_or(MAX_ARTIFACT_BYTES)
             .min(MAX_ARTIFACT_BYTES);

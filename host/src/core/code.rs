@@ -302,8 +302,11 @@ impl Host {
         lock(&self.code_contexts).retain(|_, c| c.sandbox_id != sandbox_id);
     }
 
-    fn check_language(&self, template: &str, language: Language) -> Result<(), CoreError> {
-        let template = self.template(template)?;
+    fn check_language(
+        &self,
+        template: &crate::templates::Template,
+        language: Language,
+    ) -> Result<(), CoreError> {
         if template.languages.contains_key(language.as_str()) {
             Ok(())
         } else {
@@ -341,10 +344,10 @@ impl Host {
         is_default: bool,
     ) -> Result<CodeContext, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        self.check_language(&sandbox.template, language)?;
+        let template = live.template.clone();
+        self.check_language(&template, language)?;
         super::commands::validate_env(&env)?;
-        let cwd = super::commands::resolve_cwd(cwd.as_deref())?;
-        let template = self.template(&sandbox.template)?;
+        let cwd = super::commands::resolve_cwd_in(cwd.as_deref(), &template.workdir)?;
         // An interpreter takes tens of MiB: the cap follows the sandbox's
         // memory so that every context it allows can live.
         let max = max_contexts(template.resources.memory_mib);
@@ -361,10 +364,13 @@ impl Host {
             ));
         }
         let id = ids::new(ids::Kind::CodeContext);
-        let mut with_proxy = super::egress::proxy_env(&template);
-        with_proxy.retain(|(k, _)| !env.iter().any(|(key, _)| key == k));
-        with_proxy.extend(env);
-        let env = with_proxy;
+        // As for commands: proxy, template, sandbox, then the request's own.
+        let mut layered = super::egress::proxy_env(&template);
+        for (key, value) in template.env.iter().chain(&live.env).chain(&env) {
+            layered.retain(|(k, _)| k != key);
+            layered.push((key.clone(), value.clone()));
+        }
+        let env = layered;
         let reply = live
             .agent
             .context_create(ContextCreate {
@@ -481,8 +487,8 @@ impl Host {
         sandbox_id: &str,
         request: &ValidRunCode,
     ) -> Result<RunTarget, CoreError> {
-        let (sandbox, _) = self.usable_sandbox(principal, sandbox_id).await?;
-        self.check_language(&sandbox.template, request.language)?;
+        let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        self.check_language(&live.template, request.language)?;
         if let Some(id) = &request.context_id {
             let context = self
                 .context_of(&sandbox.id, id)
@@ -688,7 +694,7 @@ impl Host {
                 raw.error = Some(error);
             }
         }
-        let template = self.template(&sandbox.template)?;
+        let template = self.template_of(sandbox)?;
         let bundles = std::mem::take(&mut raw.bundles);
         let mut outputs = std::mem::take(&mut raw.refused);
         let processed = self

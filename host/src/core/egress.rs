@@ -49,7 +49,7 @@ impl Host {
     /// sandbox narrowed to `none` still gets one, refusing everything, so
     /// a later PATCH within the template takes effect at once).
     pub(crate) fn start_egress(&self, live: &LiveSandbox) -> Option<Arc<SandboxEgress>> {
-        let template = self.template(&live.row.template).ok()?;
+        let template = live.template.clone();
         if !template.network.is_enabled() {
             return None;
         }
@@ -192,7 +192,7 @@ impl Host {
         request: super::NetworkRequest,
     ) -> Result<crate::store::SandboxRow, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let template = self.template(&sandbox.template)?;
+        let template = self.template_of(&sandbox)?;
         // Within a `none` template only `none` passes, and such a sandbox
         // has no relay: the stored policy is all there is to change.
         let policy = request.within(&template.network)?;

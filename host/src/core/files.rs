@@ -154,8 +154,8 @@ pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, CoreErro
 
 impl Host {
     /// The owner of what file operations create: the template's user.
-    fn file_owner(&self, template: &str) -> Result<ExecUser, CoreError> {
-        let template = self.template(template)?;
+    fn file_owner(&self, sandbox: &crate::store::SandboxRow) -> Result<ExecUser, CoreError> {
+        let template = self.template_of(sandbox)?;
         Ok(ExecUser {
             uid: template.user.uid,
             gid: template.user.gid,
@@ -250,7 +250,7 @@ impl Host {
         let path = normalize_path(path)?;
         require_target(&path)?;
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let owner = self.file_owner(&sandbox.template)?;
+        let owner = self.file_owner(&sandbox)?;
         write_stream(&live.agent, path, owner, body, max_bytes).await
     }
 
@@ -289,7 +289,7 @@ impl Host {
     ) -> Result<FileInfo, CoreError> {
         let path = normalize_path(path)?;
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let owner = self.file_owner(&sandbox.template)?;
+        let owner = self.file_owner(&sandbox)?;
         live.agent
             .file_mkdir(&path, parents, Some(owner))
             .await
@@ -341,7 +341,7 @@ impl Host {
             }) => {}
             Err(e) => return Err(file_error(&path)(e)),
         }
-        let template = self.template(&sandbox.template)?;
+        let template = self.template_of(&sandbox)?;
         let disk = template.resources.disk_mib * 1024 * 1024;
         let max_bytes = size_bytes.unwrap_or(disk);
         if max_bytes > disk {
@@ -497,7 +497,7 @@ impl Host {
         let (sandbox, live) = self
             .usable_sandbox(&principal, transfer_sandbox(transfer)?)
             .await?;
-        let owner = self.file_owner(&sandbox.template)?;
+        let owner = self.file_owner(&sandbox)?;
         let max_bytes = transfer.max_bytes.unwrap_or(0).max(0) as u64;
         write_stream(&live.agent, transfer.path.clone(), owner, body, max_bytes).await
     }

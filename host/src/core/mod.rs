@@ -224,6 +224,20 @@ pub struct LiveSandbox {
     pub stopping: CancellationToken,
     /// Its egress state, when its policy lets anything out.
     pub egress: Option<Arc<crate::egress::SandboxEgress>>,
+    /// The template version it started with (a reload does not change it).
+    pub template: Arc<crate::templates::Template>,
+    /// The environment the client gave at create (values may be secrets:
+    /// never logged, audited or returned).
+    pub env: Vec<(String, String)>,
+}
+
+/// What a template reload changed, by name.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct TemplateReload {
+    pub added: Vec<String>,
+    pub changed: Vec<String>,
+    pub removed: Vec<String>,
+    pub unchanged: usize,
 }
 
 /// The host's core service. One per process, shared behind an `Arc`.
@@ -231,7 +245,9 @@ pub struct Host {
     pub(crate) store: StoreHandle,
     pub(crate) clock: Clock,
     pub(crate) config: Config,
-    pub(crate) templates: TemplateSet,
+    /// The current templates; a reload swaps the whole set. Live sandboxes
+    /// keep the template they started with (`LiveSandbox::template`).
+    templates: std::sync::RwLock<Arc<TemplateSet>>,
     pub(crate) rootfs: RootfsCache,
     pub(crate) runtimes: Runtimes,
     pub(crate) blobs: BlobStore,
@@ -299,7 +315,7 @@ impl Host {
             store,
             clock,
             config,
-            templates,
+            templates: std::sync::RwLock::new(Arc::new(templates)),
             rootfs,
             runtimes,
             blobs,
@@ -332,8 +348,50 @@ impl Host {
         &self.config
     }
 
-    pub fn templates(&self) -> &TemplateSet {
-        &self.templates
+    /// The current template set (a reload replaces it; this one stays
+    /// valid for as long as it is held).
+    pub fn templates(&self) -> Arc<TemplateSet> {
+        self.templates
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Re-reads the template directory and swaps in the new set, or keeps
+    /// the old one and returns why the new one is invalid. Sandboxes
+    /// already running keep their template's version.
+    pub async fn reload_templates(
+        &self,
+    ) -> Result<TemplateReload, crate::templates::TemplateError> {
+        let dir = self.config.templates_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || TemplateSet::load(dir.as_deref()))
+            .await
+            .unwrap_or_else(|e| {
+                Err(crate::templates::TemplateError::Invalid {
+                    origin: String::from("template reload"),
+                    at: None,
+                    field: None,
+                    message: e.to_string(),
+                })
+            })?;
+        let old = self.templates();
+        let mut report = TemplateReload::default();
+        for t in loaded.iter() {
+            match old.get(&t.name) {
+                None => report.added.push(t.name.clone()),
+                Some(previous) if previous.version() != t.version() => {
+                    report.changed.push(t.name.clone())
+                }
+                Some(_) => report.unchanged += 1,
+            }
+        }
+        report.removed = old
+            .names()
+            .filter(|n| loaded.get(n).is_none())
+            .map(str::to_string)
+            .collect();
+        *self.templates.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(loaded);
+        Ok(report)
     }
 
     pub fn rootfs(&self) -> &RootfsCache {

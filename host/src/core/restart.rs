@@ -138,9 +138,21 @@ impl Host {
             .await
             .map_err(|e| e.to_string())?;
 
+        // The version it started with is gone with the old process: it runs
+        // on under the current template of its name.
+        let template = Arc::new(
+            self.template(&row.template)
+                .map_err(|_| format!("its template `{}` no longer exists", row.template))?,
+        );
+        let env = self
+            .open_sandbox_env(row)
+            .await
+            .map_err(|e| format!("cannot open its environment: {e}"))?;
         let mut live = LiveSandbox {
             id: row.id.clone(),
             row: row.clone(),
+            template,
+            env,
             slot: std::sync::Mutex::new(slot),
             agent,
             channel: started.channel,

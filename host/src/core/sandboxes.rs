@@ -27,6 +27,9 @@ pub struct CreateSandbox {
     pub metadata: Metadata,
     /// A narrower egress policy than the template's.
     pub network: Option<NetworkRequest>,
+    /// Environment of every command and context of the sandbox, over the
+    /// template's `env` (a request's own `env` overrides it in turn).
+    pub env: Vec<(String, String)>,
 }
 
 /// A sandbox's egress policy as a client asks for it: each part omitted
@@ -79,6 +82,7 @@ pub struct ValidCreateSandbox {
     pub ttl_ms: i64,
     pub metadata: Metadata,
     pub network: Option<NetworkRequest>,
+    pub env: Vec<(String, String)>,
 }
 
 impl CreateSandbox {
@@ -109,11 +113,13 @@ impl CreateSandbox {
                 "template must be a template name of 1 to 64 characters; see GET /v1/templates",
             ));
         }
+        super::commands::validate_env(&self.env)?;
         Ok(ValidCreateSandbox {
             template: self.template,
             ttl_ms,
             metadata: self.metadata,
             network: self.network,
+            env: self.env,
         })
     }
 }
@@ -131,8 +137,9 @@ impl Host {
             ttl_ms,
             metadata,
             network,
+            env,
         } = request.validate(&self.config.limits)?;
-        let template = self.template(&template)?;
+        let template = Arc::new(self.template(&template)?);
         let network = match &network {
             None => template.network.clone(),
             Some(request) => request.within(&template.network)?,
@@ -147,13 +154,23 @@ impl Host {
         self.ensure_rootfs(&template).await?;
         self.prepare_runtime(&template).await?;
 
+        let id = ids::new(ids::Kind::Sandbox);
+        let env_sealed = if env.is_empty() {
+            None
+        } else {
+            let key = self.server_key(super::secrets::KeyUse::SandboxEnv).await?;
+            let plain =
+                serde_json::to_vec(&env).map_err(|e| CoreError::ServerKey(e.to_string()))?;
+            Some(super::secrets::seal(&key, id.as_bytes(), &plain)?)
+        };
+
         let quota = self.quota(&principal.org_id).await?;
         let admission = self.admission.lock().await;
         self.check_sandbox_quota(&principal.org_id, &quota).await?;
         let (slot, slot_lock) = self.reserve_slot().await?;
         let now = self.clock.now_ms();
         let row = SandboxRow {
-            id: ids::new(ids::Kind::Sandbox),
+            id,
             org_id: principal.org_id.clone(),
             project_id: principal.project_id.clone(),
             template: template.name.clone(),
@@ -173,6 +190,7 @@ impl Host {
             network,
             egress_bytes_in: 0,
             egress_bytes_out: 0,
+            env_sealed,
         };
         let inserted = {
             let row = row.clone();
@@ -182,7 +200,7 @@ impl Host {
         drop(admission);
         inserted?;
 
-        match self.start_container(&row, &template).await {
+        match self.start_container(&row, template, env).await {
             Ok(mut live) => {
                 live.egress = self.start_egress(&live);
                 *lock(&live.slot) = Some(slot_lock);
@@ -219,13 +237,14 @@ impl Host {
     async fn start_container(
         &self,
         row: &SandboxRow,
-        template: &Template,
+        template: Arc<Template>,
+        env: Vec<(String, String)>,
     ) -> Result<LiveSandbox, CoreError> {
         let state_dir = self.state_dir(&row.id);
         let spec = SandboxSpec {
             isolation: template.runtime,
             id: row.id.clone(),
-            rootfs: self.rootfs.path_for(template),
+            rootfs: self.rootfs.path_for(&template),
             state_dir: state_dir.clone(),
             agent_binary: self.config.agent_binary.clone(),
             resources: template.resources.clone(),
@@ -251,24 +270,50 @@ impl Host {
             stopping: CancellationToken::new(),
             slot: Mutex::new(None),
             egress: None,
+            template,
+            env,
         })
     }
 
+    /// The current version of a template, by name.
     pub(crate) fn template(&self, name: &str) -> Result<Template, CoreError> {
-        self.templates
+        let templates = self.templates();
+        templates
             .get(name)
             .cloned()
             .ok_or_else(|| CoreError::UnknownTemplate {
                 name: name.to_string(),
-                available: self.templates.names().collect::<Vec<_>>().join(", "),
+                available: templates.names().collect::<Vec<_>>().join(", "),
             })
+    }
+
+    /// The template a sandbox runs: the version it started with while it
+    /// is live, else the current one of its name.
+    pub(crate) fn template_of(&self, sandbox: &SandboxRow) -> Result<Template, CoreError> {
+        match self.live_sandbox(&sandbox.id) {
+            Some(live) => Ok((*live.template).clone()),
+            None => self.template(&sandbox.template),
+        }
+    }
+
+    /// A sandbox's own environment, opened from its sealed store form.
+    pub(crate) async fn open_sandbox_env(
+        &self,
+        row: &SandboxRow,
+    ) -> Result<Vec<(String, String)>, CoreError> {
+        let Some(sealed) = &row.env_sealed else {
+            return Ok(Vec::new());
+        };
+        let key = self.server_key(super::secrets::KeyUse::SandboxEnv).await?;
+        let plain = super::secrets::open(&key, row.id.as_bytes(), sealed)?;
+        serde_json::from_slice(&plain).map_err(|e| CoreError::ServerKey(e.to_string()))
     }
 
     /// Builds the template's rootfs if it is not in the cache yet. Concurrent
     /// creates of one template wait for a single build.
     pub async fn ensure_rootfs(&self, template: &Template) -> Result<(), CoreError> {
         if self.rootfs.is_built(template) {
-            return Ok(());
+            return self.check_built(template);
         }
         let gate = {
             let mut builds = self.builds.lock().await;
@@ -285,7 +330,18 @@ impl Host {
         self.rootfs
             .build(template, false)
             .await
-            .map(|_| ())
+            .map_err(|e| CoreError::TemplateBuild {
+                template: template.name.clone(),
+                message: e.to_string(),
+            })?;
+        self.check_built(template)
+    }
+
+    /// What only the built rootfs can show: the languages' interpreters and
+    /// the workdir are there.
+    fn check_built(&self, template: &Template) -> Result<(), CoreError> {
+        template
+            .check_rootfs(&self.rootfs.path_for(template))
             .map_err(|e| CoreError::TemplateBuild {
                 template: template.name.clone(),
                 message: e.to_string(),

@@ -16,6 +16,8 @@ pub(crate) enum KeyUse {
     Idempotency,
     /// The ed25519 seed that signs Evidence Bundles.
     Evidence,
+    /// AEAD of a sandbox's own environment at rest (values can be secrets).
+    SandboxEnv,
 }
 
 impl KeyUse {
@@ -24,6 +26,7 @@ impl KeyUse {
             KeyUse::Transfers => "transfer.key",
             KeyUse::Idempotency => "idempotency.key",
             KeyUse::Evidence => "evidence.key",
+            KeyUse::SandboxEnv => "env.key",
         }
     }
 }
@@ -34,6 +37,7 @@ pub(crate) struct ServerKeys {
     transfers: tokio::sync::OnceCell<[u8; 32]>,
     idempotency: tokio::sync::OnceCell<[u8; 32]>,
     evidence: tokio::sync::OnceCell<[u8; 32]>,
+    sandbox_env: tokio::sync::OnceCell<[u8; 32]>,
 }
 
 impl Host {
@@ -42,6 +46,7 @@ impl Host {
             KeyUse::Transfers => &self.keys.transfers,
             KeyUse::Idempotency => &self.keys.idempotency,
             KeyUse::Evidence => &self.keys.evidence,
+            KeyUse::SandboxEnv => &self.keys.sandbox_env,
         };
         let path = self.config.data_dir.join(usage.file());
         cell.get_or_try_init(|| async move {

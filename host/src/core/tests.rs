@@ -90,9 +90,14 @@ pub(crate) fn test_host_with(limits: Limits) -> TestHost {
         crate::runtime::Runtimes::new(vec![runtime.clone()]),
         blobs,
     );
-    // Mark every template's rootfs as built: the fake runtime needs none.
+    // Mark every template's rootfs as built: the fake runtime needs none,
+    // but the check after a build looks for the languages' interpreters.
     for template in host.templates().iter() {
-        std::fs::create_dir_all(host.rootfs().path_for(template)).expect("rootfs dir");
+        let rootfs = host.rootfs().path_for(template);
+        std::fs::create_dir_all(rootfs.join("usr/bin")).expect("rootfs dir");
+        for program in ["python3", "node"] {
+            std::fs::write(rootfs.join("usr/bin").join(program), "").expect("interpreter");
+        }
     }
     TestHost {
         host,
@@ -115,7 +120,7 @@ impl TestHost {
             self.host.config().clone(),
             self.store.clone(),
             self.clock.clone(),
-            self.host.templates().clone(),
+            (*self.host.templates()).clone(),
             crate::runtime::Runtimes::new(vec![self.runtime.clone()]),
             crate::blobs::BlobStore::open(self.host.config().data_dir.join("blobs2"))
                 .expect("blobs"),
@@ -835,7 +840,7 @@ async fn a_template_whose_runtime_is_unavailable_is_refused_with_the_reason() {
         t.host.config().clone(),
         t.store.clone(),
         t.clock.clone(),
-        t.host.templates().clone(),
+        (*t.host.templates()).clone(),
         runtimes,
         crate::blobs::BlobStore::open(t.host.config().data_dir.join("blobs2")).expect("blobs"),
     );

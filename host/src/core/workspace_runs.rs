@@ -961,6 +961,7 @@ impl Host {
                     ttl_ms: Some(ttl.max(self.config.limits.min_ttl_ms)),
                     metadata,
                     network: None,
+                    env: Vec::new(),
                 },
             )
             .await?;
@@ -984,7 +985,7 @@ impl Host {
                 String::from("the sandbox went away"),
             );
         };
-        let template = match self.template(&sandbox.template) {
+        let template = match self.template_of(sandbox) {
             Ok(t) => t,
             Err(e) => return failed(RunReason::SandboxFailed, e.to_string()),
         };
@@ -1398,7 +1399,8 @@ impl Host {
                 after = event.seq;
             }
         }
-        let template = self.templates.get(&run.template);
+        let templates = self.templates();
+        let template = templates.get(&run.template);
         let (usage, runtime) = match &run.sandbox_id {
             Some(sandbox_id) => {
                 let key = sandbox_id.clone();

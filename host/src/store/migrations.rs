@@ -307,6 +307,11 @@ pub const MIGRATIONS: &[&str] = &[
     r#"
     ALTER TABLE sandboxes ADD COLUMN vmm TEXT;
     "#,
+    // 11: the sandbox's own environment (`env` at create), sealed with the
+    // host's key: its values can be secrets.
+    r#"
+    ALTER TABLE sandboxes ADD COLUMN env_sealed BLOB;
+    "#,
 ];
 
 /// Brings the database to the newest schema. Each migration and its version

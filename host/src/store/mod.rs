@@ -130,6 +130,9 @@ pub struct SandboxRow {
     /// ended (a live sandbox's meters run ahead of this).
     pub egress_bytes_in: i64,
     pub egress_bytes_out: i64,
+    /// The environment the client gave at create, sealed by the core (the
+    /// store never sees its values in the clear); `None` when it gave none.
+    pub env_sealed: Option<Vec<u8>>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -312,6 +315,9 @@ pub trait Store:
     /// The runtime kind a sandbox ran on.
     fn sandbox_runtime(&self, id: &str) -> Result<Option<String>, StoreError>;
     fn used_uid_slots(&self) -> Result<Vec<i64>, StoreError>;
+    /// Recipe hashes of the templates sandboxes not destroyed run on
+    /// (what `template gc` must keep).
+    fn live_template_hashes(&self) -> Result<Vec<String>, StoreError>;
 
     // Commands.
     fn insert_command(&self, command: &CommandRow) -> Result<(), StoreError>;

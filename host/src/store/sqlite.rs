@@ -127,6 +127,7 @@ fn sandbox_from_row(row: &Row<'_>) -> rusqlite::Result<SandboxRow> {
             .map_err(|e| corrupt(0, e))?,
         egress_bytes_in: row.get("egress_bytes_in")?,
         egress_bytes_out: row.get("egress_bytes_out")?,
+        env_sealed: row.get("env_sealed")?,
     })
 }
 
@@ -336,8 +337,8 @@ impl Store for SqliteStore {
             .prepare_cached(
                 "INSERT INTO sandboxes (id, org_id, project_id, template, template_hash, status,
                     metadata, created_at, expires_at, ended_at, end_reason, uid_slot, vcpus,
-                    memory_mib, created_by_key, runtime, network, vmm)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18)",
+                    memory_mib, created_by_key, runtime, network, vmm, env_sealed)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19)",
             )?
             .execute(params![
                 s.id,
@@ -358,6 +359,7 @@ impl Store for SqliteStore {
                 s.runtime,
                 codec::network_to_sql(&s.network),
                 s.vmm,
+                s.env_sealed,
             ]);
         match result {
             Ok(_) => Ok(()),
@@ -503,6 +505,15 @@ impl Store for SqliteStore {
         let conn = self.conn();
         let mut stmt = conn.prepare(
             "SELECT uid_slot FROM sandboxes WHERE status <> 'destroyed' ORDER BY uid_slot",
+        )?;
+        let rows = stmt.query_map([], |r| r.get(0))?;
+        Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn live_template_hashes(&self) -> Result<Vec<String>, StoreError> {
+        let conn = self.conn();
+        let mut stmt = conn.prepare(
+            "SELECT DISTINCT template_hash FROM sandboxes WHERE status <> 'destroyed' ORDER BY 1",
         )?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -841,6 +852,7 @@ mod tests {
             network: crate::egress::Policy::none(),
             egress_bytes_in: 0,
             egress_bytes_out: 0,
+            env_sealed: None,
         }
     }
 

@@ -155,6 +155,7 @@ mod tests {
                 network: crate::egress::Policy::none(),
                 egress_bytes_in: 0,
                 egress_bytes_out: 0,
+                env_sealed: None,
             })
             .expect("sandbox");
         store

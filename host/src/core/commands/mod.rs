@@ -24,7 +24,7 @@ pub(crate) use log::Tail;
 pub use log::{LogEvent, Retention};
 pub use validate::{
     MAX_COLLECT_ITEMS, RunCommand, SIGNALS, ValidRunCommand, parse_signal, resolve_cwd,
-    valid_env_name, validate_env,
+    resolve_cwd_in, valid_env_name, validate_env,
 };
 
 use super::{CoreError, Host, lock};
@@ -64,7 +64,9 @@ impl Host {
                 max,
             });
         }
-        let template = self.template(&sandbox.template)?;
+        let template = live_sandbox.template.clone();
+        let mut request = request;
+        request.cwd = resolve_cwd_in(request.raw_cwd.as_deref(), &template.workdir)?;
         // The agent stream comes first: a busy sandbox refuses the request
         // before anything is recorded.
         let stream = live_sandbox.agent.reserve().await.map_err(|e| match e {
@@ -110,7 +112,13 @@ impl Host {
             stdout_offset: 0,
             stderr_offset: 0,
         };
-        let exec = exec_request(&command_id, &sandbox, &template, &request);
+        let exec = exec_request(
+            &command_id,
+            &sandbox,
+            &template,
+            &live_sandbox.env,
+            &request,
+        );
         let creator = Principal {
             key_id: principal.key_id.clone(),
             org_id: sandbox.org_id.clone(),
@@ -461,10 +469,14 @@ impl Host {
 }
 
 /// What the agent is asked to run for a command.
+/// The agent request of a command. Its environment, each layer overriding
+/// the one before: the defaults, the egress proxy, the template's `env`,
+/// the sandbox's `env`, the request's `env`.
 fn exec_request(
     command_id: &str,
     sandbox: &SandboxRow,
     template: &crate::templates::Template,
+    sandbox_env: &[(String, String)],
     request: &ValidRunCommand,
 ) -> ExecRequest {
     let mut env = vec![
@@ -475,7 +487,7 @@ fn exec_request(
         (String::from("CROWNEST_SANDBOX_ID"), sandbox.id.clone()),
     ];
     env.extend(crate::core::egress::proxy_env(template));
-    for (key, value) in &request.env {
+    for (key, value) in template.env.iter().chain(sandbox_env).chain(&request.env) {
         env.retain(|(k, _)| k != key);
         env.push((key.clone(), value.clone()));
     }

@@ -49,8 +49,11 @@ pub struct RunCommand {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ValidRunCommand {
     pub command: String,
-    /// Absolute inside the sandbox.
+    /// Absolute inside the sandbox (relative to /workspace until the
+    /// sandbox's template rebases it on its workdir).
     pub cwd: String,
+    /// The cwd as the client gave it.
+    pub raw_cwd: Option<String>,
     pub env: Vec<(String, String)>,
     pub timeout_ms: Option<u64>,
     pub background: bool,
@@ -110,12 +113,24 @@ impl RunCommand {
         Ok(ValidRunCommand {
             command: self.command,
             cwd,
+            raw_cwd: self.cwd,
             env: self.env,
             timeout_ms,
             background: self.background,
             stdin: self.stdin,
             collect: self.collect,
         })
+    }
+}
+
+/// A cwd as [`resolve_cwd`] does, with `base` (the template's workdir) in
+/// place of /workspace.
+pub fn resolve_cwd_in(cwd: Option<&str>, base: &str) -> Result<String, CoreError> {
+    let resolved = resolve_cwd(cwd)?;
+    match cwd {
+        None | Some("") => Ok(base.to_string()),
+        Some(c) if c.starts_with('/') => Ok(resolved),
+        Some(c) => Ok(format!("{}/{c}", base.trim_end_matches('/'))),
     }
 }
 
