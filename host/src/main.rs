@@ -900,6 +900,15 @@ fn template(command: TemplateCommand) -> Result<()> {
                 )
             })?;
             print!("{}", template.resolved_toml());
+            for (i, stage) in template.stages().iter().enumerate() {
+                println!(
+                    "# stage {}/{} {}: {}",
+                    i + 1,
+                    template.stages().len(),
+                    stage.label,
+                    stage.key
+                );
+            }
             println!(
                 "# built: {}",
                 if cache.is_built(template) {
