@@ -19,6 +19,10 @@ pub enum SandboxCommand {
         /// A JSON object stored with the sandbox.
         #[arg(long, value_parser = parse_object)]
         metadata: Option<Value>,
+        /// `NAME=VALUE` for every command and code context of the sandbox
+        /// (repeatable); the values are never shown again.
+        #[arg(long = "env", value_parser = parse_env)]
+        env: Vec<(String, String)>,
     },
     /// List sandboxes.
     List,
@@ -26,6 +30,13 @@ pub enum SandboxCommand {
     Get { id: String },
     /// Kill a sandbox.
     Kill { id: String },
+}
+
+fn parse_env(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((name, value)) if !name.is_empty() => Ok((name.to_string(), value.to_string())),
+        _ => Err(String::from("expected NAME=VALUE")),
+    }
 }
 
 fn parse_object(text: &str) -> Result<Value, String> {
@@ -42,8 +53,16 @@ pub async fn run(api: &Api, output: Output, command: SandboxCommand) -> Result<i
             template,
             ttl_ms,
             metadata,
+            env,
         } => {
             let mut body = json!({ "template": template });
+            if !env.is_empty() {
+                body["env"] = Value::Object(
+                    env.into_iter()
+                        .map(|(k, v)| (k, Value::String(v)))
+                        .collect(),
+                );
+            }
             if let Some(ttl) = ttl_ms {
                 body["ttlMs"] = json!(ttl);
             }

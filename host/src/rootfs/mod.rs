@@ -192,14 +192,14 @@ impl RootfsCache {
 
         let entry = Self::entry_name(template);
         let lock_path = rootfs_dir.join(format!(".{entry}.lock"));
-        let lock = lock(lock_path).await?;
+        let entry_lock = lock(lock_path).await?;
 
         // Another task or process may have finished the build while we waited.
         if final_path.is_dir() && !options.force {
             if options.progress {
                 eprintln!("{}: already built", template.name);
             }
-            drop(lock);
+            drop(entry_lock);
             return Ok(final_path);
         }
 
@@ -242,6 +242,25 @@ impl RootfsCache {
         let started = Instant::now();
         for i in start..=last {
             let out = stage_path(i);
+            // A stage other templates share (the same source) may be built
+            // by another build right now: one at a time, then reuse it.
+            let _stage_lock = if i < last {
+                let lock_path = self.stages_dir().join(format!(".{}.lock", stages[i].key));
+                let held = lock(lock_path).await?;
+                if out.is_dir() && !options.force {
+                    let _ = writeln!(
+                        log,
+                        "--- step {}/{} {}: cached ---",
+                        i + 1,
+                        stages.len(),
+                        stages[i].label
+                    );
+                    continue;
+                }
+                Some(held)
+            } else {
+                None
+            };
             let tmp = out.with_file_name(format!(
                 ".{}.tmp",
                 out.file_name()
@@ -319,7 +338,7 @@ impl RootfsCache {
             template.canonical_recipe(),
         );
         let _ = writeln!(log, "=== built in {:.1?} ===", started.elapsed());
-        drop(lock);
+        drop(entry_lock);
         if options.progress {
             eprintln!(
                 "{}: built in {:.0?}",
@@ -818,5 +837,41 @@ mod tests {
             .expect("hook");
         assert!(hook.contains("user:x:1000:1000:") && hook.contains("/workspace"));
         assert_eq!(&args[args.len() - 2..], ["bookworm", "/x/.tmp"]);
+    }
+
+    #[test]
+    fn gc_removes_what_no_template_or_live_sandbox_uses_and_counts_the_bytes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = RootfsCache::new(dir.path());
+        let t = tiny_template();
+        let keep = t.recipe_hash();
+        let stale = "a".repeat(64);
+        let live = "b".repeat(64);
+        for name in [
+            format!("rootfs/tiny-{keep}"),
+            format!("rootfs/tiny-{stale}"),
+            format!("rootfs/other-{live}"),
+            format!("stages/{stale}"),
+        ] {
+            std::fs::create_dir_all(dir.path().join(&name)).expect("entry");
+            std::fs::write(dir.path().join(&name).join("f"), vec![1u8; 8192]).expect("file");
+        }
+        std::fs::create_dir_all(dir.path().join("logs")).expect("logs");
+        std::fs::write(dir.path().join(format!("logs/tiny-{stale}.log")), "log").expect("log");
+        std::fs::write(dir.path().join(format!("rootfs/.tiny-{stale}.lock")), "").expect("lock");
+        let in_use = BTreeSet::from([live.clone()]);
+
+        let dry = cache.gc(&[&t], &in_use, true).expect("dry run");
+        assert_eq!(dry.removed.len(), 3, "{:?}", dry.removed);
+        assert!(dir.path().join(format!("rootfs/tiny-{stale}")).is_dir());
+
+        let report = cache.gc(&[&t], &in_use, false).expect("gc");
+        assert_eq!(report.removed.len(), 3);
+        assert!(report.bytes >= 2 * 8192, "{}", report.bytes);
+        assert!(dir.path().join(format!("rootfs/tiny-{keep}")).is_dir());
+        assert!(dir.path().join(format!("rootfs/other-{live}")).is_dir());
+        assert!(!dir.path().join(format!("rootfs/tiny-{stale}")).exists());
+        assert!(!dir.path().join(format!("stages/{stale}")).exists());
+        assert!(!dir.path().join(format!("logs/tiny-{stale}.log")).exists());
     }
 }

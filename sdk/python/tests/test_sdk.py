@@ -91,6 +91,16 @@ async def test_a_sandbox_narrows_its_network_within_the_template_and_never_widen
         await kill_quietly(sandbox)
 
 
+async def test_a_sandbox_env_reaches_its_commands_and_is_never_returned(client: Any) -> None:
+    sandbox = await new_sandbox(client, env={"SDK_SECRET": "sdk-secret-value", "GREETING": "hi"})
+    try:
+        assert "sdk-secret-value" not in str(sandbox.to_dict())
+        run = await aw(sandbox.commands.run('test "$SDK_SECRET" = sdk-secret-value && echo "$GREETING"'))
+        assert run["stdout"] == "hi\n"
+    finally:
+        await kill_quietly(sandbox)
+
+
 async def _aiter(iterable: Any) -> Any:
     for item in await alist(iterable):
         yield item

@@ -697,6 +697,9 @@ export interface CreateSandboxOptions {
   metadata?: Record<string, unknown>;
   /** A narrower egress policy than the template's. */
   network?: NetworkPolicyRequest;
+  /** Variables of every command and code context of the sandbox, over the
+   * template's `[env]`; the values are never returned. */
+  env?: Record<string, string>;
   /** Default: a new random key (reused across the SDK's own retries). */
   idempotencyKey?: string;
 }
@@ -760,6 +763,7 @@ export class Sandboxes {
     if (options.ttlMs !== undefined) body.ttlMs = options.ttlMs;
     if (options.metadata !== undefined) body.metadata = options.metadata;
     if (options.network !== undefined) body.network = options.network;
+    if (options.env !== undefined) body.env = options.env;
     const data = await this.client.request<SandboxData>("POST", "/v1/sandboxes", {
       json: body,
       idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),

@@ -75,6 +75,17 @@ describe("network policy", () => {
   });
 });
 
+describe("sandbox env", () => {
+  test("reaches every command and is never returned", async () => {
+    const sandbox = await newSandbox({ env: { SDK_SECRET: "ts-secret-value", GREETING: "hi" } });
+    const fields = Object.fromEntries(Object.entries(sandbox).filter(([, v]) => typeof v !== "object" || v === null));
+    assert.ok(!JSON.stringify(fields).includes("ts-secret-value"));
+    assert.equal((sandbox as unknown as Record<string, unknown>).env, undefined);
+    const run = await sandbox.commands.run('test "$SDK_SECRET" = ts-secret-value && echo "$GREETING"');
+    assert.equal(run.stdout, "hi\n");
+  });
+});
+
 describe("the landing page's end-to-end snippet", () => {
   test("streams stdout through onStdout before the result, and collects report.html", async () => {
     const sandbox = await client.sandboxes.create({ template: "python" });

@@ -421,12 +421,13 @@ class AsyncSandboxes:
         ttl_ms: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> AsyncSandboxHandle:
         data = await self._client._request(
             "POST",
             "/v1/sandboxes",
-            json=sandbox_body(template, ttl_ms, metadata, network),
+            json=sandbox_body(template, ttl_ms, metadata, network, env),
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return AsyncSandboxHandle(self._client, data)

@@ -388,6 +388,7 @@ def sandbox_body(
     ttl_ms: int | None,
     metadata: Mapping[str, Any] | None,
     network: Mapping[str, Any] | None = None,
+    env: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     body: dict[str, Any] = {"template": template}
     if ttl_ms is not None:
@@ -396,6 +397,8 @@ def sandbox_body(
         body["metadata"] = dict(metadata)
     if network is not None:
         body["network"] = dict(network)
+    if env is not None:
+        body["env"] = dict(env)
     return body
 
 

@@ -423,13 +423,16 @@ class Sandboxes:
         ttl_ms: int | None = None,
         metadata: Mapping[str, Any] | None = None,
         network: Mapping[str, Any] | None = None,
+        env: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
     ) -> SandboxHandle:
-        """Creates a sandbox from a template and starts it."""
+        """Creates a sandbox from a template and starts it. ``env`` sets
+        variables for every command and code context of the sandbox (over
+        the template's ``[env]``); its values are never returned."""
         data = self._client._request(
             "POST",
             "/v1/sandboxes",
-            json=sandbox_body(template, ttl_ms, metadata, network),
+            json=sandbox_body(template, ttl_ms, metadata, network, env),
             idempotency_key=idempotency_key or new_idempotency_key(),
         )
         return SandboxHandle(self._client, data)
