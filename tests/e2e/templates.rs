@@ -121,7 +121,7 @@ async fn an_oci_template_from_a_layout_runs_commands_without_the_whiteouted_file
     std::fs::create_dir(&templates).expect("templates");
     std::fs::write(
         templates.join("oci-probe.toml"),
-        "name = \"oci-probe\"\n[rootfs]\nsource = \"oci\"\nimage = \"../image\"\nimageRef = \"probe:1\"\n[resources]\nmemoryMiB = 128\n",
+        "name = \"oci-probe\"\nworkdir = \"/workspace/project\"\n[rootfs]\nsource = \"oci\"\nimage = \"../image\"\nimageRef = \"probe:1\"\n[resources]\nmemoryMiB = 128\n",
     )
     .expect("template");
     let cache = work.path().join("cache");

@@ -258,6 +258,26 @@ impl Host {
         let timeout = Duration::from_millis(self.config.limits.agent_connect_timeout_ms)
             .max(started.boot_timeout.unwrap_or_default());
         let agent = connect_agent(started.channel.as_ref(), timeout, &self.config.limits).await?;
+        // A workdir inside /workspace (an empty tmpfs at start) is made
+        // now, owned by the template's user.
+        if template.workdir != crownest_proto::WORKSPACE
+            && std::path::Path::new(&template.workdir).starts_with(crownest_proto::WORKSPACE)
+        {
+            let relative = super::files::normalize_path(&template.workdir)?;
+            let owner = crownest_proto::ExecUser {
+                uid: template.user.uid,
+                gid: template.user.gid,
+            };
+            agent
+                .file_mkdir(&relative, true, Some(owner))
+                .await
+                .map_err(|e| {
+                    CoreError::StartFailed(format!(
+                        "cannot create the workdir {}: {e}",
+                        template.workdir
+                    ))
+                })?;
+        }
         Ok(LiveSandbox {
             id: row.id.clone(),
             row: SandboxRow {

@@ -601,17 +601,23 @@ impl Template {
     /// What can only be checked once the rootfs is built: each language's
     /// interpreter is on the sandbox PATH, and the workdir exists.
     pub fn check_rootfs(&self, rootfs: &Path) -> Result<(), TemplateError> {
+        // The template's env may set its own PATH (an image's /opt/…/bin).
+        let path = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "PATH")
+            .map_or(crownest_proto::DEFAULT_PATH, |(_, v)| v.as_str());
         for language in self.languages.keys() {
             let program = interpreter_of(language);
-            let found = crownest_proto::DEFAULT_PATH
+            let found = path
                 .split(':')
+                .filter(|dir| dir.starts_with('/'))
                 .any(|dir| crate::rootfs::exists_in(rootfs, &Path::new(dir).join(program)));
             if !found {
                 return Err(self.error_at(
                     &format!("languages.{language}"),
                     format!(
-                        "the built rootfs has no `{program}` on the sandbox PATH ({}); install it (a package, a layer) or remove the language",
-                        crownest_proto::DEFAULT_PATH
+                        "the built rootfs has no `{program}` on the sandbox PATH ({path}); install it (a package, a layer) or remove the language"
                     ),
                 ));
             }
@@ -621,7 +627,7 @@ impl Template {
             return Err(self.error_at(
                 "workdir",
                 format!(
-                    "`{}` is not a directory in the built rootfs; create it in a layer or use a path under /workspace",
+                    "`{}` is not a directory in the built rootfs; create it in a layer, or use a path under /workspace (created at sandbox start)",
                     self.workdir
                 ),
             ));
