@@ -309,10 +309,10 @@ impl Host {
 
     /// The template a sandbox runs: the version it started with while it
     /// is live, else the current one of its name.
-    pub(crate) fn template_of(&self, sandbox: &SandboxRow) -> Result<Template, CoreError> {
+    pub(crate) fn template_of(&self, sandbox: &SandboxRow) -> Result<Arc<Template>, CoreError> {
         match self.live_sandbox(&sandbox.id) {
-            Some(live) => Ok((*live.template).clone()),
-            None => self.template(&sandbox.template),
+            Some(live) => Ok(live.template.clone()),
+            None => self.template(&sandbox.template).map(Arc::new),
         }
     }
 

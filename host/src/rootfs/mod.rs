@@ -274,9 +274,10 @@ impl RootfsCache {
                 if let Some(bar) = &bar {
                     bar.set_message("copying the previous stage");
                 }
-                copy_tree(&stage_path(i - 1), &tmp)
-                    .await
-                    .map_err(|e| self.failed(template, &step, "copy", e.to_string(), &log_path))?;
+                if let Err(e) = copy_tree(&stage_path(i - 1), &tmp).await {
+                    let _ = remove_if_exists(&tmp).await;
+                    return Err(self.failed(template, &step, "copy", e.to_string(), &log_path));
+                }
             }
             let _ = writeln!(log, "--- step {step} ---");
             let ran = if i == 0 {
@@ -330,6 +331,20 @@ impl RootfsCache {
             })?;
             if let Some(bar) = &bar {
                 bar.finish_with_message("done");
+            }
+        }
+        if options.force {
+            // A microVM image made from the old tree is stale now.
+            if let Ok(images) = std::fs::read_dir(self.dir.join("images")) {
+                for image in images.flatten() {
+                    if image
+                        .file_name()
+                        .to_string_lossy()
+                        .starts_with(&format!("{entry}."))
+                    {
+                        let _ = std::fs::remove_file(image.path());
+                    }
+                }
             }
         }
         // For operators: what is in this cache entry. Not needed to use it.

@@ -468,7 +468,6 @@ impl Host {
     }
 }
 
-/// What the agent is asked to run for a command.
 /// The agent request of a command. Its environment, each layer overriding
 /// the one before: the defaults, the egress proxy, the template's `env`,
 /// the sandbox's `env`, the request's `env`.
