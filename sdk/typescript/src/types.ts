@@ -166,6 +166,17 @@ export interface TemplateData {
   name: string;
   description: string;
   recipeHash: string;
+  /** Changes with any edit of the template file (a reload keeps live
+   * sandboxes on the version they started with). */
+  version: string;
+  /** What the rootfs starts from: `debian`, `oci` or `dir`. */
+  source: string;
+  /** Build layers in order: `pip`, `npm`, `files`, `run`. */
+  layers: string[];
+  /** Default cwd of commands and code contexts. */
+  workdir: string;
+  /** Names of the variables the template's `env` sets. */
+  envKeys: string[];
   built: boolean;
   /** `oci`, `gvisor` or `microvm`. */
   runtime: string;
@@ -197,6 +208,8 @@ export interface TemplatePlugin {
   /** `null` when the component cannot be read (see `error`). */
   wasiImports: string[] | null;
   error: string | null;
+  /** `ok`, `missing` (build the plugin) or `invalid` (see `error`). */
+  status: "ok" | "missing" | "invalid";
 }
 
 export interface Page<T> {
