@@ -156,6 +156,93 @@ async fn an_oci_template_from_a_layout_runs_commands_without_the_whiteouted_file
     client.kill(&sandbox).await;
 }
 
+fn sh(script: &str, dir: &Path) {
+    let out = Command::new("sh")
+        .args(["-ec", script])
+        .current_dir(dir)
+        .output()
+        .expect("sh");
+    assert!(out.status.success(), "{script}: {}", text(&out));
+}
+
+#[test]
+fn a_layout_made_by_umoci_unpacks_with_its_whiteout_and_its_tag_selects_it() {
+    let work = searchable_tempdir();
+    // Two layers: the first with /etc/gone, the second deleting it
+    // (umoci writes the whiteout).
+    sh(
+        "umoci init --layout img
+         umoci new --image img:v1
+         umoci unpack --rootless --image img:v1 bundle
+         mkdir -p bundle/rootfs/bin bundle/rootfs/etc
+         cp /bin/busybox bundle/rootfs/bin/ && ln -s busybox bundle/rootfs/bin/sh
+         echo gone > bundle/rootfs/etc/gone && echo kept > bundle/rootfs/etc/kept
+         umoci repack --image img:v1 bundle && rm -rf bundle
+         umoci unpack --rootless --image img:v1 bundle
+         rm bundle/rootfs/etc/gone
+         umoci repack --image img:v1 bundle && rm -rf bundle",
+        work.path(),
+    );
+    let templates = work.path().join("templates");
+    std::fs::create_dir(&templates).expect("templates");
+    std::fs::write(
+        templates.join("umoci-probe.toml"),
+        "name = \"umoci-probe\"\n[rootfs]\nsource = \"oci\"\nimage = \"../img\"\nimageRef = \"img:v1\"\n",
+    )
+    .expect("template");
+    let cache = work.path().join("cache");
+    let out = cli(
+        &templates,
+        &cache,
+        &["template", "build", "umoci-probe"],
+        &[],
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let rootfs = std::fs::read_dir(cache.join("rootfs"))
+        .expect("rootfs")
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            p.is_dir()
+                && !p
+                    .file_name()
+                    .is_some_and(|n| n.to_string_lossy().starts_with('.'))
+        })
+        .expect("built rootfs");
+    assert_eq!(
+        std::fs::read_to_string(rootfs.join("etc/kept")).expect("kept"),
+        "kept\n"
+    );
+    assert!(
+        !rootfs.join("etc/gone").exists(),
+        "the whiteout was not applied"
+    );
+    assert!(rootfs.join("etc/passwd").is_file() && rootfs.join("workspace").is_dir());
+
+    std::fs::write(
+        templates.join("umoci-probe.toml"),
+        "name = \"umoci-probe\"\n[rootfs]\nsource = \"oci\"\nimage = \"../img\"\nimageRef = \"v2\"\n",
+    )
+    .expect("template");
+    let out = cli(
+        &templates,
+        &cache,
+        &[
+            "template",
+            "check",
+            templates.join("umoci-probe.toml").to_str().expect("utf8"),
+        ],
+        &[],
+    );
+    assert!(!out.status.success());
+    assert!(
+        text(&out).contains(":5:12: `rootfs.imageRef`")
+            && text(&out).contains("no manifest named `v2`"),
+        "{}",
+        text(&out)
+    );
+}
+
 /// A package index on 127.0.0.1 serving one wheel (pip's simple API) and
 /// one npm package (the registry's packument and tarball).
 struct LocalIndex {

@@ -356,9 +356,9 @@ impl RootfsCache {
         drop(entry_lock);
         if options.progress {
             eprintln!(
-                "{}: built in {:.0?}",
+                "{}: built in {:.1}s",
                 template.name,
-                Duration::from_secs(started.elapsed().as_secs())
+                started.elapsed().as_secs_f64()
             );
         }
         tracing::info!(

@@ -204,9 +204,13 @@ fn choose_manifest(dir: &Path, reference: Option<&str>) -> Result<Descriptor, Oc
             .manifests
             .iter()
             .position(|m| {
-                m.annotations
-                    .get(REF_NAME)
-                    .is_some_and(|r| r == name || r.ends_with(&format!(":{name}")))
+                m.annotations.get(REF_NAME).is_some_and(|r| {
+                    // `app:1.0` and a bare `1.0` (umoci's ref names) name
+                    // the same image, written either way round.
+                    r == name
+                        || r.ends_with(&format!(":{name}"))
+                        || name.ends_with(&format!(":{r}"))
+                })
             })
             .ok_or_else(|| {
                 OciError::Image(format!(
@@ -735,5 +739,65 @@ mod tests {
         .expect_err("corrupt")
         .to_string();
         assert!(err.contains("does not match"), "{err}");
+    }
+
+    fn tar_dir(dir: &Path, out: &Path) {
+        let file = std::fs::File::create(out).expect("archive");
+        let mut builder = tar::Builder::new(file);
+        builder.append_dir_all(".", dir).expect("append");
+        builder.finish().expect("finish");
+    }
+
+    #[test]
+    fn oci_and_docker_archives_unpack_like_a_layout() {
+        use super::testing::layer_tar;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let layers: [super::testing::Layer<'_>; 2] = [
+            &[
+                ("a", Entry::File(b"one", 0o644)),
+                ("b", Entry::File(b"b", 0o600)),
+            ],
+            &[(".wh.b", Entry::File(b"", 0o644)), ("c", Entry::Link("a"))],
+        ];
+        // oci-archive: a layout in a tar.
+        let layout = dir.path().join("layout");
+        write_layout(&layout, "app:1", &layers);
+        let oci_archive = dir.path().join("oci.tar");
+        tar_dir(&layout, &oci_archive);
+        // docker-archive: manifest.json naming layer tars.
+        let docker = dir.path().join("docker");
+        std::fs::create_dir_all(docker.join("l1")).expect("l1");
+        std::fs::create_dir_all(docker.join("l2")).expect("l2");
+        std::fs::write(docker.join("l1/layer.tar"), layer_tar(layers[0], false)).expect("l1");
+        std::fs::write(docker.join("l2/layer.tar"), layer_tar(layers[1], true)).expect("l2");
+        std::fs::write(
+            docker.join("manifest.json"),
+            r#"[{"Config":"c.json","RepoTags":["app:1"],"Layers":["l1/layer.tar","l2/layer.tar"]}]"#,
+        )
+        .expect("manifest");
+        let docker_archive = dir.path().join("docker.tar");
+        tar_dir(&docker, &docker_archive);
+
+        for (i, archive) in [oci_archive, docker_archive].iter().enumerate() {
+            let target = dir.path().join(format!("root{i}"));
+            std::fs::create_dir(&target).expect("root");
+            let source = ImageSource::of(archive);
+            assert!(matches!(source, ImageSource::Archive(_)));
+            unpack(
+                &source,
+                Some("app:1"),
+                &target,
+                &dir.path().join(format!("s{i}")),
+            )
+            .unwrap_or_else(|e| panic!("{}: {e}", archive.display()));
+            assert_eq!(std::fs::read(target.join("a")).expect("a"), b"one");
+            assert!(!target.join("b").exists());
+            assert_eq!(
+                std::fs::read_link(target.join("c")).expect("c"),
+                Path::new("a")
+            );
+            let digest = image_digest(&source, Some("app:1")).expect("digest");
+            assert!(digest.starts_with("archive:sha256:"), "{digest}");
+        }
     }
 }

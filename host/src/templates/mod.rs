@@ -1226,8 +1226,17 @@ fn stages_of(
         ),
         RootfsSource::Oci { image, reference } => {
             let source = crate::rootfs::oci::ImageSource::of(image);
-            let digest = crate::rootfs::oci::image_digest(&source, reference.as_deref())
-                .map_err(|e| cx.err("rootfs.image", format!("cannot read the image: {e}")))?;
+            let digest =
+                crate::rootfs::oci::image_digest(&source, reference.as_deref()).map_err(|e| {
+                    let message = e.to_string();
+                    // A reference the image does not have is the ref's fault.
+                    let field = if reference.is_some() && message.contains("no manifest named") {
+                        "rootfs.imageRef"
+                    } else {
+                        "rootfs.image"
+                    };
+                    cx.err(field, format!("cannot read the image: {message}"))
+                })?;
             format!("{head}source=oci\nimage={digest}\n{user_line}")
         }
         RootfsSource::Dir { path } => {
