@@ -313,6 +313,10 @@ enum TemplateCommand {
         /// Only say what would be removed.
         #[arg(long)]
         dry_run: bool,
+        /// Collect without the server's database (when there is none): the
+        /// trees live sandboxes run on are not known then.
+        #[arg(long)]
+        ignore_live_sandboxes: bool,
         #[command(flatten)]
         templates: TemplatesDir,
         #[command(flatten)]
@@ -964,14 +968,21 @@ fn template(command: TemplateCommand) -> Result<()> {
         }
         TemplateCommand::Gc {
             dry_run,
+            ignore_live_sandboxes,
             templates,
             data,
         } => {
             let set = TemplateSet::load(templates.templates_dir.as_deref())?;
             let mut in_use = std::collections::BTreeSet::new();
-            if data.data_dir.join("crownest.db").is_file() {
+            let db = data.data_dir.join("crownest.db");
+            if db.is_file() {
                 let store = open_store(&data.data_dir)?;
                 in_use.extend(store.blocking().live_template_hashes()?);
+            } else if !ignore_live_sandboxes {
+                bail!(
+                    "no database at {}: pass the server's --data-dir (or CROWNEST_DATA_DIR) so gc keeps what live sandboxes run on, or --ignore-live-sandboxes",
+                    db.display()
+                );
             }
             let keep: Vec<_> = set.iter().collect();
             let report = cache.gc(&keep, &in_use, dry_run)?;

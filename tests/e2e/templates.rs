@@ -612,6 +612,22 @@ async fn layers_install_from_a_local_index_copy_files_run_steps_and_set_env() {
         ],
         &[],
     );
+    assert!(
+        !gc.status.success(),
+        "gc without the server's database: {}",
+        text(&gc)
+    );
+    assert!(
+        text(&gc).contains("--ignore-live-sandboxes"),
+        "{}",
+        text(&gc)
+    );
+    let gc = cli(
+        &templates,
+        &cache,
+        &["template", "gc", "--ignore-live-sandboxes"],
+        &[],
+    );
     assert!(gc.status.success(), "{}", text(&gc));
     assert!(text(&gc).contains("freed"), "{}", text(&gc));
     let again = cli(&templates, &cache, &["template", "build", "layered"], &env);

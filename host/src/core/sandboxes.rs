@@ -344,16 +344,21 @@ impl Host {
         };
         let _building = gate.lock().await;
         if self.rootfs.is_built(template) {
-            return Ok(());
+            return self.check_built(template);
         }
         tracing::info!(template = %template.name, "building template rootfs (first use)");
-        self.rootfs
-            .build(template, false)
+        // In a task of its own: a create whose client goes away must not
+        // stop a build half-way (its steps would race the next attempt).
+        let (cache, owned) = (self.rootfs.clone(), template.clone());
+        let build = tokio::spawn(async move { cache.build(&owned, false).await });
+        let failed = |message: String| CoreError::TemplateBuild {
+            template: template.name.clone(),
+            message,
+        };
+        build
             .await
-            .map_err(|e| CoreError::TemplateBuild {
-                template: template.name.clone(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| failed(e.to_string()))?
+            .map_err(|e| failed(e.to_string()))?;
         self.check_built(template)
     }
 

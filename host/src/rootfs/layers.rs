@@ -169,6 +169,7 @@ pub fn prepare(template: &Template, root: &Path) -> Result<(), String> {
 pub async fn apply(
     template: &Template,
     layer: &Layer,
+    canonical: &str,
     root: &Path,
     bar: Option<&indicatif::ProgressBar>,
     log: &mut std::fs::File,
@@ -180,6 +181,18 @@ pub async fn apply(
                     bar.set_message(format!("{} -> {}", file.src.display(), file.dest));
                 }
                 let _ = writeln!(log, "copy {} -> {}", file.src.display(), file.dest);
+                // The source must still be what the recipe hash names.
+                let digest = crate::templates::tree_digest(&file.src)
+                    .map_err(|e| (String::from("copy"), format!("{}: {e}", file.src.display())))?;
+                if !canonical.contains(&format!(" {digest}\n")) {
+                    return Err((
+                        String::from("input changed"),
+                        format!(
+                            "{} changed after the template was loaded, so it is not what the recipe hash names; reload the templates (SIGHUP, or run the command again) and build again",
+                            file.src.display()
+                        ),
+                    ));
+                }
                 copy_in(root, file).map_err(|e| {
                     let _ = writeln!(log, "{e}");
                     (String::from("copy"), e)

@@ -287,6 +287,7 @@ impl RootfsCache {
                 layers::apply(
                     template,
                     &template.rootfs.layers[i - 1],
+                    &stages[i].canonical,
                     &tmp,
                     bar.as_ref(),
                     &mut log,
@@ -311,17 +312,25 @@ impl RootfsCache {
                     source: e,
                 },
             )?;
-            if options.force {
-                let old = out.with_file_name(format!(
-                    ".{}.old",
+            if options.force && out.is_dir() {
+                // Live sandboxes may run on the old tree: it is moved aside,
+                // not deleted (`template gc` removes it once none does).
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs());
+                let aside = out.with_file_name(format!(
+                    ".{}.replaced-{now}",
                     out.file_name()
                         .map(|n| n.to_string_lossy())
                         .unwrap_or_default()
                 ));
-                if out.is_dir() {
-                    remove_if_exists(&old).await?;
-                    let _ = std::fs::rename(&out, &old);
-                    remove_if_exists(&old).await?;
+                if let Err(e) = std::fs::rename(&out, &aside) {
+                    let _ = remove_if_exists(&tmp).await;
+                    return Err(RootfsError::Io {
+                        action: "cannot move the replaced stage aside to",
+                        path: aside,
+                        source: e,
+                    });
                 }
             }
             std::fs::rename(&tmp, &out).map_err(|e| RootfsError::Io {
@@ -387,6 +396,18 @@ impl RootfsCache {
         }
     }
 
+    fn changed(&self, template: &Template, step: &str, what: &str, log: &Path) -> RootfsError {
+        self.failed(
+            template,
+            step,
+            "input changed",
+            format!(
+                "{what} changed after the template was loaded, so it is not what the recipe hash names; reload the templates (SIGHUP, or run the command again) and build again"
+            ),
+            log,
+        )
+    }
+
     async fn build_source(
         &self,
         template: &Template,
@@ -408,6 +429,21 @@ impl RootfsCache {
             RootfsSource::Oci { image, reference } => {
                 if let Some(bar) = bar {
                     bar.set_message(format!("unpacking {}", image.display()));
+                }
+                // The image must still be the one the recipe hash names.
+                let source = oci::ImageSource::of(image);
+                let digest = oci::image_digest(&source, reference.as_deref())
+                    .map_err(|e| self.failed(template, step, "read", e.to_string(), log_path))?;
+                if !template.stages()[0]
+                    .canonical
+                    .contains(&format!("image={digest}\n"))
+                {
+                    return Err(self.changed(
+                        template,
+                        step,
+                        &image.display().to_string(),
+                        log_path,
+                    ));
                 }
                 let (image, reference, target_owned) =
                     (image.clone(), reference.clone(), target.to_owned());
@@ -436,6 +472,20 @@ impl RootfsCache {
                 copy_tree(path, target)
                     .await
                     .map_err(|e| self.failed(template, step, "copy", e.to_string(), log_path))?;
+                // What was copied must be the tree the recipe hash names.
+                let copied = crate::templates::tree_digest(target)
+                    .map_err(|e| self.failed(template, step, "read", e.to_string(), log_path))?;
+                if !template.stages()[0]
+                    .canonical
+                    .contains(&format!("tree={copied}\n"))
+                {
+                    return Err(self.changed(
+                        template,
+                        step,
+                        &path.display().to_string(),
+                        log_path,
+                    ));
+                }
                 layers::prepare(template, target)
                     .map_err(|e| self.failed(template, step, "prepare", e, log_path))
             }
@@ -475,13 +525,38 @@ impl RootfsCache {
             };
             for entry in entries.flatten() {
                 let name = entry.file_name().to_string_lossy().into_owned();
-                if name.starts_with('.') {
+                if name.ends_with(".lock") {
                     continue;
                 }
-                let Some(hash) = hash_of(&name) else {
+                // `.X.tmp`, `.X.unpack` (a build that died, or one running:
+                // its lock says which) and `.X.replaced-T` (moved aside by
+                // `--force`, kept while a live sandbox may run on it).
+                let (base, leftover) = match name.strip_prefix('.') {
+                    None => (name.as_str(), None),
+                    Some(hidden) => {
+                        let cut = [".tmp", ".unpack", ".replaced-"]
+                            .iter()
+                            .find_map(|suffix| hidden.find(suffix).map(|at| (at, *suffix)));
+                        match cut {
+                            Some((at, suffix)) => (&hidden[..at], Some(suffix)),
+                            None => continue,
+                        }
+                    }
+                };
+                let Some(hash) = hash_of(base) else {
                     continue;
                 };
-                if wanted.contains(&hash) {
+                let keep = match leftover {
+                    None => wanted.contains(&hash),
+                    Some(".replaced-") => in_use.contains(&hash),
+                    Some(_) => false,
+                };
+                if keep {
+                    continue;
+                }
+                // Skip what a build holds right now.
+                let held = try_lock(&dir.join(format!(".{base}.lock")));
+                if held.is_none() && dir.join(format!(".{base}.lock")).exists() {
                     continue;
                 }
                 let path = entry.path();
@@ -499,6 +574,7 @@ impl RootfsCache {
                         source: e,
                     })?;
                 }
+                drop(held);
             }
         }
         report.removed.sort();
@@ -567,6 +643,7 @@ async fn copy_tree(from: &Path, to: &Path) -> Result<(), RootfsError> {
         .arg(from.join("."))
         .arg(to)
         .stdin(Stdio::null())
+        .kill_on_drop(true)
         .output()
         .await
         .map_err(|e| RootfsError::Spawn {
@@ -698,6 +775,13 @@ fn spinner(name: &str, step: &str) -> indicatif::ProgressBar {
     bar.set_prefix(format!("{name} [{step}]"));
     bar.enable_steady_tick(Duration::from_millis(120));
     bar
+}
+
+/// The build lock at `path` if nobody holds it (`None` when it is held or
+/// cannot be opened).
+fn try_lock(path: &Path) -> Option<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new().write(true).open(path).ok()?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).ok()
 }
 
 /// Takes the exclusive build lock (blocking in a worker thread).
@@ -874,19 +958,77 @@ mod tests {
         std::fs::create_dir_all(dir.path().join("logs")).expect("logs");
         std::fs::write(dir.path().join(format!("logs/tiny-{stale}.log")), "log").expect("log");
         std::fs::write(dir.path().join(format!("rootfs/.tiny-{stale}.lock")), "").expect("lock");
+        // A dead build's temporary tree goes; one whose lock is held stays;
+        // a tree `--force` moved aside stays while a live sandbox uses it.
+        std::fs::create_dir_all(dir.path().join(format!("rootfs/.tiny-{stale}.tmp"))).expect("tmp");
+        let busy = "c".repeat(64);
+        std::fs::create_dir_all(dir.path().join(format!("stages/.{busy}.tmp"))).expect("busy tmp");
+        std::fs::write(dir.path().join(format!("stages/.{busy}.lock")), "").expect("busy lock");
+        let held = try_lock(&dir.path().join(format!("stages/.{busy}.lock"))).expect("hold");
+        std::fs::create_dir_all(dir.path().join(format!("rootfs/.other-{live}.replaced-1")))
+            .expect("aside");
         let in_use = BTreeSet::from([live.clone()]);
 
         let dry = cache.gc(&[&t], &in_use, true).expect("dry run");
-        assert_eq!(dry.removed.len(), 3, "{:?}", dry.removed);
+        assert_eq!(dry.removed.len(), 4, "{:?}", dry.removed);
         assert!(dir.path().join(format!("rootfs/tiny-{stale}")).is_dir());
 
         let report = cache.gc(&[&t], &in_use, false).expect("gc");
-        assert_eq!(report.removed.len(), 3);
+        assert_eq!(report.removed.len(), 4, "{:?}", report.removed);
+        assert!(
+            !dir.path()
+                .join(format!("rootfs/.tiny-{stale}.tmp"))
+                .exists()
+        );
+        assert!(dir.path().join(format!("stages/.{busy}.tmp")).exists());
+        assert!(
+            dir.path()
+                .join(format!("rootfs/.other-{live}.replaced-1"))
+                .exists()
+        );
+        drop(held);
         assert!(report.bytes >= 2 * 8192, "{}", report.bytes);
         assert!(dir.path().join(format!("rootfs/tiny-{keep}")).is_dir());
         assert!(dir.path().join(format!("rootfs/other-{live}")).is_dir());
         assert!(!dir.path().join(format!("rootfs/tiny-{stale}")).exists());
         assert!(!dir.path().join(format!("stages/{stale}")).exists());
         assert!(!dir.path().join(format!("logs/tiny-{stale}.log")).exists());
+    }
+
+    #[tokio::test]
+    async fn a_dir_source_that_changed_after_loading_fails_the_build_instead_of_caching_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let tree = dir.path().join("tree");
+        std::fs::create_dir_all(tree.join("etc")).expect("tree");
+        std::fs::write(tree.join("etc/motd"), "one").expect("motd");
+        let file = dir.path().join("t.toml");
+        std::fs::write(
+            &file,
+            "name = \"t\"\n[rootfs]\nsource = \"dir\"\npath = \"tree\"\n",
+        )
+        .expect("toml");
+        let template = crate::templates::TemplateSet::read_file(&file, None).expect("valid");
+        std::fs::write(tree.join("etc/motd"), "two").expect("edit");
+        let cache = RootfsCache::new(dir.path().join("cache"));
+        let err = cache
+            .build(&template, false)
+            .await
+            .expect_err("changed")
+            .to_string();
+        assert!(
+            err.contains("input changed") && err.contains("full log"),
+            "{err}"
+        );
+        assert!(!cache.is_built(&template));
+
+        // Loaded again, it builds, and a second build is a cache hit.
+        let template = crate::templates::TemplateSet::read_file(&file, None).expect("valid");
+        let built = cache.build(&template, false).await.expect("build");
+        assert_eq!(
+            std::fs::read_to_string(built.join("etc/motd")).expect("motd"),
+            "two"
+        );
+        assert!(built.join("etc/passwd").is_file() && built.join("workspace").is_dir());
+        assert_eq!(cache.build(&template, false).await.expect("cached"), built);
     }
 }

@@ -462,6 +462,13 @@ fn apply_layer(path: &Path, media_type: &str, root: &Path) -> Result<(), OciErro
             continue;
         }
         if let Some(hidden) = file_name.strip_prefix(".wh.") {
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(OciError::Image(format!(
+                    "layer {} has an invalid whiteout `{}`",
+                    path.display(),
+                    name.display()
+                )));
+            }
             let target = resolve_in(root, &parent_rel.join(hidden))?;
             remove_any(&target)?;
             continue;
@@ -513,7 +520,19 @@ fn apply_layer(path: &Path, media_type: &str, root: &Path) -> Result<(), OciErro
                     OciError::Image(format!("hard link {} points at the root", name.display()))
                 })?;
                 let source = resolve_in(root, &target)?;
+                // Only a regular file: a link to a symlink would let the
+                // chmod below follow it out of the tree.
+                let is_file = std::fs::symlink_metadata(&source).is_ok_and(|m| m.is_file());
+                if !is_file {
+                    return Err(OciError::Image(format!(
+                        "hard link {} does not point at a regular file of the image",
+                        name.display()
+                    )));
+                }
                 std::fs::hard_link(&source, &out).map_err(io(&out))?;
+                // It shares the source's inode, owner and mode.
+                added.insert(relative);
+                continue;
             } else {
                 // Devices and fifos: the sandbox gets its own /dev; skip.
                 continue;
@@ -799,5 +818,52 @@ mod tests {
             let digest = image_digest(&source, Some("app:1")).expect("digest");
             assert!(digest.starts_with("archive:sha256:"), "{digest}");
         }
+    }
+
+    #[test]
+    fn a_hard_link_to_a_symlink_or_a_dotdot_whiteout_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let outside = dir.path().join("host-file");
+        std::fs::write(&outside, "host").expect("host file");
+        std::fs::set_permissions(&outside, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        // A layer: evil -> <host file>, then a hard link to evil, mode 4755.
+        let mut builder = tar::Builder::new(Vec::new());
+        let mut link = tar::Header::new_gnu();
+        link.set_entry_type(tar::EntryType::Symlink);
+        link.set_size(0);
+        builder
+            .append_link(&mut link, "evil", &outside)
+            .expect("symlink");
+        let mut hard = tar::Header::new_gnu();
+        hard.set_entry_type(tar::EntryType::Link);
+        hard.set_size(0);
+        hard.set_mode(0o4755);
+        builder
+            .append_link(&mut hard, "h", "evil")
+            .expect("hard link");
+        let layer = dir.path().join("layer.tar");
+        std::fs::write(&layer, builder.into_inner().expect("tar")).expect("layer");
+        let root = dir.path().join("root");
+        std::fs::create_dir(&root).expect("root");
+        let err = apply_layer(&layer, "", &root)
+            .expect_err("refused")
+            .to_string();
+        assert!(err.contains("regular file"), "{err}");
+        let mode = std::fs::metadata(&outside)
+            .expect("meta")
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o600, "the host file's mode changed");
+
+        let whiteout = dir.path().join("wh.tar");
+        std::fs::write(
+            &whiteout,
+            super::testing::layer_tar(&[(".wh..", Entry::File(b"", 0o644))], false),
+        )
+        .expect("layer");
+        std::fs::write(root.join("keep"), "x").expect("keep");
+        assert!(apply_layer(&whiteout, "", &root).is_err());
+        assert!(root.join("keep").exists());
     }
 }

@@ -26,7 +26,7 @@ pub fn file(path: &Path) -> std::io::Result<String> {
 /// Hex sha256 over a file or directory tree: every entry's relative path,
 /// type, permission bits, owner, and its content or link target, in sorted
 /// order. Symlinks are not followed.
-pub(crate) fn tree(root: &Path) -> std::io::Result<String> {
+pub fn tree(root: &Path) -> std::io::Result<String> {
     let mut hasher = Sha256::new();
     walk(root, Path::new(""), &mut hasher)?;
     Ok(hex::encode(hasher.finalize()))

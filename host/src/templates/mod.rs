@@ -61,7 +61,7 @@ use std::sync::Arc;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
-pub use digest::file as file_digest;
+pub use digest::{file as file_digest, tree as tree_digest};
 use spans::Doc;
 
 use crate::runtime::{Accel, GvisorPlatform, Isolation, Resources, SandboxUser, Vmm};
@@ -1002,6 +1002,9 @@ fn parse_rootfs(
                 ));
             };
             let path = resolve_path(cx, "rootfs.path", path, base_dir)?;
+            // A symlinked path (`/srv/current`) is hashed and copied as
+            // the tree it points at.
+            let path = std::fs::canonicalize(&path).unwrap_or(path);
             if !path.is_dir() {
                 return Err(cx.err(
                     "rootfs.path",
