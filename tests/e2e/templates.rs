@@ -496,7 +496,7 @@ GREETING = "hello from the template"
 [rootfs]
 packages = ["python3", "python3-pip", "python3-ipython", "nodejs", "npm"]
 pip = ["crownest-probe==1.0"]
-npm = ["crownest-probe@1.0.0"]
+npm = ["--registry=http://127.0.0.1:PORT/", "crownest-probe@1.0.0"]
 files = [{ src = "motd.txt", dest = "/etc/crownest-motd", mode = "0640" }]
 run = ["cat /etc/crownest-motd > /etc/built-by-run"]
 
@@ -512,15 +512,17 @@ async fn layers_install_from_a_local_index_copy_files_run_steps_and_set_env() {
     let work = searchable_tempdir();
     let templates = work.path().join("templates");
     std::fs::create_dir(&templates).expect("templates");
-    std::fs::write(templates.join("layered.toml"), LAYERED).expect("template");
+    // pip finds the index through the host's PIP_INDEX_URL, npm through
+    // an option in the template.
+    std::fs::write(
+        templates.join("layered.toml"),
+        LAYERED.replace("PORT", &index.port.to_string()),
+    )
+    .expect("template");
     std::fs::write(templates.join("motd.txt"), "first motd\n").expect("motd");
     let cache = work.path().join("cache");
     let pip_index = format!("http://127.0.0.1:{}/simple/", index.port);
-    let registry = format!("http://127.0.0.1:{}/", index.port);
-    let env = [
-        ("PIP_INDEX_URL", pip_index.as_str()),
-        ("NPM_CONFIG_REGISTRY", registry.as_str()),
-    ];
+    let env = [("PIP_INDEX_URL", pip_index.as_str())];
 
     let first = cli(&templates, &cache, &["template", "build", "layered"], &env);
     assert!(first.status.success(), "{}", text(&first));

@@ -1044,7 +1044,7 @@ fn parse_rootfs(
                         return Err(cx.err(
                             &format!("rootfs.{key}[{i}]"),
                             format!(
-                                "`{}` is not a package requirement (a name with an optional version, no spaces, not starting with '-')",
+                                "`{}` is not one argument (a requirement such as \"requests==2.32.3\", or an option such as \"--index-url=URL\"; no spaces or control characters)",
                                 spec.escape_debug()
                             ),
                         ));
@@ -1406,13 +1406,14 @@ fn is_debian_package(s: &str) -> bool {
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "+-.".contains(c))
 }
 
-/// A pip or npm requirement (`requests==2.32.3`, `@types/node@20`): no
-/// whitespace or control characters, and no leading `-`, so it cannot be
-/// read as an option.
+/// One argument of `pip install` / `npm install -g`: a requirement
+/// (`requests==2.32.3`, `@types/node@20`) or an option written as one
+/// argument (`--index-url=http://…`, passed as written and hashed like the
+/// rest). No whitespace or control characters: each item is one argument.
 fn is_package_spec(s: &str) -> bool {
     !s.is_empty()
-        && s.len() <= 256
-        && !s.starts_with('-')
+        && s.len() <= 2048
+        && s != "-"
         && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
@@ -1890,9 +1891,9 @@ mod tests {
                 "under /workspace",
             ),
             (
-                "name = \"t\"\n[rootfs]\npip = [\"ok\", \"--index-url=http://x\"]\n",
+                "name = \"t\"\n[rootfs]\npip = [\"ok\", \"requests ==2\"]\n",
                 "t.toml:3:14: `rootfs.pip[1]`",
-                "not starting with '-'",
+                "no spaces or control characters",
             ),
             (
                 "name = \"t\"\n[env]\n\"BAD-NAME\" = \"x\"\n",
