@@ -530,6 +530,25 @@ impl Client {
     }
 }
 
+/// The chunks of a Code Run's `stdout` or `stderr`, joined.
+pub fn joined(chunks: &Value) -> String {
+    chunks
+        .as_array()
+        .expect("chunks")
+        .iter()
+        .map(|c| c.as_str().expect("chunk"))
+        .collect()
+}
+
+/// Runs code (`POST …/code/runs` with `body`) and asserts it answered 200.
+pub async fn code_run(client: &Client, sandbox: &str, body: Value) -> Value {
+    let (status, result) = client
+        .post(&format!("/v1/sandboxes/{sandbox}/code/runs"), body)
+        .await;
+    assert_eq!(status, 200, "{result}");
+    result
+}
+
 /// The host's kernel release (`uname -r`), to tell a sandbox's own kernel
 /// from it.
 pub fn host_kernel_release() -> String {

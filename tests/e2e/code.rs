@@ -1,26 +1,9 @@
 //! Code Contexts and Code Runs (seed 000): interpreter state, errors as
 //! results, streaming, limits, timeouts and interpreter deaths.
 
-use crownest_e2e::{SseParser, error_code, shared};
+use crownest_e2e::{SseParser, code_run as run, error_code, joined, shared};
 use futures::StreamExt;
 use serde_json::{Value, json};
-
-fn joined(chunks: &Value) -> String {
-    chunks
-        .as_array()
-        .expect("chunks")
-        .iter()
-        .map(|c| c.as_str().expect("chunk"))
-        .collect()
-}
-
-async fn run(client: &crownest_e2e::Client, sandbox: &str, body: Value) -> Value {
-    let (status, result) = client
-        .post(&format!("/v1/sandboxes/{sandbox}/code/runs"), body)
-        .await;
-    assert_eq!(status, 200, "{result}");
-    result
-}
 
 on_each_runtime! {
 async fn seed_000_context_keeps_state_and_the_default_context_is_reused(template) {

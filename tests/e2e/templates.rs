@@ -10,7 +10,7 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use crownest::rootfs::oci::testing::{Entry, write_layout};
-use crownest_e2e::{Server, crownest_bin, error_code, shared};
+use crownest_e2e::{Server, code_run, crownest_bin, error_code, joined, shared};
 use serde_json::{Value, json};
 use sha2::Digest;
 
@@ -533,21 +533,15 @@ async fn layers_install_from_a_local_index_copy_files_run_steps_and_set_env() {
     let server = server_for(&templates, &cache);
     let client = server.client(&server.key("org_layers", None, "all"));
     let sandbox = client.sandbox("layered").await;
-    let (status, run) = client
-        .post(
-            &format!("/v1/sandboxes/{sandbox}/code/runs"),
-            json!({"language": "python", "code": "import crownest_probe, os\nprint(crownest_probe.VALUE, os.environ['GREETING'], os.getcwd())"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{run}");
-    let printed: String = run["stdout"]
-        .as_array()
-        .expect("stdout")
-        .iter()
-        .map(|c| c.as_str().expect("chunk"))
-        .collect();
+    let run = code_run(
+        &client,
+        &sandbox,
+        json!({"language": "python", "code": "import crownest_probe, os\nprint(crownest_probe.VALUE, os.environ['GREETING'], os.getcwd())"}),
+    )
+    .await;
     assert_eq!(
-        printed, "from-the-local-index hello from the template /workspace\n",
+        joined(&run["stdout"]),
+        "from-the-local-index hello from the template /workspace\n",
         "{run}"
     );
     let out = stdout_of(
@@ -868,20 +862,13 @@ async fn a_sandbox_env_reaches_commands_and_code_but_never_the_store_or_the_api(
         .await;
     assert_eq!(status, 200, "{overridden}");
     assert_eq!(overridden["stdout"], "from-the-command\n");
-    let (status, run) = client
-        .post(
-            &format!("/v1/sandboxes/{sandbox}/code/runs"),
-            json!({"language": "python", "code": "import os, hashlib; print(hashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest())"}),
-        )
-        .await;
-    assert_eq!(status, 200, "{run}");
-    let printed: String = run["stdout"]
-        .as_array()
-        .expect("stdout")
-        .iter()
-        .map(|c| c.as_str().expect("chunk"))
-        .collect();
-    assert_eq!(printed, format!("{digest}\n"), "{run}");
+    let run = code_run(
+        &client,
+        &sandbox,
+        json!({"language": "python", "code": "import os, hashlib; print(hashlib.sha256(os.environ['API_TOKEN'].encode()).hexdigest())"}),
+    )
+    .await;
+    assert_eq!(joined(&run["stdout"]), format!("{digest}\n"), "{run}");
 
     let (_, got) = client.get(&format!("/v1/sandboxes/{sandbox}")).await;
     let (_, audit) = client.get("/v1/audit-events?limit=100").await;
