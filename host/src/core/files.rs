@@ -152,16 +152,16 @@ pub struct TransferTicket {
 /// A stream of file chunks.
 pub type ByteStream = futures::stream::BoxStream<'static, Result<Bytes, CoreError>>;
 
-impl Host {
-    /// The owner of what file operations create: the template's user.
-    fn file_owner(&self, sandbox: &crate::store::SandboxRow) -> Result<ExecUser, CoreError> {
-        let template = self.template_of(sandbox)?;
-        Ok(ExecUser {
-            uid: template.user.uid,
-            gid: template.user.gid,
-        })
+/// The owner of what file operations create in a sandbox: its template's
+/// user.
+fn file_owner(live: &super::LiveSandbox) -> ExecUser {
+    ExecUser {
+        uid: live.template.user.uid,
+        gid: live.template.user.gid,
     }
+}
 
+impl Host {
     /// Metadata of a file or directory (symlinks inside are followed).
     pub async fn stat_file(
         &self,
@@ -249,8 +249,8 @@ impl Host {
     {
         let path = normalize_path(path)?;
         require_target(&path)?;
-        let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let owner = self.file_owner(&sandbox)?;
+        let (_, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        let owner = file_owner(&live);
         write_stream(&live.agent, path, owner, body, max_bytes).await
     }
 
@@ -288,8 +288,8 @@ impl Host {
         parents: bool,
     ) -> Result<FileInfo, CoreError> {
         let path = normalize_path(path)?;
-        let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let owner = self.file_owner(&sandbox)?;
+        let (_, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        let owner = file_owner(&live);
         live.agent
             .file_mkdir(&path, parents, Some(owner))
             .await
@@ -341,8 +341,7 @@ impl Host {
             }) => {}
             Err(e) => return Err(file_error(&path)(e)),
         }
-        let template = self.template_of(&sandbox)?;
-        let disk = template.resources.disk_mib * 1024 * 1024;
+        let disk = live.template.resources.disk_mib * 1024 * 1024;
         let max_bytes = size_bytes.unwrap_or(disk);
         if max_bytes > disk {
             return Err(CoreError::File {
@@ -494,10 +493,10 @@ impl Host {
         S: Stream<Item = Result<Bytes, CoreError>> + Send,
     {
         let principal = transfer_principal(transfer);
-        let (sandbox, live) = self
+        let (_, live) = self
             .usable_sandbox(&principal, transfer_sandbox(transfer)?)
             .await?;
-        let owner = self.file_owner(&sandbox)?;
+        let owner = file_owner(&live);
         let max_bytes = transfer.max_bytes.unwrap_or(0).max(0) as u64;
         write_stream(&live.agent, transfer.path.clone(), owner, body, max_bytes).await
     }

@@ -187,10 +187,7 @@ pub async fn apply(
                 if !canonical.contains(&format!(" {digest}\n")) {
                     return Err((
                         String::from("input changed"),
-                        format!(
-                            "{} changed after the template was loaded, so it is not what the recipe hash names; reload the templates (SIGHUP, or run the command again) and build again",
-                            file.src.display()
-                        ),
+                        super::input_changed(&file.src),
                     ));
                 }
                 copy_in(root, file).map_err(|e| {

@@ -396,16 +396,8 @@ impl RootfsCache {
         }
     }
 
-    fn changed(&self, template: &Template, step: &str, what: &str, log: &Path) -> RootfsError {
-        self.failed(
-            template,
-            step,
-            "input changed",
-            format!(
-                "{what} changed after the template was loaded, so it is not what the recipe hash names; reload the templates (SIGHUP, or run the command again) and build again"
-            ),
-            log,
-        )
+    fn changed(&self, template: &Template, step: &str, what: &Path, log: &Path) -> RootfsError {
+        self.failed(template, step, "input changed", input_changed(what), log)
     }
 
     async fn build_source(
@@ -438,20 +430,13 @@ impl RootfsCache {
                     .canonical
                     .contains(&format!("image={digest}\n"))
                 {
-                    return Err(self.changed(
-                        template,
-                        step,
-                        &image.display().to_string(),
-                        log_path,
-                    ));
+                    return Err(self.changed(template, step, image, log_path));
                 }
-                let (image, reference, target_owned) =
-                    (image.clone(), reference.clone(), target.to_owned());
+                let (reference, target_owned) = (reference.clone(), target.to_owned());
                 let scratch = target.with_extension("unpack");
                 let scratch_owned = scratch.clone();
                 let result = tokio::task::spawn_blocking(move || {
                     std::fs::create_dir_all(&target_owned)?;
-                    let source = oci::ImageSource::of(&image);
                     oci::unpack(&source, reference.as_deref(), &target_owned, &scratch_owned)
                         .map_err(std::io::Error::other)
                 })
@@ -479,12 +464,7 @@ impl RootfsCache {
                     .canonical
                     .contains(&format!("tree={copied}\n"))
                 {
-                    return Err(self.changed(
-                        template,
-                        step,
-                        &path.display().to_string(),
-                        log_path,
-                    ));
+                    return Err(self.changed(template, step, path, log_path));
                 }
                 layers::prepare(template, target)
                     .map_err(|e| self.failed(template, step, "prepare", e, log_path))
@@ -593,6 +573,15 @@ impl RootfsCache {
 pub struct GcReport {
     pub removed: Vec<PathBuf>,
     pub bytes: u64,
+}
+
+/// Why a build input is refused: it is no longer what the recipe hash
+/// (computed when the templates were loaded) names.
+pub(crate) fn input_changed(what: &Path) -> String {
+    format!(
+        "{} changed after the template was loaded, so it is not what the recipe hash names; reload the templates (SIGHUP, or run the command again) and build again",
+        what.display()
+    )
 }
 
 /// Allocated bytes under `path` (hard links counted once).
