@@ -62,6 +62,9 @@ struct Context {
     setup: Setup,
     /// `None` after the interpreter died; the next run starts a fresh one.
     runner: Mutex<Option<Runner>>,
+    /// The interpreter's pid while it has one (0: none), readable while a
+    /// run holds `runner`, so that a restart can kill it mid-run.
+    pid: std::sync::atomic::AtomicI32,
 }
 
 #[derive(Clone)]
@@ -387,6 +390,7 @@ impl Contexts {
         let context = Arc::new(Context {
             language: request.language,
             setup,
+            pid: std::sync::atomic::AtomicI32::new(runner.pid),
             runner: Mutex::new(Some(runner)),
         });
         lock(&self.contexts).insert(request.context_id, context);
@@ -415,6 +419,44 @@ impl Contexts {
             fits
         });
         held
+    }
+
+    /// Replaces a context's interpreter with a fresh one (same setup, same
+    /// id): its variables and imports are gone. A run in progress ends
+    /// with the old interpreter's death.
+    pub async fn restart(self: &Arc<Self>, context_id: &str) -> ContextReply {
+        use std::sync::atomic::Ordering;
+        let context = lock(&self.contexts).get(context_id).cloned();
+        let Some(context) = context else {
+            return ContextReply::Failed {
+                message: format!("no context {context_id}"),
+            };
+        };
+        let pid = context.pid.swap(0, Ordering::SeqCst);
+        if pid > 0 {
+            // The runner leads its process group; a run waiting on it sees
+            // it die and gives `runner` back.
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let mut slot = context.runner.lock().await;
+        // Dropping the old runner kills what is left of its group.
+        *slot = None;
+        let (mut runner, warm) = match self.start(context.language, context.setup.user).await {
+            Ok(started) => started,
+            Err(message) => return ContextReply::Failed { message },
+        };
+        if let Err(message) = runner.setup(&context.setup).await {
+            return ContextReply::Failed { message };
+        }
+        let implementation = runner.implementation.clone();
+        context.pid.store(runner.pid, Ordering::SeqCst);
+        *slot = Some(runner);
+        drop(slot);
+        self.refill_spare(context.language, context.setup.user);
+        ContextReply::Ready {
+            implementation,
+            warm,
+        }
     }
 
     pub fn delete(&self, context_id: &str) -> ContextReply {
@@ -451,7 +493,12 @@ impl Contexts {
             restarted = true;
             match self.start(context.language, context.setup.user).await {
                 Ok((mut runner, _)) => match runner.setup(&context.setup).await {
-                    Ok(()) => *slot = Some(runner),
+                    Ok(()) => {
+                        context
+                            .pid
+                            .store(runner.pid, std::sync::atomic::Ordering::SeqCst);
+                        *slot = Some(runner);
+                    }
                     Err(message) => {
                         sink.send(&died(message, true, false)).await;
                         return;
@@ -469,6 +516,7 @@ impl Contexts {
         let end = drive_run(runner, &request, &mut sink).await;
         if end.interpreter_died.is_some() {
             *slot = None;
+            context.pid.store(0, std::sync::atomic::Ordering::SeqCst);
         }
         sink.send(&RunEvent::Finished(RunEnd { restarted, ..end }))
             .await;

@@ -51,14 +51,14 @@ pub struct FsError {
 }
 
 impl FsError {
-    fn new(kind: FileErrorKind, message: impl Into<String>) -> Self {
+    pub(crate) fn new(kind: FileErrorKind, message: impl Into<String>) -> Self {
         Self {
             kind,
             message: message.into(),
         }
     }
 
-    fn errno(errno: Errno, path: &str) -> Self {
+    pub(crate) fn errno(errno: Errno, path: &str) -> Self {
         let shown = if path.is_empty() { "." } else { path };
         let kind = match errno {
             Errno::ENOENT => FileErrorKind::NotFound,
@@ -82,7 +82,7 @@ impl FsError {
         Self { kind, message }
     }
 
-    fn io(error: &std::io::Error, path: &str) -> Self {
+    pub(crate) fn io(error: &std::io::Error, path: &str) -> Self {
         match error.raw_os_error() {
             Some(code) => Self::errno(Errno::from_raw(code), path),
             None => Self::new(FileErrorKind::Other, format!("`{path}`: {error}")),
@@ -176,7 +176,12 @@ impl Workspace {
 
     /// Opens `parts` beneath `root` (the root itself when empty), following
     /// symlinks only while they stay beneath it.
-    fn resolve(root: &OwnedFd, parts: &[&str], flags: OFlag, mode: Mode) -> FsResult<OwnedFd> {
+    pub(crate) fn resolve(
+        root: &OwnedFd,
+        parts: &[&str],
+        flags: OFlag,
+        mode: Mode,
+    ) -> FsResult<OwnedFd> {
         let joined = parts.join("/");
         let path = if joined.is_empty() { "." } else { &joined };
         let how = OpenHow::new()
@@ -732,7 +737,10 @@ where
         | Open::ExecList
         | Open::CodeContextList
         | Open::ArchiveExtract(_)
-        | Open::EgressListen => {}
+        | Open::EgressListen
+        | Open::CodeContextRestart { .. }
+        | Open::Stats
+        | Open::FileWatch { .. } => {}
     }
 }
 

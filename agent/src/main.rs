@@ -19,10 +19,12 @@ mod files;
 mod output;
 mod reaper;
 mod session;
+mod stats;
 mod transport;
 mod tree;
 mod tunnel;
 mod vm;
+mod watch;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -58,16 +60,27 @@ pub struct Shared {
     pub execs: execs::Execs,
     /// The egress proxy (listening once the host offers a first stream).
     pub egress: Arc<egress::Egress>,
+    /// Whether the agent is a microVM guest's init (then the guest's own
+    /// /proc figures are the sandbox's).
+    pub vm: bool,
+    /// Open file watches ([`watch::MAX_WATCHES`] at most).
+    pub watches: std::sync::atomic::AtomicUsize,
 }
 
 impl Shared {
     pub fn new() -> Arc<Self> {
+        Self::with_vm(false)
+    }
+
+    pub fn with_vm(vm: bool) -> Arc<Self> {
         Arc::new(Self {
             boot_id: rand::random(),
             running: AtomicU32::new(0),
             contexts: Arc::new(code::Contexts::default()),
             execs: execs::Execs::default(),
             egress: Arc::new(egress::Egress::default()),
+            vm,
+            watches: std::sync::atomic::AtomicUsize::new(0),
         })
     }
 }
@@ -116,7 +129,9 @@ fn main() -> std::process::ExitCode {
         println!("crownest-agent {}", env!("CARGO_PKG_VERSION"));
         return std::process::ExitCode::SUCCESS;
     }
-    let transport = match parse_args(&args) {
+    let parsed = parse_args(&args);
+    let in_vm = matches!(parsed, Ok(Transport::Vm(_)));
+    let transport = match parsed {
         Ok(Transport::Vm(config)) => match vm::init(&config) {
             Ok(port) => Transport::Serial(port),
             Err(e) => {
@@ -146,7 +161,7 @@ fn main() -> std::process::ExitCode {
                 eprintln!("crownest-agent: reaper: {e}");
             }
         });
-        let shared = Shared::new();
+        let shared = Shared::with_vm(in_vm);
         match transport {
             Transport::Unix(path) => serve_unix(&path, shared).await,
             Transport::Serial(path) => serve_serial(&path, shared).await,

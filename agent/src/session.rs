@@ -10,7 +10,7 @@ use crownest_proto::{Open, Pong};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio_util::compat::{FuturesAsyncReadCompatExt, TokioAsyncReadCompatExt};
 
-use crate::{Shared, archive, execs, files, tunnel};
+use crate::{Shared, archive, execs, files, stats, tunnel, watch};
 use crownest_proto::code::ContextReply;
 
 /// Serves logical streams until the session ends (clean close: `Ok`).
@@ -79,6 +79,27 @@ async fn handle_stream(stream: yamux::Stream, shared: Arc<Shared>) {
         Open::CodeContextList => {
             let reply = ContextReply::Contexts(shared.contexts.held());
             reply_once(&mut writer, &reply).await;
+        }
+        Open::CodeContextRestart { context_id } => {
+            let reply = shared.contexts.restart(&context_id).await;
+            reply_once(&mut writer, &reply).await;
+        }
+        Open::Stats => {
+            let stats = stats::collect(shared.vm).await;
+            if write_message(&mut writer, &stats).await.is_ok() {
+                let _ = writer.shutdown().await;
+            }
+        }
+        Open::FileWatch { path, recursive } => {
+            watch::serve(
+                &shared,
+                files::Workspace::default(),
+                &path,
+                recursive,
+                reader,
+                writer,
+            )
+            .await;
         }
         Open::CodeRun(request) => shared.contexts.run(request, writer).await,
         Open::TcpConnect { port } => tunnel::serve(port, reader, writer).await,

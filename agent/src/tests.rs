@@ -115,6 +115,8 @@ fn shared_with(execs: execs::Execs) -> Arc<Shared> {
         contexts: Arc::new(code::Contexts::default()),
         execs,
         egress: Arc::new(crate::egress::Egress::default()),
+        vm: false,
+        watches: Default::default(),
     })
 }
 

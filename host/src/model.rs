@@ -207,6 +207,8 @@ audit_actions! {
     WorkspaceRunCancel => "workspace_run.cancel", WorkspaceRun;
     SandboxNetwork => "sandbox.network", Sandbox;
     EgressDenied => "egress_denied", Sandbox;
+    SandboxTimeout => "sandbox.timeout", Sandbox;
+    CodeContextRestart => "code_context.restart", CodeContext;
 }
 
 impl Serialize for AuditAction {

@@ -174,6 +174,75 @@ pub enum Open {
     /// ([`EGRESS_HTTP_PORT`], [`EGRESS_SOCKS_PORT`]); a sandbox without
     /// network access never gets one, so it has no listener.
     EgressListen,
+    /// Kills a context's interpreter (a run in it ends as `interpreter
+    /// died`) and starts a fresh one with the same setup and id; answers one
+    /// [`code::ContextReply`] (`Ready`, or `Failed` for an unknown id).
+    CodeContextRestart { context_id: String },
+    /// The agent's view of the sandbox's resources: answered by one
+    /// [`Stats`].
+    Stats,
+    /// Watches a directory under /workspace (and, `recursive`, the ones
+    /// below it) with inotify: the agent answers [`WatchEvent::Ready`] once
+    /// the watches are in place (or one `Error`), then a `WatchEvent` per
+    /// change until the host closes the stream.
+    FileWatch { path: String, recursive: bool },
+}
+
+/// The agent's answer to [`Open::Stats`]. Figures a sandbox reports are
+/// untrusted: the host prefers what it measures itself (cgroups) and uses
+/// these only where it cannot see in (a VM guest, /workspace).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stats {
+    /// Bytes used and total of the filesystem at /workspace.
+    pub workspace_used_bytes: u64,
+    pub workspace_total_bytes: u64,
+    /// CPU time of every process the agent sees, ended ones included, in
+    /// microseconds.
+    pub cpu_usec: u64,
+    /// Memory in use: a VM guest's (total less available), else the sum of
+    /// its processes' resident sets.
+    pub memory_used_bytes: u64,
+    /// A VM guest's memory; 0 where the agent cannot know (a container).
+    pub memory_total_bytes: u64,
+    /// Tasks (threads) of every process it sees.
+    pub tasks: u64,
+}
+
+/// What changed under a watched directory.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum ChangeKind {
+    Create,
+    Modify,
+    Delete,
+    Rename,
+}
+
+/// Most directories one [`Open::FileWatch`] watches; deeper trees are
+/// watched in part (the agent says so with [`WatchEvent::Limited`]).
+pub const MAX_WATCHED_DIRS: usize = 4096;
+
+/// Agent to host, on an [`Open::FileWatch`] stream. Paths are relative to
+/// /workspace.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum WatchEvent {
+    Ready,
+    Change {
+        kind: ChangeKind,
+        path: String,
+        is_dir: bool,
+        /// Where a renamed entry was.
+        old_path: Option<String>,
+    },
+    /// The kernel's event queue overflowed: changes were lost.
+    Overflow,
+    /// [`MAX_WATCHED_DIRS`] directories are watched; ones beyond are not.
+    Limited {
+        max_dirs: u32,
+    },
+    Error {
+        kind: FileErrorKind,
+        message: String,
+    },
 }
 
 /// The agent's HTTP proxy port on the sandbox's loopback.

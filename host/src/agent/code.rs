@@ -119,6 +119,14 @@ impl AgentClient {
         .await
     }
 
+    /// Replaces a context's interpreter with a fresh one.
+    pub async fn context_restart(&self, context_id: &str) -> Result<ContextReply, AgentError> {
+        self.context_call(&Open::CodeContextRestart {
+            context_id: context_id.to_string(),
+        })
+        .await
+    }
+
     /// Ids of the contexts whose interpreter is alive.
     pub async fn context_list(&self) -> Result<Vec<String>, AgentError> {
         match self.context_call(&Open::CodeContextList).await? {

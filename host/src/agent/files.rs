@@ -11,7 +11,7 @@ use std::sync::Arc;
 use crownest_proto::frame::write_message;
 use crownest_proto::{
     ArchiveExtract, ArchiveReply, FileInfo, FileInput, FileReply, FileWriteRequest, MAX_CHUNK_LEN,
-    Open,
+    Open, WatchEvent,
 };
 
 use super::{AgentClient, AgentError, FrameReader, Inner, StreamReader, StreamWriter};
@@ -136,6 +136,45 @@ async fn next_reply(
     crownest_proto::decode(&payload).map_err(AgentError::from_read)
 }
 
+/// A directory being watched (`Open::FileWatch`): changes until it is
+/// dropped (which closes the stream and ends the agent's watch).
+pub struct FileWatch {
+    reader: StreamReader,
+    frames: FrameReader,
+    _client: Arc<Inner>,
+    _writer: StreamWriter,
+}
+
+impl FileWatch {
+    /// The next event; `None` once the agent ended the watch (its
+    /// directory is gone) or the stream broke. A change whose path is not
+    /// a clean relative path ends the watch as a protocol error.
+    pub async fn next(&mut self) -> Option<Result<WatchEvent, AgentError>> {
+        let payload = match self.frames.next(&mut self.reader).await {
+            Ok(Some(payload)) => payload,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(e)),
+        };
+        let event: WatchEvent = match crownest_proto::decode(&payload) {
+            Ok(event) => event,
+            Err(e) => return Some(Err(AgentError::from_read(e))),
+        };
+        if let WatchEvent::Change { path, old_path, .. } = &event
+            && !std::iter::once(path).chain(old_path).all(|p| valid_path(p))
+        {
+            return Some(Err(AgentError::Protocol(
+                "the agent sent a change with an unclean path".into(),
+            )));
+        }
+        Some(Ok(event))
+    }
+}
+
+/// Checks a path from a watch: relative, non-empty components, no `.` or `..`.
+fn valid_path(path: &str) -> bool {
+    !path.is_empty() && path.split('/').all(valid_name)
+}
+
 /// Checks a name from a listing: one path component.
 fn valid_name(name: &str) -> bool {
     !name.is_empty() && name != "." && name != ".." && !name.contains('/') && !name.contains('\0')
@@ -229,6 +268,33 @@ impl AgentClient {
                 _writer: writer,
             },
         ))
+    }
+
+    /// Starts watching a directory: answers once the agent's watches are in
+    /// place (or with its error, e.g. not a directory).
+    pub async fn file_watch(&self, path: &str, recursive: bool) -> Result<FileWatch, AgentError> {
+        let open = Open::FileWatch {
+            path: path.to_string(),
+            recursive,
+        };
+        let (reader, writer) = self.open(&open).await?;
+        let mut watch = FileWatch {
+            reader,
+            frames: FrameReader::default(),
+            _client: self.inner.clone(),
+            _writer: writer,
+        };
+        match watch.next().await {
+            Some(Ok(WatchEvent::Ready)) => Ok(watch),
+            Some(Ok(WatchEvent::Error { kind, message })) => {
+                Err(AgentError::File { kind, message })
+            }
+            Some(Ok(other)) => Err(AgentError::Protocol(format!(
+                "unexpected first watch event: {other:?}"
+            ))),
+            Some(Err(e)) => Err(e),
+            None => Err(AgentError::Closed),
+        }
     }
 
     /// Starts writing a file (committed by [`FileWriter::finish`]).

@@ -38,7 +38,7 @@ mod tunnel;
 
 pub use code::{MAX_RUN_BYTES, RunOutput, RunSession};
 pub use egress::{EgressOffer, EgressStream};
-pub use files::{FileReader, FileWriter};
+pub use files::{FileReader, FileWatch, FileWriter};
 pub use tunnel::Tunnel;
 
 /// Failures talking to an agent.
@@ -310,6 +310,14 @@ impl AgentClient {
         let payload = frames.next(&mut reader).await?.ok_or(AgentError::Closed)?;
         let list: ExecList = crownest_proto::decode(&payload).map_err(AgentError::from_read)?;
         Ok(list.execs)
+    }
+
+    /// The agent's view of the sandbox's resources (untrusted figures).
+    pub async fn stats(&self) -> Result<crownest_proto::Stats, AgentError> {
+        let (mut reader, _writer) = self.open(&Open::Stats).await?;
+        let mut frames = FrameReader::default();
+        let payload = frames.next(&mut reader).await?.ok_or(AgentError::Closed)?;
+        crownest_proto::decode(&payload).map_err(AgentError::from_read)
     }
 
     /// Opens a logical stream and writes its `Open` frame.

@@ -86,7 +86,10 @@ fn render(row: AuditRow) -> AuditEventView {
     }
 }
 
-fn time_param(field: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
+pub(super) fn time_param(
+    field: &'static str,
+    value: Option<&str>,
+) -> Result<Option<i64>, ApiError> {
     value
         .map(|v| {
             parse_rfc3339(v).ok_or_else(|| {

@@ -40,6 +40,11 @@ pub fn routes() -> OpenApiRouter<AppState> {
             routes!(delete_context),
         ))
         .routes(mutation(
+            AuditAction::CodeContextRestart,
+            Some("code:run"),
+            routes!(restart_context),
+        ))
+        .routes(mutation(
             AuditAction::CodeRun,
             Some("code:run"),
             routes!(run_code),
@@ -173,6 +178,28 @@ async fn delete_context(
         state
             .host
             .delete_context(principal, &id, &context_id)
+            .await?,
+    )))
+}
+
+/// Restarts a Code Context's interpreter: same id, cwd and environment,
+/// but a fresh process (variables and imports are gone). A run in it ends
+/// with `interpreterDied`. Scope `code:run`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/code/contexts/{context_id}/restart", tag = "code",
+    params(("id" = String, Path, description = "sandbox id"), ("context_id" = String, Path, description = "context id")),
+    responses((status = 200, body = ContextView), (status = 404, body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope),
+        (status = 503, description = "code_context_failed: the interpreter did not start", body = ErrorEnvelope)))]
+async fn restart_context(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath((id, context_id)): ApiPath<(String, String)>,
+) -> Result<ApiJson<ContextView>, ApiError> {
+    let principal = caller.require("code:run")?;
+    Ok(ApiJson(render(
+        state
+            .host
+            .restart_context(principal, &id, &context_id)
             .await?,
     )))
 }

@@ -75,6 +75,13 @@ impl ApiError {
             .with_details(json!({ "field": field }))
     }
 
+    /// A query string this route cannot take (an unknown or repeated
+    /// parameter), as serde's rejections of typed queries are.
+    pub fn invalid_query(parameter: &str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_query", message)
+            .with_details(json!({ "parameter": parameter }))
+    }
+
     pub fn internal() -> Self {
         Self::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -188,6 +195,12 @@ impl From<CoreError> for ApiError {
                 format!("this org has {max} log streams open, as many as it may; close some and retry"),
             )
             .with_details(json!({ "max": max })),
+            E::TooManyWatches { sandbox_id, max } => Self::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_watches",
+                format!("sandbox `{sandbox_id}` has {max} file watches open, as many as it may; close one and retry"),
+            )
+            .with_details(json!({ "sandboxId": sandbox_id, "max": max })),
             E::SandboxBusy {
                 sandbox_id,
                 what,

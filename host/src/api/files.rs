@@ -48,6 +48,8 @@ pub fn routes() -> OpenApiRouter<AppState> {
         ))
         .routes(routes!(list_files))
         .routes(routes!(stat_file))
+        .routes(routes!(file_exists))
+        .routes(routes!(watch_files))
         .routes(mutation(
             AuditAction::FileMove,
             Some("files:write"),
@@ -376,6 +378,173 @@ async fn stat_file(
     let path = shown(&query.path)?;
     let info = state.host.stat_file(principal, &id, &query.path).await?;
     Ok(ApiJson(render(path, info)))
+}
+
+/// Whether a path exists.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ExistsView {
+    pub exists: bool,
+}
+
+/// Whether a file or directory exists (symlinks inside /workspace are
+/// followed). Scope `files:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/exists", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), PathQuery),
+    responses((status = 200, body = ExistsView),
+        (status = 400, description = "path_outside_workspace, invalid_path", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope), (status = 410, body = ErrorEnvelope)))]
+async fn file_exists(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<PathQuery>,
+) -> Result<ApiJson<ExistsView>, ApiError> {
+    let principal = caller.require("files:read")?;
+    shown(&query.path)?;
+    let exists = state.host.file_exists(principal, &id, &query.path).await?;
+    Ok(ApiJson(ExistsView { exists }))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct WatchQuery {
+    /// The directory to watch, relative to /workspace or absolute under it
+    /// (default: /workspace).
+    pub path: Option<String>,
+    /// Watch the directories below it too (default true).
+    pub recursive: Option<bool>,
+}
+
+/// The data of a watch's `ready` event.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct WatchReady {
+    /// The watched directory.
+    pub path: String,
+}
+
+/// The data of a watch's `change` event.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct WatchChange {
+    /// `create`, `modify`, `delete` or `rename`.
+    #[serde(rename = "type")]
+    #[schema(value_type = String)]
+    pub kind: &'static str,
+    /// The entry's path (after a rename: where it is now).
+    pub path: String,
+    pub is_dir: bool,
+    /// Where a renamed entry was; absent otherwise.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub old_path: Option<String>,
+}
+
+/// Changes under a directory of /workspace, as they happen, from inotify
+/// in the sandbox: an SSE stream of `ready` (the watch is in place: changes
+/// from now on are reported), then `change` events
+/// (`{"type","path","isDir","oldPath"}`), `overflow` when the kernel's
+/// bounded queue lost changes (list again to resync), `limited` when a
+/// recursive watch reached its 4096 directories, and `end` when the
+/// watch does (`{"reason"}`: `sandbox_destroyed` or `directory_removed`).
+/// At most 8 watches per sandbox (`429 too_many_watches`).
+/// Scope `files:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/files/watch", tag = "files",
+    params(("id" = String, Path, description = "sandbox id"), WatchQuery),
+    responses((status = 200, content_type = "text/event-stream", description = "SSE stream"),
+        (status = 400, description = "path_outside_workspace, not_a_directory", body = ErrorEnvelope),
+        (status = 404, description = "file_not_found", body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope),
+        (status = 429, description = "too_many_watches, too_many_streams", body = ErrorEnvelope)))]
+async fn watch_files(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<WatchQuery>,
+) -> Result<Response, ApiError> {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use crownest_proto::{ChangeKind, WatchEvent};
+    let principal = caller.require("files:read")?;
+    let path = query.path.unwrap_or_default();
+    shown(&path)?;
+    let watch = state
+        .host
+        .watch_files(principal, &id, &path, query.recursive.unwrap_or(true))
+        .await?;
+    let ready = Event::default()
+        .event("ready")
+        .json_data(WatchReady {
+            path: watch.path.clone(),
+        })
+        .unwrap_or_default();
+    let events = super::task_stream(move |tx| async move {
+        // The whole watch, not just the fields used below: its places are
+        // held for as long as the stream runs.
+        let mut watch = watch;
+        if tx.send(ready).await.is_err() {
+            return;
+        }
+        loop {
+            let next = tokio::select! {
+                _ = tx.closed() => return,
+                _ = watch.stopping.cancelled() => None,
+                next = watch.events.next() => Some(next),
+            };
+            let event = match next {
+                // The sandbox is going away, or its agent ended the watch
+                // (the directory is gone).
+                None | Some(None) => {
+                        let reason = if watch.stopping.is_cancelled() {
+                        "sandbox_destroyed"
+                    } else {
+                        "directory_removed"
+                    };
+                    let end = Event::default()
+                        .event("end")
+                        .json_data(serde_json::json!({ "reason": reason }))
+                        .unwrap_or_default();
+                    let _ = tx.send(end).await;
+                    return;
+                }
+                Some(Some(Err(e))) => {
+                    tracing::warn!(error = %e, "a file watch failed");
+                    let _ = tx.send(ApiError::from(CoreError::Agent(e)).sse_event()).await;
+                    return;
+                }
+                Some(Some(Ok(WatchEvent::Change { kind, path, is_dir, old_path }))) => Event::default()
+                    .event("change")
+                    .json_data(WatchChange {
+                        kind: match kind {
+                            ChangeKind::Create => "create",
+                            ChangeKind::Modify => "modify",
+                            ChangeKind::Delete => "delete",
+                            ChangeKind::Rename => "rename",
+                        },
+                        path: display_path(&path),
+                        is_dir,
+                        old_path: old_path.as_deref().map(display_path),
+                    })
+                    .unwrap_or_default(),
+                Some(Some(Ok(WatchEvent::Overflow))) => Event::default()
+                    .event("overflow")
+                    .json_data(serde_json::json!({
+                        "message": "the sandbox's change queue overflowed: changes were lost; list the directory again to resync"
+                    }))
+                    .unwrap_or_default(),
+                Some(Some(Ok(WatchEvent::Limited { max_dirs }))) => Event::default()
+                    .event("limited")
+                    .json_data(serde_json::json!({ "maxDirs": max_dirs }))
+                    .unwrap_or_default(),
+                // Only first, and handled by the core.
+                Some(Some(Ok(WatchEvent::Ready | WatchEvent::Error { .. }))) => continue,
+            };
+            if tx.send(event).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(super::SSE_KEEPALIVE))
+        .into_response())
 }
 
 /// Moves (renames) a file or directory within /workspace. Scope

@@ -558,6 +558,20 @@ pub(crate) fn last_event_id(headers: &axum::http::HeaderMap) -> Result<Option<i6
         })
 }
 
+/// The events a task sends, as a stream that ends when the task does (and
+/// that stops the task, by closing its channel, when the client goes).
+pub(crate) fn task_stream<F, Fut>(
+    task: F,
+) -> impl futures::Stream<Item = Result<axum::response::sse::Event, std::convert::Infallible>>
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<axum::response::sse::Event>) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(16);
+    tokio::spawn(task(tx));
+    futures::StreamExt::map(tokio_stream::wrappers::ReceiverStream::new(rx), Ok)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

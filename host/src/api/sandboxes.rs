@@ -1,8 +1,8 @@
-//! `/v1/sandboxes`: create, list, get, kill.
+//! `/v1/sandboxes`: create, list (filtered), get, kill, timeout, network.
 
-use axum::extract::State;
+use axum::extract::{RawQuery, State};
 use serde::{Deserialize, Serialize};
-use utoipa::ToSchema;
+use utoipa::{IntoParams, ToSchema};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
@@ -11,9 +11,9 @@ use super::ledger::mutation;
 use super::pagination::{Page, PageQuery};
 use super::{ApiError, ApiJson, ApiPath, ApiQuery, AppState, Audited, Caller};
 use crate::clock::rfc3339;
-use crate::core::CreateSandbox;
+use crate::core::{CreateSandbox, MAX_METADATA_FILTERS};
 use crate::model::{AuditAction, EndReason, SandboxStatus};
-use crate::store::{Cursor, SandboxRow};
+use crate::store::{Cursor, SandboxFilter, SandboxRow};
 
 pub fn routes() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -24,10 +24,16 @@ pub fn routes() -> OpenApiRouter<AppState> {
             routes!(create_sandbox),
         ))
         .routes(routes!(get_sandbox))
+        .routes(routes!(sandbox_metrics))
         .routes(mutation(
             AuditAction::SandboxKill,
             Some("sandboxes:kill"),
             routes!(kill_sandbox),
+        ))
+        .routes(mutation(
+            AuditAction::SandboxTimeout,
+            Some("sandboxes:create"),
+            routes!(set_timeout),
         ))
         .routes(mutation(
             AuditAction::SandboxNetwork,
@@ -214,20 +220,140 @@ async fn create_sandbox(
     Ok(Audited::created(row.id.clone(), render_live(&state, row)))
 }
 
-/// Lists the caller's sandboxes, newest first, destroyed ones included.
-/// Scope `sandboxes:read`.
-#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(PageQuery),
-    responses((status = 200, body = Page<SandboxView>)))]
+/// The filters of `GET /v1/sandboxes`, besides the page (documentation:
+/// the query is parsed by [`SandboxListQuery::parse`], for the
+/// `metadata[KEY]` keys).
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(rename_all = "camelCase")]
+#[into_params(parameter_in = Query)]
+#[allow(dead_code)]
+pub struct SandboxListQuery {
+    /// Only sandboxes in this status: `starting`, `running` or `destroyed`.
+    #[param(value_type = Option<SandboxStatus>)]
+    status: Option<String>,
+    /// Only sandboxes of this template.
+    template: Option<String>,
+    /// `metadata[KEY]=VALUE`, repeatable (at most 16): only sandboxes whose
+    /// metadata has KEY with this value (a string, or the JSON text of a
+    /// number, boolean or null).
+    #[param(style = DeepObject, explode, value_type = Option<std::collections::BTreeMap<String, String>>)]
+    metadata: Option<std::collections::BTreeMap<String, String>>,
+    /// Only sandboxes created after this RFC 3339 time (exclusive).
+    created_after: Option<String>,
+    /// Only sandboxes created before this RFC 3339 time (exclusive).
+    created_before: Option<String>,
+    /// Page size, 1..=200 (default 50).
+    #[param(minimum = 1, maximum = 200)]
+    limit: Option<usize>,
+    /// `nextCursor` of the previous page (with the same filters).
+    cursor: Option<String>,
+}
+
+impl SandboxListQuery {
+    /// The filter and the page of a raw query string.
+    fn parse(raw: Option<&str>) -> Result<(SandboxFilter, PageQuery), ApiError> {
+        let mut filter = SandboxFilter::default();
+        let mut page = PageQuery {
+            limit: None,
+            cursor: None,
+        };
+        let mut seen = std::collections::BTreeSet::new();
+        for (key, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
+            if let Some(name) = key
+                .strip_prefix("metadata[")
+                .and_then(|rest| rest.strip_suffix(']'))
+            {
+                if name.is_empty() {
+                    return Err(ApiError::invalid(
+                        "metadata",
+                        "a metadata filter is `metadata[KEY]=VALUE` with a non-empty KEY",
+                    ));
+                }
+                if filter.metadata.len() == MAX_METADATA_FILTERS {
+                    return Err(ApiError::invalid(
+                        "metadata",
+                        format!("at most {MAX_METADATA_FILTERS} metadata filters"),
+                    ));
+                }
+                filter.metadata.push((name.to_string(), value.into_owned()));
+                continue;
+            }
+            if !seen.insert(key.to_string()) {
+                return Err(ApiError::invalid_query(
+                    &key,
+                    format!("`{}` is given more than once", key.escape_debug()),
+                ));
+            }
+            match key.as_ref() {
+                "status" => {
+                    filter.status = Some(match value.as_ref() {
+                        "starting" => SandboxStatus::Starting,
+                        "running" => SandboxStatus::Running,
+                        "destroyed" => SandboxStatus::Destroyed,
+                        other => {
+                            return Err(ApiError::invalid(
+                                "status",
+                                format!(
+                                    "`{}` is not a sandbox status; use starting, running or destroyed",
+                                    other.escape_debug()
+                                ),
+                            ));
+                        }
+                    });
+                }
+                "template" => filter.template = Some(value.into_owned()),
+                "createdAfter" => {
+                    filter.created_after = super::audit::time_param("createdAfter", Some(&value))?;
+                }
+                "createdBefore" => {
+                    filter.created_before =
+                        super::audit::time_param("createdBefore", Some(&value))?;
+                }
+                "limit" => {
+                    page.limit = Some(value.parse().map_err(|_| {
+                        ApiError::invalid(
+                            "limit",
+                            format!(
+                                "limit must be a whole number, got `{}`",
+                                value.escape_debug()
+                            ),
+                        )
+                    })?);
+                }
+                "cursor" => page.cursor = Some(value.into_owned()),
+                other => {
+                    return Err(ApiError::invalid_query(
+                        other,
+                        format!(
+                            "unknown query parameter `{}`; allowed: status, template, metadata[KEY], \
+                             createdAfter, createdBefore, limit, cursor",
+                            other.escape_debug()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok((filter, page))
+    }
+}
+
+/// Lists the caller's sandboxes, newest first, destroyed ones included,
+/// optionally filtered (`?status=running&metadata[job]=demo`). Scope
+/// `sandboxes:read`.
+#[utoipa::path(get, path = "/v1/sandboxes", tag = "sandboxes", params(SandboxListQuery),
+    responses((status = 200, body = Page<SandboxView>),
+        (status = 400, description = "invalid_request", body = ErrorEnvelope)))]
 async fn list_sandboxes(
     State(state): State<AppState>,
     caller: Caller,
-    ApiQuery(query): ApiQuery<PageQuery>,
+    RawQuery(raw): RawQuery,
 ) -> Result<ApiJson<Page<SandboxView>>, ApiError> {
     let principal = caller.require("sandboxes:read")?;
+    let (filter, query) = SandboxListQuery::parse(raw.as_deref())?;
     let limit = query.limit()?;
     let rows = state
         .host
-        .list_sandboxes(principal, query.cursor()?, limit + 1)
+        .list_sandboxes(principal, filter, query.cursor()?, limit + 1)
         .await?;
     Ok(ApiJson(Page::from_rows(
         rows,
@@ -238,6 +364,38 @@ async fn list_sandboxes(
         },
         render,
     )))
+}
+
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TimeoutBody {
+    /// The sandbox's new lifetime from now, in milliseconds (longer or
+    /// shorter than what is left), within the server's TTL bounds.
+    pub ttl_ms: i64,
+}
+
+/// Sets a live sandbox to expire `ttlMs` from now: extends or shortens
+/// its life (E2B's `set_timeout`, in milliseconds). Scope
+/// `sandboxes:create`.
+#[utoipa::path(post, path = "/v1/sandboxes/{id}/timeout", tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id")),
+    request_body = TimeoutBody,
+    responses((status = 200, body = SandboxView),
+        (status = 400, description = "invalid_request: ttlMs outside the server's bounds", body = ErrorEnvelope),
+        (status = 404, body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope)))]
+async fn set_timeout(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(body): ApiJson<TimeoutBody>,
+) -> Result<ApiJson<SandboxView>, ApiError> {
+    let principal = caller.require("sandboxes:create")?;
+    let row = state
+        .host
+        .set_sandbox_timeout(principal, &id, body.ttl_ms)
+        .await?;
+    Ok(ApiJson(render_live(&state, row)))
 }
 
 /// A sandbox, alive or its tombstone. Scope `sandboxes:read`.
@@ -302,4 +460,140 @@ async fn kill_sandbox(
     Ok(ApiJson(render(
         state.host.kill_sandbox(principal, &id).await?,
     )))
+}
+
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MetricsQuery {
+    /// `true`: an SSE stream of `metrics` events, one a second, ending
+    /// with `end` when the sandbox does.
+    #[serde(default)]
+    pub stream: bool,
+}
+
+/// A sandbox's resource use now.
+#[derive(Debug, Serialize, ToSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct SandboxMetricsView {
+    pub sandbox_id: String,
+    /// When it was measured (RFC 3339).
+    pub timestamp: String,
+    /// CPU time used since the sandbox started, in seconds.
+    pub cpu_usage_seconds: f64,
+    /// CPU use over the last interval (since the previous reading, or a
+    /// fresh 250 ms one); 100 is one CPU busy, at most `vcpus` × 100.
+    pub cpu_percent: f64,
+    pub vcpus: i64,
+    pub memory_used_bytes: u64,
+    pub memory_limit_bytes: u64,
+    /// Tasks (processes and threads) now, and the most it may have.
+    pub pids: u64,
+    pub pids_limit: u64,
+    /// /workspace's filesystem.
+    pub workspace_used_bytes: u64,
+    pub workspace_limit_bytes: u64,
+    /// Bytes through the egress proxy since the sandbox started.
+    pub network_bytes_in: u64,
+    pub network_bytes_out: u64,
+}
+
+fn render_metrics(m: crate::core::metrics::SandboxMetrics) -> SandboxMetricsView {
+    SandboxMetricsView {
+        sandbox_id: m.sandbox_id,
+        timestamp: rfc3339(m.at),
+        cpu_usage_seconds: m.cpu_usec as f64 / 1e6,
+        cpu_percent: m.cpu_percent,
+        vcpus: m.vcpus,
+        memory_used_bytes: m.memory_bytes,
+        memory_limit_bytes: m.memory_limit_bytes,
+        pids: m.tasks,
+        pids_limit: m.tasks_limit,
+        workspace_used_bytes: m.workspace_used_bytes,
+        workspace_limit_bytes: m.workspace_limit_bytes,
+        network_bytes_in: m.network_bytes_in,
+        network_bytes_out: m.network_bytes_out,
+    }
+}
+
+/// The data of a stream's last event, `end`.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct StreamEnd {
+    /// The sandbox's status: `destroyed`.
+    pub status: SandboxStatus,
+}
+
+/// Live resource use of a sandbox: CPU (seconds, and percent over the last
+/// interval), memory, tasks (from its cgroup, or a microVM guest's own
+/// accounting), /workspace, egress bytes. `?stream=true`: an SSE stream of
+/// `metrics` events every second, then `end` when the sandbox ends. Scope
+/// `sandboxes:read`.
+#[utoipa::path(get, path = "/v1/sandboxes/{id}/metrics", tag = "sandboxes",
+    params(("id" = String, Path, description = "sandbox id"), MetricsQuery),
+    responses((status = 200, body = SandboxMetricsView,
+            description = "the metrics; with `stream=true` a text/event-stream of `metrics` events"),
+        (status = 404, body = ErrorEnvelope),
+        (status = 410, description = "sandbox_destroyed", body = ErrorEnvelope)))]
+async fn sandbox_metrics(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(query): ApiQuery<MetricsQuery>,
+) -> Result<axum::response::Response, ApiError> {
+    use axum::response::IntoResponse;
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    let principal = caller.require("sandboxes:read")?.clone();
+    let first = state.host.sandbox_metrics(&principal, &id).await?;
+    if !query.stream {
+        return Ok(ApiJson(render_metrics(first)).into_response());
+    }
+    let place = state.host.log_stream_place(&principal.org_id)?;
+    let host = state.host.clone();
+    let events = super::task_stream(move |tx| async move {
+        let _held = place;
+        let event = |m| {
+            Event::default()
+                .event("metrics")
+                .json_data(render_metrics(m))
+                .unwrap_or_default()
+        };
+        if tx.send(event(first)).await.is_err() {
+            return;
+        }
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tx.closed() => return,
+                _ = tick.tick() => {}
+            }
+            let next = match host.sandbox_metrics(&principal, &id).await {
+                Ok(metrics) => event(metrics),
+                Err(
+                    crate::core::CoreError::SandboxDestroyed(_)
+                    | crate::core::CoreError::SandboxNotReady(_),
+                ) => {
+                    let end = Event::default()
+                        .event("end")
+                        .json_data(StreamEnd {
+                            status: SandboxStatus::Destroyed,
+                        })
+                        .unwrap_or_default();
+                    let _ = tx.send(end).await;
+                    return;
+                }
+                Err(e) => {
+                    let _ = tx.send(ApiError::from(e).sse_event()).await;
+                    return;
+                }
+            };
+            if tx.send(next).await.is_err() {
+                return;
+            }
+        }
+    });
+    Ok(Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(super::SSE_KEEPALIVE))
+        .into_response())
 }

@@ -56,6 +56,7 @@ impl RateLimiter {
 /// A counted place (a log stream of an org); given back when dropped.
 pub struct StreamPlace {
     counts: Arc<Mutex<HashMap<String, usize>>>,
+    /// The org (log streams) or sandbox (file watches) it counts against.
     org_id: String,
 }
 
@@ -85,6 +86,24 @@ impl Host {
             .map_err(|wait| CoreError::RateLimited {
                 retry_after_ms: wait.as_millis().max(1) as u64,
             })
+    }
+
+    /// Takes one of a sandbox's places for a file watch.
+    pub fn watch_place(&self, sandbox_id: &str) -> Result<StreamPlace, CoreError> {
+        let max = super::files::MAX_WATCHES_PER_SANDBOX;
+        let mut counts = lock(&self.watches);
+        let n = counts.entry(sandbox_id.to_string()).or_default();
+        if *n >= max {
+            return Err(CoreError::TooManyWatches {
+                sandbox_id: sandbox_id.to_string(),
+                max,
+            });
+        }
+        *n += 1;
+        Ok(StreamPlace {
+            counts: self.watches.clone(),
+            org_id: sandbox_id.to_string(),
+        })
     }
 
     /// Takes one of the org's places for a long-lived log stream.

@@ -479,6 +479,46 @@ impl Host {
         Ok(context)
     }
 
+    /// Replaces a context's interpreter with a fresh one: same id, cwd and
+    /// environment, no variables or imports. A run in it ends as if its
+    /// interpreter had died.
+    pub async fn restart_context(
+        &self,
+        principal: &Principal,
+        sandbox_id: &str,
+        context_id: &str,
+    ) -> Result<CodeContext, CoreError> {
+        let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        let context =
+            self.context_of(&sandbox.id, context_id)
+                .ok_or_else(|| CoreError::NotFound {
+                    kind: "code context",
+                    id: context_id.to_string(),
+                })?;
+        match live.agent.context_restart(&context.id).await? {
+            ContextReply::Ready { implementation, .. } => {
+                let mut contexts = lock(&self.code_contexts);
+                let Some(held) = contexts.get_mut(&context.id) else {
+                    // Deleted meanwhile.
+                    return Err(CoreError::NotFound {
+                        kind: "code context",
+                        id: context.id,
+                    });
+                };
+                held.implementation = implementation;
+                Ok(held.clone())
+            }
+            ContextReply::Failed { message } => {
+                tracing::warn!(sandbox = %sandbox.id, context = %context.id, %message, "an interpreter failed to restart");
+                Err(CoreError::ContextFailed(context.language))
+            }
+            other => {
+                tracing::warn!(sandbox = %sandbox.id, ?other, "unexpected context reply from the agent");
+                Err(CoreError::ContextFailed(context.language))
+            }
+        }
+    }
+
     /// The context a run uses: the given one (same sandbox and language), or
     /// the sandbox's default context for the language, created on first use.
     pub async fn context_for_run(

@@ -122,6 +122,20 @@ fn file_error(path: &str) -> impl Fn(AgentError) -> CoreError + '_ {
     }
 }
 
+/// Most file watches open at once on one sandbox.
+pub const MAX_WATCHES_PER_SANDBOX: usize = 8;
+
+/// An open file watch.
+pub struct Watch {
+    /// The watched directory, absolute.
+    pub path: String,
+    pub events: crate::agent::FileWatch,
+    /// Cancelled when the sandbox is being destroyed.
+    pub stopping: tokio_util::sync::CancellationToken,
+    /// Its places in the org's stream budget and the sandbox's watches.
+    _places: (super::admission::StreamPlace, super::admission::StreamPlace),
+}
+
 /// One directory entry with its path.
 #[derive(Debug, Clone)]
 pub struct FileEntry {
@@ -172,6 +186,51 @@ impl Host {
         let path = normalize_path(path)?;
         let (_, live) = self.usable_sandbox(principal, sandbox_id).await?;
         live.agent.file_stat(&path).await.map_err(file_error(&path))
+    }
+
+    /// Whether a path exists (a symlink inside is followed; one out of
+    /// /workspace is an error, as for every file operation).
+    pub async fn file_exists(
+        &self,
+        principal: &Principal,
+        sandbox_id: &str,
+        path: &str,
+    ) -> Result<bool, CoreError> {
+        match self.stat_file(principal, sandbox_id, path).await {
+            Ok(_) => Ok(true),
+            Err(CoreError::File {
+                kind: FileErrorKind::NotFound | FileErrorKind::NotADirectory,
+                ..
+            }) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Starts watching a directory of /workspace (and those below it,
+    /// `recursive`): answers once the watches are in place. The watch ends
+    /// when it is dropped, or at `stopping` (the sandbox is going away).
+    pub async fn watch_files(
+        &self,
+        principal: &Principal,
+        sandbox_id: &str,
+        path: &str,
+        recursive: bool,
+    ) -> Result<Watch, CoreError> {
+        let path = normalize_path(path)?;
+        let (row, live) = self.usable_sandbox(principal, sandbox_id).await?;
+        let org_place = self.log_stream_place(&row.org_id)?;
+        let sandbox_place = self.watch_place(&row.id)?;
+        let events = live
+            .agent
+            .file_watch(&path, recursive)
+            .await
+            .map_err(file_error(&path))?;
+        Ok(Watch {
+            path: display_path(&path),
+            events,
+            stopping: live.stopping.clone(),
+            _places: (org_place, sandbox_place),
+        })
     }
 
     /// The entries of a directory, sorted by name.

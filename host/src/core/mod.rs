@@ -16,6 +16,7 @@ pub mod commands;
 pub(crate) mod egress;
 pub mod files;
 pub mod ledger;
+pub mod metrics;
 mod pipeline;
 pub use pipeline::{LanguageSummary, PluginSummary};
 pub mod previews;
@@ -47,7 +48,7 @@ use crate::templates::TemplateSet;
 pub use admission::StreamPlace;
 pub use commands::{CommandLog, LogEvent, RunCommand};
 pub use restart::{ADOPT_TIMEOUT, Reconciled};
-pub use sandboxes::{CreateSandbox, NetworkRequest};
+pub use sandboxes::{CreateSandbox, MAX_METADATA_FILTERS, NetworkRequest};
 
 use crate::model::{AuditAction, AuditActor, AuditDetails, AuditOutcome, EndReason, SandboxStatus};
 
@@ -87,6 +88,8 @@ pub enum CoreError {
     /// The org holds as many long-lived streams as it may.
     #[error("too many open streams (at most {max})")]
     TooManyStreams { max: usize },
+    #[error("sandbox `{sandbox_id}` has {max} file watches open, as many as it may")]
+    TooManyWatches { sandbox_id: String, max: usize },
     /// A per-sandbox limit (streams, commands, contexts, previews).
     #[error("sandbox `{sandbox_id}` is at its limit of {max} {what}")]
     SandboxBusy {
@@ -291,6 +294,10 @@ pub struct Host {
     log_streams: Arc<Mutex<HashMap<String, usize>>>,
     /// Workspace Runs driven by this process, and their followers' signals.
     runs: workspace_runs::RunRegistry,
+    /// The last CPU reading of each live sandbox (its metrics' interval).
+    cpu_readings: Mutex<HashMap<String, metrics::CpuReading>>,
+    /// Open file watches, by sandbox.
+    watches: Arc<Mutex<HashMap<String, usize>>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -337,6 +344,8 @@ impl Host {
             rate_limiter: admission::RateLimiter::default(),
             log_streams: Arc::new(Mutex::new(HashMap::new())),
             runs: workspace_runs::RunRegistry::default(),
+            cpu_readings: Mutex::new(HashMap::new()),
+            watches: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 

@@ -16,8 +16,11 @@ use crate::config::Limits;
 use crate::ids;
 use crate::model::{EndReason, Metadata, SandboxStatus};
 use crate::runtime::SandboxSpec;
-use crate::store::{Cursor, SandboxRow};
+use crate::store::{Cursor, SandboxFilter, SandboxRow};
 use crate::templates::Template;
+
+/// The most `metadata[KEY]=VALUE` filters one list may have.
+pub const MAX_METADATA_FILTERS: usize = 16;
 
 /// A request to create a sandbox, as the client sent it.
 #[derive(Debug, Clone, Default)]
@@ -466,14 +469,55 @@ impl Host {
     pub async fn list_sandboxes(
         &self,
         principal: &Principal,
+        filter: SandboxFilter,
         after: Option<Cursor>,
         limit: usize,
     ) -> Result<Vec<SandboxRow>, CoreError> {
+        if filter.metadata.len() > MAX_METADATA_FILTERS {
+            return Err(CoreError::invalid(
+                "metadata",
+                format!("at most {MAX_METADATA_FILTERS} metadata filters"),
+            ));
+        }
         let scope = principal.scope();
         Ok(self
             .store
-            .call(move |s| s.list_sandboxes(&scope, after.as_ref(), limit))
+            .call(move |s| s.list_sandboxes(&scope, &filter, after.as_ref(), limit))
             .await?)
+    }
+
+    /// Sets a live sandbox to expire `ttl_ms` from now (longer or shorter
+    /// than before), within the server's TTL bounds.
+    pub async fn set_sandbox_timeout(
+        &self,
+        principal: &Principal,
+        id: &str,
+        ttl_ms: i64,
+    ) -> Result<SandboxRow, CoreError> {
+        let limits = &self.config.limits;
+        if ttl_ms < limits.min_ttl_ms || ttl_ms > limits.max_ttl_ms {
+            return Err(CoreError::invalid(
+                "ttlMs",
+                format!(
+                    "ttlMs must be between {} and {} milliseconds, got {ttl_ms}",
+                    limits.min_ttl_ms, limits.max_ttl_ms
+                ),
+            ));
+        }
+        let row = self.get_sandbox(principal, id).await?;
+        if row.status == SandboxStatus::Destroyed {
+            return Err(CoreError::SandboxDestroyed(row.id));
+        }
+        let expires_at = self.clock.now_ms() + ttl_ms;
+        let key = row.id.clone();
+        let moved = self
+            .store
+            .call(move |s| s.set_sandbox_expiry(&key, expires_at))
+            .await?;
+        if !moved {
+            return Err(CoreError::SandboxDestroyed(row.id));
+        }
+        Ok(SandboxRow { expires_at, ..row })
     }
 
     /// Kills a sandbox on a client's request.
@@ -502,6 +546,7 @@ impl Host {
             live.stopping.cancel();
         }
         self.drop_contexts_of(id);
+        self.forget_cpu_reading(id);
         let state_dir = self.state_dir(id);
         let runtime = match &live {
             Some(live) => live.row.runtime.clone(),

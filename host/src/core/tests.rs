@@ -245,7 +245,11 @@ async fn a_failed_start_leaves_only_a_failed_tombstone() {
         .expect_err("start fails");
 
     assert!(matches!(err, CoreError::Runtime(_)), "{err}");
-    let listed = t.host.list_sandboxes(&p, None, 10).await.expect("list");
+    let listed = t
+        .host
+        .list_sandboxes(&p, Default::default(), None, 10)
+        .await
+        .expect("list");
     assert_eq!(listed.len(), 1);
     assert_eq!(listed[0].status, SandboxStatus::Destroyed);
     assert_eq!(listed[0].end_reason, Some(EndReason::Failed));
@@ -865,7 +869,10 @@ async fn a_template_whose_runtime_is_unavailable_is_refused_with_the_reason() {
         other => panic!("{other:?}"),
     }
     // Nothing was recorded, and the oci templates still work.
-    let listed = host.list_sandboxes(&p, None, 10).await.expect("list");
+    let listed = host
+        .list_sandboxes(&p, Default::default(), None, 10)
+        .await
+        .expect("list");
     assert!(listed.is_empty(), "{listed:?}");
     assert!(
         host.runtimes()
@@ -1013,4 +1020,81 @@ mod workspace_runs {
         let again = host.reconcile_runs().await.expect("again");
         assert_eq!((again.resumed, again.ended), (0, 0));
     }
+}
+
+#[tokio::test]
+async fn a_timeout_moves_the_expiry_within_the_ttl_bounds_and_the_reaper_follows_it() {
+    let t = test_host();
+    let p = t.principal("acme", "all");
+    let sandbox = t.sandbox(&p, "python").await;
+    let limits = t.host.config().limits.clone();
+    for bad in [0, limits.min_ttl_ms - 1, limits.max_ttl_ms + 1] {
+        let err = t
+            .host
+            .set_sandbox_timeout(&p, &sandbox.id, bad)
+            .await
+            .expect_err("out of bounds");
+        assert!(matches!(err, CoreError::Invalid { field: "ttlMs", .. }), "{err}");
+    }
+    let now = t.host.clock().now_ms();
+    let moved = t
+        .host
+        .set_sandbox_timeout(&p, &sandbox.id, limits.max_ttl_ms)
+        .await
+        .expect("extend");
+    assert_eq!(moved.expires_at, now + limits.max_ttl_ms);
+    let stranger = t.principal("other", "all");
+    let err = t
+        .host
+        .set_sandbox_timeout(&stranger, &sandbox.id, 60_000)
+        .await
+        .expect_err("another org");
+    assert!(matches!(err, CoreError::NotFound { .. }), "{err}");
+
+    t.host
+        .set_sandbox_timeout(&p, &sandbox.id, limits.min_ttl_ms)
+        .await
+        .expect("shorten");
+    t.host.clock().advance(limits.min_ttl_ms);
+    t.host.reap_once().await.expect("reap");
+    let row = t.host.get_sandbox(&p, &sandbox.id).await.expect("get");
+    assert_eq!(row.end_reason, Some(EndReason::Expired));
+    let err = t
+        .host
+        .set_sandbox_timeout(&p, &sandbox.id, 60_000)
+        .await
+        .expect_err("destroyed");
+    assert!(matches!(err, CoreError::SandboxDestroyed(_)), "{err}");
+}
+
+#[tokio::test]
+async fn restarting_a_context_keeps_it_and_an_unknown_one_is_not_found() {
+    let t = test_host();
+    let p = t.principal("acme", "all");
+    let sandbox = t.sandbox(&p, "python").await;
+    let context = t
+        .host
+        .create_context(
+            &p,
+            &sandbox.id,
+            crownest_proto::code::Language::Python,
+            None,
+            Vec::new(),
+        )
+        .await
+        .expect("context");
+    let restarted = t
+        .host
+        .restart_context(&p, &sandbox.id, &context.id)
+        .await
+        .expect("restart");
+    assert_eq!(restarted.id, context.id);
+    let listed = t.host.list_contexts(&p, &sandbox.id).await.expect("list");
+    assert_eq!(listed.len(), 1);
+    let err = t
+        .host
+        .restart_context(&p, &sandbox.id, "cctx_missing")
+        .await
+        .expect_err("unknown");
+    assert!(matches!(err, CoreError::NotFound { .. }), "{err}");
 }

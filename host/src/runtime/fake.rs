@@ -308,6 +308,38 @@ async fn stream_task(stream: yamux::Stream, sandbox: Arc<FakeSandbox>) {
             lock(&sandbox.contexts).remove(&context_id);
             let _ = write_message(&mut writer, &ContextReply::Deleted).await;
         }
+        Open::CodeContextRestart { context_id } => {
+            let reply = match lock(&sandbox.contexts).get_mut(&context_id) {
+                Some(variables) => {
+                    variables.clear();
+                    ContextReply::Ready {
+                        implementation: String::from("fake 1.0"),
+                        warm: false,
+                    }
+                }
+                None => ContextReply::Failed {
+                    message: format!("no context {context_id}"),
+                },
+            };
+            let _ = write_message(&mut writer, &reply).await;
+        }
+        Open::Stats => {
+            let stats = crownest_proto::Stats {
+                workspace_total_bytes: 64 * 1024 * 1024,
+                tasks: u64::from(sandbox.running.load(Ordering::Relaxed)) + 1,
+                ..Default::default()
+            };
+            let _ = write_message(&mut writer, &stats).await;
+        }
+        Open::FileWatch { .. } => {
+            // The fake has no inotify: a watch is refused as an agent
+            // without it would refuse it.
+            let refused = crownest_proto::WatchEvent::Error {
+                kind: crownest_proto::FileErrorKind::Other,
+                message: String::from("the fake agent cannot watch files"),
+            };
+            let _ = write_message(&mut writer, &refused).await;
+        }
         Open::CodeRun(request) => return code_run(request, writer, sandbox).await,
         Open::ExecAttach(_) => {
             let _ = write_message(&mut writer, &ExecEvent::NotFound).await;

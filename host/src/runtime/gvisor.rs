@@ -316,6 +316,10 @@ impl Runtime for GvisorRuntime {
         false
     }
 
+    fn cgroup_sample(&self, id: &str) -> Option<super::cgroup::CgroupSample> {
+        super::cgroup::sample(&bundle::cgroups_path(id))
+    }
+
     async fn check(&self, isolation: Isolation) -> Result<(), String> {
         let Some(platform) = isolation.platform() else {
             return Err(String::from("the gvisor driver runs only gvisor templates"));

@@ -20,6 +20,7 @@
 //! exist only in gVisor's kernel, and runsc runs the sentry and gofer as
 //! `nobody` in user namespaces of their own.
 
+pub mod cgroup;
 #[cfg(test)]
 pub mod fake;
 pub mod gvisor;
@@ -347,6 +348,13 @@ pub trait Runtime: Send + Sync {
     /// do not: their uids exist only inside gVisor's kernel.
     fn uses_host_uid_range(&self) -> bool {
         true
+    }
+    /// What the host kernel accounts to a running sandbox (its cgroup),
+    /// when this driver can tell; `None` otherwise (a VM's guest is seen
+    /// from inside, through its agent).
+    fn cgroup_sample(&self, id: &str) -> Option<cgroup::CgroupSample> {
+        let _ = id;
+        None
     }
     /// Whether this host can run `isolation` (a driver is asked only about
     /// its own kind): `Err` says why not and what to install.

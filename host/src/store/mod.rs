@@ -250,6 +250,19 @@ pub struct Cursor {
     pub id: String,
 }
 
+/// Which sandboxes a list returns (every part optional, all must hold).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct SandboxFilter {
+    pub status: Option<SandboxStatus>,
+    pub template: Option<String>,
+    /// Metadata keys and the values they must have (a string, or the JSON
+    /// text of a number, boolean or null).
+    pub metadata: Vec<(String, String)>,
+    /// Created strictly after / before, in milliseconds.
+    pub created_after: Option<Millis>,
+    pub created_before: Option<Millis>,
+}
+
 /// Which sandboxes a caller may see.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
@@ -286,12 +299,16 @@ pub trait Store:
     // Sandboxes.
     fn insert_sandbox(&self, sandbox: &SandboxRow) -> Result<(), StoreError>;
     fn get_sandbox(&self, scope: &Scope, id: &str) -> Result<Option<SandboxRow>, StoreError>;
+    /// The scope's sandboxes that pass `filter`, newest first.
     fn list_sandboxes(
         &self,
         scope: &Scope,
+        filter: &SandboxFilter,
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<SandboxRow>, StoreError>;
+    /// Moves a live sandbox's expiry; false when it is already destroyed.
+    fn set_sandbox_expiry(&self, id: &str, expires_at: Millis) -> Result<bool, StoreError>;
     fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError>;
     /// Replaces a sandbox's egress policy (a narrowing PATCH).
     fn set_sandbox_network(

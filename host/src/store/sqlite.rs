@@ -10,7 +10,8 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use super::codec::{self, LOG_EXIT, SqlText};
 use super::{
     CommandEnd, CommandEventRow, CommandRow, ContextRow, Cursor, KeyListing, KeyRow, LogBody,
-    OrgRow, OutputProgress, ProjectRow, SandboxRow, Scope, Store, StoreError, migrations,
+    OrgRow, OutputProgress, ProjectRow, SandboxFilter, SandboxRow, Scope, Store, StoreError,
+    migrations,
 };
 use crate::clock::Millis;
 use crate::ids;
@@ -389,27 +390,87 @@ impl Store for SqliteStore {
     fn list_sandboxes(
         &self,
         scope: &Scope,
+        filter: &SandboxFilter,
         after: Option<&Cursor>,
         limit: usize,
     ) -> Result<Vec<SandboxRow>, StoreError> {
-        let conn = self.conn();
-        let sql = format!(
-            "SELECT * FROM sandboxes WHERE org_id = :o AND (:p IS NULL OR project_id = :p)
-             AND (:c2 IS NULL OR {BEFORE_CURSOR})
-             ORDER BY created_at DESC, id DESC LIMIT :l"
+        use rusqlite::types::Value;
+        let mut sql = String::from(
+            "SELECT * FROM sandboxes WHERE org_id = ?1 AND (?2 IS NULL OR project_id = ?2)",
         );
+        let mut values: Vec<Value> = vec![
+            Value::Text(scope.org_id.clone()),
+            scope.project_id.clone().map_or(Value::Null, Value::Text),
+        ];
+        let mut bind = |sql: &mut String, clause: &str, params: Vec<Value>| {
+            let mut clause = clause.to_string();
+            for (i, value) in params.into_iter().enumerate() {
+                values.push(value);
+                clause = clause.replace(&format!("${}", i + 1), &format!("?{}", values.len()));
+            }
+            sql.push_str(" AND ");
+            sql.push_str(&clause);
+        };
+        if let Some(status) = filter.status {
+            bind(
+                &mut sql,
+                "status = $1",
+                vec![Value::Text(status.sql().into())],
+            );
+        }
+        if let Some(template) = &filter.template {
+            bind(
+                &mut sql,
+                "template = $1",
+                vec![Value::Text(template.clone())],
+            );
+        }
+        for (key, value) in &filter.metadata {
+            // A scalar's text: strings as they are, numbers, booleans and
+            // null as JSON writes them. Objects and arrays never match.
+            bind(
+                &mut sql,
+                "EXISTS (SELECT 1 FROM json_each(sandboxes.metadata) j WHERE j.key = $1
+                    AND CASE j.type WHEN 'text' THEN j.value
+                        WHEN 'integer' THEN CAST(j.value AS TEXT)
+                        WHEN 'real' THEN CAST(j.value AS TEXT)
+                        WHEN 'true' THEN 'true' WHEN 'false' THEN 'false'
+                        WHEN 'null' THEN 'null' END = $2)",
+                vec![Value::Text(key.clone()), Value::Text(value.clone())],
+            );
+        }
+        if let Some(t) = filter.created_after {
+            bind(&mut sql, "created_at > $1", vec![Value::Integer(t)]);
+        }
+        if let Some(t) = filter.created_before {
+            bind(&mut sql, "created_at < $1", vec![Value::Integer(t)]);
+        }
+        if let Some(c) = after {
+            bind(
+                &mut sql,
+                "(created_at < $1 OR (created_at = $1 AND id < $2))",
+                vec![Value::Integer(c.created_at), Value::Text(c.id.clone())],
+            );
+        }
+        values.push(Value::Integer(i64::try_from(limit).unwrap_or(i64::MAX)));
+        sql.push_str(&format!(
+            " ORDER BY created_at DESC, id DESC LIMIT ?{}",
+            values.len()
+        ));
+        let conn = self.conn();
         let mut stmt = conn.prepare_cached(&sql)?;
-        let rows = stmt.query_map(
-            rusqlite::named_params! {
-                ":o": scope.org_id,
-                ":p": scope.project_id,
-                ":c1": after.map(|c| c.created_at),
-                ":c2": after.map(|c| c.id.as_str()),
-                ":l": limit as i64,
-            },
-            sandbox_from_row,
-        )?;
+        let rows = stmt.query_map(rusqlite::params_from_iter(values), sandbox_from_row)?;
         Ok(rows.collect::<Result<_, _>>()?)
+    }
+
+    fn set_sandbox_expiry(&self, id: &str, expires_at: Millis) -> Result<bool, StoreError> {
+        let changed = self
+            .conn()
+            .prepare_cached(
+                "UPDATE sandboxes SET expires_at = ?2 WHERE id = ?1 AND status <> 'destroyed'",
+            )?
+            .execute(params![id, expires_at])?;
+        Ok(changed == 1)
     }
 
     fn set_sandbox_status(&self, id: &str, status: SandboxStatus) -> Result<(), StoreError> {
@@ -865,6 +926,101 @@ mod tests {
     }
 
     #[test]
+    fn list_sandboxes_applies_every_filter_and_pages_within_it() {
+        let s = store();
+        let org = s.ensure_org("acme", 0).expect("org");
+        let scope = Scope {
+            org_id: org.id.clone(),
+            project_id: None,
+        };
+        for (i, (job, template, n)) in [
+            ("demo", "python", serde_json::json!(1)),
+            ("demo", "node", serde_json::json!(2.5)),
+            ("other", "python", serde_json::json!(true)),
+            ("demo", "python", serde_json::json!(null)),
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let mut row = sandbox(&org.id, None, &format!("sbx_{i}"), 10 * i as i64, i as i64);
+            row.template = template.into();
+            row.metadata.insert("job".into(), job.into());
+            row.metadata.insert("n".into(), n);
+            row.metadata
+                .insert("nested".into(), serde_json::json!({"a": 1}));
+            s.insert_sandbox(&row).expect("insert");
+        }
+        s.end_sandbox("sbx_3", EndReason::Killed, 50).expect("end");
+        let ids = |filter: SandboxFilter| -> Vec<String> {
+            s.list_sandboxes(&scope, &filter, None, 10)
+                .expect("list")
+                .into_iter()
+                .map(|r| r.id)
+                .collect()
+        };
+        let meta = |pairs: &[(&str, &str)]| SandboxFilter {
+            metadata: pairs
+                .iter()
+                .map(|(k, v)| ((*k).into(), (*v).into()))
+                .collect(),
+            ..Default::default()
+        };
+        assert_eq!(ids(meta(&[("job", "demo")])), ["sbx_3", "sbx_1", "sbx_0"]);
+        assert_eq!(ids(meta(&[("job", "demo"), ("n", "1")])), ["sbx_0"]);
+        assert_eq!(ids(meta(&[("n", "2.5")])), ["sbx_1"]);
+        assert_eq!(ids(meta(&[("n", "true")])), ["sbx_2"]);
+        assert_eq!(ids(meta(&[("n", "null")])), ["sbx_3"]);
+        assert!(ids(meta(&[("nested", "{\"a\":1}")])).is_empty());
+        assert!(ids(meta(&[("job", "demo'; --")])).is_empty());
+        assert!(ids(meta(&[("missing", "demo")])).is_empty());
+        let running = SandboxFilter {
+            status: Some(SandboxStatus::Running),
+            template: Some("python".into()),
+            ..Default::default()
+        };
+        assert_eq!(ids(running), ["sbx_2", "sbx_0"]);
+        let window = SandboxFilter {
+            created_after: Some(0),
+            created_before: Some(30),
+            ..Default::default()
+        };
+        assert_eq!(ids(window), ["sbx_2", "sbx_1"]);
+        // A cursor pages within the filter.
+        let filter = meta(&[("job", "demo")]);
+        let first = s.list_sandboxes(&scope, &filter, None, 2).expect("page");
+        let last = first.last().expect("row");
+        let cursor = Cursor {
+            created_at: last.created_at,
+            id: last.id.clone(),
+        };
+        let rest = s
+            .list_sandboxes(&scope, &filter, Some(&cursor), 2)
+            .expect("page");
+        assert_eq!(
+            rest.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(),
+            ["sbx_0"]
+        );
+    }
+
+    #[test]
+    fn set_sandbox_expiry_moves_a_live_sandbox_only() {
+        let s = store();
+        let org = s.ensure_org("acme", 0).expect("org");
+        s.insert_sandbox(&sandbox(&org.id, None, "sbx_a", 1, 0))
+            .expect("insert");
+        assert!(s.set_sandbox_expiry("sbx_a", 99_000).expect("set"));
+        let scope = Scope {
+            org_id: org.id,
+            project_id: None,
+        };
+        let row = s.get_sandbox(&scope, "sbx_a").expect("get").expect("row");
+        assert_eq!(row.expires_at, 99_000);
+        s.end_sandbox("sbx_a", EndReason::Killed, 5).expect("end");
+        assert!(!s.set_sandbox_expiry("sbx_a", 1).expect("set"));
+        assert!(!s.set_sandbox_expiry("sbx_missing", 1).expect("set"));
+    }
+
+    #[test]
     fn get_sandbox_of_another_org_returns_none() {
         let s = store();
         let a = s.ensure_org("a", 0).expect("org");
@@ -893,7 +1049,9 @@ mod tests {
             project_id: Some(p1.id),
         };
         assert!(s.get_sandbox(&scope, "sbx_2").expect("get").is_none());
-        let listed = s.list_sandboxes(&scope, None, 10).expect("list");
+        let listed = s
+            .list_sandboxes(&scope, &SandboxFilter::default(), None, 10)
+            .expect("list");
         assert_eq!(listed.len(), 1);
         assert_eq!(listed[0].id, "sbx_1");
     }
@@ -914,7 +1072,9 @@ mod tests {
         let mut seen = Vec::new();
         let mut cursor = None;
         loop {
-            let page = s.list_sandboxes(&scope, cursor.as_ref(), 2).expect("page");
+            let page = s
+                .list_sandboxes(&scope, &SandboxFilter::default(), cursor.as_ref(), 2)
+                .expect("page");
             if page.is_empty() {
                 break;
             }

@@ -231,6 +231,10 @@ impl Runtime for OciRuntime {
         self.version.get().cloned()
     }
 
+    fn cgroup_sample(&self, id: &str) -> Option<super::cgroup::CgroupSample> {
+        super::cgroup::sample(&bundle::cgroups_path(id))
+    }
+
     async fn start(&self, spec: &SandboxSpec) -> Result<Started, RuntimeError> {
         self.start_with_init(spec, bundle::agent_args()).await
     }
