@@ -428,6 +428,15 @@ impl Host {
         Ok(context)
     }
 
+    /// A context of the sandbox, or `not_found`.
+    fn known_context(&self, sandbox_id: &str, context_id: &str) -> Result<CodeContext, CoreError> {
+        self.context_of(sandbox_id, context_id)
+            .ok_or_else(|| CoreError::NotFound {
+                kind: "code context",
+                id: context_id.to_string(),
+            })
+    }
+
     pub async fn list_contexts(
         &self,
         principal: &Principal,
@@ -450,11 +459,7 @@ impl Host {
         context_id: &str,
     ) -> Result<CodeContext, CoreError> {
         let (sandbox, _) = self.usable_sandbox(principal, sandbox_id).await?;
-        self.context_of(&sandbox.id, context_id)
-            .ok_or_else(|| CoreError::NotFound {
-                kind: "code context",
-                id: context_id.to_string(),
-            })
+        self.known_context(&sandbox.id, context_id)
     }
 
     pub async fn delete_context(
@@ -464,12 +469,7 @@ impl Host {
         context_id: &str,
     ) -> Result<CodeContext, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let context =
-            self.context_of(&sandbox.id, context_id)
-                .ok_or_else(|| CoreError::NotFound {
-                    kind: "code context",
-                    id: context_id.to_string(),
-                })?;
+        let context = self.known_context(&sandbox.id, context_id)?;
         lock(&self.code_contexts).remove(&context.id);
         let id = context.id.clone();
         self.store.call(move |s| s.delete_context(&id)).await?;
@@ -489,12 +489,7 @@ impl Host {
         context_id: &str,
     ) -> Result<CodeContext, CoreError> {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
-        let context =
-            self.context_of(&sandbox.id, context_id)
-                .ok_or_else(|| CoreError::NotFound {
-                    kind: "code context",
-                    id: context_id.to_string(),
-                })?;
+        let context = self.known_context(&sandbox.id, context_id)?;
         match live.agent.context_restart(&context.id).await? {
             ContextReply::Ready { implementation, .. } => {
                 let mut contexts = lock(&self.code_contexts);
@@ -530,12 +525,7 @@ impl Host {
         let (sandbox, live) = self.usable_sandbox(principal, sandbox_id).await?;
         self.check_language(&live.template, request.language)?;
         if let Some(id) = &request.context_id {
-            let context = self
-                .context_of(&sandbox.id, id)
-                .ok_or_else(|| CoreError::NotFound {
-                    kind: "code context",
-                    id: id.clone(),
-                })?;
+            let context = self.known_context(&sandbox.id, id)?;
             if context.language != request.language {
                 return Err(CoreError::ContextLanguageMismatch {
                     context_id: context.id,

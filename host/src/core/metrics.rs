@@ -55,11 +55,6 @@ impl Host {
         let driver = self.driver(&row.runtime)?.clone();
         let stats = live.agent.stats().await?;
         let cgroup = driver.cgroup_sample(&row.id);
-        let cpu_now = |stats: &crownest_proto::Stats| {
-            driver
-                .cgroup_sample(&row.id)
-                .map_or(stats.cpu_usec, |c| c.cpu_usec)
-        };
         let mut usec = cgroup.map_or(stats.cpu_usec, |c| c.cpu_usec);
         let mut now = Instant::now();
         let previous = lock(&self.cpu_readings)
@@ -71,12 +66,10 @@ impl Host {
             None => {
                 let first = CpuReading { at: now, usec };
                 tokio::time::sleep(MIN_INTERVAL).await;
-                let again = if cgroup.is_some() {
-                    stats.clone()
-                } else {
-                    live.agent.stats().await?
+                usec = match driver.cgroup_sample(&row.id) {
+                    Some(sample) => sample.cpu_usec,
+                    None => live.agent.stats().await?.cpu_usec,
                 };
-                usec = cpu_now(&again);
                 now = Instant::now();
                 first
             }

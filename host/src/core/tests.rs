@@ -1034,7 +1034,10 @@ async fn a_timeout_moves_the_expiry_within_the_ttl_bounds_and_the_reaper_follows
             .set_sandbox_timeout(&p, &sandbox.id, bad)
             .await
             .expect_err("out of bounds");
-        assert!(matches!(err, CoreError::Invalid { field: "ttlMs", .. }), "{err}");
+        assert!(
+            matches!(err, CoreError::Invalid { field: "ttlMs", .. }),
+            "{err}"
+        );
     }
     let now = t.host.clock().now_ms();
     let moved = t
