@@ -1,108 +1,132 @@
-"""The asynchronous client: ``_sync.py`` with ``await``, method for method."""
+"""The asynchronous client, and the source of the synchronous one:
+``tools/gen_sync.py`` turns this file into ``_sync.py`` with unasync
+(``await`` and ``async`` dropped, ``AsyncX`` names to ``X``, ``_io_async``
+to ``_io_sync``). What must differ between the two (sleeping, callbacks
+that may be coroutines, blocking file I/O, the background worker of
+``files.watch``) lives in ``_io_async.py`` / ``_io_sync.py``, so that this
+file reads the same in both; its docstrings are written for both."""
 
 from __future__ import annotations
 
 import builtins
-import asyncio
-import inspect
 import os
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Mapping, Sequence
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterable, AsyncIterator, Mapping, Sequence
 from typing import IO, Any, Generic, TypeVar
 
 import httpx
 
+from . import _io_async as _io
 from ._archive import DIRECT_UPLOAD_MAX, PackedArchive, archive_source_size, pack_directory
+from ._io_async import Callback, EventCallback, FileData, OutputCallback, PageFetch, WatchCallback
 from ._shared import (
+    CODE_STREAM_HEADERS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    DIRECT_FILE_MAX,
     EVIDENCE_GRACE,
+    FILE_CHUNK,
     OCTET_STREAM,
-    CODE_STREAM_HEADERS,
     Artifact,
-    Preview,
+    ArtifactPolicy,
+    AuditEvent,
     CodeContext,
+    CodeLanguage,
     CodeRunResult,
-    FileInfo,
-    FileListing,
     CollectSpec,
     CommandResult,
     CrowNestApiError,
     CrowNestConnectionError,
     CrowNestError,
     CrowNestTimeoutError,
+    Deadline,
     EvidenceBundle,
+    FileInfo,
+    FileListing,
     LogEvent,
+    Preview,
     Record,
+    SandboxMetrics,
     SSEDecoder,
+    TimeParam,
     WorkspaceRun,
     WorkspaceRunEvent,
     WorkspaceRunEventPage,
     WorkspaceRunPage,
     WorkspaceRunResult,
+    WriteEntry,
     api_error_from_response,
     as_bytes,
+    audit_params,
     backoff_delay,
     code_context_body,
     code_event_from_sse,
     code_run_body,
     command_body,
+    context_id_of,
+    deadline_error,
     default_headers,
     event_stream_request,
     file_listing,
+    file_source_size,
     log_event_from_sse,
     may_retry,
-    may_retry_status,
+    metrics_event_from_sse,
     mkdir_body,
     move_body,
+    network_body,
     new_idempotency_key,
-    preview_id_of,
-    preview_request,
     no_cookies,
     page_params,
+    preview_id_of,
+    preview_request,
     resolve_api_key,
     resolve_base_url,
     run_event_from_sse,
     run_event_page,
     run_event_params,
     run_id_of,
-    network_body,
     sandbox_body,
+    sandbox_list_params,
+    status_retry_delay,
     stdin_body,
+    transport_error,
+    usage_params,
     wait_poll_delay,
+    watch_event_from_sse,
+    watch_params,
     workspace_run_body,
     workspace_run_list_params,
     workspace_run_page,
 )
+from ._types import (
+    EvidenceKeyView,
+    Health,
+    SandboxStatus,
+    SandboxView,
+    TemplateView,
+    TransferView,
+    UsageReport,
+)
 
 T = TypeVar("T")
-#: A log callback may be a plain function or a coroutine function.
-AsyncCallback = Callable[[str], Any] | Callable[[str], Awaitable[Any]]
-#: A rich-output callback of a Code Run (the output object), sync or async.
-AsyncOutputCallback = Callable[[dict[str, Any]], Any] | Callable[[dict[str, Any]], Awaitable[Any]]
-#: Called with each event of a Workspace Run as it arrives, sync or async.
-AsyncEventCallback = Callable[[WorkspaceRunEvent], Any] | Callable[[WorkspaceRunEvent], Awaitable[Any]]
 #: An archive to upload: its bytes, a path to the ``.tar.gz``, or a binary file.
 ArchiveSource = bytes | str | os.PathLike[str] | IO[bytes]
-#: Chunk size of a streamed archive upload.
-_UPLOAD_CHUNK = 1024 * 1024
-
-
-async def _call(callback: AsyncCallback, data: str) -> None:
-    result = callback(data)
-    if inspect.isawaitable(result):
-        await result
-
-
-async def _call_output(callback: AsyncOutputCallback, data: dict[str, Any]) -> None:
-    result = callback(data)
-    if inspect.isawaitable(result):
-        await result
+#: Headers of an SSE request.
+_SSE = {"accept": "text/event-stream"}
+#: How long a watch stream may stay silent before its connection counts as
+#: dead: the server sends a keep-alive comment every 15 s.
+_WATCH_IDLE_TIMEOUT = 60.0
 
 
 class AsyncPager(Generic[T]):
-    """``async for`` over every item of a paginated list, fetching pages lazily."""
+    """Iterates every item of a paginated list (``for`` with the sync
+    client, ``async for`` with the async one), fetching pages lazily;
+    ``pages()`` iterates the pages."""
 
-    def __init__(self, fetch: Callable[[str | None], Awaitable[tuple[list[T], str | None]]]) -> None:
+    def __init__(self, fetch: PageFetch[T]) -> None:
         self._fetch = fetch
 
     async def pages(self) -> AsyncIterator[list[T]]:
@@ -120,14 +144,22 @@ class AsyncPager(Generic[T]):
 
 
 class AsyncCrowNest:
-    """Asynchronous CrowNest client; the same surface as :class:`CrowNest`
-    with ``await`` (and ``async for`` for lists and logs)."""
+    """A CrowNest client (``CrowNest`` blocks, ``AsyncCrowNest`` is the same
+    surface with ``await``).
+
+    ``api_key`` defaults to ``CROWNEST_API_KEY``; ``base_url`` to
+    ``CROWNEST_BASE_URL``, else ``http://127.0.0.1:7420`` (a local server);
+    ``timeout`` (seconds, ``None``: none) bounds each call, retries
+    included: a blocking ``commands.run`` waits for the command within it.
+    The methods that block take ``request_timeout=`` to set it for one call.
+    ``max_retries`` is how many times a failed request may be retried (see
+    the README: what is retried, and Retry-After)."""
 
     def __init__(
         self,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
         *,
         max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
@@ -138,12 +170,14 @@ class AsyncCrowNest:
             base_url=self.base_url,
             cookies=no_cookies(),
             headers=default_headers(resolve_api_key(api_key)),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=Deadline(timeout).timeout(),
         )
         self.sandboxes = AsyncSandboxes(self)
         self.artifacts = AsyncArtifacts(self)
         self.templates = AsyncTemplates(self)
         self.workspace_runs = AsyncWorkspaceRuns(self)
+        self.usage = AsyncUsage(self)
+        self.audit = AsyncAudit(self)
 
     # -- lifecycle
 
@@ -156,11 +190,15 @@ class AsyncCrowNest:
     async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
-    async def health(self) -> Record:
+    async def health(self) -> Record[Health]:
         """``GET /v1/health``."""
         return Record(await self._request("GET", "/v1/health"))
 
     # -- transport
+
+    def _deadline(self, request_timeout: float | None) -> Deadline:
+        """One call's deadline: ``request_timeout``, else the client's ``timeout``."""
+        return Deadline(request_timeout if request_timeout is not None else self.timeout)
 
     async def _send(
         self,
@@ -173,32 +211,56 @@ class AsyncCrowNest:
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         signed: bool = False,
+        stream: bool = False,
+        deadline: Deadline | None = None,
     ) -> httpx.Response:
-        """One API call, with retries. ``signed``: ``path`` is a signed
-        transfer URL, sent once without the API key."""
+        """One API call, with retries, within ``deadline`` (default: the
+        client's ``timeout``): each attempt gets what is left of it, and no
+        retry sleeps past it. Retried: a connection that failed before the
+        request went out; an idempotent or keyed request whose connection
+        dropped, or that got 502/503/504; a 429 with Retry-After; a keyed
+        request whose key is still in use. ``Retry-After`` sets the wait.
+        A streamed body (not bytes) cannot be sent twice and is not retried.
+        ``signed``: ``path`` is a signed transfer URL, sent once without the
+        API key. ``stream``: the body is left unread (the caller closes it)."""
+        deadline = deadline or self._deadline(None)
         hdrs = dict(headers or {})
-        if idempotency_key:
+        keyed = idempotency_key is not None
+        if idempotency_key is not None:
             hdrs["Idempotency-Key"] = idempotency_key
+        replayable = not signed and (content is None or isinstance(content, bytes))
+        shown = "/v1/transfers/…" if signed else path  # a transfer URL's token stays out of errors
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=json, content=content, params=params, headers=hdrs)
+            if deadline.expired():
+                raise deadline_error(method, shown, deadline)
+            request = self._http.build_request(
+                method, path, json=json, content=content, params=params, headers=hdrs, timeout=deadline.timeout()
+            )
             if signed:
                 del request.headers["x-api-key"]
             try:
-                response = await self._http.send(request)
+                response = await self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                retryable = not signed and may_retry(method, idempotency_key is not None, exc)
-                if attempt >= self.max_retries or not retryable:
-                    raise CrowNestConnectionError(f"{method} {request.url.path}: {exc!r}") from exc
-                await asyncio.sleep(backoff_delay(attempt))
+                delay = backoff_delay(attempt)
+                retry = replayable and attempt < self.max_retries and may_retry(method, keyed, exc)
+                if not retry or not deadline.allows(delay):
+                    raise transport_error(method, shown, exc, deadline) from exc
+                await _io.sleep(delay)
                 attempt += 1
                 continue
             if response.status_code >= 400:
+                if stream:
+                    try:
+                        await response.aread()
+                    finally:
+                        await response.aclose()
                 error = api_error_from_response(
                     response.status_code, response.content, response.headers.get("x-request-id")
                 )
-                if attempt < self.max_retries and may_retry_status(error, idempotency_key is not None):
-                    await asyncio.sleep(backoff_delay(attempt))
+                wait = status_retry_delay(error, response.headers.get("retry-after"), method, keyed, attempt)
+                if wait is not None and replayable and attempt < self.max_retries and deadline.allows(wait):
+                    await _io.sleep(wait)
                     attempt += 1
                     continue
                 raise error
@@ -211,15 +273,21 @@ class AsyncCrowNest:
         body = await self._request("GET", path, params=page_params(limit, cursor))
         return list(body["data"]), body.get("nextCursor")
 
-    async def _log_stream(self, path: str, after: int | None) -> AsyncIterator[LogEvent]:
+    async def _log_stream(self, path: str, after: int | None, deadline: Deadline | None = None) -> AsyncIterator[LogEvent]:
+        """Follows an SSE log until its ``exit`` event, reconnecting with
+        ``Last-Event-ID`` after a dropped connection; within ``deadline``
+        when one is given (else as long as the command runs)."""
         last = after
         failures = 0
         while True:
-            headers = {"accept": "text/event-stream"}
+            if deadline is not None and deadline.expired():
+                raise deadline_error("GET", path, deadline)
+            headers = dict(_SSE)
             if last is not None:
                 headers["Last-Event-ID"] = str(last)
+            timeout = deadline.timeout() if deadline is not None else httpx.USE_CLIENT_DEFAULT
             try:
-                async with self._http.stream("GET", path, headers=headers) as response:
+                async with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         raise api_error_from_response(
@@ -243,18 +311,21 @@ class AsyncCrowNest:
                 if not isinstance(exc, httpx.ReadTimeout):
                     if failures >= self.max_retries:
                         raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
-                    await asyncio.sleep(backoff_delay(failures))
+                    await _io.sleep(backoff_delay(failures))
                     failures += 1
                 continue
+            # The stream ended without an exit event: reconnect after `last`.
             if failures >= self.max_retries:
                 raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
-            await asyncio.sleep(backoff_delay(failures))
+            await _io.sleep(backoff_delay(failures))
             failures += 1
 
     async def _run_events(self, run_id: str, after_seq: int) -> AsyncIterator[WorkspaceRunEvent]:
-        """``_sync.CrowNest._run_events``: the run's SSE event log to its
-        ``terminal`` event, resumed after a dropped connection, every
-        ``seq`` once and in order."""
+        """Follows a Workspace Run's SSE event log to its ``terminal`` event.
+        After a dropped connection it reconnects with ``Last-Event-ID`` /
+        ``afterSeq`` of the last event seen; an event already seen is
+        skipped, and a hole in the numbering is filled from ``GET …/events``,
+        so every ``seq`` is yielded once, in order."""
         path = f"/v1/workspace-runs/{run_id}/events"
         last = after_seq
         failures = 0
@@ -288,15 +359,17 @@ class AsyncCrowNest:
                 if not isinstance(exc, httpx.ReadTimeout):
                     if failures >= self.max_retries:
                         raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
-                    await asyncio.sleep(backoff_delay(failures))
+                    await _io.sleep(backoff_delay(failures))
                     failures += 1
                 continue
+            # The stream ended before the terminal event: reconnect after `last`.
             if failures >= self.max_retries:
                 raise CrowNestConnectionError(f"GET {path}: the event stream ended before the terminal event")
-            await asyncio.sleep(backoff_delay(failures))
+            await _io.sleep(backoff_delay(failures))
             failures += 1
 
     async def _run_events_between(self, path: str, after: int, before: int) -> AsyncIterator[WorkspaceRunEvent]:
+        """The events numbered ``after + 1 … before - 1``, from the JSON pages."""
         while after + 1 < before:
             params = run_event_params(after, min(1000, before - after - 1))
             page = run_event_page(await self._request("GET", path, params=params), after)
@@ -314,22 +387,33 @@ class AsyncCrowNest:
         path: str,
         body: dict[str, Any],
         idempotency_key: str,
-        on_stdout: AsyncCallback | None,
-        on_stderr: AsyncCallback | None,
-        on_output: AsyncOutputCallback | None,
+        on_stdout: Callback | None,
+        on_stderr: Callback | None,
+        on_output: OutputCallback | None,
+        deadline: Deadline,
     ) -> dict[str, Any]:
+        """POSTs a streamed Code Run and passes its events to the callbacks
+        until the ``complete`` event, whose RunCodeResult it returns. After a
+        dropped connection it asks again with the same Idempotency-Key: the
+        server then waits for the run and replays its ``complete`` event.
+        Retries, as in ``_send``, stay within ``deadline``."""
         headers = {**CODE_STREAM_HEADERS, "Idempotency-Key": idempotency_key}
         attempt = 0
         while True:
+            if deadline.expired():
+                raise deadline_error("POST", path, deadline)
             try:
-                async with self._http.stream("POST", path, json=body, headers=headers) as response:
+                async with self._http.stream(
+                    "POST", path, json=body, headers=headers, timeout=deadline.timeout()
+                ) as response:
                     if response.status_code >= 400:
                         await response.aread()
                         error = api_error_from_response(
                             response.status_code, response.content, response.headers.get("x-request-id")
                         )
-                        if attempt < self.max_retries and may_retry_status(error, True):
-                            await asyncio.sleep(backoff_delay(attempt))
+                        wait = status_retry_delay(error, response.headers.get("retry-after"), "POST", True, attempt)
+                        if wait is not None and attempt < self.max_retries and deadline.allows(wait):
+                            await _io.sleep(wait)
                             attempt += 1
                             continue
                         raise error
@@ -343,30 +427,35 @@ class AsyncCrowNest:
                             continue
                         kind, payload = event
                         if kind == "stdout" and on_stdout:
-                            await _call(on_stdout, payload)
+                            await _io.call(on_stdout, payload)
                         elif kind == "stderr" and on_stderr:
-                            await _call(on_stderr, payload)
+                            await _io.call(on_stderr, payload)
                         elif kind == "output" and on_output:
-                            await _call_output(on_output, payload)
+                            await _io.call(on_output, payload)
                         elif kind == "complete":
                             return dict(payload)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries or not may_retry("POST", True, exc):
-                    raise CrowNestConnectionError(f"POST {path}: {exc!r}") from exc
-                await asyncio.sleep(backoff_delay(attempt))
+                delay = backoff_delay(attempt)
+                if attempt >= self.max_retries or not may_retry("POST", True, exc) or not deadline.allows(delay):
+                    raise transport_error("POST", path, exc, deadline) from exc
+                await _io.sleep(delay)
                 attempt += 1
                 continue
-            if attempt >= self.max_retries:
+            delay = backoff_delay(attempt)
+            if attempt >= self.max_retries or not deadline.allows(delay):
                 raise CrowNestConnectionError(f"POST {path}: the run stream ended before its complete event")
-            await asyncio.sleep(backoff_delay(attempt))
+            await _io.sleep(delay)
             attempt += 1
 
 
 # ---------------------------------------------------------------- sandboxes
 
 
-class AsyncSandboxHandle(Record):
-    """A sandbox with its bound sub-clients ``.commands``, ``.code``, ``.files``, ``.artifacts`` and ``.previews``."""
+class AsyncSandboxHandle(Record[SandboxView]):
+    """A sandbox (``id``, ``status``, ``template``, ``expiresAt``, …) with
+    the sub-clients bound to it: ``.commands``, ``.code``, ``.files``,
+    ``.artifacts`` and ``.previews``. As a context manager (``with``, or
+    ``async with`` for the async handle) it kills the sandbox on exit."""
 
     def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
@@ -382,16 +471,57 @@ class AsyncSandboxHandle(Record):
         return str(self._data["id"])
 
     @property
-    def status(self) -> str:
-        return str(self._data["status"])
+    def status(self) -> SandboxStatus:
+        status: SandboxStatus = self._data["status"]
+        return status
+
+    async def __aenter__(self) -> AsyncSandboxHandle:
+        return self
+
+    async def __aexit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Kills the sandbox; one already destroyed (410) is fine. When the
+        block raised, a failed kill is added to that exception as a note
+        instead of replacing it."""
+        try:
+            await self.kill()
+        except CrowNestApiError as e:
+            if e.code == "sandbox_destroyed":
+                return
+            if exc is None:
+                raise
+            exc.add_note(f"and killing sandbox {self.id} on leaving the block failed: {e!r}")
+        except CrowNestError as e:
+            if exc is None:
+                raise
+            exc.add_note(f"and killing sandbox {self.id} on leaving the block failed: {e!r}")
 
     async def refresh(self) -> AsyncSandboxHandle:
+        """Re-reads the sandbox (``GET /v1/sandboxes/{id}``) into this handle."""
         self._data = await self._client._request("GET", f"/v1/sandboxes/{self.id}")
         return self
 
     async def kill(self) -> AsyncSandboxHandle:
+        """Destroys the sandbox (``DELETE /v1/sandboxes/{id}``); the handle
+        then holds its ``destroyed`` tombstone."""
         self._data = await self._client._request("DELETE", f"/v1/sandboxes/{self.id}")
         return self
+
+    async def set_timeout(self, ttl_ms: int) -> AsyncSandboxHandle:
+        """Sets the sandbox to expire ``ttl_ms`` milliseconds from now
+        (longer or shorter than what is left; ``POST …/timeout``) and
+        updates this handle (``expiresAt``). Outside the server's TTL bounds:
+        ``invalid_request``. E2B's ``set_timeout`` takes seconds; this takes
+        milliseconds, like ``ttl_ms`` of ``create``."""
+        self._data = (await self._client.sandboxes.set_timeout(self.id, ttl_ms))._data
+        return self
+
+    async def metrics(self) -> SandboxMetrics:
+        """One sample of the sandbox's resource use (``GET …/metrics``)."""
+        return await self._client.sandboxes.metrics(self.id)
+
+    def metrics_stream(self) -> AsyncIterator[SandboxMetrics]:
+        """A sample every second (SSE) until the sandbox ends."""
+        return self._client.sandboxes.metrics_stream(self.id)
 
     async def set_network(
         self,
@@ -423,22 +553,124 @@ class AsyncSandboxes:
         network: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> AsyncSandboxHandle:
+        """Creates a sandbox from a template and starts it. ``env`` sets
+        variables for every command and code context of the sandbox (over
+        the template's ``[env]``); its values are never returned. The
+        handle is a context manager that kills the sandbox on exit."""
         data = await self._client._request(
             "POST",
             "/v1/sandboxes",
             json=sandbox_body(template, ttl_ms, metadata, network, env),
             idempotency_key=idempotency_key or new_idempotency_key(),
+            deadline=self._client._deadline(request_timeout),
         )
         return AsyncSandboxHandle(self._client, data)
 
     async def get(self, sandbox_id: str) -> AsyncSandboxHandle:
         return AsyncSandboxHandle(self._client, await self._client._request("GET", f"/v1/sandboxes/{sandbox_id}"))
 
-    def list(self, *, limit: int | None = None) -> AsyncPager[AsyncSandboxHandle]:
-        async def fetch(cursor: str | None) -> tuple[list[AsyncSandboxHandle], str | None]:
-            items, nxt = await self._client._page("/v1/sandboxes", limit, cursor)
-            return [AsyncSandboxHandle(self._client, d) for d in items], nxt
+    async def kill(self, sandbox_id: str) -> AsyncSandboxHandle:
+        """Destroys a sandbox by id, in one request (no ``get`` first);
+        returns its ``destroyed`` tombstone. Already destroyed:
+        ``sandbox_destroyed`` (410)."""
+        return AsyncSandboxHandle(self._client, await self._client._request("DELETE", f"/v1/sandboxes/{sandbox_id}"))
+
+    async def set_timeout(self, sandbox_id: str, ttl_ms: int) -> AsyncSandboxHandle:
+        """Sets a live sandbox to expire ``ttl_ms`` milliseconds from now
+        (``POST /v1/sandboxes/{id}/timeout``); see ``SandboxHandle.set_timeout``."""
+        data = await self._client._request(
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/timeout",
+            json={"ttlMs": ttl_ms},
+            idempotency_key=new_idempotency_key(),
+        )
+        return AsyncSandboxHandle(self._client, data)
+
+    async def metrics(self, sandbox_id: str) -> SandboxMetrics:
+        """One sample of a sandbox's resource use: ``cpuUsageSeconds`` (CPU
+        time so far), ``cpuPercent`` (over the last interval, 100 = one CPU),
+        ``memoryUsedBytes`` / ``memoryLimitBytes``, ``pids`` / ``pidsLimit``,
+        ``workspaceUsedBytes`` / ``workspaceLimitBytes``, ``networkBytesIn`` /
+        ``networkBytesOut``, ``vcpus``, ``timestamp``."""
+        data: SandboxMetrics = await self._client._request("GET", f"/v1/sandboxes/{sandbox_id}/metrics")
+        return data
+
+    async def metrics_stream(self, sandbox_id: str) -> AsyncIterator[SandboxMetrics]:
+        """A metrics sample every second (``GET …/metrics?stream=true``),
+        until the sandbox ends (the stream's ``end`` event). A dropped
+        connection is reconnected (samples are points in time: none is
+        owed); a sandbox that ended meanwhile ends the iteration."""
+        path = f"/v1/sandboxes/{sandbox_id}/metrics"
+        client = self._client
+        failures = 0
+        seen = False
+        while True:
+            try:
+                async with client._http.stream("GET", path, params={"stream": "true"}, headers=_SSE) as response:
+                    if response.status_code >= 400:
+                        await response.aread()
+                        error = api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                        if seen and error.code == "sandbox_destroyed":
+                            return
+                        raise error
+                    decoder = SSEDecoder()
+                    async for line in response.aiter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = metrics_event_from_sse(sse, response.status_code)
+                        if event is None:
+                            continue
+                        kind, payload = event
+                        if kind == "end":
+                            return
+                        failures = 0
+                        seen = True
+                        sample: SandboxMetrics = payload
+                        yield sample
+            except httpx.TransportError as exc:
+                if failures >= client.max_retries:
+                    raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+            else:
+                if failures >= client.max_retries:
+                    raise CrowNestConnectionError(f"GET {path}: the metrics stream ended before its end event")
+            await _io.sleep(backoff_delay(failures))
+            failures += 1
+
+    def list(
+        self,
+        *,
+        status: SandboxStatus | None = None,
+        template: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        created_after: TimeParam | None = None,
+        created_before: TimeParam | None = None,
+        limit: int | None = None,
+    ) -> AsyncPager[AsyncSandboxHandle]:
+        """The org's sandboxes (live ones and tombstones), newest first,
+        pages fetched lazily (``limit`` is the page size). Filters, all of
+        which must match: ``status``, ``template``, ``metadata`` (each
+        ``KEY: VALUE``; a non-string value matches by its JSON text),
+        ``created_after`` / ``created_before`` (exclusive; an aware
+        ``datetime`` or an RFC 3339 string)."""
+        query = sandbox_list_params(
+            status=status,
+            template=template,
+            metadata=metadata,
+            created_after=created_after,
+            created_before=created_before,
+            limit=None,
+            cursor=None,
+        )
+
+        async def fetch(cursor: str | None) -> tuple[builtins.list[AsyncSandboxHandle], str | None]:
+            params = httpx.QueryParams([*query, *page_params(limit, cursor).items()])
+            body = await self._client._request("GET", "/v1/sandboxes", params=params)
+            return [AsyncSandboxHandle(self._client, d) for d in body["data"]], body.get("nextCursor")
 
         return AsyncPager(fetch)
 
@@ -447,6 +679,8 @@ class AsyncSandboxes:
 
 
 class AsyncCommandHandle(CommandResult):
+    """A command record plus what can be done to the command."""
+
     def __init__(self, client: AsyncCrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
         self._client = client
@@ -460,30 +694,41 @@ class AsyncCommandHandle(CommandResult):
         return self
 
     def logs(self, *, after: int | None = None) -> AsyncIterator[LogEvent]:
-        """``async for`` over the log: stdout/stderr events, then ``exit``."""
+        """Streams the log (stdout/stderr events, then ``exit``) from the
+        start, or after event number ``after``; a finished command's log is
+        replayed."""
         return self._client._log_stream(f"{self._path}/logs", after)
 
-    async def wait(
-        self, *, on_stdout: AsyncCallback | None = None, on_stderr: AsyncCallback | None = None
+    async def wait(self, *, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
+        """Waits for the command to end and returns its final record. With
+        callbacks, every stdout/stderr chunk is passed to them as it arrives."""
+        return await self._wait(on_stdout, on_stderr, None)
+
+    async def _wait(
+        self, on_stdout: Callback | None, on_stderr: Callback | None, deadline: Deadline | None
     ) -> CommandResult:
         if self.status == "running" or on_stdout or on_stderr:
-            async for event in self.logs():
+            async for event in self._client._log_stream(f"{self._path}/logs", None, deadline):
                 if event.type == "stdout" and on_stdout:
-                    await _call(on_stdout, event.data)
+                    await _io.call(on_stdout, event.data)
                 elif event.type == "stderr" and on_stderr:
-                    await _call(on_stderr, event.data)
+                    await _io.call(on_stderr, event.data)
         await self.refresh()
         return CommandResult(self._data)
 
     async def send_stdin(self, data: str | bytes | None = None, *, close: bool = False) -> AsyncCommandHandle:
+        """Writes text or bytes to the command's stdin (it must have been
+        started with ``stdin=True``); ``close=True`` closes it after."""
         self._data = await self._client._request("POST", f"{self._path}/stdin", json=stdin_body(data, close))
         return self
 
     async def signal(self, signal: str | int) -> AsyncCommandHandle:
+        """Sends a signal (``"SIGTERM"``, ``"INT"``, ``9``, …)."""
         self._data = await self._client._request("POST", f"{self._path}/signal", json={"signal": str(signal)})
         return self
 
     async def cancel(self) -> AsyncCommandHandle:
+        """Kills the command; it ends ``canceled``."""
         self._data = await self._client._request("POST", f"{self._path}/cancel")
         return self
 
@@ -500,24 +745,31 @@ class AsyncCommands:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-        collect: list[CollectSpec] | None = None,
-        on_stdout: AsyncCallback | None = None,
-        on_stderr: AsyncCallback | None = None,
+        collect: builtins.list[CollectSpec] | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> CommandResult:
+        """Runs a command to completion and returns its record (``exitCode``,
+        ``stdout``, ``stderr``, ``status``, …); a non-zero exit is a result,
+        not an exception. With ``on_stdout`` / ``on_stderr`` it starts the
+        command in the background and streams its log to the callbacks, then
+        returns the final record. The whole call, retries included, ends by
+        ``request_timeout`` (default: the client's ``timeout``): a
+        ``timeout_ms`` longer than that needs a ``request_timeout`` as long."""
         key = idempotency_key or new_idempotency_key()
+        deadline = self._client._deadline(request_timeout)
         if on_stdout is None and on_stderr is None:
             body = command_body(
                 command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=False, stdin=False
             )
             data = await self._client._request(
-                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key
+                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key, deadline=deadline
             )
             return CommandResult(data)
-        handle = await self.start(
-            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, idempotency_key=key
-        )
-        return await handle.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+        handle = await self._start(command, cwd, env, timeout_ms, collect, False, key, deadline)
+        return await handle._wait(on_stdout, on_stderr, deadline)
 
     async def start(
         self,
@@ -526,18 +778,32 @@ class AsyncCommands:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-        collect: list[CollectSpec] | None = None,
+        collect: builtins.list[CollectSpec] | None = None,
         stdin: bool = False,
         idempotency_key: str | None = None,
+    ) -> AsyncCommandHandle:
+        """Starts a command in the background and returns a handle to it
+        (``wait()``, ``logs()``, ``send_stdin()``, ``signal()``, ``cancel()``).
+        ``stdin=True`` keeps its stdin open for ``send_stdin``."""
+        key = idempotency_key or new_idempotency_key()
+        return await self._start(command, cwd, env, timeout_ms, collect, stdin, key, None)
+
+    async def _start(
+        self,
+        command: str,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout_ms: int | None,
+        collect: builtins.list[CollectSpec] | None,
+        stdin: bool,
+        key: str,
+        deadline: Deadline | None,
     ) -> AsyncCommandHandle:
         body = command_body(
             command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=True, stdin=stdin
         )
         data = await self._client._request(
-            "POST",
-            f"/v1/sandboxes/{self._sandbox_id}/commands",
-            json=body,
-            idempotency_key=idempotency_key or new_idempotency_key(),
+            "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key, deadline=deadline
         )
         return AsyncCommandHandle(self._client, data)
 
@@ -546,7 +812,7 @@ class AsyncCommands:
         return AsyncCommandHandle(self._client, data)
 
     def list(self, *, limit: int | None = None) -> AsyncPager[AsyncCommandHandle]:
-        async def fetch(cursor: str | None) -> tuple[list[AsyncCommandHandle], str | None]:
+        async def fetch(cursor: str | None) -> tuple[builtins.list[AsyncCommandHandle], str | None]:
             items, nxt = await self._client._page(f"/v1/sandboxes/{self._sandbox_id}/commands", limit, cursor)
             return [AsyncCommandHandle(self._client, d) for d in items], nxt
 
@@ -557,52 +823,84 @@ class AsyncCommands:
 
 
 class AsyncCode:
-    """Code Contexts and Code Runs of the sandbox; see :class:`crownest.Code`."""
+    """Code Contexts (persistent interpreters) and Code Runs (snippets run
+    in them) of the sandbox. Languages: ``python`` (the default),
+    ``javascript``, ``typescript``."""
 
     def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
         self._client = client
         self._base = f"/v1/sandboxes/{sandbox_id}/code"
 
     async def create_context(
-        self, language: str = "python", *, cwd: str | None = None, env: Mapping[str, str] | None = None
+        self,
+        language: CodeLanguage = "python",
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        request_timeout: float | None = None,
     ) -> CodeContext:
+        """Starts a new interpreter for ``language``."""
         body = code_context_body(language, cwd, env)
-        return CodeContext(await self._client._request("POST", f"{self._base}/contexts", json=body))
+        data = await self._client._request(
+            "POST", f"{self._base}/contexts", json=body, deadline=self._client._deadline(request_timeout)
+        )
+        return CodeContext(data)
 
-    async def list_contexts(self) -> list[CodeContext]:
-        body = await self._client._request("GET", f"{self._base}/contexts")
-        return [CodeContext(c) for c in body["data"]]
+    async def list_contexts(self) -> builtins.list[CodeContext]:
+        return [CodeContext(c) for c in (await self._client._request("GET", f"{self._base}/contexts"))["data"]]
 
     async def get_context(self, context_id: str) -> CodeContext:
         return CodeContext(await self._client._request("GET", f"{self._base}/contexts/{context_id}"))
 
+    async def restart_context(
+        self, context_id: str | Mapping[str, Any], *, request_timeout: float | None = None
+    ) -> CodeContext:
+        """Restarts the context's interpreter (``POST …/restart``): the same
+        context id, a fresh interpreter (its variables and imports are gone)."""
+        cid = context_id_of(context_id)
+        data = await self._client._request(
+            "POST", f"{self._base}/contexts/{cid}/restart", deadline=self._client._deadline(request_timeout)
+        )
+        return CodeContext(data)
+
     async def delete_context(self, context_id: str | Mapping[str, Any]) -> None:
-        cid = context_id if isinstance(context_id, str) else str(context_id["id"])
-        await self._client._send("DELETE", f"{self._base}/contexts/{cid}")
+        """Stops the context's interpreter (its state is gone)."""
+        await self._client._send("DELETE", f"{self._base}/contexts/{context_id_of(context_id)}")
 
     async def run(
         self,
         code: str,
         *,
-        language: str = "python",
+        language: CodeLanguage = "python",
         context_id: str | Mapping[str, Any] | None = None,
-        on_stdout: AsyncCallback | None = None,
-        on_stderr: AsyncCallback | None = None,
-        on_output: AsyncOutputCallback | None = None,
-        artifact_policy: str | None = None,
+        on_stdout: Callback | None = None,
+        on_stderr: Callback | None = None,
+        on_output: OutputCallback | None = None,
+        artifact_policy: ArtifactPolicy | None = None,
         timeout_ms: int | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> CodeRunResult:
-        """Runs a snippet in a Code Context; streamed to the callbacks
-        (plain or coroutine functions) when any is given."""
+        """Runs a snippet in a Code Context (``context_id``: an id or a
+        context; default: the sandbox's default context for ``language``)
+        and returns the result. An exception in the code is ``result["error"]``,
+        not an SDK exception. With ``on_stdout`` / ``on_stderr`` /
+        ``on_output`` the run is streamed and each chunk or rich output is
+        passed to them as it is produced. The call ends by
+        ``request_timeout`` (default: the client's ``timeout``)."""
         body = code_run_body(
             code, language=language, context_id=context_id, artifact_policy=artifact_policy, timeout_ms=timeout_ms
         )
         key = idempotency_key or new_idempotency_key()
         path = f"{self._base}/runs"
+        deadline = self._client._deadline(request_timeout)
         if on_stdout is None and on_stderr is None and on_output is None:
-            return CodeRunResult(await self._client._request("POST", path, json=body, idempotency_key=key))
-        return CodeRunResult(await self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output))
+            return CodeRunResult(
+                await self._client._request("POST", path, json=body, idempotency_key=key, deadline=deadline)
+            )
+        return CodeRunResult(
+            await self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output, deadline)
+        )
 
 
 # ---------------------------------------------------------------- artifacts
@@ -614,6 +912,7 @@ class AsyncSandboxArtifacts:
         self._sandbox_id = sandbox_id
 
     async def create(self, path: str, *, name: str | None = None, idempotency_key: str | None = None) -> Artifact:
+        """Promotes a file of /workspace into durable artifact storage."""
         body: dict[str, Any] = {"path": path}
         if name is not None:
             body["name"] = name
@@ -626,7 +925,7 @@ class AsyncSandboxArtifacts:
         return Artifact(data)
 
     def list(self, *, limit: int | None = None) -> AsyncPager[Artifact]:
-        async def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+        async def fetch(cursor: str | None) -> tuple[builtins.list[Artifact], str | None]:
             items, nxt = await self._client._page(f"/v1/sandboxes/{self._sandbox_id}/artifacts", limit, cursor)
             return [Artifact(d) for d in items], nxt
 
@@ -641,41 +940,280 @@ class AsyncArtifacts:
         return Artifact(await self._client._request("GET", f"/v1/artifacts/{artifact_id}"))
 
     def list(self, *, limit: int | None = None) -> AsyncPager[Artifact]:
-        async def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+        async def fetch(cursor: str | None) -> tuple[builtins.list[Artifact], str | None]:
             items, nxt = await self._client._page("/v1/artifacts", limit, cursor)
             return [Artifact(d) for d in items], nxt
 
         return AsyncPager(fetch)
 
     async def download(self, artifact_id: str) -> bytes:
+        """The artifact's content."""
         return (await self._client._send("GET", f"/v1/artifacts/{artifact_id}/content")).content
 
 
 # ---------------------------------------------------------------- files
 
 
+async def _file_chunks(f: IO[bytes], size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of a binary file from its position, chunk by chunk
+    (the async client reads each chunk in a thread)."""
+    left = size
+    while left > 0:
+        chunk = await _io.blocking(f.read, min(FILE_CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _spool_file(source: IO[bytes]) -> tuple[IO[bytes], int]:
+    """A binary file of unknown size (a pipe) copied to a temporary file."""
+    f: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it)
+    try:
+        shutil.copyfileobj(source, f, FILE_CHUNK)
+        size = f.tell()
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f, size
+
+
+class AsyncWatchHandle:
+    """A running ``files.watch``: ``path`` is the watched directory (as the
+    server resolved it). ``stop()`` ends it; so does leaving a ``with``
+    block (``async with`` for the async handle). ``running`` is false once
+    it ended; ``error`` is what ended it otherwise than by ``stop()`` (the
+    connection dropped, the server closed the stream, or ``on_event``
+    raised), else ``None``. The sync client calls ``on_event`` from the
+    watch's own thread; the async client from a task of the event loop."""
+
+    def __init__(self, client: AsyncCrowNest, url: str, params: dict[str, str], on_event: WatchCallback) -> None:
+        self._client = client
+        self._url = url
+        self._params = params
+        self._on_event = on_event
+        self._response: httpx.Response | None = None
+        self._lines: AsyncIterator[str] | None = None
+        self._decoder = SSEDecoder()
+        self._worker: _io.Worker | None = None
+        self._stopped = False
+        self.path = ""
+        self.error: BaseException | None = None
+
+    async def _open(self, deadline: Deadline) -> AsyncWatchHandle:
+        """Opens the stream and waits (within ``deadline``) for ``ready``:
+        the watches are in place, changes from now on are reported."""
+        client = self._client
+        # Reads are bounded by the keep-alive interval, not by `deadline`,
+        # which is for the wait for `ready` alone (checked at every line).
+        left = deadline.left()
+        connect = min(10.0, max(left, 0.001)) if left is not None else 10.0
+        timeout = httpx.Timeout(_WATCH_IDLE_TIMEOUT, connect=connect)
+        request = client._http.build_request("GET", self._url, params=self._params, headers=_SSE, timeout=timeout)
+        try:
+            response = await client._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise transport_error("GET", self._url, exc, deadline) from exc
+        if response.status_code >= 400:
+            try:
+                await response.aread()
+            finally:
+                await response.aclose()
+            raise api_error_from_response(response.status_code, response.content, response.headers.get("x-request-id"))
+        self._response = response
+        self._lines = response.aiter_lines()
+        try:
+            async for line in self._lines:
+                sse = self._decoder.feed(line)
+                if sse is None:
+                    if deadline.expired():
+                        raise deadline_error("GET", self._url, deadline)
+                    continue
+                event = watch_event_from_sse(sse, response.status_code)
+                if event is not None and event[0] == "ready":
+                    self.path = event[1]["path"]
+                    break
+            else:
+                raise CrowNestConnectionError(f"GET {self._url}: the watch stream ended before it was ready")
+        except httpx.TransportError as exc:
+            await response.aclose()
+            raise transport_error("GET", self._url, exc, deadline) from exc
+        except BaseException:
+            await response.aclose()
+            raise
+        self._worker = _io.Worker(self._pump, f"crownest-watch-{self.path}")
+        return self
+
+    async def _pump(self) -> None:
+        """The background loop: each change to ``on_event``, until ``stop()``."""
+        assert self._lines is not None and self._response is not None
+        try:
+            async for line in self._lines:
+                sse = self._decoder.feed(line)
+                if sse is None:
+                    continue
+                event = watch_event_from_sse(sse, self._response.status_code)
+                if event is None or event[0] != "change":
+                    continue
+                if self._stopped:
+                    return
+                await _io.call(self._on_event, event[1])
+            if not self._stopped:
+                self.error = CrowNestConnectionError(f"GET {self._url}: the server ended the watch stream")
+        except (httpx.TransportError, CrowNestError) as exc:
+            if not self._stopped:
+                self.error = exc
+        except Exception as exc:  # noqa: BLE001 (on_event's own failure ends the watch, kept in .error)
+            self.error = exc
+        finally:
+            await self._response.aclose()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and self._worker.running() and not self._stopped
+
+    def _interrupt(self) -> None:
+        """Wakes a read blocked on the stream's socket (the sync client's
+        thread): shutting the socket down ends the read at once."""
+        stream = self._response.extensions.get("network_stream") if self._response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    async def stop(self) -> None:
+        """Ends the watch: no ``on_event`` call starts after this returns."""
+        self._stopped = True
+        if self._worker is not None:
+            await self._worker.stop(self._interrupt)
+        if self._response is not None:
+            await self._response.aclose()
+
+    async def __aenter__(self) -> AsyncWatchHandle:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
 class AsyncFiles:
     """Files of the sandbox's /workspace; paths are relative to /workspace
-    or absolute under it."""
+    or absolute under it. Up to 32 MiB a file goes in one request, larger
+    ones through staged transfer URLs (``write``, ``read_stream`` choose)."""
 
     def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
         self._client = client
         self._base = f"/v1/sandboxes/{sandbox_id}/files"
 
-    async def write(self, path: str, data: str | bytes) -> FileInfo:
-        """Writes a whole file (str is UTF-8 encoded; at most 32 MiB, larger
-        files: ``upload``). Missing parent directories are created."""
+    async def write(self, path: str, data: FileData, *, request_timeout: float | None = None) -> FileInfo:
+        """Writes a whole file; missing parent directories are created.
+        ``data``: text (UTF-8 encoded), bytes, a binary file object (read
+        from its position) or an iterable of byte chunks (the async client
+        also takes an async iterable). Files and iterables are streamed, not
+        held in memory; above 32 MiB the file goes through a staged upload
+        URL, which must know the size: taken from ``fstat`` or by seeking,
+        else (a pipe, an iterable) by spooling the data to a temporary file
+        first. ``request_timeout`` bounds the call."""
+        deadline = self._client._deadline(request_timeout)
+        if isinstance(data, (str, bytes, bytearray, memoryview)):
+            payload = as_bytes(data)
+            if len(payload) > DIRECT_FILE_MAX:
+                return await self._staged_put(path, payload, len(payload), deadline)
+            response = await self._client._send(
+                "PUT", self._base, params={"path": path}, content=payload, headers=OCTET_STREAM, deadline=deadline
+            )
+            return FileInfo(response.json())
+        owned: IO[bytes] | None = None
+        source: IO[bytes]
+        size: int
+        if hasattr(data, "read"):
+            source = data  # type: ignore[assignment]
+            known = file_source_size(source)
+            if known is None:
+                source, size = await _io.blocking(_spool_file, source)
+                owned = source
+            else:
+                size = known
+        elif _io.is_chunk_source(data):
+            source, size = await _io.spool(data)
+            owned = source
+        else:
+            raise TypeError(f"cannot write {type(data).__name__}: give str, bytes, a binary file or byte chunks")
+        try:
+            if size > DIRECT_FILE_MAX:
+                return await self._staged_put(path, _file_chunks(source, size), size, deadline)
+            headers = {**OCTET_STREAM, "content-length": str(size)}
+            response = await self._client._send(
+                "PUT",
+                self._base,
+                params={"path": path},
+                content=_file_chunks(source, size),
+                headers=headers,
+                deadline=deadline,
+            )
+            return FileInfo(response.json())
+        finally:
+            if owned is not None:
+                owned.close()
+
+    async def _staged_put(
+        self, path: str, content: bytes | AsyncIterable[bytes], size: int, deadline: Deadline
+    ) -> FileInfo:
+        target = await self._client._request(
+            "POST", f"{self._base}/uploads", json={"path": path, "sizeBytes": size}, deadline=deadline
+        )
+        headers = {**OCTET_STREAM, "content-length": str(size)}
         response = await self._client._send(
-            "PUT", self._base, params={"path": path}, content=as_bytes(data), headers=OCTET_STREAM
+            target["method"], target["url"], content=content, headers=headers, signed=True, deadline=deadline
         )
         return FileInfo(response.json())
 
-    async def read(self, path: str) -> bytes:
-        """A file's bytes."""
-        return (await self._client._send("GET", self._base, params={"path": path})).content
+    async def write_files(
+        self, files: Sequence[WriteEntry], *, request_timeout: float | None = None
+    ) -> builtins.list[FileInfo]:
+        """Writes several files (``[{"path": ..., "data": str | bytes}]``),
+        one ``PUT`` each, in order; returns their infos. A failure stops
+        there: the files before it are written."""
+        return [await self.write(f["path"], f["data"], request_timeout=request_timeout) for f in files]
+
+    async def read(self, path: str, *, request_timeout: float | None = None) -> bytes:
+        """A file's bytes (held in memory; ``read_stream`` for large files)."""
+        deadline = self._client._deadline(request_timeout)
+        return (await self._client._send("GET", self._base, params={"path": path}, deadline=deadline)).content
 
     async def read_text(self, path: str, encoding: str = "utf-8") -> str:
         return (await self.read(path)).decode(encoding)
+
+    async def read_stream(
+        self, path: str, *, chunk_size: int = FILE_CHUNK, request_timeout: float | None = None
+    ) -> AsyncIterator[bytes]:
+        """A file's bytes as chunks (``for`` / ``async for``), never all in
+        memory: up to 32 MiB from ``GET …/files``, larger files through a
+        staged download URL. ``request_timeout`` bounds each wait for data."""
+        deadline = self._client._deadline(request_timeout)
+        info = await self.stat(path)
+        if int(info.get("size") or 0) > DIRECT_FILE_MAX:
+            target = await self._client._request("POST", f"{self._base}/downloads", json={"path": path}, deadline=deadline)
+            response = await self._client._send(target["method"], target["url"], signed=True, stream=True, deadline=deadline)
+        else:
+            response = await self._client._send("GET", self._base, params={"path": path}, stream=True, deadline=deadline)
+        try:
+            async for chunk in response.aiter_bytes(chunk_size):
+                yield chunk
+        except httpx.TransportError as exc:
+            raise transport_error("GET", self._base, exc, deadline) from exc
+        finally:
+            await response.aclose()
+
+    async def exists(self, path: str) -> bool:
+        """Whether ``path`` exists in /workspace (a file, directory or
+        symlink; ``GET …/files/exists``). A path outside it:
+        ``path_outside_workspace``."""
+        body = await self._client._request("GET", f"{self._base}/exists", params={"path": path})
+        return body.get("exists") is True
 
     async def delete(self, path: str, *, recursive: bool = False) -> None:
         """Removes a file, a symlink or a directory (non-empty ones with
@@ -701,7 +1239,29 @@ class AsyncFiles:
         body = move_body(source, destination, overwrite)
         return FileInfo(await self._client._request("POST", f"{self._base}/move", json=body))
 
-    async def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record:
+    async def watch(
+        self,
+        path: str | None,
+        on_event: WatchCallback,
+        *,
+        recursive: bool = True,
+        request_timeout: float | None = None,
+    ) -> AsyncWatchHandle:
+        """Watches a directory (``None``: /workspace) for changes and calls
+        ``on_event`` with each as a dict: ``{"type": "create" | "modify" |
+        "delete" | "rename", "path", "isDir", "oldPath" (rename only)}``, or
+        ``{"type": "overflow", "dropped": n}`` when the sandbox's bounded
+        queue dropped events. Returns once the watches are in place (the
+        stream's ``ready``, within ``request_timeout``): a change made after
+        that is reported. The returned handle's ``stop()`` ends it, as does
+        leaving it as a context manager. The sync client calls ``on_event``
+        from a background thread, the async client from a task (a coroutine
+        function is awaited). Watches per sandbox are limited:
+        ``too_many_watches``."""
+        handle = AsyncWatchHandle(self._client, f"{self._base}/watch", watch_params(path, recursive), on_event)
+        return await handle._open(self._client._deadline(request_timeout))
+
+    async def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record[TransferView]:
         """Stages an upload: ``{url, method: "PUT", expiresAt, maxBytes}``, a
         signed URL for one PUT of the raw bytes, without an API key."""
         body: dict[str, Any] = {"path": path}
@@ -709,24 +1269,22 @@ class AsyncFiles:
             body["sizeBytes"] = size_bytes
         return Record(await self._client._request("POST", f"{self._base}/uploads", json=body))
 
-    async def download_url(self, path: str) -> Record:
+    async def download_url(self, path: str) -> Record[TransferView]:
         """Stages a download: ``{url, method: "GET", expiresAt, sizeBytes}``,
         a signed URL for one GET, without an API key."""
         return Record(await self._client._request("POST", f"{self._base}/downloads", json={"path": path}))
 
-    async def upload(self, path: str, data: str | bytes) -> FileInfo:
-        """Writes a file of any size through a staged upload."""
+    async def upload(self, path: str, data: str | bytes, *, request_timeout: float | None = None) -> FileInfo:
+        """Writes a file of any size through a staged upload (``write``
+        does that by itself above 32 MiB)."""
         payload = as_bytes(data)
-        target = await self.upload_url(path, size_bytes=len(payload))
-        response = await self._client._send(
-            target["method"], target["url"], content=payload, headers=OCTET_STREAM, signed=True
-        )
-        return FileInfo(response.json())
+        return await self._staged_put(path, payload, len(payload), self._client._deadline(request_timeout))
 
-    async def download(self, path: str) -> bytes:
-        """Reads a file of any size through a staged download."""
-        target = await self.download_url(path)
-        return (await self._client._send(target["method"], target["url"], signed=True)).content
+    async def download(self, path: str, *, request_timeout: float | None = None) -> bytes:
+        """Reads a file of any size through a staged download, into memory."""
+        deadline = self._client._deadline(request_timeout)
+        target = await self._client._request("POST", f"{self._base}/downloads", json={"path": path}, deadline=deadline)
+        return (await self._client._send(target["method"], target["url"], signed=True, deadline=deadline)).content
 
 
 # ---------------------------------------------------------------- templates
@@ -736,15 +1294,72 @@ class AsyncTemplates:
     def __init__(self, client: AsyncCrowNest) -> None:
         self._client = client
 
-    async def list(self) -> list[Record]:
+    async def list(self) -> builtins.list[Record[TemplateView]]:
+        """``GET /v1/templates``: the templates, their resources, built or not."""
         return [Record(t) for t in (await self._client._request("GET", "/v1/templates"))["data"]]
+
+
+# ---------------------------------------------------------------- usage and audit
+
+
+class AsyncUsage:
+    """Compute usage of the caller's sandboxes (``GET /v1/usage``, scope ``usage:read``)."""
+
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    async def get(
+        self,
+        *,
+        from_: TimeParam | None = None,
+        to: TimeParam | None = None,
+        group_by: str | None = None,
+    ) -> UsageReport:
+        """Usage in ``[from_, to)`` (default: the last 30 days; an aware
+        ``datetime`` or an RFC 3339 string), grouped by ``group_by``:
+        ``sandbox`` (default), ``project`` or ``day`` (UTC). Returns
+        ``{from, to, groupBy, data: [{key, seconds, computeUnitSeconds,
+        egressBytesIn, egressBytesOut, pricingVersion}], totalComputeUnitSeconds}``."""
+        report: UsageReport = await self._client._request("GET", "/v1/usage", params=usage_params(from_, to, group_by))
+        return report
+
+
+class AsyncAudit:
+    """Audit events of the caller's org (``GET /v1/audit-events``, scope ``audit:read``)."""
+
+    def __init__(self, client: AsyncCrowNest) -> None:
+        self._client = client
+
+    def list(
+        self,
+        *,
+        resource_id: str | None = None,
+        action: str | None = None,
+        from_: TimeParam | None = None,
+        to: TimeParam | None = None,
+        limit: int | None = None,
+    ) -> AsyncPager[AuditEvent]:
+        """Every matching event, newest first, pages fetched lazily
+        (``limit`` is the page size, 1 … 200): about ``resource_id``
+        (``sbx_…``, ``cmd_…``, ``key_…``), of ``action`` (``sandbox.create``,
+        ``sandbox.timeout``, …), at or after ``from_`` and before ``to``."""
+
+        async def fetch(cursor: str | None) -> tuple[builtins.list[AuditEvent], str | None]:
+            params = audit_params(resource_id=resource_id, action=action, from_=from_, to=to, limit=limit, cursor=cursor)
+            body = await self._client._request("GET", "/v1/audit-events", params=params)
+            return [AuditEvent(e) for e in body["data"]], body.get("nextCursor")
+
+        return AsyncPager(fetch)
 
 
 # ---------------------------------------------------------------- previews
 
 
 class AsyncPreviews:
-    """Ports of the sandbox exposed as authenticated URLs; see :class:`crownest.Previews`."""
+    """Ports of the sandbox exposed as authenticated URLs. A request to a
+    preview's ``url`` needs an API key with scope ``previews:access`` (as
+    :meth:`fetch` sends it), or the preview's ``token`` (a browser opens
+    ``browserUrl``)."""
 
     def __init__(self, client: AsyncCrowNest, sandbox_id: str) -> None:
         self._client = client
@@ -761,7 +1376,7 @@ class AsyncPreviews:
         return Preview(await self._client._request("GET", f"{self._base}/{preview_id}"))
 
     def list(self, *, limit: int | None = None) -> AsyncPager[Preview]:
-        async def fetch(cursor: str | None) -> tuple[list[Preview], str | None]:
+        async def fetch(cursor: str | None) -> tuple[builtins.list[Preview], str | None]:
             items, nxt = await self._client._page(self._base, limit, cursor)
             return [Preview(d) for d in items], nxt
 
@@ -780,9 +1395,13 @@ class AsyncPreviews:
         content: str | bytes | None = None,
         headers: Mapping[str, str] | None = None,
     ) -> httpx.Response:
-        """Sends one request to the app behind ``preview`` with this
-        client's API key, and returns the app's response as it is; see
-        :meth:`crownest.Previews.fetch` (``*.localhost`` URLs go to 127.0.0.1)."""
+        """Sends one request to the app behind ``preview`` (``path`` is
+        relative to its URL) with this client's API key, and returns the
+        app's response as it is (any status, redirects not followed; 502
+        ``preview_unreachable`` while nothing listens on the port). A
+        preview URL under ``localhost`` (``http://prv-….localhost:PORT/``,
+        the default) is reached on 127.0.0.1 with its ``Host``, as a
+        browser would, since the system resolver may not know the name."""
         target = preview_request(preview, path, headers)
         return await self._client._http.request(
             method, target.url, content=content, headers=target.headers, extensions=target.extensions
@@ -802,37 +1421,27 @@ async def _read_archive(source: ArchiveSource) -> bytes:
             with open(path, "rb") as f:
                 return f.read()
 
-        return await asyncio.to_thread(read)
-    return await asyncio.to_thread(source.read)
+        return await _io.blocking(read)
+    return await _io.blocking(source.read)
 
 
-async def _stream_archive(source: str | os.PathLike[str] | IO[bytes], size: int) -> AsyncIterator[bytes]:
-    """``size`` bytes of a file (a path, or a binary file from its
-    position), read in a thread chunk by chunk."""
-    owned = isinstance(source, (str, os.PathLike))
-    f: IO[bytes] = open(source, "rb") if isinstance(source, (str, os.PathLike)) else source  # noqa: SIM115
-    try:
-        left = size
-        while left > 0:
-            chunk = await asyncio.to_thread(f.read, min(_UPLOAD_CHUNK, left))
-            if not chunk:
-                return
-            left -= len(chunk)
+async def _archive_chunks(source: str | os.PathLike[str] | IO[bytes], size: int) -> AsyncIterator[bytes]:
+    """``size`` bytes of an archive (a path, or a binary file from its
+    position), chunk by chunk."""
+    if isinstance(source, (str, os.PathLike)):
+        with open(source, "rb") as f:
+            async for chunk in _file_chunks(f, size):
+                yield chunk
+    else:
+        async for chunk in _file_chunks(source, size):
             yield chunk
-    finally:
-        if owned:
-            f.close()
-
-
-async def _call_event(callback: AsyncEventCallback, event: WorkspaceRunEvent) -> None:
-    result = callback(event)
-    if inspect.isawaitable(result):
-        await result
 
 
 class AsyncWorkspaceRuns:
-    """Workspace Runs (see :class:`crownest.WorkspaceRuns`), with ``await``
-    and ``async for`` over ``list`` and ``events``."""
+    """Workspace Runs: upload a ``.tar.gz`` of a checkout, run one command on
+    it in a fresh sandbox, follow its event log, keep the files named as
+    artifacts, and get a signed Evidence Bundle. :meth:`run_directory` does
+    all of it for a local directory."""
 
     def __init__(self, client: AsyncCrowNest) -> None:
         self._client = client
@@ -854,7 +1463,10 @@ class AsyncWorkspaceRuns:
         metadata: Mapping[str, Any] | None = None,
         idempotency_key: str | None = None,
     ) -> WorkspaceRun:
-        """Creates a run (``awaiting_archive``) for ``archive={"sizeBytes", "sha256"}``."""
+        """Creates a run (``awaiting_archive``) for an archive of
+        ``archive={"sizeBytes", "sha256"}``; ``template`` defaults to
+        ``python-node`` on the server, ``artifacts`` are ``{path, name?}``
+        relative to /workspace."""
         body = workspace_run_body(
             command,
             archive=archive,
@@ -881,7 +1493,8 @@ class AsyncWorkspaceRuns:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> WorkspaceRunPage:
-        """One page of runs, newest first (``data``, ``next_cursor``)."""
+        """One page of runs, newest first (``data``, ``next_cursor``),
+        filtered by ``status`` and ``metadata`` (every key must match)."""
         params = httpx.QueryParams(workspace_run_list_params(status, metadata, limit, cursor))
         return workspace_run_page(await self._client._request("GET", "/v1/workspace-runs", params=params))
 
@@ -893,23 +1506,28 @@ class AsyncWorkspaceRuns:
         limit: int | None = None,
         cursor: str | None = None,
     ) -> AsyncPager[WorkspaceRun]:
-        """``async for`` over every matching run, newest first."""
+        """Every matching run, newest first, pages fetched lazily (from
+        ``cursor`` when given); ``limit`` is the page size."""
 
-        async def fetch(after: str | None) -> tuple[list[WorkspaceRun], str | None]:
+        async def fetch(after: str | None) -> tuple[builtins.list[WorkspaceRun], str | None]:
             page = await self.list_page(status=status, metadata=metadata, limit=limit, cursor=after or cursor)
             return page.data, page.next_cursor
 
         return AsyncPager(fetch)
 
-    async def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record:
-        """Stages an archive upload: ``{url, method: "PUT", expiresAt, maxBytes}``."""
+    async def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record[TransferView]:
+        """Stages an archive upload: ``{url, method: "PUT", expiresAt,
+        maxBytes}``, a signed URL for one PUT of the raw bytes, no API key."""
         return Record(await self._client._request("POST", self._path(run, "/archive/uploads")))
 
     async def upload_archive(
         self, run: str | Mapping[str, Any], archive: ArchiveSource, *, staged: bool | None = None
     ) -> WorkspaceRun:
-        """Uploads the run's ``.tar.gz``: direct up to 32 MiB, staged above
-        (or with ``staged=True``), streamed from a file."""
+        """Uploads the run's ``.tar.gz`` (bytes, a path, or a binary file from
+        its position): up to 32 MiB in one ``PUT …/archive``, larger ones
+        (or with ``staged=True``) through a staged upload, streamed from the
+        file. The server checks size and SHA-256 (``archive_size_mismatch``,
+        ``archive_digest_mismatch``; the run then still awaits an archive)."""
         size = archive_source_size(archive)
         if not (staged if staged is not None else size > DIRECT_UPLOAD_MAX):
             data = await self._client._request(
@@ -922,71 +1540,78 @@ class AsyncWorkspaceRuns:
         if isinstance(archive, (bytes, bytearray, memoryview)):
             content = bytes(archive)
         else:
-            content = _stream_archive(archive, size)
+            content = _archive_chunks(archive, size)
         response = await self._client._send(
             target["method"], target["url"], content=content, headers=headers, signed=True
         )
         return WorkspaceRun(response.json())
 
     async def start(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        """Queues the run (its archive must have been uploaded)."""
         return WorkspaceRun(await self._client._request("POST", self._path(run, "/start")))
 
     async def cancel(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
+        """Stops the command and ends the run ``canceled`` (with evidence)."""
         return WorkspaceRun(await self._client._request("POST", self._path(run, "/cancel")))
 
     async def list_events(
         self, run: str | Mapping[str, Any], *, after_seq: int | None = None, limit: int | None = None
     ) -> WorkspaceRunEventPage:
+        """One page of the run's event log after ``after_seq`` (``data``,
+        ``next_after_seq``, ``terminal``); ``limit`` 1 … 1000."""
         params = run_event_params(after_seq, limit)
         body = await self._client._request("GET", self._path(run, "/events"), params=params)
         return run_event_page(body, after_seq or 0)
 
     def events(self, run: str | Mapping[str, Any], *, after_seq: int = 0) -> AsyncIterator[WorkspaceRunEvent]:
-        """``async for`` over the run's events after ``after_seq`` to the
-        ``terminal`` event, resumed after a dropped connection."""
+        """The run's events after ``after_seq`` as they happen (SSE), to the
+        ``terminal`` event; a finished run's log is replayed. A dropped
+        connection is resumed: no event is repeated or missed."""
         return self._client._run_events(run_id_of(run), after_seq)
 
     async def wait(self, run: str | Mapping[str, Any], *, timeout: float | None = None) -> WorkspaceRun:
-        """Polls the run until it is terminal and its evidence written (up
-        to 30 s after the end); ``CrowNestTimeoutError`` after ``timeout`` s."""
-        loop = asyncio.get_running_loop()
-        deadline = None if timeout is None else loop.time() + timeout
-        grace: float | None = None
+        """Polls the run until it is terminal and its evidence written
+        (``evidenceReady``; that follows the end by a moment, and is given
+        up to 30 s) and returns it; after ``timeout`` seconds raises
+        ``CrowNestTimeoutError``."""
+        deadline = Deadline(timeout)
+        grace: Deadline | None = None
         attempt = 0
         while True:
             current = await self.get(run)
             if current.terminal:
-                grace = grace if grace is not None else loop.time() + EVIDENCE_GRACE
-                if current.get("evidenceReady") is not False or loop.time() >= grace:
+                grace = grace or Deadline(EVIDENCE_GRACE)
+                if current.get("evidenceReady") is not False or grace.expired():
                     return current
             delay = wait_poll_delay(attempt)
-            if deadline is not None:
-                left = deadline - loop.time()
+            left = deadline.left()
+            if left is not None:
                 if left <= 0:
                     raise CrowNestTimeoutError(f"workspace run {current.id} is still {current.status} after {timeout} s")
                 delay = min(delay, left)
-            await asyncio.sleep(delay)
+            await _io.sleep(delay)
             attempt += 1
 
     async def evidence(self, run: str | Mapping[str, Any]) -> EvidenceBundle:
+        """The run's signed Evidence Bundle (``bundle``, ``signature``);
+        before it is written: ``evidence_not_ready``."""
         return EvidenceBundle(await self._client._request("GET", self._path(run, "/evidence")))
 
-    async def evidence_keys(self) -> builtins.list[Record]:
+    async def evidence_keys(self) -> builtins.list[Record[EvidenceKeyView]]:
         """The server's evidence signing keys (``GET /v1/evidence-keys``):
         ``keyId``, ``algorithm`` (``ed25519``), ``publicKey`` (base64)."""
         return [Record(k) for k in (await self._client._request("GET", "/v1/evidence-keys"))["data"]]
 
     async def _evidence_when_ready(self, run: str | Mapping[str, Any], timeout: float = 60.0) -> EvidenceBundle:
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeout
+        deadline = Deadline(timeout)
         attempt = 0
         while True:
             try:
                 return await self.evidence(run)
             except CrowNestApiError as e:
-                if e.code != "evidence_not_ready" or loop.time() >= deadline:
+                if e.code != "evidence_not_ready" or deadline.expired():
                     raise
-            await asyncio.sleep(wait_poll_delay(attempt))
+            await _io.sleep(wait_poll_delay(attempt))
             attempt += 1
 
     async def run_directory(
@@ -1001,12 +1626,17 @@ class AsyncWorkspaceRuns:
         metadata: Mapping[str, Any] | None = None,
         keep_sandbox: bool | None = None,
         include_git: bool = False,
-        on_event: AsyncEventCallback | None = None,
+        on_event: EventCallback | None = None,
         staged: bool | None = None,
     ) -> WorkspaceRunResult:
-        """Packs ``directory`` (in a thread), creates, uploads, starts and
-        follows the run, and returns ``(run, evidence)`` once it is terminal."""
-        packed: PackedArchive = await asyncio.to_thread(pack_directory, directory, include_git=include_git)
+        """Packs ``directory`` (``.gitignore`` respected, ``.git`` skipped
+        unless ``include_git``), creates a run for it, uploads the archive
+        (direct up to 32 MiB, staged above, or as ``staged`` says), starts
+        it, passes every event to ``on_event`` as it arrives, and returns
+        ``(run, evidence)`` once the run is terminal. A failed command is a
+        result (``run.status == "failed"``, ``run.exit_code``), not an
+        exception."""
+        packed: PackedArchive = await _io.blocking(lambda: pack_directory(directory, include_git=include_git))
         with packed:
             created = await self.create(
                 command,
@@ -1022,13 +1652,15 @@ class AsyncWorkspaceRuns:
                 await self.upload_archive(created, packed.file, staged=staged)
                 await self.start(created)
             except BaseException:
-                try:
+                try:  # it never ran: do not leave it awaiting an archive
                     await self.cancel(created)
                 except CrowNestError:
                     pass
                 raise
         async for event in self.events(created):
             if on_event is not None:
-                await _call_event(on_event, event)
+                await _io.call(on_event, event)
+        # The run's record turns terminal, and its evidence is written, a
+        # moment after the `terminal` event.
         final = await self.wait(created)
         return WorkspaceRunResult(final, await self._evidence_when_ready(created))

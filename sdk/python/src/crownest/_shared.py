@@ -1,21 +1,40 @@
 """What the sync and async clients share: configuration, errors, records,
-request bodies, retry policy and the SSE decoder. No I/O happens here."""
+request bodies and queries, the retry policy and the SSE decoder. No I/O
+happens here."""
 
 from __future__ import annotations
 
+import datetime as _dt
+import email.utils
 import http.cookiejar
 import json
 import os
 import random
 import re
+import stat
+import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal, NamedTuple, TypedDict
+from typing import Any, Generic, Literal, NamedTuple, TypedDict, TypeVar, cast
 
 import httpx
 
-__version__ = "0.1.0"
+from ._types import (
+    ArtifactView,
+    AuditEventView,
+    CommandStatus,
+    CommandView,
+    ContextView,
+    FileView,
+    PreviewStatus,
+    PreviewView,
+    RunCodeResultBody,
+    RunStatus,
+    SandboxMetricsView,
+    WorkspaceRunView,
+)
+from ._version import __version__
 
 DEFAULT_BASE_URL = "http://127.0.0.1:7420"
 DEFAULT_TIMEOUT = 660.0
@@ -66,8 +85,10 @@ class CrowNestConnectionError(CrowNestError):
 
 
 class CrowNestTimeoutError(CrowNestError, TimeoutError):
-    """A wait for something on the server (a Workspace Run to end, its
-    evidence to be written) ran past its ``timeout``."""
+    """A call ran past its time: a request got no answer within the
+    client's ``timeout`` (or the call's ``request_timeout``), retries
+    included, or a wait for something on the server (a Workspace Run to
+    end, its evidence to be written) ran past its ``timeout``."""
 
 
 def api_error_from_response(status: int, body: bytes, request_id: str | None) -> CrowNestApiError:
@@ -113,6 +134,15 @@ def new_idempotency_key() -> str:
 
 #: Failures after which the request may or may not have reached the server.
 _AMBIGUOUS = (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError, httpx.TimeoutException)
+#: Methods whose repetition does what one request does.
+IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "PUT"})
+#: Gateway and availability failures worth another try: the server does
+#: not store a 5xx as an Idempotency-Key's answer, so a keyed retry runs
+#: the request afresh.
+RETRYABLE_5XX = frozenset({502, 503, 504})
+#: 503s that another try within seconds will not cure (a template that
+#: failed to build fails again, and takes minutes doing so).
+PERSISTENT_503_CODES = frozenset({"template_unavailable"})
 
 
 def may_retry(method: str, has_idempotency_key: bool, exc: Exception) -> bool:
@@ -126,20 +156,112 @@ def may_retry(method: str, has_idempotency_key: bool, exc: Exception) -> bool:
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout)):
         return True
     if isinstance(exc, _AMBIGUOUS):
-        return method in ("GET", "PUT") or has_idempotency_key
+        return method in IDEMPOTENT_METHODS or has_idempotency_key
     return False
 
 
-def may_retry_status(error: CrowNestApiError, has_idempotency_key: bool) -> bool:
-    # The first request with this key is still being processed (e.g. our
-    # own earlier attempt whose connection dropped): wait and ask again.
-    return has_idempotency_key and error.code == "idempotency_key_in_use"
+def retry_after_seconds(value: str | None, now: float | None = None) -> float | None:
+    """A ``Retry-After`` header in seconds: delay-seconds (``"2"``) or an
+    HTTP date (``"Wed, 21 Oct 2015 07:28:00 GMT"``, counted from ``now``,
+    a Unix time); ``None`` when absent or unreadable."""
+    if value is None:
+        return None
+    text = value.strip()
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        pass
+    else:
+        return seconds if seconds >= 0 and seconds == seconds else None  # NaN is not a delay
+    try:
+        when = email.utils.parsedate_to_datetime(text)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=_dt.timezone.utc)
+    reference = time.time() if now is None else now
+    return max(0.0, when.timestamp() - reference)
+
+
+def status_retry_delay(
+    error: CrowNestApiError,
+    retry_after: str | None,
+    method: str,
+    has_idempotency_key: bool,
+    attempt: int,
+) -> float | None:
+    """How long to wait before retrying a request that got ``error``, or
+    ``None`` when it is not retried. ``Retry-After`` wins over the backoff.
+
+    - 429 with ``Retry-After`` (``rate_limited``): the server says when.
+      Other 429s (``quota_exceeded``, ``too_many_streams``, …) last until
+      the caller frees something, so they are raised at once.
+    - 502, 503 (``capacity_exhausted``, ``sandbox_busy``, …), 504: for an
+      idempotent method or a keyed request.
+    - 409 ``idempotency_key_in_use``: the first request with this key (e.g.
+      our own earlier attempt whose connection dropped) is still running.
+    """
+    after = retry_after_seconds(retry_after)
+    delay = after if after is not None else backoff_delay(attempt)
+    if error.status == 429:
+        return after
+    if error.status in RETRYABLE_5XX:
+        if error.status == 503 and error.code in PERSISTENT_503_CODES:
+            return None
+        return delay if (method in IDEMPOTENT_METHODS or has_idempotency_key) else None
+    if has_idempotency_key and error.code == "idempotency_key_in_use":
+        return delay
+    return None
 
 
 def backoff_delay(attempt: int) -> float:
     """Exponential backoff with jitter: ~0.25 s, 0.5 s, 1 s, … capped at 8 s."""
     base: float = min(8.0, 0.25 * (2**attempt))
     return base * (0.5 + random.random() / 2)
+
+
+class Deadline:
+    """The end of one call, retries included: every attempt gets what is
+    left of it, and no retry sleeps past it. ``None`` seconds: no end."""
+
+    def __init__(self, seconds: float | None) -> None:
+        self.seconds = seconds
+        self._at = None if seconds is None else time.monotonic() + seconds
+
+    def left(self) -> float | None:
+        return None if self._at is None else self._at - time.monotonic()
+
+    def allows(self, delay: float) -> bool:
+        """Whether sleeping ``delay`` seconds leaves time for another attempt."""
+        return self._at is None or time.monotonic() + delay < self._at
+
+    def timeout(self, connect: float = 10.0) -> httpx.Timeout:
+        """The httpx timeout of the next attempt: what is left (a blocking
+        request waits in one read, so the read timeout bounds it)."""
+        left = self.left()
+        if left is None:
+            return httpx.Timeout(None, connect=connect)
+        left = max(left, 0.001)
+        return httpx.Timeout(left, connect=min(left, connect))
+
+    def expired(self) -> bool:
+        left = self.left()
+        return left is not None and left <= 0
+
+
+def transport_error(method: str, path: str, exc: Exception, deadline: Deadline) -> CrowNestError:
+    """What a failed request raises: ``CrowNestTimeoutError`` when the
+    server did not answer in time, else ``CrowNestConnectionError``."""
+    if isinstance(exc, httpx.TimeoutException) and not isinstance(exc, httpx.ConnectTimeout):
+        limit = f" within {deadline.seconds:g} s" if deadline.seconds is not None else ""
+        return CrowNestTimeoutError(f"{method} {path}: no answer{limit} ({exc!r})")
+    return CrowNestConnectionError(f"{method} {path}: {exc!r}")
+
+
+def deadline_error(method: str, path: str, deadline: Deadline) -> CrowNestTimeoutError:
+    return CrowNestTimeoutError(f"{method} {path}: no answer within {deadline.seconds:g} s")
 
 
 # ---------------------------------------------------------------- records
@@ -151,9 +273,15 @@ def to_camel(name: str) -> str:
     return _CAMEL.sub(lambda m: m.group(1).upper(), name)
 
 
-class Record(Mapping[str, Any]):
+#: The TypedDict (``crownest.types``) of a record's JSON object.
+D = TypeVar("D", bound=Mapping[str, Any])
+
+
+class Record(Mapping[str, Any], Generic[D]):
     """A JSON object from the API: mapping access (``r["exitCode"]``),
-    attribute access (``r.exitCode`` or ``r.exit_code``) and ``to_dict()``."""
+    attribute access (``r.exitCode`` or ``r.exit_code``) and ``to_dict()``,
+    a deep copy typed as the object's TypedDict ``D`` (from
+    docs/openapi.json, see ``crownest.types``)."""
 
     def __init__(self, data: Mapping[str, Any]) -> None:
         self._data: dict[str, Any] = dict(data)
@@ -178,14 +306,14 @@ class Record(Mapping[str, Any]):
             return data[camel]
         raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(self._data))  # type: ignore[no-any-return]
+    def to_dict(self) -> D:
+        return cast(D, json.loads(json.dumps(self._data)))
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self._data!r})"
 
 
-class CommandResult(Record):
+class CommandResult(Record[CommandView]):
     """A command record: ``id``, ``status`` (``running``, ``completed``,
     ``failed``, ``timed_out``, ``canceled``), ``exitCode``, ``stdout``,
     ``stderr``, ``artifacts`` (with ``collect``), timestamps. A non-zero
@@ -196,8 +324,8 @@ class CommandResult(Record):
         return str(self._data["id"])
 
     @property
-    def status(self) -> str:
-        return str(self._data["status"])
+    def status(self) -> CommandStatus:
+        return cast(CommandStatus, str(self._data["status"]))
 
     @property
     def exit_code(self) -> int | None:
@@ -205,7 +333,7 @@ class CommandResult(Record):
         return int(code) if code is not None else None
 
 
-class Artifact(Record):
+class Artifact(Record[ArtifactView]):
     """An artifact: ``id`` (``art_…``), ``name``, ``sha256``, ``size``,
     ``mime``, ``sandboxId``, ``sourcePath``, ``createdAt``."""
 
@@ -214,7 +342,7 @@ class Artifact(Record):
         return str(self._data["id"])
 
 
-class Preview(Record):
+class Preview(Record[PreviewView]):
     """A preview: ``id`` (``prv_…``), ``sandboxId``, ``port``, ``status``
     (``active`` | ``closed``), ``url`` (the preview's own origin,
     ``http://prv-….localhost:PORT/`` by default), ``createdAt``,
@@ -228,6 +356,10 @@ class Preview(Record):
     @property
     def url(self) -> str:
         return str(self._data["url"])
+
+    @property
+    def status(self) -> PreviewStatus:
+        return cast(PreviewStatus, str(self._data["status"]))
 
 
 def preview_id_of(preview: str | Mapping[str, Any]) -> str:
@@ -286,7 +418,7 @@ def preview_request(
     return PreviewRequest(str(target.copy_with(host=LOOPBACK_ADDRESS)), sent, extensions)
 
 
-class FileInfo(Record):
+class FileInfo(Record[FileView]):
     """A file or directory of /workspace: ``name``, ``path`` (absolute),
     ``type`` (``file``, ``dir``, ``symlink``, ``other``), ``size``, ``mode``,
     ``mtime``."""
@@ -323,7 +455,7 @@ def move_body(source: str, destination: str, overwrite: bool) -> dict[str, Any]:
     return body
 
 
-def as_bytes(data: str | bytes) -> bytes:
+def as_bytes(data: str | bytes | bytearray | memoryview) -> bytes:
     return data.encode("utf-8") if isinstance(data, str) else bytes(data)
 
 
@@ -428,6 +560,95 @@ def stdin_body(data: str | bytes | None, close: bool) -> dict[str, Any]:
     return body
 
 
+#: A time of a query: an aware ``datetime`` or an RFC 3339 string as it is.
+TimeParam = _dt.datetime | str
+
+
+def rfc3339_param(name: str, value: TimeParam) -> str:
+    """``value`` as the RFC 3339 text of a query (UTC, milliseconds). A
+    naive ``datetime`` is refused: whose clock it means is a guess."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, _dt.datetime):
+        raise TypeError(f"{name} must be a datetime or an RFC 3339 string, not {type(value).__name__}")
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise ValueError(f"{name} is a naive datetime: give it a tzinfo (e.g. datetime.now(timezone.utc))")
+    text = value.astimezone(_dt.timezone.utc).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def metadata_filter_value(value: Any) -> str:
+    """How the server compares a metadata filter: a string as it is, a
+    number, boolean or null by its JSON text."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+Query = list[tuple[str, str | int | float | bool | None]]
+
+
+def sandbox_list_params(
+    *,
+    status: str | None,
+    template: str | None,
+    metadata: Mapping[str, Any] | None,
+    created_after: TimeParam | None,
+    created_before: TimeParam | None,
+    limit: int | None,
+    cursor: str | None,
+) -> Query:
+    """Query of ``GET /v1/sandboxes``: ``status``, ``template``, one
+    ``metadata[KEY]=VALUE`` per entry (all must match), ``createdAfter`` /
+    ``createdBefore`` (exclusive), ``limit``, ``cursor``."""
+    params: Query = []
+    if status is not None:
+        params.append(("status", status))
+    if template is not None:
+        params.append(("template", template))
+    for key, value in (metadata or {}).items():
+        params.append((f"metadata[{key}]", metadata_filter_value(value)))
+    if created_after is not None:
+        params.append(("createdAfter", rfc3339_param("created_after", created_after)))
+    if created_before is not None:
+        params.append(("createdBefore", rfc3339_param("created_before", created_before)))
+    params.extend((k, str(v)) for k, v in page_params(limit, cursor).items())
+    return params
+
+
+def usage_params(from_: TimeParam | None, to: TimeParam | None, group_by: str | None) -> dict[str, str]:
+    """Query of ``GET /v1/usage``."""
+    params: dict[str, str] = {}
+    if from_ is not None:
+        params["from"] = rfc3339_param("from_", from_)
+    if to is not None:
+        params["to"] = rfc3339_param("to", to)
+    if group_by is not None:
+        params["groupBy"] = group_by
+    return params
+
+
+def audit_params(
+    *,
+    resource_id: str | None,
+    action: str | None,
+    from_: TimeParam | None,
+    to: TimeParam | None,
+    limit: int | None,
+    cursor: str | None,
+) -> dict[str, Any]:
+    """Query of ``GET /v1/audit-events``."""
+    params: dict[str, Any] = {}
+    if resource_id is not None:
+        params["resourceId"] = resource_id
+    if action is not None:
+        params["action"] = action
+    if from_ is not None:
+        params["from"] = rfc3339_param("from_", from_)
+    if to is not None:
+        params["to"] = rfc3339_param("to", to)
+    params.update(page_params(limit, cursor))
+    return params
+
+
 def page_params(limit: int | None, cursor: str | None) -> dict[str, Any]:
     params: dict[str, Any] = {}
     if limit is not None:
@@ -506,7 +727,7 @@ CodeLanguage = Literal["python", "javascript", "typescript"]
 ArtifactPolicy = Literal["inline", "promote"]
 
 
-class CodeContext(Record):
+class CodeContext(Record[ContextView]):
     """A Code Context: ``id`` (``cctx_…``), ``sandboxId``, ``language``,
     ``cwd``, ``implementation``, ``isDefault``, ``createdAt``. Its
     interpreter keeps variables and imports across Code Runs."""
@@ -520,7 +741,7 @@ class CodeContext(Record):
         return str(self._data["language"])
 
 
-class CodeRunResult(Record):
+class CodeRunResult(Record[RunCodeResultBody]):
     """The result of a Code Run: ``contextId``, ``stdout`` and ``stderr``
     (ordered lists of chunks), ``outputs`` (``inline``, ``artifact`` or
     ``rejected`` rich outputs), ``executionCount``, ``error`` (``{name,
@@ -634,7 +855,7 @@ class ArchiveSpec(TypedDict):
     sha256: str
 
 
-class WorkspaceRun(Record):
+class WorkspaceRun(Record[WorkspaceRunView]):
     """A Workspace Run: ``id`` (``wsr_…``), ``status`` (``awaiting_archive``,
     ``queued``, ``extracting``, ``running``, ``succeeded``, ``failed``,
     ``canceled``), ``reason``, ``template``, ``command``, ``env``,
@@ -648,8 +869,8 @@ class WorkspaceRun(Record):
         return str(self._data["id"])
 
     @property
-    def status(self) -> str:
-        return str(self._data["status"])
+    def status(self) -> RunStatus:
+        return cast(RunStatus, str(self._data["status"]))
 
     @property
     def reason(self) -> str | None:
@@ -703,7 +924,7 @@ class WorkspaceRunPage:
     next_cursor: str | None
 
 
-class EvidenceBundle(Record):
+class EvidenceBundle(Record[dict[str, Any]]):
     """A Workspace Run's signed Evidence Bundle: ``bundle`` (``runId``,
     ``status``, ``command``, ``template``, ``archive``, ``artifacts`` with
     their ``sha256``, ``terminalEvent``, ``events`` ``{count, sha256}``, …)
@@ -839,3 +1060,162 @@ def event_stream_request(after_seq: int) -> tuple[dict[str, str], dict[str, Any]
 def wait_poll_delay(attempt: int) -> float:
     """Polling interval of ``wait``: 0.2 s growing to 2 s."""
     return float(min(2.0, 0.2 * (1.5**attempt)))
+
+
+# ---------------------------------------------------------------- metrics, watch, audit
+
+
+#: One sample of ``GET /v1/sandboxes/{id}/metrics`` (and each ``metrics``
+#: event of its stream): CPU time used so far (``cpuUsageSeconds``) and
+#: over the last interval (``cpuPercent``, 100 = one CPU busy), memory,
+#: pids, workspace bytes and egress bytes, each with its limit. The
+#: generated ``SandboxMetricsView``, under a shorter name.
+SandboxMetrics = SandboxMetricsView
+
+
+#: What a change under a watched directory was (``overflow``: the agent's
+#: bounded queue dropped ``dropped`` events).
+WatchEventType = Literal["create", "modify", "delete", "rename", "overflow"]
+_CHANGE_TYPES = frozenset({"create", "modify", "delete", "rename"})
+
+
+class WatchEvent(TypedDict, total=False):
+    """One change under a watched directory, as ``files.watch`` passes it
+    on: ``type``, ``path`` (absolute, under /workspace), ``isDir``,
+    ``oldPath`` (``rename`` only); for ``overflow`` only ``dropped``."""
+
+    type: WatchEventType
+    path: str
+    isDir: bool
+    oldPath: str
+    dropped: int
+
+
+def sse_error(payload: Any, status: int) -> CrowNestApiError | None:
+    """The error envelope an SSE stream sent in place of an event, if it is one."""
+    if isinstance(payload, dict) and isinstance(payload.get("error"), dict):
+        err = payload["error"]
+        return CrowNestApiError(
+            status if status >= 400 else 500,
+            str(err.get("code") or "internal"),
+            str(err.get("message") or ""),
+            err.get("details") or {},
+        )
+    return None
+
+
+def _json_or_none(data: str) -> Any:
+    try:
+        return json.loads(data) if data else None
+    except ValueError:
+        return None
+
+
+def metrics_event_from_sse(ev: ServerSentEvent, status: int = 200) -> tuple[str, Any] | None:
+    """One event of the metrics stream: ``("metrics", sample)`` or
+    ``("end", {"status": ...})``; an error envelope is raised; anything
+    else is skipped."""
+    payload = _json_or_none(ev.data)
+    if ev.event == "error" or (ev.event not in ("metrics", "end") and sse_error(payload, status)):
+        error = sse_error(payload, status)
+        if error is not None:
+            raise error
+        return None
+    if ev.event == "metrics" and isinstance(payload, dict):
+        return "metrics", payload
+    if ev.event == "end":
+        return "end", payload if isinstance(payload, dict) else {}
+    return None
+
+
+def watch_event_from_sse(ev: ServerSentEvent, status: int = 200) -> tuple[str, Any] | None:
+    """One event of the watch stream, checked (what a sandbox reports is
+    not trusted): ``("ready", {"path"})``, ``("change", WatchEvent)`` for a
+    change or an overflow; an error envelope is raised; a malformed or
+    unknown event is skipped."""
+    payload = _json_or_none(ev.data)
+    if ev.event == "error":
+        error = sse_error(payload, status)
+        if error is not None:
+            raise error
+        return None
+    if not isinstance(payload, dict):
+        return None
+    if ev.event == "ready":
+        return "ready", {"path": str(payload.get("path", ""))}
+    if ev.event == "overflow":
+        dropped = payload.get("dropped")
+        overflow: WatchEvent = {"type": "overflow", "dropped": dropped if isinstance(dropped, int) else 0}
+        return "change", overflow
+    if ev.event == "change":
+        kind, path = payload.get("type"), payload.get("path")
+        if kind not in _CHANGE_TYPES or not isinstance(path, str):
+            return None
+        change: WatchEvent = {"type": kind, "path": path, "isDir": payload.get("isDir") is True}
+        old = payload.get("oldPath")
+        if kind == "rename" and isinstance(old, str):
+            change["oldPath"] = old
+        return "change", change
+    return None
+
+
+def watch_params(path: str | None, recursive: bool) -> dict[str, str]:
+    params = {"recursive": "true" if recursive else "false"}
+    if path is not None:
+        params["path"] = path
+    return params
+
+
+class AuditEvent(Record[AuditEventView]):
+    """An audit event: ``id`` (``evt_…``), ``at``, ``actor``, ``action``
+    (``sandbox.create``, ``sandbox.timeout``, …), ``resourceType``,
+    ``resourceId``, ``outcome`` (``success``, ``denied``, ``failed``),
+    ``status``, ``requestId``, ``details``."""
+
+    @property
+    def id(self) -> str:
+        return str(self._data["id"])
+
+    @property
+    def action(self) -> str:
+        return str(self._data["action"])
+
+
+def file_source_size(source: Any) -> int | None:
+    """How many bytes a binary file has left from its position: from
+    ``fstat`` for a regular file, else by seeking, else ``None`` (a pipe,
+    a socket, an iterable: spooled to a temporary file to learn it)."""
+    try:
+        fileno = source.fileno()
+        st = os.fstat(fileno)
+    except (AttributeError, OSError, ValueError):
+        st = None
+    if st is not None and stat.S_ISREG(st.st_mode):
+        try:
+            return max(0, st.st_size - int(source.tell()))
+        except (AttributeError, OSError, ValueError):
+            pass
+    try:
+        if not source.seekable():
+            return None
+        pos = source.tell()
+        end = source.seek(0, os.SEEK_END)
+        source.seek(pos)
+        return max(0, int(end - pos))
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+class WriteEntry(TypedDict):
+    """One file of ``files.write_files``: its ``path`` and ``data`` (text is
+    UTF-8 encoded)."""
+
+    path: str
+    data: str | bytes
+
+
+#: Files up to this size are read and written directly (one request);
+#: larger ones through staged transfer URLs.
+DIRECT_FILE_MAX = 32 * 1024 * 1024
+#: Chunk size of streamed file bodies.
+FILE_CHUNK = 1024 * 1024

@@ -1,91 +1,129 @@
-"""The synchronous client. ``_async.py`` mirrors it method for method."""
+"""The synchronous client. Generated from ``_async.py`` by
+``tools/gen_sync.py`` (unasync): do not edit by hand; edit ``_async.py``
+and run ``python tools/gen_sync.py`` in sdk/python. What differs between
+the two beyond ``await`` lives in ``_io_sync.py`` / ``_io_async.py``."""
 
 from __future__ import annotations
 
 import builtins
 import os
-import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+import shutil
+import socket
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import IO, Any, Generic, TypeVar
 
 import httpx
 
-from ._archive import DIRECT_UPLOAD_MAX, archive_source_size, pack_directory
+from . import _io_sync as _io
+from ._archive import DIRECT_UPLOAD_MAX, PackedArchive, archive_source_size, pack_directory
+from ._io_sync import Callback, EventCallback, FileData, OutputCallback, PageFetch, WatchCallback
 from ._shared import (
+    CODE_STREAM_HEADERS,
     DEFAULT_MAX_RETRIES,
     DEFAULT_TIMEOUT,
+    DIRECT_FILE_MAX,
     EVIDENCE_GRACE,
+    FILE_CHUNK,
     OCTET_STREAM,
-    CODE_STREAM_HEADERS,
     Artifact,
-    Preview,
+    ArtifactPolicy,
+    AuditEvent,
     CodeContext,
+    CodeLanguage,
     CodeRunResult,
-    FileInfo,
-    FileListing,
     CollectSpec,
     CommandResult,
     CrowNestApiError,
     CrowNestConnectionError,
     CrowNestError,
     CrowNestTimeoutError,
+    Deadline,
     EvidenceBundle,
+    FileInfo,
+    FileListing,
     LogEvent,
+    Preview,
     Record,
+    SandboxMetrics,
     SSEDecoder,
+    TimeParam,
     WorkspaceRun,
     WorkspaceRunEvent,
     WorkspaceRunEventPage,
     WorkspaceRunPage,
     WorkspaceRunResult,
+    WriteEntry,
     api_error_from_response,
     as_bytes,
+    audit_params,
     backoff_delay,
     code_context_body,
     code_event_from_sse,
     code_run_body,
     command_body,
+    context_id_of,
+    deadline_error,
     default_headers,
     event_stream_request,
     file_listing,
+    file_source_size,
     log_event_from_sse,
     may_retry,
-    may_retry_status,
+    metrics_event_from_sse,
     mkdir_body,
     move_body,
+    network_body,
     new_idempotency_key,
-    preview_id_of,
-    preview_request,
     no_cookies,
     page_params,
+    preview_id_of,
+    preview_request,
     resolve_api_key,
     resolve_base_url,
     run_event_from_sse,
     run_event_page,
     run_event_params,
     run_id_of,
-    network_body,
     sandbox_body,
+    sandbox_list_params,
+    status_retry_delay,
     stdin_body,
+    transport_error,
+    usage_params,
     wait_poll_delay,
+    watch_event_from_sse,
+    watch_params,
     workspace_run_body,
     workspace_run_list_params,
     workspace_run_page,
 )
+from ._types import (
+    EvidenceKeyView,
+    Health,
+    SandboxStatus,
+    SandboxView,
+    TemplateView,
+    TransferView,
+    UsageReport,
+)
 
 T = TypeVar("T")
-Callback = Callable[[str], Any]
-OutputCallback = Callable[[dict[str, Any]], Any]
-#: Called with each event of a Workspace Run as it arrives.
-EventCallback = Callable[[WorkspaceRunEvent], Any]
 #: An archive to upload: its bytes, a path to the ``.tar.gz``, or a binary file.
 ArchiveSource = bytes | str | os.PathLike[str] | IO[bytes]
+#: Headers of an SSE request.
+_SSE = {"accept": "text/event-stream"}
+#: How long a watch stream may stay silent before its connection counts as
+#: dead: the server sends a keep-alive comment every 15 s.
+_WATCH_IDLE_TIMEOUT = 60.0
 
 
 class Pager(Generic[T]):
-    """Iterates every item of a paginated list, fetching pages lazily."""
+    """Iterates every item of a paginated list (``for`` with the sync
+    client, ``async for`` with the async one), fetching pages lazily;
+    ``pages()`` iterates the pages."""
 
-    def __init__(self, fetch: Callable[[str | None], tuple[list[T], str | None]]) -> None:
+    def __init__(self, fetch: PageFetch[T]) -> None:
         self._fetch = fetch
 
     def pages(self) -> Iterator[list[T]]:
@@ -98,22 +136,27 @@ class Pager(Generic[T]):
 
     def __iter__(self) -> Iterator[T]:
         for page in self.pages():
-            yield from page
+            for item in page:
+                yield item
 
 
 class CrowNest:
-    """Synchronous CrowNest client.
+    """A CrowNest client (``CrowNest`` blocks, ``AsyncCrowNest`` is the same
+    surface with ``await``).
 
     ``api_key`` defaults to ``CROWNEST_API_KEY``; ``base_url`` to
     ``CROWNEST_BASE_URL``, else ``http://127.0.0.1:7420`` (a local server);
-    ``timeout`` is the per-request timeout in seconds (a blocking
-    ``commands.run`` waits for the command within one request)."""
+    ``timeout`` (seconds, ``None``: none) bounds each call, retries
+    included: a blocking ``commands.run`` waits for the command within it.
+    The methods that block take ``request_timeout=`` to set it for one call.
+    ``max_retries`` is how many times a failed request may be retried (see
+    the README: what is retried, and Retry-After)."""
 
     def __init__(
         self,
         api_key: str | None = None,
         base_url: str | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float | None = DEFAULT_TIMEOUT,
         *,
         max_retries: int = DEFAULT_MAX_RETRIES,
     ) -> None:
@@ -124,12 +167,14 @@ class CrowNest:
             base_url=self.base_url,
             cookies=no_cookies(),
             headers=default_headers(resolve_api_key(api_key)),
-            timeout=httpx.Timeout(timeout, connect=min(timeout, 10.0)),
+            timeout=Deadline(timeout).timeout(),
         )
         self.sandboxes = Sandboxes(self)
         self.artifacts = Artifacts(self)
         self.templates = Templates(self)
         self.workspace_runs = WorkspaceRuns(self)
+        self.usage = Usage(self)
+        self.audit = Audit(self)
 
     # -- lifecycle
 
@@ -142,11 +187,15 @@ class CrowNest:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def health(self) -> Record:
+    def health(self) -> Record[Health]:
         """``GET /v1/health``."""
         return Record(self._request("GET", "/v1/health"))
 
     # -- transport
+
+    def _deadline(self, request_timeout: float | None) -> Deadline:
+        """One call's deadline: ``request_timeout``, else the client's ``timeout``."""
+        return Deadline(request_timeout if request_timeout is not None else self.timeout)
 
     def _send(
         self,
@@ -159,55 +208,83 @@ class CrowNest:
         idempotency_key: str | None = None,
         headers: Mapping[str, str] | None = None,
         signed: bool = False,
+        stream: bool = False,
+        deadline: Deadline | None = None,
     ) -> httpx.Response:
-        """One API call, with retries. ``signed``: ``path`` is a signed
-        transfer URL, sent once without the API key."""
+        """One API call, with retries, within ``deadline`` (default: the
+        client's ``timeout``): each attempt gets what is left of it, and no
+        retry sleeps past it. Retried: a connection that failed before the
+        request went out; an idempotent or keyed request whose connection
+        dropped, or that got 502/503/504; a 429 with Retry-After; a keyed
+        request whose key is still in use. ``Retry-After`` sets the wait.
+        A streamed body (not bytes) cannot be sent twice and is not retried.
+        ``signed``: ``path`` is a signed transfer URL, sent once without the
+        API key. ``stream``: the body is left unread (the caller closes it)."""
+        deadline = deadline or self._deadline(None)
         hdrs = dict(headers or {})
-        if idempotency_key:
+        keyed = idempotency_key is not None
+        if idempotency_key is not None:
             hdrs["Idempotency-Key"] = idempotency_key
+        replayable = not signed and (content is None or isinstance(content, bytes))
+        shown = "/v1/transfers/…" if signed else path  # a transfer URL's token stays out of errors
         attempt = 0
         while True:
-            request = self._http.build_request(method, path, json=json, content=content, params=params, headers=hdrs)
+            if deadline.expired():
+                raise deadline_error(method, shown, deadline)
+            request = self._http.build_request(
+                method, path, json=json, content=content, params=params, headers=hdrs, timeout=deadline.timeout()
+            )
             if signed:
                 del request.headers["x-api-key"]
             try:
-                response = self._http.send(request)
+                response = self._http.send(request, stream=stream)
             except httpx.TransportError as exc:
-                retryable = not signed and may_retry(method, idempotency_key is not None, exc)
-                if attempt >= self.max_retries or not retryable:
-                    raise CrowNestConnectionError(f"{method} {request.url.path}: {exc!r}") from exc
-                time.sleep(backoff_delay(attempt))
+                delay = backoff_delay(attempt)
+                retry = replayable and attempt < self.max_retries and may_retry(method, keyed, exc)
+                if not retry or not deadline.allows(delay):
+                    raise transport_error(method, shown, exc, deadline) from exc
+                _io.sleep(delay)
                 attempt += 1
                 continue
             if response.status_code >= 400:
+                if stream:
+                    try:
+                        response.read()
+                    finally:
+                        response.close()
                 error = api_error_from_response(
                     response.status_code, response.content, response.headers.get("x-request-id")
                 )
-                if attempt < self.max_retries and may_retry_status(error, idempotency_key is not None):
-                    time.sleep(backoff_delay(attempt))
+                wait = status_retry_delay(error, response.headers.get("retry-after"), method, keyed, attempt)
+                if wait is not None and replayable and attempt < self.max_retries and deadline.allows(wait):
+                    _io.sleep(wait)
                     attempt += 1
                     continue
                 raise error
             return response
 
     def _request(self, method: str, path: str, **kw: Any) -> Any:
-        return self._send(method, path, **kw).json()
+        return (self._send(method, path, **kw)).json()
 
     def _page(self, path: str, limit: int | None, cursor: str | None) -> tuple[list[Any], str | None]:
         body = self._request("GET", path, params=page_params(limit, cursor))
         return list(body["data"]), body.get("nextCursor")
 
-    def _log_stream(self, path: str, after: int | None) -> Iterator[LogEvent]:
+    def _log_stream(self, path: str, after: int | None, deadline: Deadline | None = None) -> Iterator[LogEvent]:
         """Follows an SSE log until its ``exit`` event, reconnecting with
-        ``Last-Event-ID`` after a dropped connection."""
+        ``Last-Event-ID`` after a dropped connection; within ``deadline``
+        when one is given (else as long as the command runs)."""
         last = after
         failures = 0
         while True:
-            headers = {"accept": "text/event-stream"}
+            if deadline is not None and deadline.expired():
+                raise deadline_error("GET", path, deadline)
+            headers = dict(_SSE)
             if last is not None:
                 headers["Last-Event-ID"] = str(last)
+            timeout = deadline.timeout() if deadline is not None else httpx.USE_CLIENT_DEFAULT
             try:
-                with self._http.stream("GET", path, headers=headers) as response:
+                with self._http.stream("GET", path, headers=headers, timeout=timeout) as response:
                     if response.status_code >= 400:
                         response.read()
                         raise api_error_from_response(
@@ -231,13 +308,13 @@ class CrowNest:
                 if not isinstance(exc, httpx.ReadTimeout):
                     if failures >= self.max_retries:
                         raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
-                    time.sleep(backoff_delay(failures))
+                    _io.sleep(backoff_delay(failures))
                     failures += 1
                 continue
             # The stream ended without an exit event: reconnect after `last`.
             if failures >= self.max_retries:
                 raise CrowNestConnectionError(f"GET {path}: the log stream ended before the exit event")
-            time.sleep(backoff_delay(failures))
+            _io.sleep(backoff_delay(failures))
             failures += 1
 
     def _run_events(self, run_id: str, after_seq: int) -> Iterator[WorkspaceRunEvent]:
@@ -279,13 +356,13 @@ class CrowNest:
                 if not isinstance(exc, httpx.ReadTimeout):
                     if failures >= self.max_retries:
                         raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
-                    time.sleep(backoff_delay(failures))
+                    _io.sleep(backoff_delay(failures))
                     failures += 1
                 continue
             # The stream ended before the terminal event: reconnect after `last`.
             if failures >= self.max_retries:
                 raise CrowNestConnectionError(f"GET {path}: the event stream ended before the terminal event")
-            time.sleep(backoff_delay(failures))
+            _io.sleep(backoff_delay(failures))
             failures += 1
 
     def _run_events_between(self, path: str, after: int, before: int) -> Iterator[WorkspaceRunEvent]:
@@ -310,23 +387,30 @@ class CrowNest:
         on_stdout: Callback | None,
         on_stderr: Callback | None,
         on_output: OutputCallback | None,
+        deadline: Deadline,
     ) -> dict[str, Any]:
         """POSTs a streamed Code Run and passes its events to the callbacks
         until the ``complete`` event, whose RunCodeResult it returns. After a
         dropped connection it asks again with the same Idempotency-Key: the
-        server then waits for the run and replays its ``complete`` event."""
+        server then waits for the run and replays its ``complete`` event.
+        Retries, as in ``_send``, stay within ``deadline``."""
         headers = {**CODE_STREAM_HEADERS, "Idempotency-Key": idempotency_key}
         attempt = 0
         while True:
+            if deadline.expired():
+                raise deadline_error("POST", path, deadline)
             try:
-                with self._http.stream("POST", path, json=body, headers=headers) as response:
+                with self._http.stream(
+                    "POST", path, json=body, headers=headers, timeout=deadline.timeout()
+                ) as response:
                     if response.status_code >= 400:
                         response.read()
                         error = api_error_from_response(
                             response.status_code, response.content, response.headers.get("x-request-id")
                         )
-                        if attempt < self.max_retries and may_retry_status(error, True):
-                            time.sleep(backoff_delay(attempt))
+                        wait = status_retry_delay(error, response.headers.get("retry-after"), "POST", True, attempt)
+                        if wait is not None and attempt < self.max_retries and deadline.allows(wait):
+                            _io.sleep(wait)
                             attempt += 1
                             continue
                         raise error
@@ -340,32 +424,35 @@ class CrowNest:
                             continue
                         kind, payload = event
                         if kind == "stdout" and on_stdout:
-                            on_stdout(payload)
+                            _io.call(on_stdout, payload)
                         elif kind == "stderr" and on_stderr:
-                            on_stderr(payload)
+                            _io.call(on_stderr, payload)
                         elif kind == "output" and on_output:
-                            on_output(payload)
+                            _io.call(on_output, payload)
                         elif kind == "complete":
                             return dict(payload)
             except httpx.TransportError as exc:
-                if attempt >= self.max_retries or not may_retry("POST", True, exc):
-                    raise CrowNestConnectionError(f"POST {path}: {exc!r}") from exc
-                time.sleep(backoff_delay(attempt))
+                delay = backoff_delay(attempt)
+                if attempt >= self.max_retries or not may_retry("POST", True, exc) or not deadline.allows(delay):
+                    raise transport_error("POST", path, exc, deadline) from exc
+                _io.sleep(delay)
                 attempt += 1
                 continue
-            if attempt >= self.max_retries:
+            delay = backoff_delay(attempt)
+            if attempt >= self.max_retries or not deadline.allows(delay):
                 raise CrowNestConnectionError(f"POST {path}: the run stream ended before its complete event")
-            time.sleep(backoff_delay(attempt))
+            _io.sleep(delay)
             attempt += 1
 
 
 # ---------------------------------------------------------------- sandboxes
 
 
-class SandboxHandle(Record):
+class SandboxHandle(Record[SandboxView]):
     """A sandbox (``id``, ``status``, ``template``, ``expiresAt``, …) with
     the sub-clients bound to it: ``.commands``, ``.code``, ``.files``,
-    ``.artifacts`` and ``.previews``."""
+    ``.artifacts`` and ``.previews``. As a context manager (``with``, or
+    ``async with`` for the async handle) it kills the sandbox on exit."""
 
     def __init__(self, client: CrowNest, data: Mapping[str, Any]) -> None:
         super().__init__(data)
@@ -381,8 +468,29 @@ class SandboxHandle(Record):
         return str(self._data["id"])
 
     @property
-    def status(self) -> str:
-        return str(self._data["status"])
+    def status(self) -> SandboxStatus:
+        status: SandboxStatus = self._data["status"]
+        return status
+
+    def __enter__(self) -> SandboxHandle:
+        return self
+
+    def __exit__(self, exc_type: object, exc: BaseException | None, tb: object) -> None:
+        """Kills the sandbox; one already destroyed (410) is fine. When the
+        block raised, a failed kill is added to that exception as a note
+        instead of replacing it."""
+        try:
+            self.kill()
+        except CrowNestApiError as e:
+            if e.code == "sandbox_destroyed":
+                return
+            if exc is None:
+                raise
+            exc.add_note(f"and killing sandbox {self.id} on leaving the block failed: {e!r}")
+        except CrowNestError as e:
+            if exc is None:
+                raise
+            exc.add_note(f"and killing sandbox {self.id} on leaving the block failed: {e!r}")
 
     def refresh(self) -> SandboxHandle:
         """Re-reads the sandbox (``GET /v1/sandboxes/{id}``) into this handle."""
@@ -394,6 +502,23 @@ class SandboxHandle(Record):
         then holds its ``destroyed`` tombstone."""
         self._data = self._client._request("DELETE", f"/v1/sandboxes/{self.id}")
         return self
+
+    def set_timeout(self, ttl_ms: int) -> SandboxHandle:
+        """Sets the sandbox to expire ``ttl_ms`` milliseconds from now
+        (longer or shorter than what is left; ``POST …/timeout``) and
+        updates this handle (``expiresAt``). Outside the server's TTL bounds:
+        ``invalid_request``. E2B's ``set_timeout`` takes seconds; this takes
+        milliseconds, like ``ttl_ms`` of ``create``."""
+        self._data = (self._client.sandboxes.set_timeout(self.id, ttl_ms))._data
+        return self
+
+    def metrics(self) -> SandboxMetrics:
+        """One sample of the sandbox's resource use (``GET …/metrics``)."""
+        return self._client.sandboxes.metrics(self.id)
+
+    def metrics_stream(self) -> Iterator[SandboxMetrics]:
+        """A sample every second (SSE) until the sandbox ends."""
+        return self._client.sandboxes.metrics_stream(self.id)
 
     def set_network(
         self,
@@ -425,28 +550,124 @@ class Sandboxes:
         network: Mapping[str, Any] | None = None,
         env: Mapping[str, str] | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> SandboxHandle:
         """Creates a sandbox from a template and starts it. ``env`` sets
         variables for every command and code context of the sandbox (over
-        the template's ``[env]``); its values are never returned."""
+        the template's ``[env]``); its values are never returned. The
+        handle is a context manager that kills the sandbox on exit."""
         data = self._client._request(
             "POST",
             "/v1/sandboxes",
             json=sandbox_body(template, ttl_ms, metadata, network, env),
             idempotency_key=idempotency_key or new_idempotency_key(),
+            deadline=self._client._deadline(request_timeout),
         )
         return SandboxHandle(self._client, data)
 
     def get(self, sandbox_id: str) -> SandboxHandle:
         return SandboxHandle(self._client, self._client._request("GET", f"/v1/sandboxes/{sandbox_id}"))
 
-    def list(self, *, limit: int | None = None) -> Pager[SandboxHandle]:
-        """Every sandbox of the org (live ones and tombstones), newest first;
-        ``limit`` is the page size."""
+    def kill(self, sandbox_id: str) -> SandboxHandle:
+        """Destroys a sandbox by id, in one request (no ``get`` first);
+        returns its ``destroyed`` tombstone. Already destroyed:
+        ``sandbox_destroyed`` (410)."""
+        return SandboxHandle(self._client, self._client._request("DELETE", f"/v1/sandboxes/{sandbox_id}"))
 
-        def fetch(cursor: str | None) -> tuple[list[SandboxHandle], str | None]:
-            items, nxt = self._client._page("/v1/sandboxes", limit, cursor)
-            return [SandboxHandle(self._client, d) for d in items], nxt
+    def set_timeout(self, sandbox_id: str, ttl_ms: int) -> SandboxHandle:
+        """Sets a live sandbox to expire ``ttl_ms`` milliseconds from now
+        (``POST /v1/sandboxes/{id}/timeout``); see ``SandboxHandle.set_timeout``."""
+        data = self._client._request(
+            "POST",
+            f"/v1/sandboxes/{sandbox_id}/timeout",
+            json={"ttlMs": ttl_ms},
+            idempotency_key=new_idempotency_key(),
+        )
+        return SandboxHandle(self._client, data)
+
+    def metrics(self, sandbox_id: str) -> SandboxMetrics:
+        """One sample of a sandbox's resource use: ``cpuUsageSeconds`` (CPU
+        time so far), ``cpuPercent`` (over the last interval, 100 = one CPU),
+        ``memoryUsedBytes`` / ``memoryLimitBytes``, ``pids`` / ``pidsLimit``,
+        ``workspaceUsedBytes`` / ``workspaceLimitBytes``, ``networkBytesIn`` /
+        ``networkBytesOut``, ``vcpus``, ``timestamp``."""
+        data: SandboxMetrics = self._client._request("GET", f"/v1/sandboxes/{sandbox_id}/metrics")
+        return data
+
+    def metrics_stream(self, sandbox_id: str) -> Iterator[SandboxMetrics]:
+        """A metrics sample every second (``GET …/metrics?stream=true``),
+        until the sandbox ends (the stream's ``end`` event). A dropped
+        connection is reconnected (samples are points in time: none is
+        owed); a sandbox that ended meanwhile ends the iteration."""
+        path = f"/v1/sandboxes/{sandbox_id}/metrics"
+        client = self._client
+        failures = 0
+        seen = False
+        while True:
+            try:
+                with client._http.stream("GET", path, params={"stream": "true"}, headers=_SSE) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        error = api_error_from_response(
+                            response.status_code, response.content, response.headers.get("x-request-id")
+                        )
+                        if seen and error.code == "sandbox_destroyed":
+                            return
+                        raise error
+                    decoder = SSEDecoder()
+                    for line in response.iter_lines():
+                        sse = decoder.feed(line)
+                        if sse is None:
+                            continue
+                        event = metrics_event_from_sse(sse, response.status_code)
+                        if event is None:
+                            continue
+                        kind, payload = event
+                        if kind == "end":
+                            return
+                        failures = 0
+                        seen = True
+                        sample: SandboxMetrics = payload
+                        yield sample
+            except httpx.TransportError as exc:
+                if failures >= client.max_retries:
+                    raise CrowNestConnectionError(f"GET {path}: {exc!r}") from exc
+            else:
+                if failures >= client.max_retries:
+                    raise CrowNestConnectionError(f"GET {path}: the metrics stream ended before its end event")
+            _io.sleep(backoff_delay(failures))
+            failures += 1
+
+    def list(
+        self,
+        *,
+        status: SandboxStatus | None = None,
+        template: str | None = None,
+        metadata: Mapping[str, Any] | None = None,
+        created_after: TimeParam | None = None,
+        created_before: TimeParam | None = None,
+        limit: int | None = None,
+    ) -> Pager[SandboxHandle]:
+        """The org's sandboxes (live ones and tombstones), newest first,
+        pages fetched lazily (``limit`` is the page size). Filters, all of
+        which must match: ``status``, ``template``, ``metadata`` (each
+        ``KEY: VALUE``; a non-string value matches by its JSON text),
+        ``created_after`` / ``created_before`` (exclusive; an aware
+        ``datetime`` or an RFC 3339 string)."""
+        query = sandbox_list_params(
+            status=status,
+            template=template,
+            metadata=metadata,
+            created_after=created_after,
+            created_before=created_before,
+            limit=None,
+            cursor=None,
+        )
+
+        def fetch(cursor: str | None) -> tuple[builtins.list[SandboxHandle], str | None]:
+            params = httpx.QueryParams([*query, *page_params(limit, cursor).items()])
+            body = self._client._request("GET", "/v1/sandboxes", params=params)
+            return [SandboxHandle(self._client, d) for d in body["data"]], body.get("nextCursor")
 
         return Pager(fetch)
 
@@ -478,12 +699,17 @@ class CommandHandle(CommandResult):
     def wait(self, *, on_stdout: Callback | None = None, on_stderr: Callback | None = None) -> CommandResult:
         """Waits for the command to end and returns its final record. With
         callbacks, every stdout/stderr chunk is passed to them as it arrives."""
+        return self._wait(on_stdout, on_stderr, None)
+
+    def _wait(
+        self, on_stdout: Callback | None, on_stderr: Callback | None, deadline: Deadline | None
+    ) -> CommandResult:
         if self.status == "running" or on_stdout or on_stderr:
-            for event in self.logs():
+            for event in self._client._log_stream(f"{self._path}/logs", None, deadline):
                 if event.type == "stdout" and on_stdout:
-                    on_stdout(event.data)
+                    _io.call(on_stdout, event.data)
                 elif event.type == "stderr" and on_stderr:
-                    on_stderr(event.data)
+                    _io.call(on_stderr, event.data)
         self.refresh()
         return CommandResult(self._data)
 
@@ -516,28 +742,31 @@ class Commands:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-        collect: list[CollectSpec] | None = None,
+        collect: builtins.list[CollectSpec] | None = None,
         on_stdout: Callback | None = None,
         on_stderr: Callback | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> CommandResult:
         """Runs a command to completion and returns its record (``exitCode``,
-        ``stdout``, ``stderr``, ``status``, …). With ``on_stdout`` /
-        ``on_stderr`` it starts the command in the background and streams
-        its log to the callbacks, then returns the final record."""
+        ``stdout``, ``stderr``, ``status``, …); a non-zero exit is a result,
+        not an exception. With ``on_stdout`` / ``on_stderr`` it starts the
+        command in the background and streams its log to the callbacks, then
+        returns the final record. The whole call, retries included, ends by
+        ``request_timeout`` (default: the client's ``timeout``): a
+        ``timeout_ms`` longer than that needs a ``request_timeout`` as long."""
         key = idempotency_key or new_idempotency_key()
+        deadline = self._client._deadline(request_timeout)
         if on_stdout is None and on_stderr is None:
             body = command_body(
                 command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=False, stdin=False
             )
             data = self._client._request(
-                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key
+                "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key, deadline=deadline
             )
             return CommandResult(data)
-        handle = self.start(
-            command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, idempotency_key=key
-        )
-        return handle.wait(on_stdout=on_stdout, on_stderr=on_stderr)
+        handle = self._start(command, cwd, env, timeout_ms, collect, False, key, deadline)
+        return handle._wait(on_stdout, on_stderr, deadline)
 
     def start(
         self,
@@ -546,21 +775,32 @@ class Commands:
         cwd: str | None = None,
         env: Mapping[str, str] | None = None,
         timeout_ms: int | None = None,
-        collect: list[CollectSpec] | None = None,
+        collect: builtins.list[CollectSpec] | None = None,
         stdin: bool = False,
         idempotency_key: str | None = None,
     ) -> CommandHandle:
         """Starts a command in the background and returns a handle to it
         (``wait()``, ``logs()``, ``send_stdin()``, ``signal()``, ``cancel()``).
         ``stdin=True`` keeps its stdin open for ``send_stdin``."""
+        key = idempotency_key or new_idempotency_key()
+        return self._start(command, cwd, env, timeout_ms, collect, stdin, key, None)
+
+    def _start(
+        self,
+        command: str,
+        cwd: str | None,
+        env: Mapping[str, str] | None,
+        timeout_ms: int | None,
+        collect: builtins.list[CollectSpec] | None,
+        stdin: bool,
+        key: str,
+        deadline: Deadline | None,
+    ) -> CommandHandle:
         body = command_body(
             command, cwd=cwd, env=env, timeout_ms=timeout_ms, collect=collect, background=True, stdin=stdin
         )
         data = self._client._request(
-            "POST",
-            f"/v1/sandboxes/{self._sandbox_id}/commands",
-            json=body,
-            idempotency_key=idempotency_key or new_idempotency_key(),
+            "POST", f"/v1/sandboxes/{self._sandbox_id}/commands", json=body, idempotency_key=key, deadline=deadline
         )
         return CommandHandle(self._client, data)
 
@@ -569,7 +809,7 @@ class Commands:
         return CommandHandle(self._client, data)
 
     def list(self, *, limit: int | None = None) -> Pager[CommandHandle]:
-        def fetch(cursor: str | None) -> tuple[list[CommandHandle], str | None]:
+        def fetch(cursor: str | None) -> tuple[builtins.list[CommandHandle], str | None]:
             items, nxt = self._client._page(f"/v1/sandboxes/{self._sandbox_id}/commands", limit, cursor)
             return [CommandHandle(self._client, d) for d in items], nxt
 
@@ -589,50 +829,75 @@ class Code:
         self._base = f"/v1/sandboxes/{sandbox_id}/code"
 
     def create_context(
-        self, language: str = "python", *, cwd: str | None = None, env: Mapping[str, str] | None = None
+        self,
+        language: CodeLanguage = "python",
+        *,
+        cwd: str | None = None,
+        env: Mapping[str, str] | None = None,
+        request_timeout: float | None = None,
     ) -> CodeContext:
         """Starts a new interpreter for ``language``."""
         body = code_context_body(language, cwd, env)
-        return CodeContext(self._client._request("POST", f"{self._base}/contexts", json=body))
+        data = self._client._request(
+            "POST", f"{self._base}/contexts", json=body, deadline=self._client._deadline(request_timeout)
+        )
+        return CodeContext(data)
 
-    def list_contexts(self) -> list[CodeContext]:
-        return [CodeContext(c) for c in self._client._request("GET", f"{self._base}/contexts")["data"]]
+    def list_contexts(self) -> builtins.list[CodeContext]:
+        return [CodeContext(c) for c in (self._client._request("GET", f"{self._base}/contexts"))["data"]]
 
     def get_context(self, context_id: str) -> CodeContext:
         return CodeContext(self._client._request("GET", f"{self._base}/contexts/{context_id}"))
 
+    def restart_context(
+        self, context_id: str | Mapping[str, Any], *, request_timeout: float | None = None
+    ) -> CodeContext:
+        """Restarts the context's interpreter (``POST …/restart``): the same
+        context id, a fresh interpreter (its variables and imports are gone)."""
+        cid = context_id_of(context_id)
+        data = self._client._request(
+            "POST", f"{self._base}/contexts/{cid}/restart", deadline=self._client._deadline(request_timeout)
+        )
+        return CodeContext(data)
+
     def delete_context(self, context_id: str | Mapping[str, Any]) -> None:
         """Stops the context's interpreter (its state is gone)."""
-        cid = context_id if isinstance(context_id, str) else str(context_id["id"])
-        self._client._send("DELETE", f"{self._base}/contexts/{cid}")
+        self._client._send("DELETE", f"{self._base}/contexts/{context_id_of(context_id)}")
 
     def run(
         self,
         code: str,
         *,
-        language: str = "python",
+        language: CodeLanguage = "python",
         context_id: str | Mapping[str, Any] | None = None,
         on_stdout: Callback | None = None,
         on_stderr: Callback | None = None,
         on_output: OutputCallback | None = None,
-        artifact_policy: str | None = None,
+        artifact_policy: ArtifactPolicy | None = None,
         timeout_ms: int | None = None,
         idempotency_key: str | None = None,
+        request_timeout: float | None = None,
     ) -> CodeRunResult:
         """Runs a snippet in a Code Context (``context_id``: an id or a
         context; default: the sandbox's default context for ``language``)
         and returns the result. An exception in the code is ``result["error"]``,
         not an SDK exception. With ``on_stdout`` / ``on_stderr`` /
         ``on_output`` the run is streamed and each chunk or rich output is
-        passed to them as it is produced."""
+        passed to them as it is produced. The call ends by
+        ``request_timeout`` (default: the client's ``timeout``)."""
         body = code_run_body(
             code, language=language, context_id=context_id, artifact_policy=artifact_policy, timeout_ms=timeout_ms
         )
         key = idempotency_key or new_idempotency_key()
         path = f"{self._base}/runs"
+        deadline = self._client._deadline(request_timeout)
         if on_stdout is None and on_stderr is None and on_output is None:
-            return CodeRunResult(self._client._request("POST", path, json=body, idempotency_key=key))
-        return CodeRunResult(self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output))
+            return CodeRunResult(
+                self._client._request("POST", path, json=body, idempotency_key=key, deadline=deadline)
+            )
+        return CodeRunResult(
+            self._client._code_stream(path, body, key, on_stdout, on_stderr, on_output, deadline)
+        )
 
 
 # ---------------------------------------------------------------- artifacts
@@ -657,7 +922,7 @@ class SandboxArtifacts:
         return Artifact(data)
 
     def list(self, *, limit: int | None = None) -> Pager[Artifact]:
-        def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+        def fetch(cursor: str | None) -> tuple[builtins.list[Artifact], str | None]:
             items, nxt = self._client._page(f"/v1/sandboxes/{self._sandbox_id}/artifacts", limit, cursor)
             return [Artifact(d) for d in items], nxt
 
@@ -672,7 +937,7 @@ class Artifacts:
         return Artifact(self._client._request("GET", f"/v1/artifacts/{artifact_id}"))
 
     def list(self, *, limit: int | None = None) -> Pager[Artifact]:
-        def fetch(cursor: str | None) -> tuple[list[Artifact], str | None]:
+        def fetch(cursor: str | None) -> tuple[builtins.list[Artifact], str | None]:
             items, nxt = self._client._page("/v1/artifacts", limit, cursor)
             return [Artifact(d) for d in items], nxt
 
@@ -680,34 +945,272 @@ class Artifacts:
 
     def download(self, artifact_id: str) -> bytes:
         """The artifact's content."""
-        return self._client._send("GET", f"/v1/artifacts/{artifact_id}/content").content
+        return (self._client._send("GET", f"/v1/artifacts/{artifact_id}/content")).content
 
 
 # ---------------------------------------------------------------- files
 
 
+def _file_chunks(f: IO[bytes], size: int) -> Iterator[bytes]:
+    """``size`` bytes of a binary file from its position, chunk by chunk
+    (the async client reads each chunk in a thread)."""
+    left = size
+    while left > 0:
+        chunk = _io.blocking(f.read, min(FILE_CHUNK, left))
+        if not chunk:
+            return
+        left -= len(chunk)
+        yield chunk
+
+
+def _spool_file(source: IO[bytes]) -> tuple[IO[bytes], int]:
+    """A binary file of unknown size (a pipe) copied to a temporary file."""
+    f: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (the caller closes it)
+    try:
+        shutil.copyfileobj(source, f, FILE_CHUNK)
+        size = f.tell()
+        f.seek(0)
+    except BaseException:
+        f.close()
+        raise
+    return f, size
+
+
+class WatchHandle:
+    """A running ``files.watch``: ``path`` is the watched directory (as the
+    server resolved it). ``stop()`` ends it; so does leaving a ``with``
+    block (``async with`` for the async handle). ``running`` is false once
+    it ended; ``error`` is what ended it otherwise than by ``stop()`` (the
+    connection dropped, the server closed the stream, or ``on_event``
+    raised), else ``None``. The sync client calls ``on_event`` from the
+    watch's own thread; the async client from a task of the event loop."""
+
+    def __init__(self, client: CrowNest, url: str, params: dict[str, str], on_event: WatchCallback) -> None:
+        self._client = client
+        self._url = url
+        self._params = params
+        self._on_event = on_event
+        self._response: httpx.Response | None = None
+        self._lines: Iterator[str] | None = None
+        self._decoder = SSEDecoder()
+        self._worker: _io.Worker | None = None
+        self._stopped = False
+        self.path = ""
+        self.error: BaseException | None = None
+
+    def _open(self, deadline: Deadline) -> WatchHandle:
+        """Opens the stream and waits (within ``deadline``) for ``ready``:
+        the watches are in place, changes from now on are reported."""
+        client = self._client
+        # Reads are bounded by the keep-alive interval, not by `deadline`,
+        # which is for the wait for `ready` alone (checked at every line).
+        left = deadline.left()
+        connect = min(10.0, max(left, 0.001)) if left is not None else 10.0
+        timeout = httpx.Timeout(_WATCH_IDLE_TIMEOUT, connect=connect)
+        request = client._http.build_request("GET", self._url, params=self._params, headers=_SSE, timeout=timeout)
+        try:
+            response = client._http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise transport_error("GET", self._url, exc, deadline) from exc
+        if response.status_code >= 400:
+            try:
+                response.read()
+            finally:
+                response.close()
+            raise api_error_from_response(response.status_code, response.content, response.headers.get("x-request-id"))
+        self._response = response
+        self._lines = response.iter_lines()
+        try:
+            for line in self._lines:
+                sse = self._decoder.feed(line)
+                if sse is None:
+                    if deadline.expired():
+                        raise deadline_error("GET", self._url, deadline)
+                    continue
+                event = watch_event_from_sse(sse, response.status_code)
+                if event is not None and event[0] == "ready":
+                    self.path = event[1]["path"]
+                    break
+            else:
+                raise CrowNestConnectionError(f"GET {self._url}: the watch stream ended before it was ready")
+        except httpx.TransportError as exc:
+            response.close()
+            raise transport_error("GET", self._url, exc, deadline) from exc
+        except BaseException:
+            response.close()
+            raise
+        self._worker = _io.Worker(self._pump, f"crownest-watch-{self.path}")
+        return self
+
+    def _pump(self) -> None:
+        """The background loop: each change to ``on_event``, until ``stop()``."""
+        assert self._lines is not None and self._response is not None
+        try:
+            for line in self._lines:
+                sse = self._decoder.feed(line)
+                if sse is None:
+                    continue
+                event = watch_event_from_sse(sse, self._response.status_code)
+                if event is None or event[0] != "change":
+                    continue
+                if self._stopped:
+                    return
+                _io.call(self._on_event, event[1])
+            if not self._stopped:
+                self.error = CrowNestConnectionError(f"GET {self._url}: the server ended the watch stream")
+        except (httpx.TransportError, CrowNestError) as exc:
+            if not self._stopped:
+                self.error = exc
+        except Exception as exc:  # noqa: BLE001 (on_event's own failure ends the watch, kept in .error)
+            self.error = exc
+        finally:
+            self._response.close()
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and self._worker.running() and not self._stopped
+
+    def _interrupt(self) -> None:
+        """Wakes a read blocked on the stream's socket (the sync client's
+        thread): shutting the socket down ends the read at once."""
+        stream = self._response.extensions.get("network_stream") if self._response is not None else None
+        sock = stream.get_extra_info("socket") if stream is not None else None
+        if isinstance(sock, socket.socket):
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def stop(self) -> None:
+        """Ends the watch: no ``on_event`` call starts after this returns."""
+        self._stopped = True
+        if self._worker is not None:
+            self._worker.stop(self._interrupt)
+        if self._response is not None:
+            self._response.close()
+
+    def __enter__(self) -> WatchHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
 class Files:
     """Files of the sandbox's /workspace; paths are relative to /workspace
-    or absolute under it."""
+    or absolute under it. Up to 32 MiB a file goes in one request, larger
+    ones through staged transfer URLs (``write``, ``read_stream`` choose)."""
 
     def __init__(self, client: CrowNest, sandbox_id: str) -> None:
         self._client = client
         self._base = f"/v1/sandboxes/{sandbox_id}/files"
 
-    def write(self, path: str, data: str | bytes) -> FileInfo:
-        """Writes a whole file (str is UTF-8 encoded; at most 32 MiB, larger
-        files: ``upload``). Missing parent directories are created."""
+    def write(self, path: str, data: FileData, *, request_timeout: float | None = None) -> FileInfo:
+        """Writes a whole file; missing parent directories are created.
+        ``data``: text (UTF-8 encoded), bytes, a binary file object (read
+        from its position) or an iterable of byte chunks (the async client
+        also takes an async iterable). Files and iterables are streamed, not
+        held in memory; above 32 MiB the file goes through a staged upload
+        URL, which must know the size: taken from ``fstat`` or by seeking,
+        else (a pipe, an iterable) by spooling the data to a temporary file
+        first. ``request_timeout`` bounds the call."""
+        deadline = self._client._deadline(request_timeout)
+        if isinstance(data, (str, bytes, bytearray, memoryview)):
+            payload = as_bytes(data)
+            if len(payload) > DIRECT_FILE_MAX:
+                return self._staged_put(path, payload, len(payload), deadline)
+            response = self._client._send(
+                "PUT", self._base, params={"path": path}, content=payload, headers=OCTET_STREAM, deadline=deadline
+            )
+            return FileInfo(response.json())
+        owned: IO[bytes] | None = None
+        source: IO[bytes]
+        size: int
+        if hasattr(data, "read"):
+            source = data  # type: ignore[assignment]
+            known = file_source_size(source)
+            if known is None:
+                source, size = _io.blocking(_spool_file, source)
+                owned = source
+            else:
+                size = known
+        elif _io.is_chunk_source(data):
+            source, size = _io.spool(data)
+            owned = source
+        else:
+            raise TypeError(f"cannot write {type(data).__name__}: give str, bytes, a binary file or byte chunks")
+        try:
+            if size > DIRECT_FILE_MAX:
+                return self._staged_put(path, _file_chunks(source, size), size, deadline)
+            headers = {**OCTET_STREAM, "content-length": str(size)}
+            response = self._client._send(
+                "PUT",
+                self._base,
+                params={"path": path},
+                content=_file_chunks(source, size),
+                headers=headers,
+                deadline=deadline,
+            )
+            return FileInfo(response.json())
+        finally:
+            if owned is not None:
+                owned.close()
+
+    def _staged_put(
+        self, path: str, content: bytes | Iterable[bytes], size: int, deadline: Deadline
+    ) -> FileInfo:
+        target = self._client._request(
+            "POST", f"{self._base}/uploads", json={"path": path, "sizeBytes": size}, deadline=deadline
+        )
+        headers = {**OCTET_STREAM, "content-length": str(size)}
         response = self._client._send(
-            "PUT", self._base, params={"path": path}, content=as_bytes(data), headers=OCTET_STREAM
+            target["method"], target["url"], content=content, headers=headers, signed=True, deadline=deadline
         )
         return FileInfo(response.json())
 
-    def read(self, path: str) -> bytes:
-        """A file's bytes."""
-        return self._client._send("GET", self._base, params={"path": path}).content
+    def write_files(
+        self, files: Sequence[WriteEntry], *, request_timeout: float | None = None
+    ) -> builtins.list[FileInfo]:
+        """Writes several files (``[{"path": ..., "data": str | bytes}]``),
+        one ``PUT`` each, in order; returns their infos. A failure stops
+        there: the files before it are written."""
+        return [self.write(f["path"], f["data"], request_timeout=request_timeout) for f in files]
+
+    def read(self, path: str, *, request_timeout: float | None = None) -> bytes:
+        """A file's bytes (held in memory; ``read_stream`` for large files)."""
+        deadline = self._client._deadline(request_timeout)
+        return (self._client._send("GET", self._base, params={"path": path}, deadline=deadline)).content
 
     def read_text(self, path: str, encoding: str = "utf-8") -> str:
-        return self.read(path).decode(encoding)
+        return (self.read(path)).decode(encoding)
+
+    def read_stream(
+        self, path: str, *, chunk_size: int = FILE_CHUNK, request_timeout: float | None = None
+    ) -> Iterator[bytes]:
+        """A file's bytes as chunks (``for`` / ``async for``), never all in
+        memory: up to 32 MiB from ``GET …/files``, larger files through a
+        staged download URL. ``request_timeout`` bounds each wait for data."""
+        deadline = self._client._deadline(request_timeout)
+        info = self.stat(path)
+        if int(info.get("size") or 0) > DIRECT_FILE_MAX:
+            target = self._client._request("POST", f"{self._base}/downloads", json={"path": path}, deadline=deadline)
+            response = self._client._send(target["method"], target["url"], signed=True, stream=True, deadline=deadline)
+        else:
+            response = self._client._send("GET", self._base, params={"path": path}, stream=True, deadline=deadline)
+        try:
+            for chunk in response.iter_bytes(chunk_size):
+                yield chunk
+        except httpx.TransportError as exc:
+            raise transport_error("GET", self._base, exc, deadline) from exc
+        finally:
+            response.close()
+
+    def exists(self, path: str) -> bool:
+        """Whether ``path`` exists in /workspace (a file, directory or
+        symlink; ``GET …/files/exists``). A path outside it:
+        ``path_outside_workspace``."""
+        body = self._client._request("GET", f"{self._base}/exists", params={"path": path})
+        return body.get("exists") is True
 
     def delete(self, path: str, *, recursive: bool = False) -> None:
         """Removes a file, a symlink or a directory (non-empty ones with
@@ -733,7 +1236,29 @@ class Files:
         body = move_body(source, destination, overwrite)
         return FileInfo(self._client._request("POST", f"{self._base}/move", json=body))
 
-    def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record:
+    def watch(
+        self,
+        path: str | None,
+        on_event: WatchCallback,
+        *,
+        recursive: bool = True,
+        request_timeout: float | None = None,
+    ) -> WatchHandle:
+        """Watches a directory (``None``: /workspace) for changes and calls
+        ``on_event`` with each as a dict: ``{"type": "create" | "modify" |
+        "delete" | "rename", "path", "isDir", "oldPath" (rename only)}``, or
+        ``{"type": "overflow", "dropped": n}`` when the sandbox's bounded
+        queue dropped events. Returns once the watches are in place (the
+        stream's ``ready``, within ``request_timeout``): a change made after
+        that is reported. The returned handle's ``stop()`` ends it, as does
+        leaving it as a context manager. The sync client calls ``on_event``
+        from a background thread, the async client from a task (a coroutine
+        function is awaited). Watches per sandbox are limited:
+        ``too_many_watches``."""
+        handle = WatchHandle(self._client, f"{self._base}/watch", watch_params(path, recursive), on_event)
+        return handle._open(self._client._deadline(request_timeout))
+
+    def upload_url(self, path: str, *, size_bytes: int | None = None) -> Record[TransferView]:
         """Stages an upload: ``{url, method: "PUT", expiresAt, maxBytes}``, a
         signed URL for one PUT of the raw bytes, without an API key."""
         body: dict[str, Any] = {"path": path}
@@ -741,24 +1266,22 @@ class Files:
             body["sizeBytes"] = size_bytes
         return Record(self._client._request("POST", f"{self._base}/uploads", json=body))
 
-    def download_url(self, path: str) -> Record:
+    def download_url(self, path: str) -> Record[TransferView]:
         """Stages a download: ``{url, method: "GET", expiresAt, sizeBytes}``,
         a signed URL for one GET, without an API key."""
         return Record(self._client._request("POST", f"{self._base}/downloads", json={"path": path}))
 
-    def upload(self, path: str, data: str | bytes) -> FileInfo:
-        """Writes a file of any size through a staged upload."""
+    def upload(self, path: str, data: str | bytes, *, request_timeout: float | None = None) -> FileInfo:
+        """Writes a file of any size through a staged upload (``write``
+        does that by itself above 32 MiB)."""
         payload = as_bytes(data)
-        target = self.upload_url(path, size_bytes=len(payload))
-        response = self._client._send(
-            target["method"], target["url"], content=payload, headers=OCTET_STREAM, signed=True
-        )
-        return FileInfo(response.json())
+        return self._staged_put(path, payload, len(payload), self._client._deadline(request_timeout))
 
-    def download(self, path: str) -> bytes:
-        """Reads a file of any size through a staged download."""
-        target = self.download_url(path)
-        return self._client._send(target["method"], target["url"], signed=True).content
+    def download(self, path: str, *, request_timeout: float | None = None) -> bytes:
+        """Reads a file of any size through a staged download, into memory."""
+        deadline = self._client._deadline(request_timeout)
+        target = self._client._request("POST", f"{self._base}/downloads", json={"path": path}, deadline=deadline)
+        return (self._client._send(target["method"], target["url"], signed=True, deadline=deadline)).content
 
 
 # ---------------------------------------------------------------- templates
@@ -768,9 +1291,62 @@ class Templates:
     def __init__(self, client: CrowNest) -> None:
         self._client = client
 
-    def list(self) -> list[Record]:
+    def list(self) -> builtins.list[Record[TemplateView]]:
         """``GET /v1/templates``: the templates, their resources, built or not."""
-        return [Record(t) for t in self._client._request("GET", "/v1/templates")["data"]]
+        return [Record(t) for t in (self._client._request("GET", "/v1/templates"))["data"]]
+
+
+# ---------------------------------------------------------------- usage and audit
+
+
+class Usage:
+    """Compute usage of the caller's sandboxes (``GET /v1/usage``, scope ``usage:read``)."""
+
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    def get(
+        self,
+        *,
+        from_: TimeParam | None = None,
+        to: TimeParam | None = None,
+        group_by: str | None = None,
+    ) -> UsageReport:
+        """Usage in ``[from_, to)`` (default: the last 30 days; an aware
+        ``datetime`` or an RFC 3339 string), grouped by ``group_by``:
+        ``sandbox`` (default), ``project`` or ``day`` (UTC). Returns
+        ``{from, to, groupBy, data: [{key, seconds, computeUnitSeconds,
+        egressBytesIn, egressBytesOut, pricingVersion}], totalComputeUnitSeconds}``."""
+        report: UsageReport = self._client._request("GET", "/v1/usage", params=usage_params(from_, to, group_by))
+        return report
+
+
+class Audit:
+    """Audit events of the caller's org (``GET /v1/audit-events``, scope ``audit:read``)."""
+
+    def __init__(self, client: CrowNest) -> None:
+        self._client = client
+
+    def list(
+        self,
+        *,
+        resource_id: str | None = None,
+        action: str | None = None,
+        from_: TimeParam | None = None,
+        to: TimeParam | None = None,
+        limit: int | None = None,
+    ) -> Pager[AuditEvent]:
+        """Every matching event, newest first, pages fetched lazily
+        (``limit`` is the page size, 1 … 200): about ``resource_id``
+        (``sbx_…``, ``cmd_…``, ``key_…``), of ``action`` (``sandbox.create``,
+        ``sandbox.timeout``, …), at or after ``from_`` and before ``to``."""
+
+        def fetch(cursor: str | None) -> tuple[builtins.list[AuditEvent], str | None]:
+            params = audit_params(resource_id=resource_id, action=action, from_=from_, to=to, limit=limit, cursor=cursor)
+            body = self._client._request("GET", "/v1/audit-events", params=params)
+            return [AuditEvent(e) for e in body["data"]], body.get("nextCursor")
+
+        return Pager(fetch)
 
 
 # ---------------------------------------------------------------- previews
@@ -797,7 +1373,7 @@ class Previews:
         return Preview(self._client._request("GET", f"{self._base}/{preview_id}"))
 
     def list(self, *, limit: int | None = None) -> Pager[Preview]:
-        def fetch(cursor: str | None) -> tuple[list[Preview], str | None]:
+        def fetch(cursor: str | None) -> tuple[builtins.list[Preview], str | None]:
             items, nxt = self._client._page(self._base, limit, cursor)
             return [Preview(d) for d in items], nxt
 
@@ -818,7 +1394,8 @@ class Previews:
     ) -> httpx.Response:
         """Sends one request to the app behind ``preview`` (``path`` is
         relative to its URL) with this client's API key, and returns the
-        app's response as it is (any status, redirects not followed). A
+        app's response as it is (any status, redirects not followed; 502
+        ``preview_unreachable`` while nothing listens on the port). A
         preview URL under ``localhost`` (``http://prv-….localhost:PORT/``,
         the default) is reached on 127.0.0.1 with its ``Host``, as a
         browser would, since the system resolver may not know the name."""
@@ -835,9 +1412,26 @@ def _read_archive(source: ArchiveSource) -> bytes:
     if isinstance(source, (bytes, bytearray, memoryview)):
         return bytes(source)
     if isinstance(source, (str, os.PathLike)):
+        path = source
+
+        def read() -> bytes:
+            with open(path, "rb") as f:
+                return f.read()
+
+        return _io.blocking(read)
+    return _io.blocking(source.read)
+
+
+def _archive_chunks(source: str | os.PathLike[str] | IO[bytes], size: int) -> Iterator[bytes]:
+    """``size`` bytes of an archive (a path, or a binary file from its
+    position), chunk by chunk."""
+    if isinstance(source, (str, os.PathLike)):
         with open(source, "rb") as f:
-            return f.read()
-    return source.read()
+            for chunk in _file_chunks(f, size):
+                yield chunk
+    else:
+        for chunk in _file_chunks(source, size):
+            yield chunk
 
 
 class WorkspaceRuns:
@@ -898,8 +1492,8 @@ class WorkspaceRuns:
     ) -> WorkspaceRunPage:
         """One page of runs, newest first (``data``, ``next_cursor``),
         filtered by ``status`` and ``metadata`` (every key must match)."""
-        params = workspace_run_list_params(status, metadata, limit, cursor)
-        return workspace_run_page(self._client._request("GET", "/v1/workspace-runs", params=httpx.QueryParams(params)))
+        params = httpx.QueryParams(workspace_run_list_params(status, metadata, limit, cursor))
+        return workspace_run_page(self._client._request("GET", "/v1/workspace-runs", params=params))
 
     def list(
         self,
@@ -912,13 +1506,13 @@ class WorkspaceRuns:
         """Every matching run, newest first, pages fetched lazily (from
         ``cursor`` when given); ``limit`` is the page size."""
 
-        def fetch(after: str | None) -> tuple[list[WorkspaceRun], str | None]:
+        def fetch(after: str | None) -> tuple[builtins.list[WorkspaceRun], str | None]:
             page = self.list_page(status=status, metadata=metadata, limit=limit, cursor=after or cursor)
             return page.data, page.next_cursor
 
         return Pager(fetch)
 
-    def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record:
+    def archive_upload_url(self, run: str | Mapping[str, Any]) -> Record[TransferView]:
         """Stages an archive upload: ``{url, method: "PUT", expiresAt,
         maxBytes}``, a signed URL for one PUT of the raw bytes, no API key."""
         return Record(self._client._request("POST", self._path(run, "/archive/uploads")))
@@ -939,17 +1533,14 @@ class WorkspaceRuns:
             return WorkspaceRun(data)
         target = self.archive_upload_url(run)
         headers = {**OCTET_STREAM, "content-length": str(size)}
+        content: bytes | Iterable[bytes]
         if isinstance(archive, (bytes, bytearray, memoryview)):
-            response = self._client._send(
-                target["method"], target["url"], content=bytes(archive), headers=headers, signed=True
-            )
-        elif isinstance(archive, (str, os.PathLike)):
-            with open(archive, "rb") as f:
-                response = self._client._send(target["method"], target["url"], content=f, headers=headers, signed=True)
+            content = bytes(archive)
         else:
-            response = self._client._send(
-                target["method"], target["url"], content=archive, headers=headers, signed=True
-            )
+            content = _archive_chunks(archive, size)
+        response = self._client._send(
+            target["method"], target["url"], content=content, headers=headers, signed=True
+        )
         return WorkspaceRun(response.json())
 
     def start(self, run: str | Mapping[str, Any]) -> WorkspaceRun:
@@ -980,22 +1571,22 @@ class WorkspaceRuns:
         (``evidenceReady``; that follows the end by a moment, and is given
         up to 30 s) and returns it; after ``timeout`` seconds raises
         ``CrowNestTimeoutError``."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        grace: float | None = None
+        deadline = Deadline(timeout)
+        grace: Deadline | None = None
         attempt = 0
         while True:
             current = self.get(run)
             if current.terminal:
-                grace = grace if grace is not None else time.monotonic() + EVIDENCE_GRACE
-                if current.get("evidenceReady") is not False or time.monotonic() >= grace:
+                grace = grace or Deadline(EVIDENCE_GRACE)
+                if current.get("evidenceReady") is not False or grace.expired():
                     return current
             delay = wait_poll_delay(attempt)
-            if deadline is not None:
-                left = deadline - time.monotonic()
+            left = deadline.left()
+            if left is not None:
                 if left <= 0:
                     raise CrowNestTimeoutError(f"workspace run {current.id} is still {current.status} after {timeout} s")
                 delay = min(delay, left)
-            time.sleep(delay)
+            _io.sleep(delay)
             attempt += 1
 
     def evidence(self, run: str | Mapping[str, Any]) -> EvidenceBundle:
@@ -1003,21 +1594,21 @@ class WorkspaceRuns:
         before it is written: ``evidence_not_ready``."""
         return EvidenceBundle(self._client._request("GET", self._path(run, "/evidence")))
 
-    def evidence_keys(self) -> builtins.list[Record]:
+    def evidence_keys(self) -> builtins.list[Record[EvidenceKeyView]]:
         """The server's evidence signing keys (``GET /v1/evidence-keys``):
         ``keyId``, ``algorithm`` (``ed25519``), ``publicKey`` (base64)."""
         return [Record(k) for k in (self._client._request("GET", "/v1/evidence-keys"))["data"]]
 
     def _evidence_when_ready(self, run: str | Mapping[str, Any], timeout: float = 60.0) -> EvidenceBundle:
-        deadline = time.monotonic() + timeout
+        deadline = Deadline(timeout)
         attempt = 0
         while True:
             try:
                 return self.evidence(run)
             except CrowNestApiError as e:
-                if e.code != "evidence_not_ready" or time.monotonic() >= deadline:
+                if e.code != "evidence_not_ready" or deadline.expired():
                     raise
-            time.sleep(wait_poll_delay(attempt))
+            _io.sleep(wait_poll_delay(attempt))
             attempt += 1
 
     def run_directory(
@@ -1042,7 +1633,8 @@ class WorkspaceRuns:
         ``(run, evidence)`` once the run is terminal. A failed command is a
         result (``run.status == "failed"``, ``run.exit_code``), not an
         exception."""
-        with pack_directory(directory, include_git=include_git) as packed:
+        packed: PackedArchive = _io.blocking(lambda: pack_directory(directory, include_git=include_git))
+        with packed:
             created = self.create(
                 command,
                 archive=packed.archive,
@@ -1064,7 +1656,7 @@ class WorkspaceRuns:
                 raise
         for event in self.events(created):
             if on_event is not None:
-                on_event(event)
+                _io.call(on_event, event)
         # The run's record turns terminal, and its evidence is written, a
         # moment after the `terminal` event.
         final = self.wait(created)
