@@ -458,15 +458,19 @@ async fn a_watch_delivers_create_modify_rename_and_delete_from_a_script() {
 
     // The stream ends with the sandbox.
     client.kill(&sandbox).await;
-    let mut ended = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let mut after_kill: Vec<SseEvent> = Vec::new();
     while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, body.next()).await {
-        let chunk = chunk.expect("chunk");
-        if parser.push(&chunk).iter().any(|e| e.event == "end") {
-            ended = true;
+        after_kill.extend(parser.push(&chunk.expect("chunk")));
+        if after_kill.iter().any(|e| e.event == "end") {
             break;
         }
     }
-    assert!(ended, "no end event after the kill");
+    let end = after_kill
+        .iter()
+        .find(|e| e.event == "end")
+        .unwrap_or_else(|| panic!("no end event after the kill: {after_kill:?}"));
+    assert_eq!(end.data["reason"], "sandbox_destroyed", "{after_kill:?}");
 }
 
 #[tokio::test]

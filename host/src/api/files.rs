@@ -485,6 +485,7 @@ async fn watch_files(
         }
         loop {
             let next = tokio::select! {
+                biased;
                 _ = tx.closed() => return,
                 _ = watch.stopping.cancelled() => None,
                 next = watch.events.next() => Some(next),
@@ -501,6 +502,16 @@ async fn watch_files(
                     let end = Event::default()
                         .event("end")
                         .json_data(serde_json::json!({ "reason": reason }))
+                        .unwrap_or_default();
+                    let _ = tx.send(end).await;
+                    return;
+                }
+                // The agent's connection broke because the sandbox is
+                // going away: that is the end, not a failure.
+                Some(Some(Err(_))) if watch.stopping.is_cancelled() => {
+                    let end = Event::default()
+                        .event("end")
+                        .json_data(serde_json::json!({ "reason": "sandbox_destroyed" }))
                         .unwrap_or_default();
                     let _ = tx.send(end).await;
                     return;
