@@ -1,7 +1,8 @@
 //! The `crownest` binary: the API server (`serve`), the operator's tools
 //! (`keys`, `orgs`, `template`, `openapi`), the plugin author's tools
-//! (`plugin`) and the HTTP client of the API
-//! (`sandbox`, `exec`, `code`, `files`, `artifacts`; see `client/`).
+//! (`plugin`), the HTTP client of the API (`sandbox`, `exec`, `commands`,
+//! `code`, `files`, `artifacts`, `previews`, `run`, `usage`, `audit`; see
+//! `client/`) and `completions` for shells.
 
 mod client;
 mod plugin_cli;
@@ -66,6 +67,13 @@ enum Command {
         guest: PathBuf,
         #[arg(long)]
         host: PathBuf,
+    },
+    /// Print a shell completion script: `crownest completions bash >
+    /// /etc/bash_completion.d/crownest`, `… zsh > "${fpath[1]}/_crownest"`,
+    /// `… fish > ~/.config/fish/completions/crownest.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
     },
     /// Client commands: talk to a running server over HTTP.
     #[command(flatten)]
@@ -352,6 +360,20 @@ fn main() -> Result<()> {
             // A plugin's log lines and captured stdout/stderr, on stderr.
             init_logging(false);
             std::process::exit(plugin_cli::run(command)?)
+        }
+        Command::Completions { shell } => {
+            use std::io::Write;
+            let mut command = <Cli as clap::CommandFactory>::command();
+            // Into memory first: clap_complete panics on a failed write
+            // (a closed pipe), a Vec cannot fail.
+            let mut script = Vec::new();
+            clap_complete::generate(shell, &mut command, "crownest", &mut script);
+            match std::io::stdout().write_all(&script) {
+                Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+                    Err(e).context("writing the completion script")
+                }
+                _ => Ok(()),
+            }
         }
         Command::Client(command) => std::process::exit(client::run(command)),
     }

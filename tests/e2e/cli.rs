@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 
 /// Runs the client with the shared server's address and `key` (none: the
 /// variable is removed), in `dir`.
-fn run_in(dir: Option<&std::path::Path>, key: Option<&str>, args: &[&str]) -> Output {
+pub(crate) fn run_in(dir: Option<&std::path::Path>, key: Option<&str>, args: &[&str]) -> Output {
     let mut command = Command::new(crownest_bin());
     command
         .args(args)
@@ -28,20 +28,20 @@ fn run_in(dir: Option<&std::path::Path>, key: Option<&str>, args: &[&str]) -> Ou
     command.output().expect("run crownest client")
 }
 
-fn cli(args: &[&str]) -> Output {
+pub(crate) fn cli(args: &[&str]) -> Output {
     run_in(None, Some(&shared().key), args)
 }
 
-fn stdout(out: &Output) -> String {
+pub(crate) fn stdout(out: &Output) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-fn stderr(out: &Output) -> String {
+pub(crate) fn stderr(out: &Output) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 /// Runs the client and asserts it succeeded; returns stdout.
-fn ok(args: &[&str]) -> String {
+pub(crate) fn ok(args: &[&str]) -> String {
     let out = cli(args);
     assert!(
         out.status.success(),
@@ -53,13 +53,13 @@ fn ok(args: &[&str]) -> String {
     stdout(&out)
 }
 
-fn json(args: &[&str]) -> Value {
+pub(crate) fn json(args: &[&str]) -> Value {
     let text = ok(args);
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
 }
 
 /// Creates a python sandbox through the CLI and returns its id.
-fn sandbox() -> String {
+pub(crate) fn sandbox() -> String {
     let created = json(&["sandbox", "create", "--template", "python", "--json"]);
     assert_eq!(created["status"], "running", "{created}");
     created["id"].as_str().expect("id").to_string()
@@ -436,7 +436,7 @@ fn api_errors_print_message_and_code_and_exit_1() {
 /// A TCP proxy in front of the shared server that cuts the first
 /// connection carrying a log stream request `after` it was seen. Returns
 /// its base URL and the request bytes it relayed, lower-cased.
-fn cutting_proxy(after: std::time::Duration) -> (String, Arc<Mutex<String>>) {
+pub(crate) fn cutting_proxy(after: std::time::Duration) -> (String, Arc<Mutex<String>>) {
     let upstream = shared().base_url.trim_start_matches("http://").to_string();
     let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
     let base = format!("http://{}", listener.local_addr().expect("addr"));

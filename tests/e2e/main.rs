@@ -32,6 +32,7 @@ mod artifacts;
 mod auth;
 mod bad_input;
 mod cli;
+mod cli_parity;
 mod clients;
 mod code;
 mod commands;

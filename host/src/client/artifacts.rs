@@ -25,6 +25,8 @@ pub enum ArtifactsCommand {
         #[arg(long)]
         sandbox: Option<String>,
     },
+    /// Show one artifact (its size, digest, mime type and source).
+    Get { id: String },
     /// Download an artifact's bytes to LOCAL (default: its name here), or `-` for stdout.
     Download { id: String, local: Option<String> },
 }
@@ -49,6 +51,15 @@ pub async fn run(api: &Api, output: Output, command: ArtifactsCommand) -> Result
                     .json(&body),
                 )
                 .await?;
+            if output.json {
+                print_json(&artifact);
+            } else {
+                show(&artifact);
+            }
+        }
+        ArtifactsCommand::Get { id } => {
+            let path = format!("/v1/artifacts/{}", segment(&id));
+            let artifact = api.json(api.request(Method::GET, &path)).await?;
             if output.json {
                 print_json(&artifact);
             } else {

@@ -1,5 +1,6 @@
 //! `crownest code run`: runs a snippet in a Code Context, streaming its
-//! stdout/stderr live, then prints its rich outputs and its error.
+//! stdout/stderr live, then prints its rich outputs and its error;
+//! `crownest code context create|ls|get|rm|restart` manage the contexts.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -31,16 +32,53 @@ pub enum CodeCommand {
         #[arg(long)]
         context: Option<String>,
     },
+    /// Create, list, show, restart and remove Code Contexts.
+    Context {
+        #[command(subcommand)]
+        command: ContextCommand,
+    },
+}
+
+#[derive(Subcommand)]
+pub enum ContextCommand {
+    /// Start a new interpreter (a context) and print it.
+    Create {
+        /// The sandbox (`sbx_…`).
+        sandbox: String,
+        /// `python`, `javascript` or `typescript`.
+        #[arg(long)]
+        language: String,
+        /// Working directory (default /workspace).
+        #[arg(long)]
+        cwd: Option<String>,
+        /// An environment variable of the interpreter (repeatable).
+        #[arg(long = "env", value_name = "K=V", value_parser = super::exec::parse_env)]
+        env: Vec<(String, String)>,
+    },
+    /// List a sandbox's contexts.
+    #[command(visible_alias = "list")]
+    Ls { sandbox: String },
+    /// Show one context.
+    Get { sandbox: String, context: String },
+    /// Replace a context's interpreter with a fresh one (same id, state
+    /// forgotten; a run in progress is killed).
+    Restart { sandbox: String, context: String },
+    /// Stop a context's interpreter and remove it.
+    #[command(visible_alias = "delete")]
+    Rm { sandbox: String, context: String },
 }
 
 pub async fn run(api: &Api, output: Output, command: CodeCommand) -> Result<i32, ClientError> {
-    let CodeCommand::Run {
-        sandbox,
-        language,
-        code,
-        file,
-        context,
-    } = command;
+    let (sandbox, language, code, file, context) = match command {
+        CodeCommand::Run {
+            sandbox,
+            language,
+            code,
+            file,
+            context,
+        } => (sandbox, language, code, file, context),
+        CodeCommand::Context { command } => return contexts(api, output, command).await,
+    };
     let code = match (code, file) {
         (Some(code), _) => code,
         (None, Some(file)) => tokio::fs::read_to_string(&file)
@@ -77,11 +115,7 @@ pub async fn run(api: &Api, output: Output, command: CodeCommand) -> Result<i32,
                 // A run error has `name`; an API failure is the error
                 // envelope. The run error is printed with the result.
                 "error" if event.data.get("error").is_some() => {
-                    return Err(ClientError::Api {
-                        status: 0,
-                        code: text(&event.data["error"]["code"]),
-                        message: text(&event.data["error"]["message"]),
-                    });
+                    return Err(ClientError::from_event(&event.data));
                 }
                 "complete" => return Ok(print_result(&event.data)),
                 _ => {}
@@ -91,6 +125,74 @@ pub async fn run(api: &Api, output: Output, command: CodeCommand) -> Result<i32,
     Err(ClientError::Invalid(String::from(
         "the run's stream ended before its result",
     )))
+}
+
+async fn contexts(api: &Api, output: Output, command: ContextCommand) -> Result<i32, ClientError> {
+    let base = |sandbox: &str| format!("/v1/sandboxes/{}/code/contexts", segment(sandbox));
+    let one = |sandbox: &str, id: &str| format!("{}/{}", base(sandbox), segment(id));
+    let context = match command {
+        ContextCommand::Create {
+            sandbox,
+            language,
+            cwd,
+            env,
+        } => {
+            let mut body = json!({ "language": language });
+            if let Some(cwd) = cwd {
+                body["cwd"] = json!(cwd);
+            }
+            if !env.is_empty() {
+                body["env"] = env.into_iter().map(|(k, v)| (k, json!(v))).collect();
+            }
+            api.json(api.request(Method::POST, &base(&sandbox)).json(&body))
+                .await?
+        }
+        ContextCommand::Ls { sandbox } => {
+            let list = api.json(api.request(Method::GET, &base(&sandbox))).await?;
+            if output.json {
+                print_json(&list);
+            } else {
+                let rows: Vec<Vec<String>> = list["data"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .map(|c| {
+                        vec![
+                            text(&c["id"]),
+                            text(&c["language"]),
+                            if c["isDefault"] == true { "yes" } else { "no" }.to_string(),
+                            text(&c["cwd"]),
+                            text(&c["implementation"]),
+                        ]
+                    })
+                    .collect();
+                super::print_table(&["ID", "LANGUAGE", "DEFAULT", "CWD", "INTERPRETER"], &rows);
+            }
+            return Ok(0);
+        }
+        ContextCommand::Get { sandbox, context } => {
+            api.json(api.request(Method::GET, &one(&sandbox, &context)))
+                .await?
+        }
+        ContextCommand::Restart { sandbox, context } => {
+            let path = format!("{}/restart", one(&sandbox, &context));
+            api.json(api.request(Method::POST, &path)).await?
+        }
+        ContextCommand::Rm { sandbox, context } => {
+            api.json(api.request(Method::DELETE, &one(&sandbox, &context)))
+                .await?
+        }
+    };
+    if output.json {
+        print_json(&context);
+    } else {
+        println!("id:          {}", text(&context["id"]));
+        println!("language:    {}", text(&context["language"]));
+        println!("interpreter: {}", text(&context["implementation"]));
+        println!("cwd:         {}", text(&context["cwd"]));
+        println!("default:     {}", context["isDefault"] == true);
+    }
+    Ok(0)
 }
 
 fn write_out(data: &Value, to_stderr: bool) -> Result<(), ClientError> {

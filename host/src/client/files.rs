@@ -1,4 +1,5 @@
-//! `crownest files put|get|ls|mv|rm`: files in a sandbox's /workspace.
+//! `crownest files put|get|ls|mv|rm|exists|watch`: files in a sandbox's
+//! /workspace.
 //! Files up to 32 MiB go straight through `…/files?path=`; bigger ones
 //! through a staged transfer URL (the direct route refuses them).
 
@@ -8,6 +9,7 @@ use clap::Subcommand;
 use reqwest::Method;
 use serde_json::{Value, json};
 
+use super::sse;
 use super::transfer::{self, Sink};
 use super::{Api, ClientError, Output, print_json, print_table, segment, text};
 
@@ -46,6 +48,30 @@ pub enum FilesCommand {
         /// Remove a non-empty directory and everything in it.
         #[arg(long)]
         recursive: bool,
+    },
+    /// Show a file's or directory's metadata (type, size, mode, mtime).
+    Stat { sandbox: String, path: String },
+    /// Create a directory.
+    Mkdir {
+        sandbox: String,
+        path: String,
+        /// Create missing parents; an existing directory is then no error.
+        #[arg(long, short = 'p')]
+        parents: bool,
+    },
+    /// Print `true` or `false`: whether PATH exists (a file, a directory
+    /// or a symlink). Exits 0 either way.
+    Exists { sandbox: String, path: String },
+    /// Print changes under a directory (default /workspace) as they
+    /// happen, one per line (`create /workspace/a.txt`, `rename OLD -> NEW`),
+    /// until Ctrl-C, the directory's removal or the sandbox's end. With
+    /// --json each event is a JSON line.
+    Watch {
+        sandbox: String,
+        path: Option<String>,
+        /// Watch only the directory itself, not its subdirectories.
+        #[arg(long)]
+        no_recursive: bool,
     },
 }
 
@@ -135,8 +161,98 @@ pub async fn run(api: &Api, output: Output, command: FilesCommand) -> Result<i32
             )
             .await?;
         }
+        FilesCommand::Stat { sandbox, path } => {
+            let stat = api
+                .json(
+                    api.request(Method::GET, &files_path(&sandbox, "/stat"))
+                        .query(&[("path", path)]),
+                )
+                .await?;
+            if output.json {
+                print_json(&stat);
+            } else {
+                for field in ["path", "type", "size", "mode", "mtime"] {
+                    println!("{:<6} {}", format!("{field}:"), text(&stat[field]));
+                }
+            }
+        }
+        FilesCommand::Mkdir {
+            sandbox,
+            path,
+            parents,
+        } => {
+            let made = api
+                .json(
+                    api.request(Method::POST, &files_path(&sandbox, "/mkdir"))
+                        .json(&json!({ "path": path, "parents": parents })),
+                )
+                .await?;
+            if output.json {
+                print_json(&made);
+            }
+        }
+        FilesCommand::Exists { sandbox, path } => {
+            let answer = api
+                .json(
+                    api.request(Method::GET, &files_path(&sandbox, "/exists"))
+                        .query(&[("path", path)]),
+                )
+                .await?;
+            if output.json {
+                print_json(&answer);
+            } else {
+                println!("{}", answer["exists"] == true);
+            }
+        }
+        FilesCommand::Watch {
+            sandbox,
+            path,
+            no_recursive,
+        } => {
+            let request = api
+                .request(Method::GET, &files_path(&sandbox, "/watch"))
+                .query(&[
+                    ("path", path.unwrap_or_else(|| String::from("/workspace"))),
+                    ("recursive", (!no_recursive).to_string()),
+                ]);
+            let watching = sse::each(api, request, |event| {
+                print_watch_event(output, event);
+                Ok(event.name != "end")
+            });
+            tokio::select! {
+                watched = watching => watched?,
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        }
     }
     Ok(0)
+}
+
+/// One watch event as a line: the change, or what happened to the watch.
+fn print_watch_event(output: Output, event: &sse::Event) {
+    use std::io::Write;
+    if output.json {
+        println!("{}", json!({ "event": event.name, "data": event.data }));
+    } else {
+        let data = &event.data;
+        match event.name.as_str() {
+            "ready" => eprintln!("watching {}", text(&data["path"])),
+            "change" if data["type"] == "rename" && !data["oldPath"].is_null() => println!(
+                "rename {} -> {}",
+                text(&data["oldPath"]),
+                text(&data["path"])
+            ),
+            "change" => println!("{} {}", text(&data["type"]), text(&data["path"])),
+            "overflow" => eprintln!("warning: changes were lost (list the directory again)"),
+            "limited" => eprintln!(
+                "warning: the watch reached its {} directories; deeper ones are not watched",
+                text(&data["maxDirs"])
+            ),
+            "end" => eprintln!("watch ended: {}", text(&data["reason"])),
+            _ => {}
+        }
+    }
+    let _ = std::io::stdout().flush();
 }
 
 fn files_path(sandbox: &str, rest: &str) -> String {

@@ -7,12 +7,14 @@
 
 mod artifacts;
 mod code;
+mod commands;
 mod exec;
 mod files;
 mod previews;
 mod sandboxes;
 mod sse;
 mod transfer;
+mod usage;
 mod workspace_runs;
 
 use std::io::Write;
@@ -24,51 +26,86 @@ use serde_json::Value;
 /// Where the client looks for the server when `CROWNEST_BASE_URL` is unset.
 pub const DEFAULT_BASE_URL: &str = "http://127.0.0.1:7420";
 
-/// Flags every client command takes.
+/// How a command prints (part of [`Global`]).
 #[derive(Args, Clone, Copy)]
 pub struct Output {
-    /// Print the server's JSON instead of the human output.
+    /// Print the server's JSON instead of the human output (errors too:
+    /// the error envelope on stderr).
     #[arg(long, global = true)]
     pub json: bool,
+}
+
+/// Which server, with which key, and the idempotency key to send.
+#[derive(Args, Clone, Default)]
+pub struct Connection {
+    /// The API key (default: $CROWNEST_API_KEY).
+    #[arg(long, global = true, value_name = "KEY")]
+    pub api_key: Option<String>,
+    /// The server (default: $CROWNEST_BASE_URL, else http://127.0.0.1:7420).
+    #[arg(long, global = true, value_name = "URL")]
+    pub base_url: Option<String>,
+    /// The `Idempotency-Key` of the command's first mutating request; later
+    /// ones in the same command get KEY.2, KEY.3, … (default: a fresh
+    /// random key per request). Run a command again with the same key and
+    /// the server answers with what it answered the first time.
+    #[arg(long, global = true, value_name = "KEY")]
+    pub idempotency_key: Option<String>,
+}
+
+/// Flags every client command takes.
+#[derive(Args, Clone)]
+pub struct Global {
+    #[command(flatten)]
+    pub output: Output,
+    #[command(flatten)]
+    pub connection: Connection,
 }
 
 /// The client's top-level commands (flattened into the binary's own).
 #[derive(Subcommand)]
 pub enum Command {
-    /// Create, list, show and kill sandboxes (client: needs CROWNEST_API_KEY).
+    /// Create, list, show, extend and kill sandboxes; their live metrics.
     Sandbox {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: sandboxes::SandboxCommand,
     },
     /// Run a command in a sandbox, stream its output and exit with its exit code.
     Exec(exec::ExecArgs),
-    /// Run code snippets in a sandbox's Code Context.
+    /// List, show, follow, cancel and signal a sandbox's commands.
+    Commands {
+        #[command(flatten)]
+        global: Global,
+        #[command(subcommand)]
+        command: commands::CommandsCommand,
+    },
+    /// Run code snippets in a sandbox's Code Contexts; create, list, restart
+    /// and remove contexts.
     Code {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: code::CodeCommand,
     },
-    /// Copy, list, move and remove files in a sandbox's /workspace.
+    /// Copy, list, move, remove and watch files in a sandbox's /workspace.
     Files {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: files::FilesCommand,
     },
     /// Keep files as durable artifacts, list and download them.
     Artifacts {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: artifacts::ArtifactsCommand,
     },
     /// Expose a sandbox port as an authenticated URL, list and close previews.
     Previews {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: previews::PreviewsCommand,
     },
@@ -78,7 +115,7 @@ pub enum Command {
     /// List, show, follow and cancel Workspace Runs; download their evidence.
     WorkspaceRuns {
         #[command(flatten)]
-        output: Output,
+        global: Global,
         #[command(subcommand)]
         command: workspace_runs::RunsCommand,
     },
@@ -87,13 +124,42 @@ pub enum Command {
         #[command(subcommand)]
         command: workspace_runs::EvidenceCommand,
     },
+    /// The org's usage: compute-unit seconds per sandbox, project or day.
+    Usage(usage::UsageArgs),
+    /// The org's audit log.
+    Audit {
+        #[command(flatten)]
+        global: Global,
+        #[command(subcommand)]
+        command: usage::AuditCommand,
+    },
+}
+
+impl Command {
+    /// The flags every client command takes (none for `evidence`).
+    fn global(&self) -> Option<&Global> {
+        match self {
+            Command::Sandbox { global, .. }
+            | Command::Commands { global, .. }
+            | Command::Code { global, .. }
+            | Command::Files { global, .. }
+            | Command::Artifacts { global, .. }
+            | Command::Previews { global, .. }
+            | Command::WorkspaceRuns { global, .. }
+            | Command::Audit { global, .. } => Some(global),
+            Command::Exec(args) => Some(&args.global),
+            Command::Run(args) => Some(&args.global),
+            Command::Usage(args) => Some(&args.global),
+            Command::Evidence { .. } => None,
+        }
+    }
 }
 
 /// Everything that can stop a client command.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error(
-        "CROWNEST_API_KEY is not set: export a key created with `crownest keys create` on the server"
+        "CROWNEST_API_KEY is not set: export a key created with `crownest keys create` on the server, or pass --api-key"
     )]
     MissingKey,
     /// The server answered with its error envelope (or a non-JSON error).
@@ -102,6 +168,8 @@ pub enum ClientError {
         status: u16,
         code: String,
         message: String,
+        /// The envelope's `details` (an empty object when it had none).
+        details: Value,
     },
     #[error("request to {url} failed: {}", chain(.source))]
     Http {
@@ -124,6 +192,48 @@ impl ClientError {
         let context = context.into();
         move |source| ClientError::Io { context, source }
     }
+
+    /// The error of an `error` event in a stream: its data is the error
+    /// envelope.
+    pub fn from_event(data: &Value) -> ClientError {
+        ClientError::Api {
+            status: 0,
+            code: text(&data["error"]["code"]),
+            message: text(&data["error"]["message"]),
+            details: details_of(&data["error"]),
+        }
+    }
+
+    /// The error as the API's envelope (`--json` prints it on stderr).
+    fn envelope(&self) -> Value {
+        match self {
+            ClientError::Api {
+                code,
+                message,
+                details,
+                ..
+            } => {
+                serde_json::json!({ "error": { "code": code, "message": message, "details": details } })
+            }
+            other => {
+                let code = match other {
+                    ClientError::MissingKey => "missing_api_key",
+                    ClientError::Http { .. } => "connection_failed",
+                    ClientError::Io { .. } => "local_io_error",
+                    _ => "invalid_input",
+                };
+                serde_json::json!({ "error": { "code": code, "message": other.to_string(), "details": {} } })
+            }
+        }
+    }
+}
+
+/// An envelope's `details`, an empty object when absent.
+fn details_of(error: &Value) -> Value {
+    match &error["details"] {
+        Value::Null => Value::Object(Default::default()),
+        details => details.clone(),
+    }
 }
 
 /// The error and its causes on one line (reqwest's own message alone says
@@ -139,8 +249,16 @@ fn chain(error: &dyn std::error::Error) -> String {
     text
 }
 
+/// Exit code of a command that failed before or around what it ran (an
+/// API error, a connection failure, bad local input); see README.md
+/// "Exit codes".
+pub const EXIT_ERROR: i32 = 1;
+/// Exit code when Ctrl-C canceled the remote command or detached from it.
+pub const EXIT_INTERRUPTED: i32 = 130;
+
 /// Runs a client command and returns the process exit code.
 pub fn run(command: Command) -> i32 {
+    let json = command.global().is_some_and(|g| g.output.json);
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -148,16 +266,37 @@ pub fn run(command: Command) -> i32 {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the async runtime: {e}");
-            return 1;
+            return EXIT_ERROR;
         }
     };
     match runtime.block_on(dispatch(command)) {
         Ok(code) => code,
         Err(e) => {
             let _ = std::io::stdout().flush();
-            eprintln!("error: {e}");
-            1
+            print_error(&e, json);
+            EXIT_ERROR
         }
+    }
+}
+
+/// `error: MESSAGE (CODE)`, with `; details: {…}` before the code when the
+/// server gave any; with `--json` the error envelope instead.
+fn print_error(error: &ClientError, json: bool) {
+    if json {
+        eprintln!("{}", error.envelope());
+        return;
+    }
+    match error {
+        // One line that still ends with the code, for scripts that grep it.
+        ClientError::Api {
+            code,
+            message,
+            details,
+            ..
+        } if details.as_object().is_some_and(|d| !d.is_empty()) => {
+            eprintln!("error: {message}; details: {details} ({code})");
+        }
+        other => eprintln!("error: {other}"),
     }
 }
 
@@ -167,20 +306,43 @@ async fn dispatch(command: Command) -> Result<i32, ClientError> {
         Command::Evidence { command } => return workspace_runs::evidence(command).await,
         other => other,
     };
-    let api = Api::from_env()?;
+    let connection = command
+        .global()
+        .map(|g| g.connection.clone())
+        .unwrap_or_default();
+    let api = Api::connect(&connection)?;
     match command {
-        Command::Sandbox { output, command } => sandboxes::run(&api, output, command).await,
+        Command::Sandbox { global, command } => sandboxes::run(&api, global.output, command).await,
         Command::Exec(args) => exec::run(&api, args).await,
-        Command::Code { output, command } => code::run(&api, output, command).await,
-        Command::Files { output, command } => files::run(&api, output, command).await,
-        Command::Artifacts { output, command } => artifacts::run(&api, output, command).await,
-        Command::Previews { output, command } => previews::run(&api, output, command).await,
-        Command::Run(args) => workspace_runs::run(&api, args).await,
-        Command::WorkspaceRuns { output, command } => {
-            workspace_runs::runs(&api, output, command).await
+        Command::Commands { global, command } => commands::run(&api, global.output, command).await,
+        Command::Code { global, command } => code::run(&api, global.output, command).await,
+        Command::Files { global, command } => files::run(&api, global.output, command).await,
+        Command::Artifacts { global, command } => {
+            artifacts::run(&api, global.output, command).await
         }
+        Command::Previews { global, command } => previews::run(&api, global.output, command).await,
+        Command::Run(args) => workspace_runs::run(&api, args).await,
+        Command::WorkspaceRuns { global, command } => {
+            workspace_runs::runs(&api, global.output, command).await
+        }
+        Command::Usage(args) => usage::usage(&api, args).await,
+        Command::Audit { global, command } => usage::audit(&api, global.output, command).await,
         Command::Evidence { .. } => Err(ClientError::Invalid(String::from("unreachable"))),
     }
+}
+
+/// Attempts of one request that may be retried (a GET, or a keyed
+/// mutation: the server replays or runs it once).
+const MAX_ATTEMPTS: u32 = 4;
+/// Longest `Retry-After` the client waits out on its own.
+const MAX_RETRY_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Where the idempotency keys of one command come from.
+enum Keys {
+    /// `--idempotency-key`: KEY, then KEY.2, KEY.3, …
+    Given { key: String, sent: u32 },
+    /// A fresh random key per request.
+    Random,
 }
 
 /// The server's address and the key to send.
@@ -188,25 +350,46 @@ pub struct Api {
     http: reqwest::Client,
     base: String,
     key: String,
+    keys: std::sync::Mutex<Keys>,
 }
 
 impl Api {
-    fn from_env() -> Result<Api, ClientError> {
-        let base = std::env::var("CROWNEST_BASE_URL")
-            .ok()
+    /// The client of the server the flags (else the environment) name.
+    fn connect(connection: &Connection) -> Result<Api, ClientError> {
+        let base = connection
+            .base_url
+            .clone()
+            .or_else(|| std::env::var("CROWNEST_BASE_URL").ok())
             .filter(|b| !b.trim().is_empty())
             .unwrap_or_else(|| DEFAULT_BASE_URL.to_string());
-        Self::for_server(&base)
+        let mut api = Self::for_server_with(base.trim(), connection.api_key.clone())?;
+        if let Some(key) = &connection.idempotency_key {
+            validate_idempotency_key(key)?;
+            api.keys = std::sync::Mutex::new(Keys::Given {
+                key: key.clone(),
+                sent: 0,
+            });
+        }
+        Ok(api)
     }
 
     /// The client of the server at `base`, with the key in
     /// CROWNEST_API_KEY.
     fn for_server(base: &str) -> Result<Api, ClientError> {
+        Self::for_server_with(base, None)
+    }
+
+    fn for_server_with(base: &str, key: Option<String>) -> Result<Api, ClientError> {
         let base = base.to_string();
-        let key = std::env::var("CROWNEST_API_KEY")
-            .ok()
+        let key = key
+            .or_else(|| std::env::var("CROWNEST_API_KEY").ok())
             .filter(|k| !k.trim().is_empty())
             .ok_or(ClientError::MissingKey)?;
+        if !base.starts_with("http://") && !base.starts_with("https://") {
+            return Err(ClientError::Invalid(format!(
+                "the base URL `{base}` is not an http:// or https:// URL"
+            )));
+        }
         // No overall timeout: log streams and transfers last as long as
         // they last; idle streams are watched by their readers.
         let http = reqwest::Client::builder()
@@ -220,14 +403,42 @@ impl Api {
             http,
             base: base.trim_end_matches('/').to_string(),
             key: key.trim().to_string(),
+            keys: std::sync::Mutex::new(Keys::Random),
         })
     }
 
-    /// A request to a path of this server (`/v1/…`), with the key.
+    /// The idempotency key of the next mutating request.
+    fn next_idempotency_key(&self) -> String {
+        let mut keys = self
+            .keys
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match &mut *keys {
+            Keys::Given { key, sent } => {
+                *sent += 1;
+                if *sent == 1 {
+                    key.clone()
+                } else {
+                    format!("{key}.{sent}")
+                }
+            }
+            Keys::Random => random_key(),
+        }
+    }
+
+    /// A request to a path of this server (`/v1/…`), with the key; a
+    /// mutating one carries an `Idempotency-Key`.
     pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        self.http
+        let mutating = !matches!(method, Method::GET | Method::HEAD | Method::OPTIONS);
+        let builder = self
+            .http
             .request(method, format!("{}{path}", self.base))
-            .header("x-api-key", &self.key)
+            .header("x-api-key", &self.key);
+        if mutating {
+            builder.header("idempotency-key", self.next_idempotency_key())
+        } else {
+            builder
+        }
     }
 
     /// A request to an absolute URL the server handed out (signed transfer
@@ -236,25 +447,50 @@ impl Api {
         self.http.request(method, url)
     }
 
-    /// Sends a request; a non-2xx answer becomes [`ClientError::Api`].
+    /// Sends a request; a non-2xx answer becomes [`ClientError::Api`]. A
+    /// GET or a keyed request is retried when it could not connect, on
+    /// 502/503/504, and on 429 with a short `Retry-After`.
     pub async fn send(&self, builder: RequestBuilder) -> Result<Response, ClientError> {
-        let request = builder.build().map_err(|source| ClientError::Http {
+        let mut request = builder.build().map_err(|source| ClientError::Http {
             url: self.base.clone(),
             source,
         })?;
-        let url = request.url().clone();
-        let response = self
-            .http
-            .execute(request)
-            .await
-            .map_err(|source| ClientError::Http {
-                url: without_query(&url),
-                source,
-            })?;
-        if response.status().is_success() {
-            return Ok(response);
+        let retryable =
+            request.method() == Method::GET || request.headers().contains_key("idempotency-key");
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            // A streamed body cannot be sent twice: no copy, no retry.
+            let again = if retryable && attempt < MAX_ATTEMPTS {
+                request.try_clone()
+            } else {
+                None
+            };
+            let url = request.url().clone();
+            let wait = match self.http.execute(request).await {
+                Ok(response) if response.status().is_success() => return Ok(response),
+                Ok(response) => match retry_wait(&response, attempt) {
+                    Some(wait) if again.is_some() => wait,
+                    _ => return Err(api_error(response).await),
+                },
+                Err(source) if source.is_connect() && again.is_some() => backoff(attempt),
+                Err(source) => {
+                    return Err(ClientError::Http {
+                        url: without_query(&url),
+                        source,
+                    });
+                }
+            };
+            tokio::time::sleep(wait).await;
+            match again {
+                Some(next) => request = next,
+                None => {
+                    return Err(ClientError::Invalid(String::from(
+                        "a request could not be repeated",
+                    )));
+                }
+            }
         }
-        Err(api_error(response).await)
     }
 
     /// Sends a request and parses the JSON answer (`null` for no body).
@@ -274,10 +510,22 @@ impl Api {
 
     /// Follows `nextCursor` and returns every item of a paginated list.
     pub async fn list_all(&self, path: &str) -> Result<Vec<Value>, ClientError> {
+        self.list_all_with(path, &[]).await
+    }
+
+    /// [`Api::list_all`] with query parameters (filters).
+    pub async fn list_all_with(
+        &self,
+        path: &str,
+        query: &[(String, String)],
+    ) -> Result<Vec<Value>, ClientError> {
         let mut items = Vec::new();
         let mut cursor: Option<String> = None;
         loop {
-            let mut request = self.request(Method::GET, path).query(&[("limit", "200")]);
+            let mut request = self
+                .request(Method::GET, path)
+                .query(query)
+                .query(&[("limit", "200")]);
             if let Some(c) = &cursor {
                 request = request.query(&[("cursor", c)]);
             }
@@ -291,6 +539,58 @@ impl Api {
             }
         }
     }
+}
+
+/// Refuses a `--idempotency-key` the server would refuse, before anything
+/// is sent.
+fn validate_idempotency_key(key: &str) -> Result<(), ClientError> {
+    let ok = !key.is_empty() && key.len() <= 240 && key.bytes().all(|b| b.is_ascii_graphic());
+    if ok {
+        Ok(())
+    } else {
+        Err(ClientError::Invalid(String::from(
+            "--idempotency-key must be 1 to 240 printable ASCII characters without spaces (the server adds .2, .3, … for a command's later requests, up to its limit of 255)",
+        )))
+    }
+}
+
+/// A fresh random idempotency key (a UUID v4).
+fn random_key() -> String {
+    let mut bytes: [u8; 16] = rand::random();
+    bytes[6] = (bytes[6] & 0x0f) | 0x40;
+    bytes[8] = (bytes[8] & 0x3f) | 0x80;
+    let hex: String = bytes.iter().map(|b| format!("{b:02x}")).collect();
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// How long to wait before another attempt after this answer, if it is
+/// worth one: 502/503/504 (back off, or its `Retry-After`), 429 only with
+/// a `Retry-After` (a quota answer has none: waiting does not help).
+fn retry_wait(response: &Response, attempt: u32) -> Option<std::time::Duration> {
+    let after = response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(std::time::Duration::from_secs);
+    let wait = match response.status().as_u16() {
+        502..=504 => after.unwrap_or_else(|| backoff(attempt)),
+        429 => after?,
+        _ => return None,
+    };
+    (wait <= MAX_RETRY_WAIT).then_some(wait)
+}
+
+/// 250 ms, 500 ms, 1 s, … after the first, second, third attempt.
+fn backoff(attempt: u32) -> std::time::Duration {
+    std::time::Duration::from_millis(250 << attempt.saturating_sub(1).min(6))
 }
 
 /// URLs in messages without their query: a signed transfer URL's token
@@ -321,9 +621,14 @@ async fn api_error(response: Response) -> ClientError {
             status: status.as_u16(),
             code,
             message,
+            details: envelope
+                .as_ref()
+                .map(|e| details_of(&e["error"]))
+                .unwrap_or_default(),
         },
         _ => ClientError::Api {
             status: status.as_u16(),
+            details: Value::Object(Default::default()),
             code: format!("http_{}", status.as_u16()),
             message: if text.trim().is_empty() {
                 status.to_string()

@@ -12,7 +12,10 @@ pub enum PreviewsCommand {
     /// the browser URL (with the token, shown this once).
     Create { sandbox: String, port: u16 },
     /// List a sandbox's previews (closed ones included).
+    #[command(visible_alias = "list")]
     Ls { sandbox: String },
+    /// Show one preview.
+    Get { sandbox: String, preview: String },
     /// Close a preview; its URL stops working at once.
     Rm { sandbox: String, preview: String },
 }
@@ -34,6 +37,19 @@ pub async fn run(api: &Api, output: Output, command: PreviewsCommand) -> Result<
             } else {
                 show(&preview);
                 println!("browser:  {}", text(&preview["browserUrl"]));
+            }
+        }
+        PreviewsCommand::Get { sandbox, preview } => {
+            let path = format!(
+                "/v1/sandboxes/{}/previews/{}",
+                segment(&sandbox),
+                segment(&preview)
+            );
+            let preview = api.json(api.request(Method::GET, &path)).await?;
+            if output.json {
+                print_json(&preview);
+            } else {
+                show(&preview);
             }
         }
         PreviewsCommand::Ls { sandbox } => {

@@ -1,6 +1,9 @@
 //! An incremental parser of server-sent events, fed with response chunks.
 
+use futures::StreamExt;
 use serde_json::Value;
+
+use super::{Api, ClientError};
 
 /// One event: its `id:` (if any), `event:` name and `data:` parsed as JSON
 /// (a string when it is not JSON).
@@ -31,6 +34,37 @@ impl Parser {
         }
         events
     }
+}
+
+/// Reads the event stream `request` answers with, handing each event to
+/// `on` until it returns `false` or the stream ends; an `error` event (the
+/// error envelope) ends it with that error.
+pub async fn each(
+    api: &Api,
+    request: reqwest::RequestBuilder,
+    mut on: impl FnMut(&Event) -> Result<bool, ClientError>,
+) -> Result<(), ClientError> {
+    let response = api
+        .send(request.header(reqwest::header::ACCEPT, "text/event-stream"))
+        .await?;
+    let url = super::without_query(response.url());
+    let mut body = response.bytes_stream();
+    let mut parser = Parser::default();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|source| ClientError::Http {
+            url: url.clone(),
+            source,
+        })?;
+        for event in parser.push(&chunk) {
+            if event.name == "error" && event.data.get("error").is_some() {
+                return Err(ClientError::from_event(&event.data));
+            }
+            if !on(&event)? {
+                return Ok(());
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Where the first event block ends and how long its separator is.

@@ -20,7 +20,7 @@ use sha2::{Digest, Sha256};
 use super::exec::{parse_env, shell_quote};
 use super::files::DIRECT_MAX_BYTES;
 use super::sse::Parser;
-use super::{Api, ClientError, Output, print_json, print_table, segment, text, transfer};
+use super::{Api, ClientError, Global, Output, print_json, print_table, segment, text, transfer};
 use crownest::evidence;
 
 /// A stream silent this long counts as dropped (keep-alives come every 15 s).
@@ -31,7 +31,7 @@ const MAX_RETRIES: u32 = 8;
 #[derive(Args)]
 pub struct RunArgs {
     #[command(flatten)]
-    output: Output,
+    pub global: Global,
     /// The directory to run (its contents become /workspace).
     dir: PathBuf,
     /// Template (default: the server's, `python-node`).
@@ -263,7 +263,7 @@ pub async fn run(api: &Api, args: RunArgs) -> Result<i32, ClientError> {
     drop(packed);
     api.json(api.request(Method::POST, &format!("{base}/start")))
         .await?;
-    let terminal = follow(api, &format!("{base}/events"), 0, !args.output.json).await?;
+    let terminal = follow(api, &format!("{base}/events"), 0, !args.global.output.json).await?;
     let run = api.json(api.request(Method::GET, &base)).await?;
     if let Some(path) = &args.evidence {
         let document = wait_for_evidence(api, &base).await?;
@@ -271,7 +271,7 @@ pub async fn run(api: &Api, args: RunArgs) -> Result<i32, ClientError> {
             .map_err(ClientError::io(format!("writing {}", path.display())))?;
         eprintln!("evidence written to {}", path.display());
     }
-    if args.output.json {
+    if args.global.output.json {
         print_json(&run);
     } else {
         summarize(&run);
@@ -403,11 +403,7 @@ async fn stream_once(
             let Some(seq) = event.id.as_deref().and_then(|i| i.parse::<i64>().ok()) else {
                 // An error of the stream itself (not of the run's log).
                 if event.name == "error" {
-                    return Err(ClientError::Api {
-                        status: 0,
-                        code: text(&event.data["error"]["code"]),
-                        message: text(&event.data["error"]["message"]),
-                    });
+                    return Err(ClientError::from_event(&event.data));
                 }
                 continue;
             };
