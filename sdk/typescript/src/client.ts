@@ -1,3 +1,10 @@
+/**
+ * The CrowNest client: `createCrowNestClient()` and the resources under it
+ * (sandboxes, their commands, code, files, artifacts and previews;
+ * templates, Workspace Runs, usage and audit events). Every call goes
+ * through `CrowNestClient.send`, which owns authentication, idempotency
+ * keys, retries (retry.ts) and the one deadline per call.
+ */
 import { DIRECT_UPLOAD_MAX, nodeFs, openAsBlob, packDirectory } from "./archive.js";
 import {
   CrowNestApiError,
@@ -6,15 +13,20 @@ import {
   CrowNestTimeoutError,
   apiErrorFromResponse,
 } from "./errors.js";
-import { SSEDecoder, lines } from "./sse.js";
+import { backoff, mayRetryNetwork, mayRetryStatus, parseRetryAfter } from "./retry.js";
+import { SSEDecoder, lines, type ServerSentEvent } from "./sse.js";
 import type {
   ArchiveSpec,
   ArtifactData,
+  ArtifactPolicy,
+  AuditAction,
+  AuditEvent,
   CodeContextData,
   CodeLanguage,
   CodeOutput,
   CollectSpec,
   CommandData,
+  CommandResult,
   EvidenceBundle,
   EvidenceKey,
   ExitInfo,
@@ -26,8 +38,14 @@ import type {
   PreviewData,
   RunCodeResult,
   SandboxData,
+  SandboxMetrics,
+  SandboxStatus,
   TemplateData,
   TransferData,
+  UsageGroupBy,
+  UsageReport,
+  WatchEndReason,
+  WatchEvent,
   WorkspaceRun,
   WorkspaceRunArtifactSpec,
   WorkspaceRunEvent,
@@ -38,26 +56,62 @@ import type {
 export const VERSION = "0.1.0";
 export const DEFAULT_BASE_URL = "http://127.0.0.1:7420";
 
+// `await using sandbox = await client.sandboxes.create(…)` (TypeScript
+// 5.2+) looks the dispose method up by `Symbol.asyncDispose`, which older
+// runtimes (Node 18, early 20) lack: define it where missing, as the
+// TypeScript handbook suggests, before any class below uses it.
+(Symbol as { asyncDispose?: symbol }).asyncDispose ??= Symbol.for("Symbol.asyncDispose");
+
+declare global {
+  // So that the `.d.ts` of `Sandbox[Symbol.asyncDispose]` type-checks in
+  // a project without the `esnext.disposable` lib or Node's types.
+  interface SymbolConstructor {
+    readonly asyncDispose: unique symbol;
+  }
+}
+
 export interface ClientOptions {
   /** Org-scoped API key; default `process.env.CROWNEST_API_KEY`. */
   apiKey?: string;
   /** Default `process.env.CROWNEST_BASE_URL`, else `http://127.0.0.1:7420`. */
   baseUrl?: string;
-  /** Per-request timeout in milliseconds (default 660 000: a blocking run
-   * waits for its command within one request). */
+  /** How long one call may take, its retries included, in milliseconds
+   * (default 660 000: a blocking run waits for its command within one
+   * request). Each method's `requestTimeoutMs` overrides it for one call. */
   timeoutMs?: number;
-  /** Retries of a request that failed on the network (default 3). */
+  /** Retries of a request that failed on the network or with a transient
+   * status (429, 502, 503, 504; see retry.ts), default 3. */
   maxRetries?: number;
 }
 
+/** Options every call takes. */
+export interface CallOptions {
+  /** This call's overall timeout in milliseconds, retries and their waits
+   * included (default: the client's `timeoutMs`). Past it the call throws
+   * `CrowNestTimeoutError`. (`timeoutMs` of a command or Code Run is the
+   * server's limit on the command itself.) */
+  requestTimeoutMs?: number;
+}
+
+type QueryValue = string | number | boolean | undefined;
+
 interface RequestOptions {
   json?: unknown;
-  body?: Uint8Array | Blob;
-  query?: Record<string, string | number | boolean | undefined>;
+  body?: Uint8Array | Blob | ReadableStream<Uint8Array>;
+  query?: Record<string, QueryValue>;
   idempotencyKey?: string;
   headers?: Record<string, string>;
   /** `path` is a signed transfer URL: sent once, without the API key. */
   signed?: boolean;
+  /** The call's overall timeout (default: the client's). */
+  timeoutMs?: number;
+  /** The call's deadline (`Date.now()` time), for a call made of several
+   * requests; wins over `timeoutMs`. */
+  deadline?: number;
+  /** The response body is a stream read at the caller's pace: the timeout
+   * covers the answer's headers only, and `signal` ends the stream. */
+  stream?: boolean;
+  signal?: AbortSignal;
 }
 
 function env(name: string): string | undefined {
@@ -69,32 +123,21 @@ function sleep(ms: number): Promise<void> {
   return new Promise((resolve) => setTimeout(resolve, ms));
 }
 
-/** Exponential backoff with jitter: ~250 ms, 500 ms, 1 s, … capped at 8 s. */
-function backoff(attempt: number): number {
-  return Math.min(8000, 250 * 2 ** attempt) * (0.5 + Math.random() / 2);
+interface NodeCrypto {
+  randomUUID(): string;
 }
 
-function errorCode(error: unknown): string | undefined {
-  let e: unknown = error;
-  for (let i = 0; i < 4 && e; i++) {
-    const code = (e as { code?: unknown }).code;
-    if (typeof code === "string") return code;
-    e = (e as { cause?: unknown }).cause;
+let nodeCrypto: Promise<NodeCrypto> | undefined;
+
+/** A random UUID for an Idempotency-Key: `node:crypto`'s on Node (Node
+ * 18's global `crypto` is not there unflagged), the Web Crypto one
+ * elsewhere. */
+async function newIdempotencyKey(): Promise<string> {
+  if (runsOnNode()) {
+    nodeCrypto ??= import(/* webpackIgnore: true */ /* @vite-ignore */ "node:crypto" as string) as Promise<NodeCrypto>;
+    return (await nodeCrypto).randomUUID();
   }
-  return undefined;
-}
-
-/** Whether a network failure may be retried: a connection that could not be
- * made never reached the server; otherwise only idempotent requests (GET,
- * PUT of a whole file, and requests carrying an Idempotency-Key). */
-function mayRetry(method: string, hasKey: boolean, error: unknown): boolean {
-  const code = errorCode(error);
-  if (code === "ECONNREFUSED" || code === "UND_ERR_CONNECT_TIMEOUT" || code === "ENOTFOUND") return true;
-  return method === "GET" || method === "PUT" || hasKey;
-}
-
-function newIdempotencyKey(): string {
-  return globalThis.crypto.randomUUID();
+  return (globalThis as unknown as { crypto: NodeCrypto }).crypto.randomUUID();
 }
 
 function toBytes(data: string | Uint8Array): Uint8Array {
@@ -105,6 +148,30 @@ function base64(bytes: Uint8Array): string {
   let binary = "";
   for (const b of bytes) binary += String.fromCharCode(b);
   return btoa(binary);
+}
+
+/** An RFC 3339 time for a query parameter. */
+function rfc3339(time: Date | string | undefined): string | undefined {
+  return time instanceof Date ? time.toISOString() : time;
+}
+
+function isAsyncIterable(value: unknown): value is AsyncIterable<unknown> {
+  return typeof value === "object" && value !== null && Symbol.asyncIterator in value;
+}
+
+/** An async iterable of bytes or text as a `ReadableStream` (Node 18 has no `ReadableStream.from`). */
+function streamOf(source: AsyncIterable<Uint8Array | string>): ReadableStream<Uint8Array> {
+  const iterator = source[Symbol.asyncIterator]();
+  return new ReadableStream<Uint8Array>({
+    async pull(controller) {
+      const { value, done } = await iterator.next();
+      if (done) controller.close();
+      else controller.enqueue(typeof value === "string" ? new TextEncoder().encode(value) : value);
+    },
+    async cancel(reason) {
+      await iterator.return?.(reason);
+    },
+  });
 }
 
 const OCTET_STREAM = { "content-type": "application/octet-stream" };
@@ -373,6 +440,8 @@ export class CrowNestClient {
   readonly artifacts: Artifacts;
   readonly templates: Templates;
   readonly workspaceRuns: WorkspaceRuns;
+  readonly usage: Usage;
+  readonly audit: Audit;
   private readonly apiKey: string;
 
   constructor(options: ClientOptions = {}) {
@@ -386,11 +455,13 @@ export class CrowNestClient {
     this.artifacts = new Artifacts(this);
     this.templates = new Templates(this);
     this.workspaceRuns = new WorkspaceRuns(this);
+    this.usage = new Usage(this);
+    this.audit = new Audit(this);
   }
 
   /** `GET /v1/health`. */
-  health(): Promise<{ status: string; version: string; runtime: string }> {
-    return this.request("GET", "/v1/health");
+  health(options: CallOptions = {}): Promise<{ status: string; version: string; runtime: string }> {
+    return this.request("GET", "/v1/health", { timeoutMs: options.requestTimeoutMs });
   }
 
   private url(path: string, query?: RequestOptions["query"]): string {
@@ -399,7 +470,16 @@ export class CrowNestClient {
     return url.toString();
   }
 
-  /** @internal One API call, with retries; throws `CrowNestApiError` on an error status. */
+  /**
+   * @internal One API call; throws `CrowNestApiError` on an error status.
+   *
+   * The call has one deadline (`options.timeoutMs`, else the client's
+   * `timeoutMs`): each attempt gets what remains of it, and a retry whose
+   * wait (`Retry-After`, else backoff) would end past it is not made: the
+   * last error is thrown instead. An attempt cut by the deadline throws
+   * `CrowNestTimeoutError`. What is retried is retry.ts's policy; a signed
+   * transfer URL (single use) and a streamed body (read once) are sent once.
+   */
   async send(method: string, path: string, options: RequestOptions = {}): Promise<Response> {
     const headers: Record<string, string> = {
       accept: "application/json",
@@ -407,41 +487,91 @@ export class CrowNestClient {
       ...options.headers,
     };
     if (!options.signed) headers["x-api-key"] = this.apiKey;
-    if (options.idempotencyKey) headers["idempotency-key"] = options.idempotencyKey;
-    let body: string | Uint8Array | Blob | undefined = options.body;
+    // Every mutating call carries an Idempotency-Key, the same one on each
+    // of its retries; except an upload of raw bytes (a PUT of a whole file
+    // or archive is idempotent as it is, and a key would make the server
+    // buffer the body to fingerprint it) and a signed transfer URL.
+    const mutating = method !== "GET" && method !== "HEAD";
+    const idempotencyKey =
+      options.idempotencyKey ??
+      (mutating && !options.signed && options.body === undefined ? await newIdempotencyKey() : undefined);
+    const keyed = idempotencyKey !== undefined;
+    if (idempotencyKey !== undefined) headers["idempotency-key"] = idempotencyKey;
+    let body: string | Uint8Array | Blob | ReadableStream<Uint8Array> | undefined = options.body;
     if (options.json !== undefined) {
       headers["content-type"] = "application/json";
       body = JSON.stringify(options.json);
     }
+    const streamedBody = body instanceof ReadableStream;
+    const once = options.signed || streamedBody;
+    const deadline = options.deadline ?? Date.now() + (options.timeoutMs ?? this.timeoutMs);
+    const budget = options.timeoutMs ?? deadline - Date.now();
     const url = this.url(path, options.query);
+    const what = `${method} ${new URL(url).pathname}`;
     for (let attempt = 0; ; attempt++) {
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new CrowNestTimeoutError(`${what}: no answer within ${budget} ms`);
+      // One controller per attempt: the deadline aborts it, and so does
+      // the caller's signal (Node 18 has no AbortSignal.any).
+      const controller = new AbortController();
+      const timedOut = new CrowNestTimeoutError(`${what}: no answer within ${budget} ms`);
+      const timer = setTimeout(() => controller.abort(timedOut), remaining);
+      // The timer must not keep a finished program alive (Node).
+      (timer as unknown as { unref?: () => void }).unref?.();
+      const onAbort = (): void => controller.abort(options.signal?.reason);
+      if (options.signal?.aborted) onAbort();
+      options.signal?.addEventListener("abort", onAbort, { once: true });
+      const settle = (): void => {
+        clearTimeout(timer);
+        options.signal?.removeEventListener("abort", onAbort);
+      };
       let response: Response;
       try {
         response = await fetch(url, {
           method,
           headers,
           body: body as BodyInit | undefined,
-          signal: AbortSignal.timeout(this.timeoutMs),
-        });
+          signal: controller.signal,
+          // A stream body: Node's fetch sends it as it is read.
+          ...(streamedBody ? { duplex: "half" } : {}),
+        } as RequestInit);
       } catch (error) {
-        const retryable = !options.signed && mayRetry(method, !!options.idempotencyKey, error);
-        if (attempt >= this.maxRetries || !retryable) {
-          throw new CrowNestConnectionError(`${method} ${new URL(url).pathname}: ${String(error)}`, { cause: error });
+        settle();
+        if (controller.signal.reason === timedOut) throw timedOut;
+        if (options.signal?.aborted) throw options.signal.reason;
+        const retryable = !once && mayRetryNetwork(method, keyed, error);
+        const wait = backoff(attempt);
+        if (attempt >= this.maxRetries || !retryable || Date.now() + wait >= deadline) {
+          throw new CrowNestConnectionError(`${what}: ${String(error)}`, { cause: error });
         }
-        await sleep(backoff(attempt));
+        await sleep(wait);
         continue;
       }
       if (response.status >= 400) {
-        const error: CrowNestApiError = await apiErrorFromResponse(response);
-        // Our own earlier attempt with this key is still being processed.
-        if (options.idempotencyKey && error.code === "idempotency_key_in_use" && attempt < this.maxRetries) {
-          await sleep(backoff(attempt));
-          continue;
+        const error: CrowNestApiError = await apiErrorFromResponse(response).finally(settle);
+        const retryAfter = parseRetryAfter(response.headers.get("retry-after"));
+        if (!once && attempt < this.maxRetries && mayRetryStatus(method, keyed, response.status, error.code, retryAfter)) {
+          const wait = retryAfter ?? backoff(attempt);
+          // Never sleep past the deadline: a wait that would end after it
+          // could only lead to a timeout, so the error is the answer.
+          if (Date.now() + wait < deadline) {
+            await sleep(wait);
+            continue;
+          }
         }
         throw error;
       }
+      // A stream is read at the caller's pace (the deadline was for the
+      // answer; the caller's signal still ends it); any other body stays
+      // under the deadline until read.
+      if (options.stream) clearTimeout(timer);
       return response;
     }
+  }
+
+  /** @internal The deadline of a call with these options (a `Date.now()` time). */
+  deadline(options: CallOptions): number {
+    return Date.now() + (options.requestTimeoutMs ?? this.timeoutMs);
   }
 
   /** @internal A request to a preview URL with this client's key; the
@@ -461,12 +591,49 @@ export class CrowNestClient {
     return (await response.json()) as T;
   }
 
-  /** @internal */
-  page<T, U>(path: string, limit: number | undefined, wrap: (data: T) => U): PageIterator<U> {
+  /** @internal Pages of `GET path` (with `query`), following `nextCursor`. */
+  page<T, U>(
+    path: string,
+    query: Record<string, QueryValue>,
+    wrap: (data: T) => U,
+    options: CallOptions = {},
+  ): PageIterator<U> {
     return new PageIterator(async (cursor) => {
-      const body = await this.request<Page<T>>("GET", path, { query: { limit, cursor: cursor ?? undefined } });
+      const body = await this.request<Page<T>>("GET", path, {
+        query: { ...query, cursor: cursor ?? query.cursor },
+        timeoutMs: options.requestTimeoutMs,
+      });
       return { items: body.data.map(wrap), next: body.nextCursor ?? null };
     });
+  }
+
+  /** @internal The events of an SSE endpoint until the server closes it,
+   * `signal` aborts it or the consumer stops; an `error` event (the error
+   * envelope) is thrown as `CrowNestApiError`. The call's timeout covers
+   * the answer's headers. */
+  async *events(path: string, query: Record<string, QueryValue>, options: { signal?: AbortSignal; timeoutMs?: number } = {}): AsyncGenerator<ServerSentEvent> {
+    const response = await this.send("GET", path, {
+      query,
+      headers: { accept: "text/event-stream" },
+      stream: true,
+      signal: options.signal,
+      timeoutMs: options.timeoutMs,
+    });
+    if (!response.body) throw new CrowNestConnectionError(`GET ${path}: no response body`);
+    const decoder = new SSEDecoder();
+    try {
+      for await (const line of lines(response.body)) {
+        const sse = decoder.feed(line);
+        if (!sse) continue;
+        if (sse.event === "error") throw streamError(sse.data, response.status);
+        yield sse;
+      }
+    } catch (error) {
+      // Ours, or the caller's abort reason, as they are; a failed read is
+      // a dropped connection.
+      if (error instanceof CrowNestError || options.signal?.aborted) throw error;
+      throw new CrowNestConnectionError(`GET ${path}: the event stream broke: ${String(error)}`, { cause: error });
+    }
   }
 
   /** @internal Follows an SSE command log to its `exit` event, reconnecting
@@ -592,10 +759,20 @@ export class CrowNestClient {
    * callbacks and returns the RunCodeResult of its `complete` event. After a
    * dropped connection it asks again with the same Idempotency-Key: the
    * server then waits for the run and replays its `complete` event. */
-  async codeStream(path: string, json: unknown, idempotencyKey: string, callbacks: CodeCallbacks): Promise<RunCodeResult> {
+  async codeStream(path: string, json: unknown, idempotencyKey: string, callbacks: CodeCallbacks & CallOptions): Promise<RunCodeResult> {
+    const budget = callbacks.requestTimeoutMs ?? this.timeoutMs;
+    const deadline = Date.now() + budget;
     for (let attempt = 0; ; attempt++) {
-      // `send` retries a failed connection and a key still in use.
-      const response = await this.send("POST", path, { json, idempotencyKey, headers: { accept: "text/event-stream" } });
+      // `send` retries a failed connection and a key still in use; the
+      // whole run, reconnections included, stays within one deadline.
+      const remaining = deadline - Date.now();
+      if (remaining <= 0) throw new CrowNestTimeoutError(`POST ${path}: no result within ${budget} ms`);
+      const response = await this.send("POST", path, {
+        json,
+        idempotencyKey,
+        headers: { accept: "text/event-stream" },
+        timeoutMs: remaining,
+      });
       if (!response.body) throw new CrowNestConnectionError(`POST ${path}: no response body`);
       const decoder = new SSEDecoder();
       try {
@@ -625,15 +802,38 @@ export class CrowNestClient {
           } else if (sse.event === "complete") return payload as RunCodeResult;
         }
       } catch (error) {
-        if (error instanceof CrowNestApiError) throw error;
-        if (attempt >= this.maxRetries) throw new CrowNestConnectionError(`POST ${path}: ${String(error)}`, { cause: error });
-        await sleep(backoff(attempt));
+        if (error instanceof CrowNestApiError || error instanceof CrowNestTimeoutError) throw error;
+        const wait = backoff(attempt);
+        if (attempt >= this.maxRetries || Date.now() + wait >= deadline) {
+          throw new CrowNestConnectionError(`POST ${path}: ${String(error)}`, { cause: error });
+        }
+        await sleep(wait);
         continue;
       }
-      if (attempt >= this.maxRetries) throw new CrowNestConnectionError(`POST ${path}: the run stream ended before its complete event`);
-      await sleep(backoff(attempt));
+      const wait = backoff(attempt);
+      if (attempt >= this.maxRetries || Date.now() + wait >= deadline) {
+        throw new CrowNestConnectionError(`POST ${path}: the run stream ended before its complete event`);
+      }
+      await sleep(wait);
     }
   }
+}
+
+/** An SSE `error` event's envelope as the error it reports. */
+function streamError(data: string, status: number): CrowNestApiError {
+  let envelope: Record<string, unknown> = {};
+  try {
+    const payload = JSON.parse(data) as { error?: Record<string, unknown> };
+    envelope = payload.error ?? {};
+  } catch {
+    envelope = { message: data };
+  }
+  return new CrowNestApiError(
+    status >= 400 ? status : 500,
+    String(envelope.code ?? "internal"),
+    String(envelope.message ?? ""),
+    (envelope.details as Record<string, unknown>) ?? {},
+  );
 }
 
 /** An SSE event of `GET …/events` as a run event (its data is the event
@@ -673,7 +873,7 @@ function toLogEvent(event: string, data: string, id: string | null): LogEvent | 
   }
   if (event === "exit") {
     const exit: ExitInfo = {
-      status: String(payload.status ?? ""),
+      status: String(payload.status ?? "") as ExitInfo["status"],
       exitCode: (payload.exitCode as number | null) ?? null,
       signal: (payload.signal as number | null) ?? null,
       error: (payload.error as string | null) ?? null,
@@ -691,9 +891,11 @@ export function createCrowNestClient(options: ClientOptions = {}): CrowNestClien
 
 // ------------------------------------------------------------------ sandboxes
 
-export interface CreateSandboxOptions {
+export interface CreateSandboxOptions extends CallOptions {
   template: string;
+  /** Time to live in milliseconds (E2B's `timeoutMs`). */
   ttlMs?: number;
+  /** Kept verbatim; `list({ metadata })` filters on it. */
   metadata?: Record<string, unknown>;
   /** A narrower egress policy than the template's. */
   network?: NetworkPolicyRequest;
@@ -704,8 +906,39 @@ export interface CreateSandboxOptions {
   idempotencyKey?: string;
 }
 
+export interface ListSandboxesOptions extends CallOptions {
+  status?: SandboxStatus;
+  template?: string;
+  /** `metadata[KEY]=VALUE` filters, every one must match; a value is
+   * compared as text (numbers and booleans by their JSON text). */
+  metadata?: Record<string, string | number | boolean>;
+  /** Created after this time (exclusive). */
+  createdAfter?: Date | string;
+  /** Created before this time (exclusive). */
+  createdBefore?: Date | string;
+  /** Page size, 1 … 200. */
+  limit?: number;
+  /** Start from this page (`nextCursor` of an earlier one). */
+  cursor?: string;
+}
+
+/** The query of `GET /v1/sandboxes` for the filters of `options`. */
+function sandboxQuery(options: ListSandboxesOptions): Record<string, QueryValue> {
+  const query: Record<string, QueryValue> = {
+    status: options.status,
+    template: options.template,
+    createdAfter: rfc3339(options.createdAfter),
+    createdBefore: rfc3339(options.createdBefore),
+    limit: options.limit,
+    cursor: options.cursor,
+  };
+  for (const [key, value] of Object.entries(options.metadata ?? {})) query[`metadata[${key}]`] = String(value);
+  return query;
+}
+
 /** A sandbox: its fields (`id`, `status`, `expiresAt`, …) plus the
- * sub-clients bound to it. */
+ * sub-clients bound to it. Disposable: `await using sandbox = await
+ * client.sandboxes.create(…)` kills it when the scope ends. */
 export interface Sandbox extends SandboxData {}
 export class Sandbox {
   readonly commands: Commands;
@@ -727,32 +960,69 @@ export class Sandbox {
   }
 
   /** Re-reads the sandbox into this object. */
-  async refresh(): Promise<this> {
-    Object.assign(this, await this.client.request<SandboxData>("GET", `/v1/sandboxes/${this.id}`));
+  async refresh(options: CallOptions = {}): Promise<this> {
+    Object.assign(this, await this.client.sandboxes.getData(this.id, options));
     return this;
   }
 
   /** Destroys the sandbox; this object then holds its `destroyed` tombstone. */
-  async kill(): Promise<this> {
-    Object.assign(this, await this.client.request<SandboxData>("DELETE", `/v1/sandboxes/${this.id}`));
+  async kill(options: CallOptions = {}): Promise<this> {
+    Object.assign(this, await this.client.sandboxes.killData(this.id, options));
     return this;
+  }
+
+  /** Sets the sandbox to expire `ttlMs` milliseconds from now (longer or
+   * shorter than it had; within the server's TTL bounds, else
+   * `invalid_request`). Milliseconds, as E2B's JS `setTimeout`. */
+  async setTimeout(ttlMs: number, options: CallOptions = {}): Promise<this> {
+    Object.assign(this, await this.client.sandboxes.setTimeoutData(this.id, ttlMs, options));
+    return this;
+  }
+
+  /** Its resource use now: CPU seconds and percent, memory, pids, disk, network. */
+  metrics(options: CallOptions = {}): Promise<SandboxMetrics> {
+    return this.client.sandboxes.metrics(this.id, options);
+  }
+
+  /** Its metrics about every second as they are measured, until the
+   * sandbox ends (or the loop stops): `for await (const m of sandbox.metricsStream())`. */
+  metricsStream(options: MetricsStreamOptions = {}): AsyncGenerator<SandboxMetrics> {
+    return this.client.sandboxes.metricsStream(this.id, options);
   }
 
   /** Narrows the sandbox's egress policy within its template's (`PATCH
    * /v1/sandboxes/{id}/network`, scope `sandboxes:network`); new
    * connections follow it at once. */
-  async setNetwork(policy: NetworkPolicyRequest): Promise<this> {
+  async setNetwork(policy: NetworkPolicyRequest, options: CallOptions = {}): Promise<this> {
     Object.assign(
       this,
-      await this.client.request<SandboxData>("PATCH", `/v1/sandboxes/${this.id}/network`, { json: policy }),
+      await this.client.request<SandboxData>("PATCH", `/v1/sandboxes/${this.id}/network`, {
+        json: policy,
+        timeoutMs: options.requestTimeoutMs,
+      }),
     );
     return this;
+  }
+
+  /** `await using`: kills the sandbox when the scope ends; one that is
+   * already destroyed (410 `sandbox_destroyed`) is fine. */
+  async [Symbol.asyncDispose](): Promise<void> {
+    try {
+      await this.kill();
+    } catch (error) {
+      if (!(error instanceof CrowNestApiError && error.status === 410)) throw error;
+    }
   }
 
   toJSON(): SandboxData {
     const { commands: _c, code: _co, files: _f, artifacts: _a, previews: _p, client: _cl, ...data } = this as unknown as Record<string, unknown>;
     return data as unknown as SandboxData;
   }
+}
+
+export interface MetricsStreamOptions extends CallOptions {
+  /** Ends the stream (the loop then finishes). */
+  signal?: AbortSignal;
 }
 
 export class Sandboxes {
@@ -766,26 +1036,90 @@ export class Sandboxes {
     if (options.env !== undefined) body.env = options.env;
     const data = await this.client.request<SandboxData>("POST", "/v1/sandboxes", {
       json: body,
-      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey,
+      timeoutMs: options.requestTimeoutMs,
     });
     return new Sandbox(this.client, data);
   }
 
-  async get(id: string): Promise<Sandbox> {
-    return new Sandbox(this.client, await this.client.request<SandboxData>("GET", `/v1/sandboxes/${id}`));
+  async get(id: string, options: CallOptions = {}): Promise<Sandbox> {
+    return new Sandbox(this.client, await this.getData(id, options));
   }
 
-  /** Every sandbox of the org, newest first: `for await (const s of client.sandboxes.list())`. */
-  list(options: { limit?: number } = {}): PageIterator<Sandbox> {
-    return this.client.page<SandboxData, Sandbox>("/v1/sandboxes", options.limit, (d) => new Sandbox(this.client, d));
+  /** @internal */
+  getData(id: string, options: CallOptions): Promise<SandboxData> {
+    return this.client.request<SandboxData>("GET", `/v1/sandboxes/${id}`, { timeoutMs: options.requestTimeoutMs });
+  }
+
+  /** Destroys a sandbox by id in one request (no `get` first); resolves to its tombstone. */
+  async kill(id: string, options: CallOptions = {}): Promise<Sandbox> {
+    return new Sandbox(this.client, await this.killData(id, options));
+  }
+
+  /** @internal Keyed (as every mutating call), so that a retry after a
+   * lost answer gets the tombstone instead of a 410. */
+  killData(id: string, options: CallOptions): Promise<SandboxData> {
+    return this.client.request<SandboxData>("DELETE", `/v1/sandboxes/${id}`, { timeoutMs: options.requestTimeoutMs });
+  }
+
+  /** Sets a sandbox to expire `ttlMs` milliseconds from now; see `Sandbox.setTimeout`. */
+  async setTimeout(id: string, ttlMs: number, options: CallOptions = {}): Promise<Sandbox> {
+    return new Sandbox(this.client, await this.setTimeoutData(id, ttlMs, options));
+  }
+
+  /** @internal */
+  setTimeoutData(id: string, ttlMs: number, options: CallOptions): Promise<SandboxData> {
+    return this.client.request<SandboxData>("POST", `/v1/sandboxes/${id}/timeout`, {
+      json: { ttlMs },
+      timeoutMs: options.requestTimeoutMs,
+    });
+  }
+
+  /** A sandbox's resource use now (`GET /v1/sandboxes/{id}/metrics`). */
+  metrics(id: string, options: CallOptions = {}): Promise<SandboxMetrics> {
+    return this.client.request<SandboxMetrics>("GET", `/v1/sandboxes/${id}/metrics`, {
+      timeoutMs: options.requestTimeoutMs,
+    });
+  }
+
+  /** A sandbox's metrics as the server measures them (about every
+   * second), until the sandbox ends (the stream's `end` event), `signal`
+   * aborts it or the loop stops. */
+  async *metricsStream(id: string, options: MetricsStreamOptions = {}): AsyncGenerator<SandboxMetrics> {
+    const events = this.client.events(`/v1/sandboxes/${id}/metrics`, { stream: true }, {
+      signal: options.signal,
+      timeoutMs: options.requestTimeoutMs,
+    });
+    try {
+      for await (const sse of events) {
+        if (sse.event === "end") return;
+        if (sse.event === "metrics") yield JSON.parse(sse.data) as SandboxMetrics;
+      }
+    } catch (error) {
+      // Stopping is how this stream is meant to end.
+      if (options.signal?.aborted) return;
+      throw error;
+    }
+  }
+
+  /** Every sandbox of the org matching the filters, newest first, pages
+   * fetched lazily: `for await (const s of client.sandboxes.list({ status: "running" }))`. */
+  list(options: ListSandboxesOptions = {}): PageIterator<Sandbox> {
+    return this.client.page<SandboxData, Sandbox>(
+      "/v1/sandboxes",
+      sandboxQuery(options),
+      (d) => new Sandbox(this.client, d),
+      options,
+    );
   }
 }
 
 // ------------------------------------------------------------------ commands
 
-export interface CommandOptions {
+export interface CommandOptions extends CallOptions {
   cwd?: string;
   env?: Record<string, string>;
+  /** The command's own time limit on the server (it then ends `timed_out`). */
   timeoutMs?: number;
   /** Files to promote to artifacts when the command ends; see `result.artifacts`. */
   collect?: CollectSpec[];
@@ -818,8 +1152,8 @@ export class Command {
     return `/v1/sandboxes/${this.sandboxId}/commands/${this.id}`;
   }
 
-  async refresh(): Promise<this> {
-    Object.assign(this, await this.client.request<CommandData>("GET", this.path));
+  async refresh(options: CallOptions = {}): Promise<this> {
+    Object.assign(this, await this.client.request<CommandData>("GET", this.path, { timeoutMs: options.requestTimeoutMs }));
     return this;
   }
 
@@ -830,7 +1164,7 @@ export class Command {
   }
 
   /** Waits for the command to end and returns its final record. */
-  async wait(options: Pick<RunOptions, "onStdout" | "onStderr"> = {}): Promise<CommandData> {
+  async wait(options: Pick<RunOptions, "onStdout" | "onStderr"> = {}): Promise<CommandResult> {
     if (this.status === "running" || options.onStdout || options.onStderr) {
       for await (const event of this.logs()) {
         if (event.type === "stdout") await options.onStdout?.(event.data);
@@ -895,15 +1229,15 @@ export class Commands {
    * exit is a result, not an error. With `onStdout`/`onStderr` the command
    * starts in the background and its log streams to the callbacks.
    */
-  async run(command: string, options: RunOptions = {}): Promise<CommandData> {
-    const idempotencyKey = options.idempotencyKey ?? newIdempotencyKey();
+  async run(command: string, options: RunOptions = {}): Promise<CommandResult> {
     if (!options.onStdout && !options.onStderr) {
-      return this.client.request<CommandData>("POST", `/v1/sandboxes/${this.sandboxId}/commands`, {
+      return this.client.request<CommandResult>("POST", `/v1/sandboxes/${this.sandboxId}/commands`, {
         json: commandBody(command, options, false),
-        idempotencyKey,
+        idempotencyKey: options.idempotencyKey,
+        timeoutMs: options.requestTimeoutMs,
       });
     }
-    const handle = await this.start(command, { ...options, idempotencyKey });
+    const handle = await this.start(command, options);
     return handle.wait({ onStdout: options.onStdout, onStderr: options.onStderr });
   }
 
@@ -911,21 +1245,25 @@ export class Commands {
   async start(command: string, options: StartOptions = {}): Promise<Command> {
     const data = await this.client.request<CommandData>("POST", `/v1/sandboxes/${this.sandboxId}/commands`, {
       json: commandBody(command, options, true),
-      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey,
+      timeoutMs: options.requestTimeoutMs,
     });
     return new Command(this.client, data);
   }
 
-  async get(commandId: string): Promise<Command> {
-    const data = await this.client.request<CommandData>("GET", `/v1/sandboxes/${this.sandboxId}/commands/${commandId}`);
+  async get(commandId: string, options: CallOptions = {}): Promise<Command> {
+    const data = await this.client.request<CommandData>("GET", `/v1/sandboxes/${this.sandboxId}/commands/${commandId}`, {
+      timeoutMs: options.requestTimeoutMs,
+    });
     return new Command(this.client, data);
   }
 
-  list(options: { limit?: number } = {}): PageIterator<Command> {
+  list(options: { limit?: number } & CallOptions = {}): PageIterator<Command> {
     return this.client.page<CommandData, Command>(
       `/v1/sandboxes/${this.sandboxId}/commands`,
-      options.limit,
+      { limit: options.limit },
       (d) => new Command(this.client, d),
+      options,
     );
   }
 }
@@ -940,24 +1278,31 @@ export interface CodeCallbacks {
   onOutput?: (output: CodeOutput) => unknown;
 }
 
-export interface CreateContextOptions {
+export interface CreateContextOptions extends CallOptions {
   /** Default `"python"`. */
   language?: CodeLanguage;
   cwd?: string;
   env?: Record<string, string>;
 }
 
-export interface RunCodeOptions extends CodeCallbacks {
+export interface RunCodeOptions extends CodeCallbacks, CallOptions {
   code: string;
   /** Default `"python"`. */
   language?: CodeLanguage;
   /** A context id or context; default: the sandbox's default context for the language. */
   contextId?: string | CodeContextData;
   /** `"promote"` turns eligible rich outputs into artifacts; default `"inline"`. */
-  artifactPolicy?: "inline" | "promote";
+  artifactPolicy?: ArtifactPolicy;
+  /** The run's own time limit on the server. */
   timeoutMs?: number;
   /** Default: a new random key (reused across the SDK's own retries). */
   idempotencyKey?: string;
+}
+
+type ContextRef = string | { id: string };
+
+function contextId(context: ContextRef): string {
+  return typeof context === "string" ? context : context.id;
 }
 
 /** Code Contexts (persistent interpreters) and Code Runs (snippets run in them). */
@@ -976,21 +1321,28 @@ export class Code {
     const json: Record<string, unknown> = { language: options.language ?? "python" };
     if (options.cwd !== undefined) json.cwd = options.cwd;
     if (options.env !== undefined) json.env = options.env;
-    return this.client.request<CodeContextData>("POST", `${this.base}/contexts`, { json });
+    return this.client.request<CodeContextData>("POST", `${this.base}/contexts`, { json, timeoutMs: options.requestTimeoutMs });
   }
 
-  async listContexts(): Promise<CodeContextData[]> {
-    return (await this.client.request<Page<CodeContextData>>("GET", `${this.base}/contexts`)).data;
+  async listContexts(options: CallOptions = {}): Promise<CodeContextData[]> {
+    return (await this.client.request<Page<CodeContextData>>("GET", `${this.base}/contexts`, { timeoutMs: options.requestTimeoutMs })).data;
   }
 
-  getContext(id: string): Promise<CodeContextData> {
-    return this.client.request<CodeContextData>("GET", `${this.base}/contexts/${id}`);
+  getContext(id: string, options: CallOptions = {}): Promise<CodeContextData> {
+    return this.client.request<CodeContextData>("GET", `${this.base}/contexts/${id}`, { timeoutMs: options.requestTimeoutMs });
+  }
+
+  /** Replaces the context's interpreter with a fresh one: same id, its
+   * variables and imports gone (E2B's `restartCodeContext`). */
+  restartContext(context: ContextRef, options: CallOptions = {}): Promise<CodeContextData> {
+    return this.client.request<CodeContextData>("POST", `${this.base}/contexts/${contextId(context)}/restart`, {
+      timeoutMs: options.requestTimeoutMs,
+    });
   }
 
   /** Stops the context's interpreter (its state is gone). */
-  async deleteContext(context: string | CodeContextData): Promise<void> {
-    const id = typeof context === "string" ? context : context.id;
-    await this.client.send("DELETE", `${this.base}/contexts/${id}`);
+  async deleteContext(context: ContextRef, options: CallOptions = {}): Promise<void> {
+    await this.client.send("DELETE", `${this.base}/contexts/${contextId(context)}`, { timeoutMs: options.requestTimeoutMs });
   }
 
   /**
@@ -999,23 +1351,74 @@ export class Code {
    * a thrown error. With `onStdout`/`onStderr`/`onOutput` the run is
    * streamed and each chunk or output reaches them as it is produced.
    */
-  run(options: RunCodeOptions): Promise<RunCodeResult> {
+  async run(options: RunCodeOptions): Promise<RunCodeResult> {
     const json: Record<string, unknown> = { language: options.language ?? "python", code: options.code };
-    if (options.contextId !== undefined) {
-      json.contextId = typeof options.contextId === "string" ? options.contextId : options.contextId.id;
-    }
+    if (options.contextId !== undefined) json.contextId = contextId(options.contextId);
     if (options.artifactPolicy !== undefined) json.artifactPolicy = options.artifactPolicy;
     if (options.timeoutMs !== undefined) json.timeoutMs = options.timeoutMs;
-    const idempotencyKey = options.idempotencyKey ?? newIdempotencyKey();
+    const idempotencyKey = options.idempotencyKey ?? (await newIdempotencyKey());
     const path = `${this.base}/runs`;
     if (!options.onStdout && !options.onStderr && !options.onOutput) {
-      return this.client.request<RunCodeResult>("POST", path, { json, idempotencyKey });
+      return this.client.request<RunCodeResult>("POST", path, { json, idempotencyKey, timeoutMs: options.requestTimeoutMs });
     }
     return this.client.codeStream(path, json, idempotencyKey, options);
   }
 }
 
 // ------------------------------------------------------------------ files
+
+/** What `files.write` takes: text, bytes, a `Blob` (a file from
+ * `fs.openAsBlob` is read as it is sent), or a stream of bytes (a
+ * `ReadableStream` or any async iterable, e.g. `fs.createReadStream`). */
+export type WriteData = string | Uint8Array | Blob | ReadableStream<Uint8Array> | AsyncIterable<Uint8Array | string>;
+
+export interface WriteOptions extends CallOptions {
+  /** The byte count of a stream, when known: up to 32 MiB it is sent in
+   * one `PUT …/files`, larger through a staged upload of that size.
+   * Without it a stream goes through a staged upload (of at most the
+   * workspace's size). Text, bytes and a Blob know their size. */
+  size?: number;
+}
+
+/** One file of `files.writeFiles`. */
+export interface WriteEntry {
+  path: string;
+  data: WriteData;
+  /** See `WriteOptions.size`. */
+  size?: number;
+}
+
+export interface WatchOptions extends CallOptions {
+  /** Also watch the directories below it (the server's default: true). */
+  recursive?: boolean;
+  /** Called when the watch ends on an error after it was ready (the
+   * connection dropped, `onEvent` threw, …); `closed` rejects with it too. */
+  onError?: (error: unknown) => unknown;
+}
+
+/** A running `files.watch`. */
+export interface WatchHandle {
+  /** The watched directory, absolute (`/workspace/…`). */
+  readonly path: string;
+  /** Stops watching (closes the stream); resolves once it is closed. */
+  stop(): Promise<void>;
+  /** Settles when the watch ended: resolves with why (`stopped`,
+   * `sandbox_destroyed`, `directory_removed`), rejects on an error (the
+   * connection dropped, `onEvent` threw, …). */
+  readonly closed: Promise<WatchEndReason>;
+}
+
+/** The request body of `data` and its size, when known. */
+function writeBody(data: WriteData, size: number | undefined): { body: Uint8Array | Blob | ReadableStream<Uint8Array>; size: number | undefined } {
+  if (typeof data === "string" || data instanceof Uint8Array) {
+    const bytes = toBytes(data);
+    return { body: bytes, size: bytes.byteLength };
+  }
+  if (data instanceof Blob) return { body: data, size: data.size };
+  if (data instanceof ReadableStream) return { body: data, size };
+  if (isAsyncIterable(data)) return { body: streamOf(data), size };
+  throw new TypeError("files.write: data must be a string, Uint8Array, Blob, ReadableStream or async iterable");
+}
 
 /** Files of /workspace; paths are relative to /workspace or absolute under it. */
 export class Files {
@@ -1028,80 +1431,205 @@ export class Files {
     this.base = `/v1/sandboxes/${sandboxId}/files`;
   }
 
-  /** Writes a whole file (at most 32 MiB; larger: `upload`). Parents are created. */
-  async write(path: string, data: string | Uint8Array): Promise<FileData> {
-    const response = await this.client.send("PUT", this.base, {
-      query: { path },
-      body: toBytes(data),
-      headers: OCTET_STREAM,
-    });
+  /**
+   * Writes a whole file; parents are created, and it appears whole or not
+   * at all. Any size: up to 32 MiB in one `PUT`, larger ones (and streams
+   * of unknown size) through a staged upload, streamed, never buffered
+   * here.
+   */
+  async write(path: string, data: WriteData, options: WriteOptions = {}): Promise<FileData> {
+    return this.writeWithin(path, data, options.size, this.client.deadline(options));
+  }
+
+  /** Writes each file in turn (see `write`); one timeout for them all. */
+  async writeFiles(files: WriteEntry[], options: CallOptions = {}): Promise<FileData[]> {
+    const deadline = this.client.deadline(options);
+    const written: FileData[] = [];
+    for (const file of files) written.push(await this.writeWithin(file.path, file.data, file.size, deadline));
+    return written;
+  }
+
+  private async writeWithin(path: string, data: WriteData, size: number | undefined, deadline: number): Promise<FileData> {
+    const { body, size: known } = writeBody(data, size);
+    if (known !== undefined && known <= DIRECT_UPLOAD_MAX) {
+      const response = await this.client.send("PUT", this.base, { query: { path }, body, headers: OCTET_STREAM, deadline });
+      return (await response.json()) as FileData;
+    }
+    return this.stagedUpload(path, body, known, deadline);
+  }
+
+  private async stagedUpload(
+    path: string,
+    body: Uint8Array | Blob | ReadableStream<Uint8Array>,
+    size: number | undefined,
+    deadline: number,
+  ): Promise<FileData> {
+    const target = await this.uploadUrlWithin(path, size, deadline);
+    const response = await this.client.send(target.method, target.url, { body, headers: OCTET_STREAM, signed: true, deadline });
     return (await response.json()) as FileData;
   }
 
-  async read(path: string): Promise<Uint8Array> {
-    const response = await this.client.send("GET", this.base, { query: { path } });
+  async read(path: string, options: CallOptions = {}): Promise<Uint8Array> {
+    const response = await this.client.send("GET", this.base, { query: { path }, timeoutMs: options.requestTimeoutMs });
     return new Uint8Array(await response.arrayBuffer());
   }
 
-  async readText(path: string): Promise<string> {
-    return new TextDecoder().decode(await this.read(path));
+  async readText(path: string, options: CallOptions = {}): Promise<string> {
+    return new TextDecoder().decode(await this.read(path, options));
+  }
+
+  /**
+   * The file's bytes as a stream, read as they arrive (never buffered
+   * whole): `for await`-able on Node, or `.getReader()`. Files over 32 MiB
+   * come through a staged download. The timeout covers the answer, not the
+   * reading; cancel the stream to stop early.
+   */
+  async readStream(path: string, options: CallOptions = {}): Promise<ReadableStream<Uint8Array>> {
+    const deadline = this.client.deadline(options);
+    const info = await this.client.request<FileData>("GET", `${this.base}/stat`, { query: { path }, deadline });
+    let response: Response;
+    if (info.size > DIRECT_UPLOAD_MAX) {
+      const target = await this.client.request<TransferData>("POST", `${this.base}/downloads`, { json: { path }, deadline });
+      response = await this.client.send(target.method, target.url, { signed: true, stream: true, deadline });
+    } else {
+      response = await this.client.send("GET", this.base, { query: { path }, stream: true, deadline });
+    }
+    return response.body ?? new ReadableStream<Uint8Array>({ start: (c) => c.close() });
+  }
+
+  /** Whether `path` exists (a file, directory or symlink). */
+  async exists(path: string, options: CallOptions = {}): Promise<boolean> {
+    const answer = await this.client.request<{ exists: boolean }>("GET", `${this.base}/exists`, {
+      query: { path },
+      timeoutMs: options.requestTimeoutMs,
+    });
+    return answer.exists;
+  }
+
+  /**
+   * Watches a directory (default /workspace; with the directories below
+   * it unless `recursive: false`) and passes each change to `onEvent`
+   * (awaited, in order): `create`, `modify`, `delete`, `rename` (with
+   * `oldPath`), `overflow` when changes were lost and `limited` when a
+   * recursive watch reached its most directories. Resolves once the
+   * watches are in place (the stream's `ready` event), so a change made
+   * after it is seen; `stop()` ends it, and so does the sandbox's end.
+   */
+  async watch(path: string | undefined, onEvent: (event: WatchEvent) => unknown, options: WatchOptions = {}): Promise<WatchHandle> {
+    const controller = new AbortController();
+    const budget = options.requestTimeoutMs ?? this.client.timeoutMs;
+    const events = this.client.events(
+      `${this.base}/watch`,
+      { path, recursive: options.recursive },
+      { signal: controller.signal, timeoutMs: budget },
+    );
+    // The answer's headers are under the call's timeout; so is `ready`.
+    const notReady = new CrowNestTimeoutError(`watch ${path ?? "/workspace"}: not ready within ${budget} ms`);
+    const timer = setTimeout(() => controller.abort(notReady), budget);
+    let watched: string;
+    try {
+      for (;;) {
+        const next = await events.next();
+        if (next.done) throw new CrowNestConnectionError(`watch ${path ?? "/workspace"}: the stream ended before it was ready`);
+        if (next.value.event === "ready") {
+          watched = String((JSON.parse(next.value.data) as { path?: unknown }).path ?? path ?? "/workspace");
+          break;
+        }
+      }
+    } catch (error) {
+      controller.abort();
+      await events.return(undefined);
+      throw controller.signal.reason === notReady ? notReady : error;
+    } finally {
+      clearTimeout(timer);
+    }
+    const where = watched;
+    const closed = (async (): Promise<WatchEndReason> => {
+      try {
+        for await (const sse of events) {
+          const data = JSON.parse(sse.data || "{}") as Record<string, unknown>;
+          if (sse.event === "change") await onEvent(data as WatchEvent);
+          else if (sse.event === "overflow") await onEvent({ type: "overflow", message: String(data.message ?? "") });
+          else if (sse.event === "limited") await onEvent({ type: "limited", maxDirs: Number(data.maxDirs ?? 0) });
+          else if (sse.event === "end") return data.reason === "directory_removed" ? "directory_removed" : "sandbox_destroyed";
+        }
+        throw new CrowNestConnectionError(`watch ${where}: the stream ended without its end event`);
+      } catch (error) {
+        if (controller.signal.aborted) return "stopped"; // stop()
+        controller.abort();
+        await options.onError?.(error);
+        throw error;
+      }
+    })();
+    // Whoever does not look at `closed` is told through `onError`.
+    closed.catch(() => undefined);
+    return {
+      path: watched,
+      closed,
+      async stop(): Promise<void> {
+        controller.abort();
+        await closed.catch(() => undefined);
+      },
+    };
   }
 
   /** Removes a file, symlink or directory (non-empty ones with `recursive`). */
-  async delete(path: string, options: { recursive?: boolean } = {}): Promise<void> {
-    await this.client.send("DELETE", this.base, { query: { path, recursive: options.recursive || undefined } });
+  async delete(path: string, options: { recursive?: boolean } & CallOptions = {}): Promise<void> {
+    await this.client.send("DELETE", this.base, {
+      query: { path, recursive: options.recursive || undefined },
+      timeoutMs: options.requestTimeoutMs,
+    });
   }
 
   /** A directory's entries (default /workspace), sorted by name. */
-  list(path?: string): Promise<FileListing> {
-    return this.client.request<FileListing>("GET", `${this.base}/list`, { query: { path } });
+  list(path?: string, options: CallOptions = {}): Promise<FileListing> {
+    return this.client.request<FileListing>("GET", `${this.base}/list`, { query: { path }, timeoutMs: options.requestTimeoutMs });
   }
 
-  stat(path: string): Promise<FileData> {
-    return this.client.request<FileData>("GET", `${this.base}/stat`, { query: { path } });
+  stat(path: string, options: CallOptions = {}): Promise<FileData> {
+    return this.client.request<FileData>("GET", `${this.base}/stat`, { query: { path }, timeoutMs: options.requestTimeoutMs });
   }
 
-  mkdir(path: string, options: { parents?: boolean } = {}): Promise<FileData> {
+  mkdir(path: string, options: { parents?: boolean } & CallOptions = {}): Promise<FileData> {
     const json: Record<string, unknown> = { path };
     if (options.parents) json.parents = true;
-    return this.client.request<FileData>("POST", `${this.base}/mkdir`, { json });
+    return this.client.request<FileData>("POST", `${this.base}/mkdir`, { json, timeoutMs: options.requestTimeoutMs });
   }
 
   /** Moves (renames) within /workspace. */
-  move(from: string, to: string, options: { overwrite?: boolean } = {}): Promise<FileData> {
+  move(from: string, to: string, options: { overwrite?: boolean } & CallOptions = {}): Promise<FileData> {
     const json: Record<string, unknown> = { from, to };
     if (options.overwrite) json.overwrite = true;
-    return this.client.request<FileData>("POST", `${this.base}/move`, { json });
+    return this.client.request<FileData>("POST", `${this.base}/move`, { json, timeoutMs: options.requestTimeoutMs });
   }
 
   /** Stages an upload: a signed URL for one PUT of the raw bytes, no API key needed. */
-  uploadUrl(path: string, options: { sizeBytes?: number } = {}): Promise<TransferData> {
+  uploadUrl(path: string, options: { sizeBytes?: number } & CallOptions = {}): Promise<TransferData> {
+    return this.uploadUrlWithin(path, options.sizeBytes, this.client.deadline(options));
+  }
+
+  private uploadUrlWithin(path: string, sizeBytes: number | undefined, deadline: number): Promise<TransferData> {
     const json: Record<string, unknown> = { path };
-    if (options.sizeBytes !== undefined) json.sizeBytes = options.sizeBytes;
-    return this.client.request<TransferData>("POST", `${this.base}/uploads`, { json });
+    if (sizeBytes !== undefined) json.sizeBytes = sizeBytes;
+    return this.client.request<TransferData>("POST", `${this.base}/uploads`, { json, deadline });
   }
 
   /** Stages a download: a signed URL for one GET, no API key needed. */
-  downloadUrl(path: string): Promise<TransferData> {
-    return this.client.request<TransferData>("POST", `${this.base}/downloads`, { json: { path } });
+  downloadUrl(path: string, options: CallOptions = {}): Promise<TransferData> {
+    return this.client.request<TransferData>("POST", `${this.base}/downloads`, { json: { path }, timeoutMs: options.requestTimeoutMs });
   }
 
-  /** Writes a file of any size through a staged upload. */
-  async upload(path: string, data: string | Uint8Array): Promise<FileData> {
-    const bytes = toBytes(data);
-    const target = await this.uploadUrl(path, { sizeBytes: bytes.byteLength });
-    const response = await this.client.send(target.method, target.url, {
-      body: bytes,
-      headers: OCTET_STREAM,
-      signed: true,
-    });
-    return (await response.json()) as FileData;
+  /** Writes a file through a staged upload whatever its size (`write` picks for you). */
+  async upload(path: string, data: WriteData, options: WriteOptions = {}): Promise<FileData> {
+    const { body, size } = writeBody(data, options.size);
+    return this.stagedUpload(path, body, size, this.client.deadline(options));
   }
 
-  /** Reads a file of any size through a staged download. */
-  async download(path: string): Promise<Uint8Array> {
-    const target = await this.downloadUrl(path);
-    const response = await this.client.send(target.method, target.url, { signed: true });
+  /** Reads a whole file through a staged download (`readStream` streams it). */
+  async download(path: string, options: CallOptions = {}): Promise<Uint8Array> {
+    const deadline = this.client.deadline(options);
+    const target = await this.client.request<TransferData>("POST", `${this.base}/downloads`, { json: { path }, deadline });
+    const response = await this.client.send(target.method, target.url, { signed: true, deadline });
     return new Uint8Array(await response.arrayBuffer());
   }
 }
@@ -1115,20 +1643,22 @@ export class SandboxArtifacts {
   ) {}
 
   /** Promotes a file of /workspace into durable artifact storage. */
-  create(options: { path: string; name?: string; idempotencyKey?: string }): Promise<ArtifactData> {
+  async create(options: { path: string; name?: string; idempotencyKey?: string } & CallOptions): Promise<ArtifactData> {
     const json: Record<string, unknown> = { path: options.path };
     if (options.name !== undefined) json.name = options.name;
     return this.client.request<ArtifactData>("POST", `/v1/sandboxes/${this.sandboxId}/artifacts`, {
       json,
-      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey,
+      timeoutMs: options.requestTimeoutMs,
     });
   }
 
-  list(options: { limit?: number } = {}): PageIterator<ArtifactData> {
+  list(options: { limit?: number } & CallOptions = {}): PageIterator<ArtifactData> {
     return this.client.page<ArtifactData, ArtifactData>(
       `/v1/sandboxes/${this.sandboxId}/artifacts`,
-      options.limit,
+      { limit: options.limit },
       (d) => d,
+      options,
     );
   }
 }
@@ -1147,25 +1677,26 @@ export class Previews {
   }
 
   /** Exposes `port` (a server in the sandbox listening on it). */
-  create(options: { port: number; idempotencyKey?: string }): Promise<PreviewData> {
+  async create(options: { port: number; idempotencyKey?: string } & CallOptions): Promise<PreviewData> {
     return this.client.request<PreviewData>("POST", this.base, {
       json: { port: options.port },
-      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey,
+      timeoutMs: options.requestTimeoutMs,
     });
   }
 
-  get(id: string): Promise<PreviewData> {
-    return this.client.request<PreviewData>("GET", `${this.base}/${id}`);
+  get(id: string, options: CallOptions = {}): Promise<PreviewData> {
+    return this.client.request<PreviewData>("GET", `${this.base}/${id}`, { timeoutMs: options.requestTimeoutMs });
   }
 
-  list(options: { limit?: number } = {}): PageIterator<PreviewData> {
-    return this.client.page<PreviewData, PreviewData>(this.base, options.limit, (d) => d);
+  list(options: { limit?: number } & CallOptions = {}): PageIterator<PreviewData> {
+    return this.client.page<PreviewData, PreviewData>(this.base, { limit: options.limit }, (d) => d, options);
   }
 
   /** Closes the preview; its URL stops working at once. */
-  delete(preview: string | { id: string }): Promise<PreviewData> {
+  delete(preview: string | { id: string }, options: CallOptions = {}): Promise<PreviewData> {
     const id = typeof preview === "string" ? preview : preview.id;
-    return this.client.request<PreviewData>("DELETE", `${this.base}/${id}`);
+    return this.client.request<PreviewData>("DELETE", `${this.base}/${id}`, { timeoutMs: options.requestTimeoutMs });
   }
 
   /** One request to the app behind `preview` (`path` relative to its URL),
@@ -1181,17 +1712,17 @@ export class Previews {
 export class Artifacts {
   constructor(private readonly client: CrowNestClient) {}
 
-  get(id: string): Promise<ArtifactData> {
-    return this.client.request<ArtifactData>("GET", `/v1/artifacts/${id}`);
+  get(id: string, options: CallOptions = {}): Promise<ArtifactData> {
+    return this.client.request<ArtifactData>("GET", `/v1/artifacts/${id}`, { timeoutMs: options.requestTimeoutMs });
   }
 
-  list(options: { limit?: number } = {}): PageIterator<ArtifactData> {
-    return this.client.page<ArtifactData, ArtifactData>("/v1/artifacts", options.limit, (d) => d);
+  list(options: { limit?: number } & CallOptions = {}): PageIterator<ArtifactData> {
+    return this.client.page<ArtifactData, ArtifactData>("/v1/artifacts", { limit: options.limit }, (d) => d, options);
   }
 
   /** The artifact's content. */
-  async download(id: string): Promise<Uint8Array> {
-    const response = await this.client.send("GET", `/v1/artifacts/${id}/content`);
+  async download(id: string, options: CallOptions = {}): Promise<Uint8Array> {
+    const response = await this.client.send("GET", `/v1/artifacts/${id}/content`, { timeoutMs: options.requestTimeoutMs });
     return new Uint8Array(await response.arrayBuffer());
   }
 }
@@ -1201,8 +1732,66 @@ export class Artifacts {
 export class Templates {
   constructor(private readonly client: CrowNestClient) {}
 
-  async list(): Promise<TemplateData[]> {
-    return (await this.client.request<Page<TemplateData>>("GET", "/v1/templates")).data;
+  async list(options: CallOptions = {}): Promise<TemplateData[]> {
+    return (await this.client.request<Page<TemplateData>>("GET", "/v1/templates", { timeoutMs: options.requestTimeoutMs })).data;
+  }
+}
+
+// ------------------------------------------------------------------ usage and audit
+
+export interface UsageOptions extends CallOptions {
+  /** Start of the window (default: 30 days before `to`). */
+  from?: Date | string;
+  /** End of the window, exclusive (default: now). */
+  to?: Date | string;
+  /** One line per sandbox (default), project or UTC day. */
+  groupBy?: UsageGroupBy;
+}
+
+/** Compute usage, metered per second in `computeUnitSeconds` (vCPUs × seconds alive). */
+export class Usage {
+  constructor(private readonly client: CrowNestClient) {}
+
+  /** `GET /v1/usage` (scope `usage:read`). */
+  get(options: UsageOptions = {}): Promise<UsageReport> {
+    return this.client.request<UsageReport>("GET", "/v1/usage", {
+      query: { from: rfc3339(options.from), to: rfc3339(options.to), groupBy: options.groupBy },
+      timeoutMs: options.requestTimeoutMs,
+    });
+  }
+}
+
+export interface ListAuditEventsOptions extends CallOptions {
+  /** Only events about this resource (`sbx_…`, `cmd_…`, `key_…`). */
+  resourceId?: string;
+  /** Only this action, e.g. `sandbox.create`, `sandbox.kill`. */
+  action?: AuditAction;
+  /** Events at or after this time. */
+  from?: Date | string;
+  /** Events before this time. */
+  to?: Date | string;
+  /** Page size, 1 … 200. */
+  limit?: number;
+  /** Start from this page. */
+  cursor?: string;
+}
+
+/** What happened in the org: every create, run, write, kill and revoke,
+ * denied and failed attempts included. */
+export class Audit {
+  constructor(private readonly client: CrowNestClient) {}
+
+  /** `GET /v1/audit-events`, newest first, pages fetched lazily (scope `audit:read`). */
+  list(options: ListAuditEventsOptions = {}): PageIterator<AuditEvent> {
+    const query: Record<string, QueryValue> = {
+      resourceId: options.resourceId,
+      action: options.action,
+      from: rfc3339(options.from),
+      to: rfc3339(options.to),
+      limit: options.limit,
+      cursor: options.cursor,
+    };
+    return this.client.page<AuditEvent, AuditEvent>("/v1/audit-events", query, (e) => e, options);
   }
 }
 
@@ -1290,7 +1879,7 @@ export class WorkspaceRuns {
   }
 
   /** Creates a run (`awaiting_archive`) for an archive of `archive.sizeBytes` / `archive.sha256`. */
-  create(command: string, options: CreateWorkspaceRunOptions): Promise<WorkspaceRun> {
+  async create(command: string, options: CreateWorkspaceRunOptions): Promise<WorkspaceRun> {
     const json: Record<string, unknown> = {
       command,
       archive: { sizeBytes: options.archive.sizeBytes, sha256: options.archive.sha256 },
@@ -1303,7 +1892,7 @@ export class WorkspaceRuns {
     if (options.metadata !== undefined) json.metadata = options.metadata;
     return this.client.request<WorkspaceRun>("POST", "/v1/workspace-runs", {
       json,
-      idempotencyKey: options.idempotencyKey ?? newIdempotencyKey(),
+      idempotencyKey: options.idempotencyKey,
     });
   }
 

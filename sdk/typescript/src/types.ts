@@ -1,38 +1,51 @@
-/** JSON shapes of the CrowNest REST API (camelCase, as on the wire). */
+/**
+ * JSON shapes of the CrowNest REST API (camelCase, as on the wire), built
+ * on the types generated from docs/openapi.json (`src/generated/openapi.ts`,
+ * `npm run gen:types`; a test fails when it drifts from the spec). Where
+ * the spec says only `string` but the server promises a closed set
+ * (languages, file types, transfer methods) the SDK narrows the field; a
+ * few shapes the spec leaves open (SSE events, the Evidence Bundle) are
+ * written out here.
+ */
+import type { components } from "./generated/openapi.js";
 
-export interface SandboxData {
-  /** `sbx_…` */
-  id: string;
-  /** `starting`, `running` or `destroyed`. */
-  status: string;
-  template: string;
-  createdAt: string;
-  expiresAt: string;
-  endedAt?: string | null;
-  /** `killed`, `expired`, `failed`, `host_restart`, `host_shutdown`. */
-  endReason?: string | null;
-  metadata: Record<string, unknown>;
-  vcpus: number;
-  memoryMiB: number;
-  /** `oci` (runc), `gvisor` (runsc) or `microvm` (its own guest kernel). */
-  runtime?: string;
-  /** For `microvm`: `qemu` or `crosvm`; otherwise null. */
-  vmm?: string | null;
-  /** Its egress policy and meters (docs/network.md). */
-  network?: SandboxNetwork;
-}
+/** The generated schemas of docs/openapi.json, by name. */
+export type Schemas = components["schemas"];
+
+/** `T` with the fields of `U` replaced by `U`'s (narrower) types. */
+type Narrow<T, U> = Omit<T, keyof U> & U;
+
+// ------------------------------------------------------------------ string-literal unions
+
+/** Where a sandbox is in its life. */
+export type SandboxStatus = Schemas["SandboxStatus"];
+/** Why a sandbox was destroyed. */
+export type EndReason = Schemas["EndReason"];
+/** Where a command is: `completed` is any exit code (a non-zero exit is a result). */
+export type CommandStatus = Schemas["CommandStatus"];
+/** Languages of Code Contexts and Code Runs. */
+export type CodeLanguage = "python" | "javascript" | "typescript";
+/** What a Code Run does with a rich output: keep it inline in the result,
+ * or promote eligible ones to artifacts. */
+export type ArtifactPolicy = "inline" | "promote";
+/** A directory entry's type. */
+export type FileType = "file" | "dir" | "symlink" | "other";
+export type PreviewStatus = Schemas["PreviewStatus"];
+export type PreviewCloseReason = Schemas["PreviewCloseReason"];
+/** `sandbox` (default), `project` or `day` (UTC). */
+export type UsageGroupBy = "sandbox" | "project" | "day";
+export type AuditAction = Schemas["AuditAction"];
+export type AuditActor = Schemas["AuditActor"];
+export type AuditOutcome = Schemas["AuditOutcome"];
+export type ResourceKind = Schemas["ResourceKind"];
+
+// ------------------------------------------------------------------ sandboxes
+
+/** A sandbox (`SandboxView`). */
+export type SandboxData = Schemas["SandboxView"];
 
 /** A sandbox's egress policy (within its template's) and meters. */
-export interface SandboxNetwork {
-  /** `none`, `allow` or `open`. */
-  mode: string;
-  allow: string[];
-  deny: string[];
-  /** Bytes received through the egress proxy. */
-  bytesIn: number;
-  /** Bytes sent through it. */
-  bytesOut: number;
-}
+export type SandboxNetwork = Schemas["SandboxNetworkView"];
 
 /** A narrower egress policy than the template's: each part omitted keeps
  * the template's (`deny` is added to it). Wider is
@@ -44,51 +57,23 @@ export interface NetworkPolicyRequest {
   deny?: string[];
 }
 
-export interface CollectSpec {
-  /** Relative to /workspace or absolute under it. */
-  path: string;
-  /** Artifact name (default: the file name). */
-  name?: string;
-}
+/** A sandbox's resource use now (`GET /v1/sandboxes/{id}/metrics`):
+ * `cpuUsageSeconds` since it started, `cpuPercent` over the last interval
+ * (100 = one CPU busy), memory, pids, /workspace and egress bytes. */
+export type SandboxMetrics = Schemas["SandboxMetricsView"];
 
-export interface CollectedArtifact {
-  path: string;
-  name: string;
-  /** Set when the file became an artifact. */
-  artifactId?: string | null;
-  /** Why it did not (e.g. the file was missing). */
-  error?: string | null;
-}
+// ------------------------------------------------------------------ commands
 
-export interface CommandData {
-  /** `cmd_…` */
-  id: string;
-  sandboxId: string;
-  command: string;
-  cwd: string;
-  background: boolean;
-  /** `running`, `completed` (any exit code), `failed`, `timed_out`, `canceled`. */
-  status: string;
-  exitCode: number | null;
-  signal: number | null;
-  stdout: string;
-  stderr: string;
-  stdoutTruncated: boolean;
-  stderrTruncated: boolean;
-  stdoutDroppedBytes: number;
-  stderrDroppedBytes: number;
-  timeoutMs?: number | null;
-  createdAt: string;
-  startedAt?: string | null;
-  endedAt?: string | null;
-  cancelRequestedAt?: string | null;
-  error?: string | null;
-  /** Results of `collect`, once the command ended (absent without it). */
-  artifacts?: CollectedArtifact[] | null;
-}
+export type CollectSpec = Narrow<Schemas["CollectBody"], { name?: string }>;
+export type CollectedArtifact = Schemas["CollectedView"];
+/** A command record (`CommandView`). */
+export type CommandData = Schemas["CommandView"];
+/** What `commands.run` returns: the command's final record. A non-zero
+ * `exitCode` is a result (`status: "completed"`), not a thrown error. */
+export type CommandResult = CommandData;
 
 export interface ExitInfo {
-  status: string;
+  status: CommandStatus;
   exitCode: number | null;
   signal: number | null;
   error: string | null;
@@ -104,16 +89,9 @@ export interface LogEvent {
   exit: ExitInfo | null;
 }
 
-export interface FileData {
-  name: string;
-  /** Absolute path inside the sandbox. */
-  path: string;
-  /** `file`, `dir`, `symlink` or `other`. */
-  type: string;
-  size: number;
-  mode: number;
-  mtime: string;
-}
+// ------------------------------------------------------------------ files
+
+export type FileData = Narrow<Schemas["FileView"], { type: FileType }>;
 
 export interface FileListing {
   data: FileData[];
@@ -121,187 +99,65 @@ export interface FileListing {
   truncated: boolean;
 }
 
-export interface TransferData {
-  /** Signed URL on the server; needs no API key; good for one request. */
-  url: string;
-  /** `PUT` (upload the raw bytes) or `GET`. */
-  method: string;
-  expiresAt: string;
-  maxBytes?: number | null;
-  sizeBytes?: number | null;
-}
+/** A signed transfer URL: needs no API key; good for one request. */
+export type TransferData = Narrow<Schemas["TransferView"], { method: "PUT" | "GET" }>;
 
-export interface ArtifactData {
-  /** `art_…` */
-  id: string;
-  name: string;
-  sha256: string;
-  size: number;
-  mime: string;
-  sandboxId: string;
-  sourcePath: string;
-  createdAt: string;
-}
+/** One change `files.watch` reports (paths absolute, under /workspace). */
+export type WatchEvent =
+  | { type: "create" | "modify" | "delete"; path: string; isDir: boolean }
+  /** `path` is where the entry is now, `oldPath` where it was. */
+  | { type: "rename"; path: string; isDir: boolean; oldPath: string }
+  /** The sandbox's change queue overflowed: changes were lost (list the directory again to resync). */
+  | { type: "overflow"; message: string }
+  /** A recursive watch reached its most directories (`maxDirs`): deeper new ones are not watched. */
+  | { type: "limited"; maxDirs: number };
 
-export interface PreviewData {
-  /** `prv_…` */
-  id: string;
-  sandboxId: string;
-  port: number;
-  status: "active" | "closed";
-  /** The preview's own origin, `http://prv-….localhost:PORT/` by default
-   * (`https://prv-….{domain}/` with a configured preview domain). Needs an
-   * API key with scope `previews:access`, or the preview's token. */
-  url: string;
-  createdAt: string;
-  closedAt: string | null;
-  closeReason: "deleted" | "sandbox_destroyed" | null;
-  /** `cn_prv_…`: only in the create response. */
-  token?: string;
-  /** `url` with the token, for a browser: only in the create response. */
-  browserUrl?: string;
-}
+/** Why a watch ended: `stop()`, the sandbox ended, or the watched directory was removed. */
+export type WatchEndReason = "stopped" | "sandbox_destroyed" | "directory_removed";
 
-export interface TemplateData {
-  name: string;
-  description: string;
-  recipeHash: string;
-  /** Changes with any edit of the template file (a reload keeps live
-   * sandboxes on the version they started with). */
-  version: string;
-  /** What the rootfs starts from: `debian`, `oci` or `dir`. */
-  source: string;
-  /** Build layers in order: `pip`, `npm`, `files`, `run`. */
-  layers: string[];
-  /** Default cwd of commands and code contexts. */
-  workdir: string;
-  /** Names of the variables the template's `env` sets. */
-  envKeys: string[];
-  built: boolean;
-  /** `oci`, `gvisor` or `microvm`. */
-  runtime: string;
-  /** For `gvisor`: `ptrace`, `kvm` or `systrap`. */
-  platform?: string | null;
-  /** For `microvm`: `qemu` or `crosvm`. */
-  vmm?: string | null;
-  /** For `microvm`: `auto`, `kvm` or `tcg`. */
-  accel?: string | null;
-  /** Whether this host can run it (else `reason` says why). */
-  available?: boolean;
-  reason?: string | null;
-  resources: { vcpus: number; memoryMiB: number; pids: number; diskMiB: number };
-  network: string;
-  /** Code Run languages, each with the WASM plugins of its output pipeline. */
-  languages: TemplateLanguage[];
-}
+// ------------------------------------------------------------------ artifacts, previews, templates
 
-export interface TemplateLanguage {
-  language: CodeLanguage;
-  adapter: TemplatePlugin;
-  formatter: TemplatePlugin;
-  policy: TemplatePlugin;
-}
+export type ArtifactData = Schemas["ArtifactView"];
+export type PreviewData = Schemas["PreviewView"];
 
-/** A plugin as the template names it, with the WASI 0.2 interfaces it imports. */
-export interface TemplatePlugin {
-  name: string;
-  /** `null` when the component cannot be read (see `error`). */
-  wasiImports: string[] | null;
-  error: string | null;
-  /** `ok`, `missing` (build the plugin) or `invalid` (see `error`). */
-  status: "ok" | "missing" | "invalid";
-}
+export type TemplatePlugin = Narrow<Schemas["TemplatePluginView"], { status: "ok" | "missing" | "invalid" }>;
+export type TemplateLanguage = Narrow<
+  Schemas["TemplateLanguageView"],
+  { language: CodeLanguage; adapter: TemplatePlugin; formatter: TemplatePlugin; policy: TemplatePlugin }
+>;
+export type TemplateData = Narrow<Schemas["TemplateView"], { languages: TemplateLanguage[] }>;
 
 export interface Page<T> {
   data: T[];
   nextCursor?: string | null;
 }
 
-/** Languages of Code Contexts and Code Runs. */
-export type CodeLanguage = "python" | "javascript" | "typescript";
+// ------------------------------------------------------------------ code
 
-export interface CodeContextData {
-  /** `cctx_…` */
-  id: string;
-  sandboxId: string;
-  language: CodeLanguage;
-  cwd: string;
-  /** The interpreter behind it (e.g. IPython, a Node `vm` context). */
-  implementation: string;
-  /** The sandbox's default context for its language (runs without `contextId`). */
-  isDefault: boolean;
-  createdAt: string;
-}
-
+export type CodeContextData = Narrow<Schemas["ContextView"], { language: CodeLanguage }>;
 /** A rich output of a Code Run. */
-export type CodeOutput =
-  | { type: "inline"; format: string; content: unknown; mime?: string | null }
-  | { type: "artifact"; format: string; artifactId: string; mime?: string | null; size?: number | null }
-  | { type: "rejected"; format: string; reason: string };
-
+export type CodeOutput = Schemas["RunOutputBody"];
 /** An exception raised by the code (a result, not an SDK error). */
-export interface CodeError {
-  name?: string | null;
-  message: string;
-  traceback?: string | null;
-}
+export type CodeError = Schemas["RunErrorBody"];
+export type RunCodeResult = Schemas["RunCodeResultBody"];
 
-export interface RunCodeResult {
-  /** The context the code ran in (the default one when none was given). */
-  contextId: string;
-  /** Ordered stdout chunks. */
-  stdout: string[];
-  /** Ordered stderr chunks. */
-  stderr: string[];
-  outputs: CodeOutput[];
-  executionCount: number | null;
-  error: CodeError | null;
-  durationMs: number;
-  /** The interpreter had died and was replaced before this run. */
-  interpreterRestarted: boolean;
-  /** ... and the context's earlier state is gone. */
-  stateLost: boolean;
-  notes: string[];
-}
+// ------------------------------------------------------------------ usage and audit
+
+export type UsageLine = Schemas["UsageLineView"];
+export type UsageReport = Narrow<Schemas["UsageReport"], { groupBy: UsageGroupBy }>;
+export type AuditEvent = Schemas["AuditEventView"];
 
 // ------------------------------------------------------------------ workspace runs
 
 /** Where a Workspace Run is: `awaiting_archive` → `queued` → `extracting` →
  * `running` → `succeeded` | `failed` | `canceled`. */
-export type WorkspaceRunStatus =
-  | "awaiting_archive"
-  | "queued"
-  | "extracting"
-  | "running"
-  | "succeeded"
-  | "failed"
-  | "canceled";
-
+export type WorkspaceRunStatus = Schemas["RunStatus"];
 /** Why a run ended `failed` (or `canceled`); `null` when it succeeded. */
-export type WorkspaceRunReason =
-  | "exit_code"
-  | "timeout"
-  | "archive_too_large"
-  | "archive_unsafe"
-  | "archive_corrupt"
-  | "sandbox_failed"
-  | "host_restart"
-  | "canceled";
-
+export type WorkspaceRunReason = Schemas["RunReason"];
 /** The archive a run expects: size and SHA-256 (64 lower-case hex) of the `.tar.gz`. */
-export interface ArchiveSpec {
-  sizeBytes: number;
-  sha256: string;
-}
-
+export type ArchiveSpec = Schemas["ArchiveBody"];
 /** A file of /workspace to keep as an artifact when the command ends. */
-export interface WorkspaceRunArtifactSpec {
-  /** Relative to /workspace (no `..`, not absolute). */
-  path: string;
-  /** Default: the path's last component. */
-  name?: string;
-}
-
+export type WorkspaceRunArtifactSpec = Narrow<Schemas["ArtifactBody"], { name?: string }>;
 /** What became of one requested artifact. */
 export interface CollectedWorkspaceArtifact {
   path: string;
@@ -312,43 +168,15 @@ export interface CollectedWorkspaceArtifact {
   /** Why it was not collected (e.g. the file was missing). */
   error: string | null;
 }
-
-export interface WorkspaceRun {
-  /** `wsr_…` */
-  id: string;
-  status: WorkspaceRunStatus;
-  reason: WorkspaceRunReason | null;
-  template: string;
-  command: string;
-  env: Record<string, string>;
-  archive: ArchiveSpec & { uploaded: boolean };
-  artifacts: { path: string; name: string }[];
-  collected: CollectedWorkspaceArtifact[];
-  timeoutMs: number;
-  keepSandbox: boolean;
-  metadata: Record<string, unknown>;
-  sandboxId: string | null;
-  exitCode: number | null;
-  createdAt: string;
-  startedAt: string | null;
-  endedAt: string | null;
-  /** The Evidence Bundle has been written (`evidence()` returns it). */
-  evidenceReady: boolean;
-}
+export type WorkspaceRun = Narrow<
+  Schemas["WorkspaceRunView"],
+  { metadata: Record<string, unknown>; collected: CollectedWorkspaceArtifact[] }
+>;
 
 /** The `data` of each type of run event. */
-export interface WorkspaceRunEventData {
-  status: { status: WorkspaceRunStatus; reason: WorkspaceRunReason | null };
-  archive_progress: { entries: number; bytes: number; done?: boolean };
-  stdout: { data: string };
-  stderr: { data: string };
-  artifact_collected: { path: string; name: string; artifactId: string; sizeBytes: number; sha256: string };
-  artifact_error: { path: string; name: string; message: string };
-  heartbeat: { status: WorkspaceRunStatus; elapsedMs: number };
-  terminal: { status: WorkspaceRunStatus; reason: WorkspaceRunReason | null; exitCode: number | null; endedAt: string };
-  error: { code: string; message: string };
-}
-
+export type WorkspaceRunEventData = {
+  [K in Schemas["RunEventBody"]["type"]]: Extract<Schemas["RunEventBody"], { type: K }>["data"];
+};
 export type WorkspaceRunEventType = keyof WorkspaceRunEventData;
 
 /** One event of a run's log, numbered `seq` 1, 2, 3, … with no gaps;
@@ -366,7 +194,7 @@ export interface WorkspaceRunEventPage {
   terminal: boolean;
 }
 
-/** The signed part of an Evidence Bundle. */
+/** The signed part of an Evidence Bundle (the spec leaves it an open object). */
 export interface EvidenceBundleBody {
   version: number;
   runId: string;
@@ -404,10 +232,4 @@ export interface EvidenceBundle {
 }
 
 /** A key of `GET /v1/evidence-keys`. */
-export interface EvidenceKey {
-  /** First 16 hex characters of the SHA-256 of the public key. */
-  keyId: string;
-  algorithm: "ed25519";
-  /** base64 of the 32-byte public key. */
-  publicKey: string;
-}
+export type EvidenceKey = Narrow<Schemas["EvidenceKeyView"], { algorithm: "ed25519" }>;
