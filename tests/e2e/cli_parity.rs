@@ -523,3 +523,43 @@ fn completions_are_printed_for_bash_zsh_and_fish_without_a_server() {
         Some(2)
     );
 }
+
+#[test]
+fn exec_stdin_returns_when_the_command_ends_before_the_input_does() {
+    let id = sandbox();
+    let mut child = Command::new(crownest_bin())
+        .args(["exec", &id, "--stdin", "--", "head", "-c", "3"])
+        .env("CROWNEST_BASE_URL", &shared().base_url)
+        .env("CROWNEST_API_KEY", &shared().key)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Input that is never closed: the client must not wait for its end.
+    let mut input = child.stdin.take().expect("stdin");
+    input.write_all(b"abcdef").expect("write");
+    input.flush().expect("flush");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            break Some(status);
+        }
+        if Instant::now() > deadline {
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    drop(input);
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        status.is_some(),
+        "exec kept waiting for stdin after the command ended"
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+    assert_eq!(stdout(&out), "abc");
+    cli(&["sandbox", "kill", &id]);
+}

@@ -269,7 +269,11 @@ pub fn run(command: Command) -> i32 {
             return EXIT_ERROR;
         }
     };
-    match runtime.block_on(dispatch(command)) {
+    let result = runtime.block_on(dispatch(command));
+    // Without waiting for a blocking read of stdin (`exec --stdin` whose
+    // command ended before the input did) to finish.
+    runtime.shutdown_background();
+    match result {
         Ok(code) => code,
         Err(e) => {
             let _ = std::io::stdout().flush();
