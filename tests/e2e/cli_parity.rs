@@ -461,19 +461,23 @@ fn files_exists_and_watch() {
 #[test]
 fn usage_and_audit_ls() {
     let id = sandbox();
+    ok(&["exec", &id, "--", "sleep", "1.2"]);
+    ok(&["sandbox", "kill", &id]);
+    // A sandbox's seconds are metered once it has lived one; a killed
+    // one's line is final.
     let usage = json(&["usage", "--json"]);
     assert!(
         usage["totalComputeUnitSeconds"].as_i64().is_some(),
         "{usage}"
     );
-    assert!(
-        usage["data"]
-            .as_array()
-            .expect("data")
-            .iter()
-            .any(|l| l["key"] == id.as_str()),
-        "{usage}"
-    );
+    let line = usage["data"]
+        .as_array()
+        .expect("data")
+        .iter()
+        .find(|l| l["key"] == id.as_str())
+        .unwrap_or_else(|| panic!("no line for {id}: {usage}"))
+        .clone();
+    assert!(line["seconds"].as_i64().is_some_and(|s| s >= 1), "{line}");
     let by_day = json(&["usage", "--group-by", "day", "--json"]);
     assert_eq!(by_day["groupBy"], "day");
     let bad = cli(&["usage", "--group-by", "planet"]);
@@ -493,7 +497,6 @@ fn usage_and_audit_ls() {
         table.starts_with("AT ") && table.contains("sandbox.create"),
         "{table}"
     );
-    cli(&["sandbox", "kill", &id]);
 }
 
 #[test]
